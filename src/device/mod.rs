@@ -1,0 +1,201 @@
+//! Devices as types ([`Cpu`], [`Gpu`], [`Tpu`]) and Lightning's accelerator strings.
+//!
+//! A device type says where tensors live. Whether a precision may run there is the support matrix,
+//! [`Supports`](crate::Supports), in `src/matrix.rs`. Whether the hardware is present is checked
+//! at run time by [`Device::probe`], when a [`Trainer`](crate::Trainer) is built.
+
+mod cuda_probe;
+
+use core::fmt::Debug;
+
+use crate::Error;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A place tensors live. Closed: each device needs a backend inside nbit.
+pub trait Device: sealed::Sealed + Copy + Default + Debug + Send + Sync + 'static {
+    /// The run-time name of this device.
+    const KIND: DeviceKind;
+
+    /// `Ok` when this device can run work in this process; otherwise an error that says why and
+    /// what to do. Cheap after the first call.
+    fn probe() -> Result<(), Error>;
+}
+
+/// The host CPU (tensors in ndarray arrays). Always available.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Cpu;
+
+/// An NVIDIA GPU through CUDA. Available when the CUDA driver loads and reports a device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Gpu;
+
+/// A Google TPU. The type and its column of the support matrix exist so that code can be written
+/// and checked against it; nbit has no TPU runtime yet, so [`Device::probe`] always returns
+/// [`Error::DeviceUnavailable`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tpu;
+
+impl sealed::Sealed for Cpu {}
+impl sealed::Sealed for Gpu {}
+impl sealed::Sealed for Tpu {}
+
+impl Device for Cpu {
+    const KIND: DeviceKind = DeviceKind::Cpu;
+    fn probe() -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+impl Device for Gpu {
+    const KIND: DeviceKind = DeviceKind::Gpu;
+    fn probe() -> Result<(), Error> {
+        cuda_probe::cuda_device_count()
+            .map(drop)
+            .map_err(|reason| Error::DeviceUnavailable {
+                device: "gpu",
+                reason: format!("{reason}; use accelerator 'cpu' (or 'auto') on this machine"),
+            })
+    }
+}
+
+impl Device for Tpu {
+    const KIND: DeviceKind = DeviceKind::Tpu;
+    fn probe() -> Result<(), Error> {
+        Err(Error::DeviceUnavailable {
+            device: "tpu",
+            reason: "nbit has no TPU runtime yet (the Tpu type exists for the support matrix only); \
+                     use accelerator 'gpu' or 'cpu'"
+                .into(),
+        })
+    }
+}
+
+/// The built-in devices as a run-time value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    /// [`Cpu`].
+    Cpu,
+    /// [`Gpu`].
+    Gpu,
+    /// [`Tpu`].
+    Tpu,
+}
+
+impl DeviceKind {
+    /// Every device, in the order of the seed documentation's columns.
+    pub const ALL: [DeviceKind; 3] = [DeviceKind::Cpu, DeviceKind::Gpu, DeviceKind::Tpu];
+
+    /// Lightning's accelerator name: `"cpu"`, `"gpu"` or `"tpu"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Gpu => "gpu",
+            DeviceKind::Tpu => "tpu",
+        }
+    }
+
+    /// The Rust type, as written in code: `"Cpu"`, `"Gpu"` or `"Tpu"`.
+    pub const fn type_name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "Cpu",
+            DeviceKind::Gpu => "Gpu",
+            DeviceKind::Tpu => "Tpu",
+        }
+    }
+
+    /// [`Device::probe`] of the matching type.
+    pub fn probe(self) -> Result<(), Error> {
+        match self {
+            DeviceKind::Cpu => Cpu::probe(),
+            DeviceKind::Gpu => Gpu::probe(),
+            DeviceKind::Tpu => Tpu::probe(),
+        }
+    }
+}
+
+impl core::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The accelerator strings accepted, as listed in error messages.
+pub const ACCELERATORS: [&str; 5] = ["cpu", "gpu", "cuda", "tpu", "auto"];
+
+/// Parses Lightning's accelerator strings: `"cpu"`, `"gpu"`, `"cuda"` (= gpu), `"tpu"` and
+/// `"auto"`, which is `gpu` when a CUDA device is usable and `cpu` otherwise. (Lightning's `auto`
+/// would also pick a TPU; nbit has no TPU runtime, so it never does.)
+///
+/// Selecting `"gpu"` on a machine without one is not an error here: the type exists everywhere.
+/// Building a [`Trainer`](crate::Trainer) on it is, with a message that says why.
+///
+/// ```
+/// use nbit::{parse_accelerator, DeviceKind};
+/// assert_eq!(parse_accelerator("cuda")?, DeviceKind::Gpu);
+/// assert!(parse_accelerator("mps").unwrap_err().to_string().contains("cpu, gpu, cuda, tpu, auto"));
+/// # Ok::<(), nbit::Error>(())
+/// ```
+pub fn parse_accelerator(value: &str) -> Result<DeviceKind, Error> {
+    resolve_accelerator(value, || Gpu::probe().is_ok())
+}
+
+/// [`parse_accelerator`] with the GPU question answered by the caller (for tests).
+pub(crate) fn resolve_accelerator(
+    value: &str,
+    gpu_usable: impl FnOnce() -> bool,
+) -> Result<DeviceKind, Error> {
+    match value {
+        "cpu" => Ok(DeviceKind::Cpu),
+        "gpu" | "cuda" => Ok(DeviceKind::Gpu),
+        "tpu" => Ok(DeviceKind::Tpu),
+        "auto" => Ok(if gpu_usable() {
+            DeviceKind::Gpu
+        } else {
+            DeviceKind::Cpu
+        }),
+        _ => Err(Error::UnknownAccelerator {
+            value: value.to_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accelerator_strings() {
+        let no_gpu = || false;
+        assert_eq!(resolve_accelerator("cpu", no_gpu).unwrap(), DeviceKind::Cpu);
+        assert_eq!(resolve_accelerator("gpu", no_gpu).unwrap(), DeviceKind::Gpu);
+        assert_eq!(resolve_accelerator("cuda", no_gpu).unwrap(), DeviceKind::Gpu);
+        assert_eq!(resolve_accelerator("tpu", no_gpu).unwrap(), DeviceKind::Tpu);
+        assert_eq!(resolve_accelerator("auto", no_gpu).unwrap(), DeviceKind::Cpu);
+        assert_eq!(resolve_accelerator("auto", || true).unwrap(), DeviceKind::Gpu);
+        for bad in ["", "mps", "CPU", "hpu", "gpu:0"] {
+            let msg = resolve_accelerator(bad, no_gpu).unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("'{bad}'")) && msg.contains("cpu, gpu, cuda, tpu, auto"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn tpu_says_there_is_no_runtime() {
+        let msg = Tpu::probe().unwrap_err().to_string();
+        assert!(msg.contains("no TPU runtime"), "{msg}");
+    }
+
+    #[test]
+    fn gpu_probe_answers_without_panicking() {
+        // On a machine without the CUDA driver this is an error that names the library.
+        match Gpu::probe() {
+            Ok(()) => assert!(cuda_probe::cuda_device_count().unwrap() > 0),
+            Err(e) => assert!(e.to_string().contains("gpu"), "{e}"),
+        }
+    }
+}

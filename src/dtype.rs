@@ -1,0 +1,224 @@
+//! Element types and the dtype markers that name them in precision types.
+//!
+//! Two layers, as in PyTorch's `torch.dtype` and the Python scalar it stores:
+//!
+//! - **Markers** [`F16`], [`BF16`], [`F32`], [`F64`] are zero-sized types used in precision types
+//!   (`Mixed<BF16>`, `True<F64>`). Each carries its element type and its bit width as a typenum
+//!   constant ([`Dtype::Bits`]), which is how `Mixed<F32>` is ruled out: mixed precision needs a
+//!   dtype whose `Bits` is `U16`.
+//! - **Elements** (`half::f16`, `half::bf16`, `f32`, `f64`, and the complex types) are the values
+//!   tensors store. [`Element`] gives each its run-time [`DType`] tag.
+
+use core::fmt::Debug;
+
+use half::{bf16, f16};
+use num_complex::Complex;
+use typenum::{U16, U32, U64, Unsigned};
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// The run-time name of an element type, with PyTorch's spelling (`torch.float16`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DType {
+    /// IEEE 754 half precision (`torch.float16`).
+    F16,
+    /// bfloat16: f32's exponent with a 7-bit mantissa (`torch.bfloat16`).
+    BF16,
+    /// IEEE 754 single precision (`torch.float32`).
+    F32,
+    /// IEEE 754 double precision (`torch.float64`).
+    F64,
+    /// Complex with f16 parts (`torch.complex32`).
+    C32,
+    /// Complex with f32 parts (`torch.complex64`).
+    C64,
+    /// Complex with f64 parts (`torch.complex128`).
+    C128,
+}
+
+impl DType {
+    /// PyTorch's name for the dtype, e.g. `"bfloat16"`, `"complex128"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::C32 => "complex32",
+            DType::C64 => "complex64",
+            DType::C128 => "complex128",
+        }
+    }
+
+    /// Storage bits per element (a complex element counts both parts).
+    pub const fn bits(self) -> u32 {
+        match self {
+            DType::F16 | DType::BF16 => 16,
+            DType::F32 | DType::C32 => 32,
+            DType::F64 | DType::C64 => 64,
+            DType::C128 => 128,
+        }
+    }
+
+    /// Storage bytes per element.
+    pub const fn size_bytes(self) -> usize {
+        self.bits() as usize / 8
+    }
+}
+
+impl core::fmt::Display for DType {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A value a tensor can store. Closed: every backend has kernels for exactly these types.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an element type nbit tensors can store",
+    note = "elements are f16, bf16, f32, f64 and Complex<f16 | f32 | f64>",
+    note = "`NoComplex` is the complex type of bf16-true, which has none (PyTorch has no bfloat16 complex): \
+            create complex parameters under `True<F32>`, `True<F64>` or a mixed precision"
+)]
+pub trait Element: sealed::Sealed + Copy + Debug + Default + PartialEq + Send + Sync + 'static {
+    /// The run-time tag of this type.
+    const DTYPE: DType;
+}
+
+/// A real floating-point element: `f16`, `bf16`, `f32` or `f64`.
+///
+/// The conversions go through f32 or f64 exactly where the target can hold the value, and round to
+/// nearest even otherwise (as `half` and `as` casts do).
+pub trait Float: Element + num_traits::Float {
+    /// Converts from f32, rounding to nearest even.
+    fn from_f32(x: f32) -> Self;
+    /// Converts to f32 (exact for f16 and bf16).
+    fn to_f32(self) -> f32;
+    /// Converts from f64, rounding to nearest even.
+    fn from_f64(x: f64) -> Self;
+    /// Converts to f64 (exact for every real element type).
+    fn to_f64(self) -> f64;
+}
+
+macro_rules! real_elements {
+    ($($ty:ty => $dtype:ident, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr;)*) => {$(
+        impl sealed::Sealed for $ty {}
+        impl Element for $ty {
+            const DTYPE: DType = DType::$dtype;
+        }
+        impl Float for $ty {
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self { ($ff32)(x) }
+            #[inline(always)]
+            fn to_f32(self) -> f32 { ($tf32)(self) }
+            #[inline(always)]
+            fn from_f64(x: f64) -> Self { ($ff64)(x) }
+            #[inline(always)]
+            fn to_f64(self) -> f64 { ($tf64)(self) }
+        }
+    )*};
+}
+
+real_elements! {
+    f16 => F16, from_f32 f16::from_f32, to_f32 f16::to_f32, from_f64 f16::from_f64, to_f64 f16::to_f64;
+    bf16 => BF16, from_f32 bf16::from_f32, to_f32 bf16::to_f32, from_f64 bf16::from_f64, to_f64 bf16::to_f64;
+    f32 => F32, from_f32 |x| x, to_f32 |x| x, from_f64 |x: f64| x as f32, to_f64 |x: f32| x as f64;
+    f64 => F64, from_f32 |x: f32| x as f64, to_f32 |x: f64| x as f32, from_f64 |x| x, to_f64 |x| x;
+}
+
+macro_rules! complex_elements {
+    ($($part:ty => $dtype:ident;)*) => {$(
+        impl sealed::Sealed for Complex<$part> {}
+        impl Element for Complex<$part> {
+            const DTYPE: DType = DType::$dtype;
+        }
+    )*};
+}
+
+complex_elements! {
+    f16 => C32;
+    f32 => C64;
+    f64 => C128;
+}
+
+/// A dtype marker: a zero-sized name for an element type, used as a type parameter of precisions.
+pub trait Dtype: Copy + Default + Debug + Send + Sync + 'static {
+    /// The element type this marker names.
+    type Elem: Float;
+    /// The bit width as a typenum constant (`U16`, `U32`, `U64`).
+    type Bits: Unsigned;
+}
+
+/// A 16-bit dtype: the only kind a mixed precision can compute in.
+///
+/// The supertrait pins the typenum bit width to 16, so no 32- or 64-bit marker can implement it.
+#[diagnostic::on_unimplemented(
+    message = "`Mixed<{Self}>` is not a precision: mixed precision computes in a 16-bit dtype, and `{Self}` is not one",
+    label = "mixed precision needs `F16` or `BF16` here",
+    note = "use `Mixed<BF16>` (bf16-mixed) or `Mixed<F16>` (16-mixed), or `True<{Self}>` to train purely in `{Self}`"
+)]
+pub trait HalfDtype: Dtype<Bits = U16> {}
+
+macro_rules! dtype_markers {
+    ($($(#[$doc:meta])* $marker:ident => $elem:ty, $bits:ty;)*) => {$(
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        pub struct $marker;
+        impl Dtype for $marker {
+            type Elem = $elem;
+            type Bits = $bits;
+        }
+    )*};
+}
+
+dtype_markers! {
+    /// IEEE half precision, element [`half::f16`].
+    F16 => f16, U16;
+    /// bfloat16, element [`half::bf16`].
+    BF16 => bf16, U16;
+    /// Single precision, element `f32`.
+    F32 => f32, U32;
+    /// Double precision, element `f64`.
+    F64 => f64, U64;
+}
+
+impl HalfDtype for F16 {}
+impl HalfDtype for BF16 {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn element_tags_match_pytorch_names_and_sizes() {
+        assert_eq!(<f16 as Element>::DTYPE.name(), "float16");
+        assert_eq!(<bf16 as Element>::DTYPE.name(), "bfloat16");
+        assert_eq!(<Complex<f64> as Element>::DTYPE.name(), "complex128");
+        assert_eq!(<Complex<f32> as Element>::DTYPE.size_bytes(), 8);
+        assert_eq!(<bf16 as Element>::DTYPE.size_bytes(), 2);
+        assert_eq!(DType::C128.size_bytes(), 16);
+    }
+
+    #[test]
+    fn marker_bits_are_the_element_sizes() {
+        fn bits<D: Dtype>() -> u32 {
+            D::Bits::U32
+        }
+        assert_eq!(bits::<F16>(), 16);
+        assert_eq!(bits::<BF16>(), 16);
+        assert_eq!(bits::<F32>(), 32);
+        assert_eq!(bits::<F64>(), 64);
+        assert_eq!(bits::<BF16>(), <bf16 as Element>::DTYPE.bits());
+    }
+
+    #[test]
+    fn conversions_round_to_nearest_even() {
+        // 1 + 2^-8 is a tie between bf16 neighbours 1.0 and 1.0078125: even mantissa wins.
+        assert_eq!(bf16::from_f32(1.0 + 1.0 / 256.0).to_f32(), 1.0);
+        // 2049 is not representable in f16 (11-bit significand): ties to 2048.
+        assert_eq!(<f16 as Float>::from_f64(2049.0).to_f64(), 2048.0);
+        assert_eq!(<f32 as Float>::from_f64(0.1), 0.1f32);
+    }
+}

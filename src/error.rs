@@ -1,0 +1,85 @@
+//! The one error type of nbit.
+
+use crate::device::{ACCELERATORS, DeviceKind};
+use crate::precision::PrecisionKind;
+
+/// Everything that can go wrong in nbit, each with a message that names the bad value and the fix.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A precision string or number Lightning would not accept either.
+    UnknownPrecision {
+        /// The value given.
+        value: String,
+        /// A valid value the input resembles, if any.
+        suggestion: Option<&'static str>,
+    },
+    /// An accelerator string that is not one of [`ACCELERATORS`].
+    UnknownAccelerator {
+        /// The value given.
+        value: String,
+    },
+    /// A precision and device that the support matrix refuses (the run-time twin of the compile
+    /// error).
+    Unsupported {
+        /// The precision asked for.
+        precision: PrecisionKind,
+        /// The device asked for.
+        device: DeviceKind,
+    },
+    /// A device that exists as a type but cannot run work in this process.
+    DeviceUnavailable {
+        /// `"gpu"` or `"tpu"`.
+        device: &'static str,
+        /// Why, and what to do instead.
+        reason: String,
+    },
+    /// A parameter outside its valid range.
+    InvalidArgument {
+        /// The parameter's name.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+}
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Error::UnknownPrecision { value, suggestion } => {
+                write!(f, "precision '{value}' is not valid")?;
+                if let Some(s) = suggestion {
+                    write!(f, " (did you mean '{s}'?)")?;
+                }
+                let valid: Vec<&str> = PrecisionKind::ALL.iter().map(|k| k.name()).collect();
+                write!(f, "; use one of: {} (legacy: 16, 32, 64, bf16)", valid.join(", "))
+            }
+            Error::UnknownAccelerator { value } => write!(
+                f,
+                "accelerator '{value}' is not valid; use one of: {}",
+                ACCELERATORS.join(", ")
+            ),
+            Error::Unsupported { precision, device } => {
+                let (why, advice) = crate::matrix::refusal(*precision, *device);
+                write!(
+                    f,
+                    "precision '{precision}' is not supported on accelerator '{device}': {why}; {advice}"
+                )
+            }
+            Error::DeviceUnavailable { device, reason } => {
+                write!(f, "accelerator '{device}' is not usable here: {reason}")
+            }
+            Error::InvalidArgument {
+                name,
+                value,
+                expected,
+            } => {
+                write!(f, "{name} = {value} is not valid: expected {expected}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}

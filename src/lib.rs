@@ -1,0 +1,136 @@
+//! # nbit: N-bit precision training with the precision and the device in the type
+//!
+//! nbit trains numeric models under the precisions of PyTorch Lightning's
+//! `Trainer(precision=...)`, with one difference that is the point: precision and device are type
+//! parameters, `Trainer<Mixed<BF16>, Cpu>`, and the table of which precision runs on which
+//! accelerator is a set of trait impls. A combination the table refuses is a compile error that
+//! says what to use instead, not a surprise at run time.
+//!
+//! ## A tour
+//!
+//! Pick a precision and a device as types:
+//!
+//! ```
+//! use nbit::prelude::*;
+//!
+//! let trainer = Trainer::<Mixed<BF16>, Cpu>::new()?;
+//! assert_eq!(trainer.precision_name(), "bf16-mixed");
+//!
+//! // What each precision means is in its associated types:
+//! // bf16-mixed keeps f32 master weights and runs matmuls in bf16, with no loss scaling.
+//! type P = Mixed<BF16>;
+//! assert_eq!(<ParamOf<P> as Element>::DTYPE, DType::F32);
+//! assert_eq!(<ComputeOf<P> as Element>::DTYPE, DType::BF16);
+//! // Complex parameters follow the precision: complex128 under 64-true.
+//! assert_eq!(<ComplexOf<True<F64>> as Element>::DTYPE, DType::C128);
+//! # Ok::<(), nbit::Error>(())
+//! ```
+//!
+//! A pair the matrix refuses does not compile, and the error says why and what to use:
+//!
+//! ```compile_fail,E0277
+//! use nbit::prelude::*;
+//! // error[E0277]: 16-mixed (`Mixed<F16>`) does not run on `Cpu`: fp16 mixed precision with a
+//! //               dynamic gradient scaler needs a CUDA GPU
+//! //   = note: use `Mixed<BF16>` (precision "bf16-mixed") on `Cpu`, or run `Mixed<F16>` on `Gpu`
+//! let trainer = Trainer::<Mixed<F16>, Cpu>::new();
+//! ```
+//!
+//! Neither does a mixed precision that is not 16-bit:
+//!
+//! ```compile_fail,E0277
+//! use nbit::prelude::*;
+//! // error[E0277]: `Mixed<F32>` is not a precision: mixed precision computes in a 16-bit dtype
+//! let p = Mixed::<F32>::default();
+//! ```
+//!
+//! Configuration files and command lines give strings. [`dispatch`] maps them to the same types,
+//! through the same table, and returns the same advice as a value:
+//!
+//! ```
+//! use nbit::prelude::*;
+//!
+//! struct Report;
+//! impl Job for Report {
+//!     type Output = String;
+//!     fn run<P: Precision, D: Supports<P>>(self) -> String {
+//!         format!("{} on {}, model size at {} bits/param", P::NAME, D::KIND, P::MODEL_BITS)
+//!     }
+//! }
+//! assert_eq!(nbit::dispatch("bf16-mixed", "cpu", Report)?, "bf16-mixed on cpu, model size at 32 bits/param");
+//! assert_eq!(nbit::dispatch(64, "cpu", Report)?, "64-true on cpu, model size at 64 bits/param");
+//!
+//! let err = nbit::dispatch("16-mixed", "cpu", Report).unwrap_err();
+//! assert!(err.to_string().contains("use `Mixed<BF16>` (precision \"bf16-mixed\")"));
+//! # Ok::<(), nbit::Error>(())
+//! ```
+//!
+//! ## The precisions
+//!
+//! | Lightning string | type | parameters | matmul-class ops | fp32-class ops | loss scaling |
+//! |---|---|---|---|---|---|
+//! | `"16-mixed"` | `Mixed<F16>` | f32 | f16 | f32 | [`DynamicScaler`](scaler::DynamicScaler) |
+//! | `"bf16-mixed"` | `Mixed<BF16>` | f32 | bf16 | f32 | none |
+//! | `"16-true"` | `True<F16>` | f16 | f16 | f16 | none |
+//! | `"bf16-true"` | `True<BF16>` | bf16 | bf16 | bf16 | none |
+//! | `"32-true"` (default) | `True<F32>` | f32 | f32 | f32 | none |
+//! | `"64-true"` | `True<F64>` | f64 | f64 | f64 | none |
+//!
+//! Legacy values are accepted as Lightning accepts them: `32`/`"32"` and `64`/`"64"` silently,
+//! `16`/`"16"` (16-mixed) and `"bf16"` (bf16-mixed) with a notice ([`Selection::notice`]).
+//! [`Precision`] is an open trait: a type of yours can be a precision, Lightning's custom
+//! precision plugin in types.
+//!
+//! ## The support matrix
+//!
+//! | precision | Cpu | Gpu | Tpu |
+//! |---|---|---|---|
+//! | `Mixed<F16>` | no | yes | no |
+//! | `Mixed<BF16>` | yes | yes | yes |
+//! | `True<F16>` | yes | yes | yes |
+//! | `True<BF16>` | yes | yes | yes |
+//! | `True<F32>` | yes | yes | yes |
+//! | `True<F64>` | yes | yes | no |
+//!
+//! (A test reads this table and checks it against the trait impls.) It lives in one file,
+//! `src/matrix.rs`, documented at [`matrix`].
+//!
+//! ## Where nbit differs from Lightning, on purpose
+//!
+//! - **16-mixed on the CPU is refused.** Lightning silently switches it to bf16-mixed with a
+//!   warning; nbit makes `Trainer<Mixed<F16>, Cpu>` a compile error and the string pair an `Err`,
+//!   both naming bf16-mixed as the fix. A precision should mean what it says.
+//! - **The TPU column follows the seed documentation** (bf16-mixed allowed, 16-mixed and 64-true
+//!   refused). Current Lightning rejects both mixed modes on TPU.
+//! - **There is no TPU runtime yet.** The [`Tpu`] type exists so code can be written and checked
+//!   against its column; building a trainer on it returns [`Error::DeviceUnavailable`].
+//! - **`"auto"` never picks a TPU**, for the same reason; it picks `gpu` when the CUDA driver
+//!   reports a device, else `cpu`.
+
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod dtype;
+mod error;
+pub mod matrix;
+pub mod precision;
+pub mod scaler;
+mod trainer;
+
+pub use device::{Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
+pub use dtype::{BF16, DType, Dtype, Element, F16, F32, F64, Float, HalfDtype};
+pub use error::Error;
+pub use matrix::{Job, Selection, Supports, dispatch};
+pub use precision::{
+    ComplexOf, ComputeOf, Mixed, NoComplex, ParamOf, Parsed, Precision, PrecisionInput, PrecisionKind, True,
+    parse_precision,
+};
+pub use trainer::Trainer;
+
+/// The names most programs need: `use nbit::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        BF16, ComplexOf, ComputeOf, Cpu, DType, Device, Element, Error, F16, F32, F64, Gpu, Job, Mixed,
+        ParamOf, Precision, Supports, Tpu, Trainer, True,
+    };
+}

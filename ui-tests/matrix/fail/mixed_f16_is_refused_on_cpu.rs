@@ -1,0 +1,6 @@
+// 16-mixed needs a CUDA GPU; the error must suggest Mixed<BF16>.
+use nbit::prelude::*;
+
+fn main() {
+    let _trainer = Trainer::<Mixed<F16>, Cpu>::new();
+}

@@ -1,0 +1,11 @@
+// The support matrix allows `True<BF16>` on `Cpu`: the type can be named, built and used generically.
+use nbit::prelude::*;
+
+fn describe<P: Precision, D: Supports<P>>(_: Option<&Trainer<P, D>>) -> (&'static str, nbit::DeviceKind) {
+    (P::NAME, D::KIND)
+}
+
+fn main() {
+    let trainer: Option<Trainer<True<BF16>, Cpu>> = Trainer::new().ok();
+    assert_eq!(describe(trainer.as_ref()), ("bf16-true", nbit::DeviceKind::Cpu));
+}

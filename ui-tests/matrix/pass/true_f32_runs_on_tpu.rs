@@ -1,0 +1,11 @@
+// The support matrix allows `True<F32>` on `Tpu`: the type can be named, built and used generically.
+use nbit::prelude::*;
+
+fn describe<P: Precision, D: Supports<P>>(_: Option<&Trainer<P, D>>) -> (&'static str, nbit::DeviceKind) {
+    (P::NAME, D::KIND)
+}
+
+fn main() {
+    let trainer: Option<Trainer<True<F32>, Tpu>> = Trainer::new().ok();
+    assert_eq!(describe(trainer.as_ref()), ("32-true", nbit::DeviceKind::Tpu));
+}
