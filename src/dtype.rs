@@ -87,45 +87,101 @@ pub trait Element: sealed::Sealed + Copy + Debug + Default + PartialEq + Send + 
     const DTYPE: DType;
 }
 
+/// The type element-wise kernels compute in ("opmath" in PyTorch): f32 for f16, bf16 and f32, f64
+/// for f64. A kernel widens its inputs, computes, and rounds once at the end.
+pub trait Acc: num_traits::Float + Debug + Default + Send + Sync + 'static {
+    /// Converts a constant.
+    fn c(x: f64) -> Self;
+    /// Widens to f64 (exact).
+    fn f64(self) -> f64;
+    /// The error function (for exact GELU).
+    fn erf(self) -> Self;
+}
+
+impl Acc for f32 {
+    #[inline(always)]
+    fn c(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+}
+
+impl Acc for f64 {
+    #[inline(always)]
+    fn c(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+}
+
 /// A real floating-point element: `f16`, `bf16`, `f32` or `f64`.
 ///
 /// The conversions go through f32 or f64 exactly where the target can hold the value, and round to
 /// nearest even otherwise (as `half` and `as` casts do).
 pub trait Float: Element + num_traits::Float {
+    /// The compute type of element-wise kernels on this element (see [`Acc`]).
+    type Acc: Acc;
+    /// Widens to the compute type (exact).
+    fn to_acc(self) -> Self::Acc;
+    /// Rounds from the compute type to nearest even.
+    fn from_acc(x: Self::Acc) -> Self;
     /// Converts from f32, rounding to nearest even.
     fn from_f32(x: f32) -> Self;
     /// Converts to f32 (exact for f16 and bf16).
-    fn to_f32(self) -> f32;
+    fn as_f32(self) -> f32;
     /// Converts from f64, rounding to nearest even.
     fn from_f64(x: f64) -> Self;
     /// Converts to f64 (exact for every real element type).
-    fn to_f64(self) -> f64;
+    fn as_f64(self) -> f64;
 }
 
 macro_rules! real_elements {
-    ($($ty:ty => $dtype:ident, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr;)*) => {$(
+    ($($ty:ty => $dtype:ident, acc $acc:ty, $tacc:expr, $facc:expr, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr;)*) => {$(
         impl sealed::Sealed for $ty {}
         impl Element for $ty {
             const DTYPE: DType = DType::$dtype;
         }
         impl Float for $ty {
+            type Acc = $acc;
+            #[inline(always)]
+            fn to_acc(self) -> $acc { ($tacc)(self) }
+            #[inline(always)]
+            fn from_acc(x: $acc) -> Self { ($facc)(x) }
             #[inline(always)]
             fn from_f32(x: f32) -> Self { ($ff32)(x) }
             #[inline(always)]
-            fn to_f32(self) -> f32 { ($tf32)(self) }
+            fn as_f32(self) -> f32 { ($tf32)(self) }
             #[inline(always)]
             fn from_f64(x: f64) -> Self { ($ff64)(x) }
             #[inline(always)]
-            fn to_f64(self) -> f64 { ($tf64)(self) }
+            fn as_f64(self) -> f64 { ($tf64)(self) }
         }
     )*};
 }
 
 real_elements! {
-    f16 => F16, from_f32 f16::from_f32, to_f32 f16::to_f32, from_f64 f16::from_f64, to_f64 f16::to_f64;
-    bf16 => BF16, from_f32 bf16::from_f32, to_f32 bf16::to_f32, from_f64 bf16::from_f64, to_f64 bf16::to_f64;
-    f32 => F32, from_f32 |x| x, to_f32 |x| x, from_f64 |x: f64| x as f32, to_f64 |x: f32| x as f64;
-    f64 => F64, from_f32 |x: f32| x as f64, to_f32 |x: f64| x as f32, from_f64 |x| x, to_f64 |x| x;
+    f16 => F16, acc f32, f16::to_f32, f16::from_f32,
+        from_f32 f16::from_f32, to_f32 f16::to_f32, from_f64 f16::from_f64, to_f64 f16::to_f64;
+    bf16 => BF16, acc f32, bf16::to_f32, bf16::from_f32,
+        from_f32 bf16::from_f32, to_f32 bf16::to_f32, from_f64 bf16::from_f64, to_f64 bf16::to_f64;
+    f32 => F32, acc f32, |x| x, |x| x,
+        from_f32 |x| x, to_f32 |x| x, from_f64 |x: f64| x as f32, to_f64 |x: f32| x as f64;
+    f64 => F64, acc f64, |x| x, |x| x,
+        from_f32 |x: f32| x as f64, to_f32 |x: f64| x as f32, from_f64 |x| x, to_f64 |x| x;
 }
 
 macro_rules! complex_elements {
@@ -187,6 +243,26 @@ dtype_markers! {
 impl HalfDtype for F16 {}
 impl HalfDtype for BF16 {}
 
+/// The dtype a binary op on `Self` and `B` computes in: the wider of the two, as PyTorch's type
+/// promotion (f16 with bf16 gives f32, since neither holds the other).
+pub trait Promote<B: Float>: Float {
+    /// The promoted element type.
+    type Output: Float;
+}
+
+macro_rules! promote {
+    ($($a:ty, $b:ty => $o:ty;)*) => {$(
+        impl Promote<$b> for $a { type Output = $o; }
+    )*};
+}
+
+promote! {
+    f16, f16 => f16;   f16, bf16 => f32;   f16, f32 => f32;   f16, f64 => f64;
+    bf16, f16 => f32;  bf16, bf16 => bf16; bf16, f32 => f32;  bf16, f64 => f64;
+    f32, f16 => f32;   f32, bf16 => f32;   f32, f32 => f32;   f32, f64 => f64;
+    f64, f16 => f64;   f64, bf16 => f64;   f64, f32 => f64;   f64, f64 => f64;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,9 +292,9 @@ mod tests {
     #[test]
     fn conversions_round_to_nearest_even() {
         // 1 + 2^-8 is a tie between bf16 neighbours 1.0 and 1.0078125: even mantissa wins.
-        assert_eq!(bf16::from_f32(1.0 + 1.0 / 256.0).to_f32(), 1.0);
+        assert_eq!(bf16::from_f32(1.0 + 1.0 / 256.0).as_f32(), 1.0);
         // 2049 is not representable in f16 (11-bit significand): ties to 2048.
-        assert_eq!(<f16 as Float>::from_f64(2049.0).to_f64(), 2048.0);
+        assert_eq!(<f16 as Float>::from_f64(2049.0).as_f64(), 2048.0);
         assert_eq!(<f32 as Float>::from_f64(0.1), 0.1f32);
     }
 }

@@ -34,6 +34,26 @@ pub enum Error {
         /// Why, and what to do instead.
         reason: String,
     },
+    /// Tensor shapes that an operation cannot combine.
+    ShapeMismatch {
+        /// The operation, e.g. `"matmul"`.
+        op: &'static str,
+        /// The first operand's shape.
+        left: Vec<usize>,
+        /// The second operand's shape (or the requested shape).
+        right: Vec<usize>,
+        /// The rule the shapes break.
+        rule: &'static str,
+    },
+    /// A class index outside `0..classes` in a classification loss.
+    InvalidTarget {
+        /// The row holding the bad target.
+        index: usize,
+        /// The target given.
+        target: usize,
+        /// The number of classes (the logits' last dimension).
+        classes: usize,
+    },
     /// A parameter outside its valid range.
     InvalidArgument {
         /// The parameter's name.
@@ -71,6 +91,22 @@ impl core::fmt::Display for Error {
             Error::DeviceUnavailable { device, reason } => {
                 write!(f, "accelerator '{device}' is not usable here: {reason}")
             }
+            Error::ShapeMismatch {
+                op,
+                left,
+                right,
+                rule,
+            } => {
+                write!(f, "{op}: shapes {left:?} and {right:?} do not fit: {rule}")
+            }
+            Error::InvalidTarget {
+                index,
+                target,
+                classes,
+            } => write!(
+                f,
+                "target {target} at row {index} is not a class index: expected 0..{classes} (the logits have {classes} classes)"
+            ),
             Error::InvalidArgument {
                 name,
                 value,

@@ -109,16 +109,21 @@
 
 #![warn(missing_docs)]
 
+pub mod autocast;
+mod autograd;
+pub mod backend;
 pub mod device;
 pub mod dtype;
 mod error;
 pub mod matrix;
 pub mod precision;
 pub mod scaler;
+pub mod tensor;
 mod trainer;
 
+pub use autograd::Grads;
 pub use device::{Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
-pub use dtype::{BF16, DType, Dtype, Element, F16, F32, F64, Float, HalfDtype};
+pub use dtype::{BF16, DType, Dtype, Element, F16, F32, F64, Float, HalfDtype, Promote};
 pub use error::Error;
 pub use matrix::{Job, Selection, Supports, dispatch};
 pub use precision::{

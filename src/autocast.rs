@@ -1,0 +1,200 @@
+//! Autocast: the dtype each class of op runs in under a precision (PyTorch's `torch.autocast`
+//! op lists, reduced to the ops nbit has).
+//!
+//! | op class | runs in | ops |
+//! |---|---|---|
+//! | lower precision | `P::Compute` | matmul, linear (bias add included) |
+//! | fp32 | `P::Full` (inputs cast up) | softmax, log_softmax, cross_entropy, nll_loss, mse_loss, sum, mean, exp, log, pow, layer_norm |
+//! | promote | the wider input dtype ([`Promote`]) | add, sub, mul, div on different dtypes |
+//! | everything else | its input dtype | relu, gelu, tanh, sigmoid, dropout, reshape, transpose (call the tensor method) |
+//!
+//! Parameters stay in `P::Param` (f32 under the mixed precisions). [`Autocast::weight`] casts a
+//! parameter to `P::Compute` once per forward pass and reuses the copy, as autocast's weight cache
+//! does; build one `Autocast` per forward pass. Backward runs each op in its forward dtype and each
+//! cast's backward casts the gradient back, so under `Mixed<H>` parameter gradients are f32 while
+//! activation gradients are 16-bit.
+//!
+//! ```
+//! use nbit::prelude::*;
+//! use nbit::autocast::Autocast;
+//! use nbit::tensor::Tensor;
+//!
+//! let w = Tensor::<f32>::from_vec(&[2, 3], vec![0.1, -0.2, 0.3, 0.4, 0.5, -0.6])?.requires_grad();
+//! let x = Tensor::<f32>::from_vec(&[1, 3], vec![1.0, 2.0, 3.0])?;
+//! let ac = Autocast::<Mixed<BF16>>::new();
+//! let logits = ac.linear(&x, &w, None)?;          // Tensor<bf16>
+//! let loss = ac.cross_entropy(&logits, &[1])?;    // Tensor<f32>
+//! assert_eq!((logits.dtype(), loss.dtype()), (DType::BF16, DType::F32));
+//! let grads = loss.backward()?;
+//! assert_eq!(grads.get(&w).unwrap().dtype(), DType::F32); // master-weight gradient
+//! # Ok::<(), nbit::Error>(())
+//! ```
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+
+use crate::backend::Backend;
+use crate::device::Cpu;
+use crate::dtype::{Float, Promote};
+use crate::error::Error;
+use crate::precision::Precision;
+use crate::tensor::Tensor;
+
+type Compute<P, D> = Tensor<<P as Precision>::Compute, D>;
+type Full<P, D> = Tensor<<P as Precision>::Full, D>;
+
+/// The autocast policy of precision `P` for one forward pass, with its weight-cast cache.
+pub struct Autocast<P: Precision, D: Backend = Cpu> {
+    cache: RefCell<HashMap<u64, Box<dyn Any>>>,
+    _types: PhantomData<(P, D)>,
+}
+
+impl<P: Precision, D: Backend> Default for Autocast<P, D> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P: Precision, D: Backend> core::fmt::Debug for Autocast<P, D> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Autocast")
+            .field("precision", &P::NAME)
+            .field("cached", &self.cached())
+            .finish()
+    }
+}
+
+macro_rules! fp32_unary {
+    ($($(#[$doc:meta])* $name:ident => $method:ident $(($arg:ident: $ty:ty))?;)*) => {$(
+        $(#[$doc])*
+        pub fn $name<X: Float>(&self, x: &Tensor<X, D>$(, $arg: $ty)?) -> Full<P, D> {
+            x.cast::<P::Full>().$method($($arg)?)
+        }
+    )*};
+}
+
+macro_rules! promoting_binary {
+    ($($(#[$doc:meta])* $name:ident;)*) => {$(
+        $(#[$doc])*
+        pub fn $name<A: Promote<B>, B: Float>(
+            &self,
+            a: &Tensor<A, D>,
+            b: &Tensor<B, D>,
+        ) -> Result<Tensor<<A as Promote<B>>::Output, D>, Error> {
+            a.cast::<<A as Promote<B>>::Output>().$name(&b.cast::<<A as Promote<B>>::Output>())
+        }
+    )*};
+}
+
+impl<P: Precision, D: Backend> Autocast<P, D> {
+    /// A fresh policy with an empty weight cache (make one per forward pass).
+    pub fn new() -> Self {
+        Autocast {
+            cache: RefCell::new(HashMap::new()),
+            _types: PhantomData,
+        }
+    }
+
+    /// How many parameter casts are cached.
+    pub fn cached(&self) -> usize {
+        self.cache.borrow().len()
+    }
+
+    /// Parameter `w` in the compute dtype, cast at most once per `Autocast` (autocast's cache).
+    pub fn weight(&self, w: &Tensor<P::Param, D>) -> Compute<P, D> {
+        if let Some(hit) = self.cache.borrow().get(&w.id()) {
+            if let Some(t) = hit.downcast_ref::<Compute<P, D>>() {
+                return t.clone();
+            }
+        }
+        let cast = w.cast::<P::Compute>();
+        self.cache.borrow_mut().insert(w.id(), Box::new(cast.clone()));
+        cast
+    }
+
+    /// `a @ b` in the compute dtype.
+    pub fn matmul<A: Float, B: Float>(
+        &self,
+        a: &Tensor<A, D>,
+        b: &Tensor<B, D>,
+    ) -> Result<Compute<P, D>, Error> {
+        a.cast::<P::Compute>().matmul(&b.cast::<P::Compute>())
+    }
+
+    /// `x @ weight^T + bias` in the compute dtype, from parameters stored in `P::Param`.
+    pub fn linear<X: Float>(
+        &self,
+        x: &Tensor<X, D>,
+        weight: &Tensor<P::Param, D>,
+        bias: Option<&Tensor<P::Param, D>>,
+    ) -> Result<Compute<P, D>, Error> {
+        let b = bias.map(|b| self.weight(b));
+        x.cast::<P::Compute>().linear(&self.weight(weight), b.as_ref())
+    }
+
+    fp32_unary! {
+        /// Softmax over the last axis, in `P::Full`.
+        softmax => softmax;
+        /// Log-softmax over the last axis, in `P::Full`.
+        log_softmax => log_softmax;
+        /// Sum of all elements, in `P::Full`.
+        sum => sum;
+        /// Mean of all elements, in `P::Full`.
+        mean => mean;
+        /// `e^x`, in `P::Full`.
+        exp => exp;
+        /// `ln x`, in `P::Full`.
+        log => log;
+        /// `x ^ p`, in `P::Full`.
+        powf => powf(p: f64);
+    }
+
+    /// Cross-entropy of logits against class indices, in `P::Full`.
+    pub fn cross_entropy<X: Float>(
+        &self,
+        logits: &Tensor<X, D>,
+        targets: &[usize],
+    ) -> Result<Full<P, D>, Error> {
+        logits.cast::<P::Full>().cross_entropy(targets)
+    }
+
+    /// Mean negative log-likelihood, in `P::Full`.
+    pub fn nll_loss<X: Float>(&self, logp: &Tensor<X, D>, targets: &[usize]) -> Result<Full<P, D>, Error> {
+        logp.cast::<P::Full>().nll_loss(targets)
+    }
+
+    /// Mean squared error, in `P::Full`.
+    pub fn mse_loss<X: Float, T: Float>(
+        &self,
+        x: &Tensor<X, D>,
+        target: &Tensor<T, D>,
+    ) -> Result<Full<P, D>, Error> {
+        x.cast::<P::Full>().mse_loss(&target.cast::<P::Full>())
+    }
+
+    /// Layer normalisation over the last axis, in `P::Full`, with parameters in `P::Param`.
+    pub fn layer_norm<X: Float>(
+        &self,
+        x: &Tensor<X, D>,
+        weight: Option<&Tensor<P::Param, D>>,
+        bias: Option<&Tensor<P::Param, D>>,
+        eps: f64,
+    ) -> Result<Full<P, D>, Error> {
+        let w = weight.map(|w| w.cast::<P::Full>());
+        let b = bias.map(|b| b.cast::<P::Full>());
+        x.cast::<P::Full>().layer_norm(w.as_ref(), b.as_ref(), eps)
+    }
+
+    promoting_binary! {
+        /// `a + b` in the wider of the two dtypes.
+        add;
+        /// `a - b` in the wider of the two dtypes.
+        sub;
+        /// `a * b` in the wider of the two dtypes.
+        mul;
+        /// `a / b` in the wider of the two dtypes.
+        div;
+    }
+}

@@ -1,0 +1,477 @@
+//! The CPU backend: ndarray arrays, the `gemm` crate for matrix products.
+
+use core::any::Any;
+
+use ndarray::{Array2, ArrayD, ArrayView2, Axis, Ix2, IxDyn, Zip};
+
+use num_traits::Float as _;
+
+use super::{Backend, Binary, Unary, uniform};
+use crate::device::Cpu;
+use crate::dtype::{Acc, Element, Float};
+
+/// Threads the CPU GEMM uses: all available cores (2 on the development machine).
+pub fn gemm_f32_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Products smaller than this many multiply-adds run on one thread: spawning costs more.
+const PARALLEL_MIN_FLOPS: usize = 1 << 18;
+
+/// Row-major contiguous copy (no copy when already so).
+fn standard<E: Element>(s: &ArrayD<E>) -> std::borrow::Cow<'_, [E]> {
+    match s.as_slice() {
+        Some(v) => std::borrow::Cow::Borrowed(v),
+        None => std::borrow::Cow::Owned(s.iter().copied().collect()),
+    }
+}
+
+fn from_vec<E: Element>(shape: &[usize], v: Vec<E>) -> ArrayD<E> {
+    ArrayD::from_shape_vec(IxDyn(shape), v).expect("kernel produced the element count of its shape")
+}
+
+fn rows_of(shape: &[usize]) -> (usize, usize) {
+    let cols = shape.last().copied().unwrap_or(1);
+    let rows = if cols == 0 {
+        0
+    } else {
+        shape.iter().product::<usize>() / cols
+    };
+    (rows, cols)
+}
+
+/// `dst = a @ b` with f32/f64 kernels from the `gemm` crate; views carry any transposition as
+/// strides, so nothing is copied.
+fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+) -> Array2<T> {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let mut dst = Array2::<T>::zeros((m, n));
+    if m == 0 || n == 0 {
+        return dst;
+    }
+    let threads = if m * n * k >= PARALLEL_MIN_FLOPS {
+        gemm_f32_threads()
+    } else {
+        1
+    };
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let (ars, acs) = (a.strides()[0], a.strides()[1]);
+    let (brs, bcs) = (b.strides()[0], b.strides()[1]);
+    let dst_ptr = dst.as_mut_ptr();
+    // SAFETY: the pointers and strides describe live arrays of the stated dimensions; `dst` is
+    // a fresh row-major (m, n) array not aliased by the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst_ptr,
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            acs,
+            ars,
+            b.as_ptr(),
+            bcs,
+            brs,
+            T::zero(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    dst
+}
+
+fn as_2d<E: Element>(s: &ArrayD<E>, t: bool) -> ArrayView2<'_, E> {
+    let v = s
+        .view()
+        .into_dimensionality::<Ix2>()
+        .expect("matmul operands are 2-D (checked by caller)");
+    if t { v.reversed_axes() } else { v }
+}
+
+fn downcast<T: 'static, U: 'static>(x: T) -> U {
+    *(Box::new(x) as Box<dyn Any>)
+        .downcast::<U>()
+        .expect("element type checked by DTYPE")
+}
+
+macro_rules! map_acc {
+    ($x:expr, |$a:ident| $body:expr) => {
+        $x.mapv(|v| {
+            let $a = v.to_acc();
+            E::from_acc($body)
+        })
+    };
+}
+
+impl Backend for Cpu {
+    type Storage<E: Element> = ArrayD<E>;
+
+    fn from_array<E: Element>(a: ArrayD<E>) -> ArrayD<E> {
+        if a.is_standard_layout() {
+            a
+        } else {
+            a.as_standard_layout().into_owned()
+        }
+    }
+
+    fn to_array<E: Element>(s: &ArrayD<E>) -> ArrayD<E> {
+        s.clone()
+    }
+
+    fn shape<E: Element>(s: &ArrayD<E>) -> &[usize] {
+        s.shape()
+    }
+
+    fn full<E: Element>(shape: &[usize], value: E) -> ArrayD<E> {
+        ArrayD::from_elem(IxDyn(shape), value)
+    }
+
+    fn reshape<E: Element>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
+        from_vec(shape, standard(s).into_owned())
+    }
+
+    fn transpose<E: Element>(s: &ArrayD<E>) -> ArrayD<E> {
+        let n = s.ndim();
+        let mut v = s.view();
+        if n >= 2 {
+            v.swap_axes(n - 2, n - 1);
+        }
+        v.as_standard_layout().into_owned()
+    }
+
+    fn cast<A: Float, B: Float>(s: &ArrayD<A>) -> ArrayD<B> {
+        if A::DTYPE == B::DTYPE {
+            return downcast(s.clone());
+        }
+        match (A::DTYPE.bits(), B::DTYPE.bits()) {
+            // Through f64 when either side is f64, otherwise through f32: both exact widenings.
+            (64, _) | (_, 64) => s.mapv(|v| B::from_f64(v.as_f64())),
+            _ => s.mapv(|v| B::from_f32(v.as_f32())),
+        }
+    }
+
+    fn unary<E: Float>(op: Unary, x: &ArrayD<E>) -> ArrayD<E> {
+        let half = <E::Acc as Acc>::c(0.5);
+        let one = <E::Acc as Acc>::c(1.0);
+        let zero = <E::Acc as Acc>::c(0.0);
+        match op {
+            Unary::Neg => map_acc!(x, |a| -a),
+            Unary::AddScalar(c) => {
+                let c = <E::Acc as Acc>::c(c);
+                map_acc!(x, |a| a + c)
+            }
+            Unary::MulScalar(c) => {
+                let c = <E::Acc as Acc>::c(c);
+                map_acc!(x, |a| a * c)
+            }
+            Unary::Powf(c) => {
+                let c = <E::Acc as Acc>::c(c);
+                map_acc!(x, |a| a.powf(c))
+            }
+            Unary::Relu => map_acc!(x, |a| if a < zero { zero } else { a }),
+            Unary::Gelu => {
+                let r = <E::Acc as Acc>::c(core::f64::consts::FRAC_1_SQRT_2);
+                map_acc!(x, |a| half * a * (one + (a * r).erf()))
+            }
+            Unary::GeluTanh => {
+                let k = <E::Acc as Acc>::c((2.0 / core::f64::consts::PI).sqrt());
+                let c = <E::Acc as Acc>::c(0.044715);
+                map_acc!(x, |a| half * a * (one + (k * (a + c * a * a * a)).tanh()))
+            }
+            Unary::Tanh => map_acc!(x, |a| a.tanh()),
+            Unary::Sigmoid => map_acc!(x, |a| one / (one + (-a).exp())),
+            Unary::Exp => map_acc!(x, |a| a.exp()),
+            Unary::Log => map_acc!(x, |a| a.ln()),
+        }
+    }
+
+    fn unary_backward<E: Float>(op: Unary, x: &ArrayD<E>, y: &ArrayD<E>, dy: &ArrayD<E>) -> ArrayD<E> {
+        let c = <E::Acc as Acc>::c;
+        let (half, one, zero) = (c(0.5), c(1.0), c(0.0));
+        macro_rules! grad {
+            (|$x:pat_param, $y:pat_param, $g:ident| $body:expr) => {
+                Zip::from(x).and(y).and(dy).map_collect(|x, y, g| {
+                    let ($x, $y, $g) = (x.to_acc(), y.to_acc(), g.to_acc());
+                    E::from_acc($body)
+                })
+            };
+        }
+        match op {
+            Unary::Neg => grad!(|_, _, g| -g),
+            Unary::AddScalar(_) => grad!(|_, _, g| g),
+            Unary::MulScalar(s) => grad!(|_, _, g| g * c(s)),
+            Unary::Powf(p) => grad!(|x, _, g| g * c(p) * x.powf(c(p - 1.0))),
+            Unary::Relu => grad!(|x, _, g| if x <= zero { zero } else { g }),
+            Unary::Gelu => {
+                let r2 = c(core::f64::consts::FRAC_1_SQRT_2);
+                let rpi = c(0.5 * core::f64::consts::FRAC_2_SQRT_PI * core::f64::consts::FRAC_1_SQRT_2);
+                grad!(|x, _, g| {
+                    let cdf = half * (one + (x * r2).erf());
+                    let pdf = (-half * x * x).exp() * rpi;
+                    g * (cdf + x * pdf)
+                })
+            }
+            Unary::GeluTanh => {
+                let k = c((2.0 / core::f64::consts::PI).sqrt());
+                let a = c(0.044715);
+                grad!(|x, _, g| {
+                    let t = (k * (x + a * x * x * x)).tanh();
+                    let inner_d = k * (one + c(3.0) * a * x * x);
+                    g * (half * (one + t) + half * x * (one - t * t) * inner_d)
+                })
+            }
+            Unary::Tanh => grad!(|_, y, g| g * (one - y * y)),
+            Unary::Sigmoid => grad!(|_, y, g| g * y * (one - y)),
+            Unary::Exp => grad!(|_, y, g| g * y),
+            Unary::Log => grad!(|x, _, g| g / x),
+        }
+    }
+
+    fn binary<E: Float>(op: Binary, a: &ArrayD<E>, b: &ArrayD<E>, out_shape: &[usize]) -> ArrayD<E> {
+        let shape = IxDyn(out_shape);
+        let a = a
+            .broadcast(shape.clone())
+            .expect("shapes broadcast (checked by caller)");
+        let b = b.broadcast(shape).expect("shapes broadcast (checked by caller)");
+        let z = Zip::from(&a).and(&b);
+        let r = match op {
+            Binary::Add => z.map_collect(|x, y| E::from_acc(x.to_acc() + y.to_acc())),
+            Binary::Sub => z.map_collect(|x, y| E::from_acc(x.to_acc() - y.to_acc())),
+            Binary::Mul => z.map_collect(|x, y| E::from_acc(x.to_acc() * y.to_acc())),
+            Binary::Div => z.map_collect(|x, y| E::from_acc(x.to_acc() / y.to_acc())),
+        };
+        Self::from_array(r)
+    }
+
+    fn sum_to_shape<E: Float>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
+        if s.shape() == shape {
+            return s.clone();
+        }
+        let mut acc: ArrayD<f64> = s.mapv(|v| v.as_f64());
+        let lead = s.ndim() - shape.len();
+        for _ in 0..lead {
+            acc = acc.sum_axis(Axis(0));
+        }
+        for (i, &d) in shape.iter().enumerate() {
+            if d == 1 && acc.shape()[i] != 1 {
+                acc = acc.sum_axis(Axis(i)).insert_axis(Axis(i));
+            }
+        }
+        acc.mapv(E::from_f64)
+    }
+
+    fn broadcast_to<E: Element>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
+        s.broadcast(IxDyn(shape))
+            .expect("shapes broadcast (checked by caller)")
+            .as_standard_layout()
+            .into_owned()
+    }
+
+    fn sum<E: Float>(s: &ArrayD<E>, axis: Option<usize>, keepdim: bool, scale: f64) -> ArrayD<E> {
+        match axis {
+            None => {
+                let total: f64 = s.iter().map(|v| v.as_f64()).sum();
+                let out = ArrayD::from_elem(IxDyn(&[]), E::from_f64(total * scale));
+                if keepdim {
+                    out.into_shape_with_order(vec![1; s.ndim()]).expect("one element")
+                } else {
+                    out
+                }
+            }
+            Some(ax) => {
+                let r = s.map_axis(Axis(ax), |lane| {
+                    E::from_f64(lane.iter().map(|v| v.as_f64()).sum::<f64>() * scale)
+                });
+                let r = if keepdim { r.insert_axis(Axis(ax)) } else { r };
+                Self::from_array(r)
+            }
+        }
+    }
+
+    fn matmul<E: Float>(a: &ArrayD<E>, b: &ArrayD<E>, ta: bool, tb: bool) -> ArrayD<E> {
+        let out = match E::DTYPE {
+            crate::DType::F64 => {
+                let a: &ArrayD<f64> = (a as &dyn Any).downcast_ref().expect("f64");
+                let b: &ArrayD<f64> = (b as &dyn Any).downcast_ref().expect("f64");
+                downcast::<ArrayD<f64>, ArrayD<E>>(gemm_into(as_2d(a, ta), as_2d(b, tb)).into_dyn())
+            }
+            crate::DType::F32 => {
+                let a: &ArrayD<f32> = (a as &dyn Any).downcast_ref().expect("f32");
+                let b: &ArrayD<f32> = (b as &dyn Any).downcast_ref().expect("f32");
+                downcast::<ArrayD<f32>, ArrayD<E>>(gemm_into(as_2d(a, ta), as_2d(b, tb)).into_dyn())
+            }
+            // 16-bit operands: widen (exactly) to f32, multiply-accumulate in f32, round once.
+            _ => {
+                let wa = a.mapv(|v| v.as_f32());
+                let wb = b.mapv(|v| v.as_f32());
+                gemm_into(as_2d(&wa, ta), as_2d(&wb, tb))
+                    .mapv(E::from_f32)
+                    .into_dyn()
+            }
+        };
+        Self::from_array(out)
+    }
+
+    fn softmax<E: Float>(x: &ArrayD<E>, log: bool) -> ArrayD<E> {
+        let (_, cols) = rows_of(x.shape());
+        let data = standard(x);
+        let mut out = Vec::with_capacity(data.len());
+        for row in data.chunks(cols.max(1)) {
+            let max = row.iter().map(|v| v.as_f64()).fold(f64::NEG_INFINITY, f64::max);
+            let max = if max.is_finite() { max } else { 0.0 };
+            let denom: f64 = row.iter().map(|v| (v.as_f64() - max).exp()).sum();
+            if log {
+                let lse = denom.ln();
+                out.extend(row.iter().map(|v| E::from_f64(v.as_f64() - max - lse)));
+            } else {
+                out.extend(row.iter().map(|v| E::from_f64((v.as_f64() - max).exp() / denom)));
+            }
+        }
+        from_vec(x.shape(), out)
+    }
+
+    fn softmax_backward<E: Float>(y: &ArrayD<E>, dy: &ArrayD<E>, log: bool) -> ArrayD<E> {
+        let (_, cols) = rows_of(y.shape());
+        let (y_s, dy_s) = (standard(y), standard(dy));
+        let mut out = Vec::with_capacity(y_s.len());
+        for (yr, gr) in y_s.chunks(cols.max(1)).zip(dy_s.chunks(cols.max(1))) {
+            if log {
+                let gsum: f64 = gr.iter().map(|g| g.as_f64()).sum();
+                out.extend(
+                    yr.iter()
+                        .zip(gr)
+                        .map(|(y, g)| E::from_f64(g.as_f64() - y.as_f64().exp() * gsum)),
+                );
+            } else {
+                let dot: f64 = yr.iter().zip(gr).map(|(y, g)| y.as_f64() * g.as_f64()).sum();
+                out.extend(
+                    yr.iter()
+                        .zip(gr)
+                        .map(|(y, g)| E::from_f64(y.as_f64() * (g.as_f64() - dot))),
+                );
+            }
+        }
+        from_vec(y.shape(), out)
+    }
+
+    fn nll_loss<E: Float>(logp: &ArrayD<E>, targets: &[usize]) -> ArrayD<E> {
+        let (rows, cols) = rows_of(logp.shape());
+        let data = standard(logp);
+        let total: f64 = targets
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| data[i * cols + t].as_f64())
+            .sum();
+        ArrayD::from_elem(IxDyn(&[]), E::from_f64(-total / rows.max(1) as f64))
+    }
+
+    fn nll_loss_backward<E: Float>(shape: &[usize], targets: &[usize], dy: &ArrayD<E>) -> ArrayD<E> {
+        let (rows, cols) = rows_of(shape);
+        let g = -dy.iter().next().map_or(0.0, |v| v.as_f64()) / rows.max(1) as f64;
+        let mut out = vec![E::from_f64(0.0); rows * cols];
+        for (i, &t) in targets.iter().enumerate() {
+            out[i * cols + t] = E::from_f64(g);
+        }
+        from_vec(shape, out)
+    }
+
+    fn layer_norm<E: Float>(
+        x: &ArrayD<E>,
+        weight: Option<&ArrayD<E>>,
+        bias: Option<&ArrayD<E>>,
+        eps: f64,
+    ) -> (ArrayD<E>, Vec<(f64, f64)>) {
+        let (_, cols) = rows_of(x.shape());
+        let data = standard(x);
+        let w = weight.map(|w| standard(w).iter().map(|v| v.as_f64()).collect::<Vec<_>>());
+        let b = bias.map(|b| standard(b).iter().map(|v| v.as_f64()).collect::<Vec<_>>());
+        let mut out = Vec::with_capacity(data.len());
+        let mut stats = Vec::new();
+        for row in data.chunks(cols.max(1)) {
+            let n = row.len() as f64;
+            let mean = row.iter().map(|v| v.as_f64()).sum::<f64>() / n;
+            let var = row.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            stats.push((mean, rstd));
+            out.extend(row.iter().enumerate().map(|(j, v)| {
+                let mut h = (v.as_f64() - mean) * rstd;
+                if let Some(w) = &w {
+                    h *= w[j];
+                }
+                if let Some(b) = &b {
+                    h += b[j];
+                }
+                E::from_f64(h)
+            }));
+        }
+        (from_vec(x.shape(), out), stats)
+    }
+
+    fn layer_norm_backward<E: Float>(
+        x: &ArrayD<E>,
+        weight: Option<&ArrayD<E>>,
+        stats: &[(f64, f64)],
+        dy: &ArrayD<E>,
+        with_bias: bool,
+    ) -> (ArrayD<E>, Option<ArrayD<E>>, Option<ArrayD<E>>) {
+        let (_, cols) = rows_of(x.shape());
+        let (xs, gs) = (standard(x), standard(dy));
+        let w = weight.map(|w| standard(w).iter().map(|v| v.as_f64()).collect::<Vec<_>>());
+        let mut dx = Vec::with_capacity(xs.len());
+        let mut dw = vec![0.0f64; cols];
+        let mut db = vec![0.0f64; cols];
+        for ((xr, gr), &(mean, rstd)) in xs.chunks(cols.max(1)).zip(gs.chunks(cols.max(1))).zip(stats) {
+            let n = xr.len() as f64;
+            let xhat: Vec<f64> = xr.iter().map(|v| (v.as_f64() - mean) * rstd).collect();
+            let g: Vec<f64> = gr
+                .iter()
+                .enumerate()
+                .map(|(j, v)| v.as_f64() * w.as_ref().map_or(1.0, |w| w[j]))
+                .collect();
+            let mean_g = g.iter().sum::<f64>() / n;
+            let mean_gx = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
+            dx.extend(
+                g.iter()
+                    .zip(&xhat)
+                    .map(|(g, h)| E::from_f64(rstd * (g - mean_g - h * mean_gx))),
+            );
+            for j in 0..xr.len() {
+                let d = gr[j].as_f64();
+                dw[j] += d * xhat[j];
+                db[j] += d;
+            }
+        }
+        let param = |v: Vec<f64>| from_vec(&[cols], v.into_iter().map(E::from_f64).collect());
+        (
+            from_vec(x.shape(), dx),
+            weight.map(|_| param(dw)),
+            with_bias.then(|| param(db)),
+        )
+    }
+
+    fn dropout_mask<E: Float>(shape: &[usize], p: f64, seed: u64) -> ArrayD<E> {
+        let n: usize = shape.iter().product();
+        let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
+        let v = (0..n as u64)
+            .map(|i| E::from_f64(if uniform(seed, i) >= p { keep } else { 0.0 }))
+            .collect();
+        from_vec(shape, v)
+    }
+
+    fn any_non_finite<E: Float>(s: &ArrayD<E>) -> bool {
+        s.iter().any(|v| !v.is_finite())
+    }
+}

@@ -1,0 +1,195 @@
+//! The backend seam: every numeric kernel nbit runs, as one trait a device implements.
+//!
+//! Autograd and `nn` call only this trait, never ndarray, so the CUDA backend implements the same
+//! methods over device buffers and nothing above it changes. Element-wise operations are data
+//! ([`Unary`], [`Binary`]) rather than closures so a GPU backend can compile one kernel per variant.
+//!
+//! Numerics every backend must keep (DESIGN.md section 1):
+//! - element-wise kernels widen to [`Float::Acc`] (f32 for 16-bit types), compute, and round once;
+//! - reductions (sums, means, softmax denominators, losses, norms) accumulate in f64;
+//! - GEMMs on 16-bit operands accumulate in f32 (never in the 16-bit type).
+
+mod cpu;
+
+use crate::device::Device;
+use crate::dtype::{Element, Float};
+use crate::error::Error;
+
+pub use cpu::gemm_f32_threads;
+
+/// A one-input element-wise operation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Unary {
+    /// `-x`
+    Neg,
+    /// `x + c`
+    AddScalar(f64),
+    /// `x * c`
+    MulScalar(f64),
+    /// `x ^ c`
+    Powf(f64),
+    /// `max(x, 0)`
+    Relu,
+    /// `x * Φ(x)` with the exact normal CDF (PyTorch's `approximate='none'`).
+    Gelu,
+    /// The tanh approximation of GELU (PyTorch's `approximate='tanh'`).
+    GeluTanh,
+    /// `tanh(x)`
+    Tanh,
+    /// `1 / (1 + e^-x)`
+    Sigmoid,
+    /// `e^x`
+    Exp,
+    /// `ln x`
+    Log,
+}
+
+/// A two-input element-wise operation with NumPy broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Binary {
+    /// `a + b`
+    Add,
+    /// `a - b`
+    Sub,
+    /// `a * b`
+    Mul,
+    /// `a / b`
+    Div,
+}
+
+/// The kernels of one device. Shapes are checked by the caller (the tensor layer), so kernels may
+/// assume them valid.
+pub trait Backend: Device {
+    /// A tensor's data on this device.
+    type Storage<E: Element>: Clone + core::fmt::Debug + Send + Sync + 'static;
+
+    /// Copies a host array to the device.
+    fn from_array<E: Element>(a: ndarray::ArrayD<E>) -> Self::Storage<E>;
+    /// Copies device data to a host array.
+    fn to_array<E: Element>(s: &Self::Storage<E>) -> ndarray::ArrayD<E>;
+    /// The shape of the data.
+    fn shape<E: Element>(s: &Self::Storage<E>) -> &[usize];
+    /// A tensor of the given shape filled with `value`.
+    fn full<E: Element>(shape: &[usize], value: E) -> Self::Storage<E>;
+    /// The same elements in row-major order under a new shape with the same element count.
+    fn reshape<E: Element>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
+    /// Swaps the last two axes (materialised).
+    fn transpose<E: Element>(s: &Self::Storage<E>) -> Self::Storage<E>;
+    /// Converts every element, rounding to nearest even.
+    fn cast<A: Float, B: Float>(s: &Self::Storage<A>) -> Self::Storage<B>;
+
+    /// `op(x)` element-wise.
+    fn unary<E: Float>(op: Unary, x: &Self::Storage<E>) -> Self::Storage<E>;
+    /// `dy * op'(x)`, given the forward input `x` and output `y`.
+    fn unary_backward<E: Float>(
+        op: Unary,
+        x: &Self::Storage<E>,
+        y: &Self::Storage<E>,
+        dy: &Self::Storage<E>,
+    ) -> Self::Storage<E>;
+    /// `op(a, b)` element-wise with broadcasting to `out_shape`.
+    fn binary<E: Float>(
+        op: Binary,
+        a: &Self::Storage<E>,
+        b: &Self::Storage<E>,
+        out_shape: &[usize],
+    ) -> Self::Storage<E>;
+    /// Sums a broadcast gradient back down to `shape` (the reverse of broadcasting).
+    fn sum_to_shape<E: Float>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
+    /// Repeats `s` along broadcast axes to `shape`.
+    fn broadcast_to<E: Element>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
+    /// `scale * sum`, over all elements (`axis: None`, shape `[]`) or one axis (kept as size 1
+    /// when `keepdim`), accumulated in f64 and rounded once.
+    fn sum<E: Float>(
+        s: &Self::Storage<E>,
+        axis: Option<usize>,
+        keepdim: bool,
+        scale: f64,
+    ) -> Self::Storage<E>;
+
+    /// `a @ b` for 2-D operands, optionally transposing either first. 16-bit operands accumulate
+    /// in f32.
+    fn matmul<E: Float>(a: &Self::Storage<E>, b: &Self::Storage<E>, ta: bool, tb: bool) -> Self::Storage<E>;
+
+    /// Softmax (or log-softmax when `log`) over the last axis; max-subtracted, f64 denominators.
+    fn softmax<E: Float>(x: &Self::Storage<E>, log: bool) -> Self::Storage<E>;
+    /// The input gradient of [`Backend::softmax`] from its output `y` and output gradient `dy`.
+    fn softmax_backward<E: Float>(y: &Self::Storage<E>, dy: &Self::Storage<E>, log: bool)
+    -> Self::Storage<E>;
+    /// Mean negative log-likelihood of `targets` (one class index per row) under log-probabilities
+    /// `logp` of shape `[n, classes]`; a shape-`[]` result. Targets are in range (checked above).
+    fn nll_loss<E: Float>(logp: &Self::Storage<E>, targets: &[usize]) -> Self::Storage<E>;
+    /// The gradient of [`Backend::nll_loss`] with respect to `logp`, given the scalar `dy`.
+    fn nll_loss_backward<E: Float>(
+        shape: &[usize],
+        targets: &[usize],
+        dy: &Self::Storage<E>,
+    ) -> Self::Storage<E>;
+
+    /// Layer normalisation over the last axis: `(x - mean) / sqrt(var + eps)` (biased variance),
+    /// then `* weight + bias` when given. Returns `y` and the per-row `(mean, rstd)` in f64.
+    fn layer_norm<E: Float>(
+        x: &Self::Storage<E>,
+        weight: Option<&Self::Storage<E>>,
+        bias: Option<&Self::Storage<E>>,
+        eps: f64,
+    ) -> (Self::Storage<E>, Vec<(f64, f64)>);
+    /// Gradients of [`Backend::layer_norm`]: `(dx, dweight, dbias)` (the latter when `weight` /
+    /// bias were given).
+    #[allow(clippy::type_complexity)]
+    fn layer_norm_backward<E: Float>(
+        x: &Self::Storage<E>,
+        weight: Option<&Self::Storage<E>>,
+        stats: &[(f64, f64)],
+        dy: &Self::Storage<E>,
+        with_bias: bool,
+    ) -> (
+        Self::Storage<E>,
+        Option<Self::Storage<E>>,
+        Option<Self::Storage<E>>,
+    );
+
+    /// A dropout mask: each element `1 / (1 - p)` with probability `1 - p`, else 0, drawn from a
+    /// counter-based generator seeded by `seed` (the same on every backend).
+    fn dropout_mask<E: Float>(shape: &[usize], p: f64, seed: u64) -> Self::Storage<E>;
+
+    /// Whether any element is inf or NaN (the gradient scaler's check).
+    fn any_non_finite<E: Float>(s: &Self::Storage<E>) -> bool;
+}
+
+/// The shape two shapes broadcast to (NumPy rules), or an error naming both.
+pub(crate) fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usize>, Error> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    op,
+                    left: a.to_vec(),
+                    right: b.to_vec(),
+                    rule: "shapes must be equal or 1 in every trailing dimension (broadcasting)",
+                });
+            }
+        };
+    }
+    Ok(out)
+}
+
+/// SplitMix64 of `seed + index`: a counter-based uniform draw in [0, 1), identical on every
+/// backend (a GPU thread computes its element's draw from its index alone).
+#[inline]
+pub(crate) fn uniform(seed: u64, index: u64) -> f64 {
+    let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}

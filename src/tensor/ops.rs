@@ -1,0 +1,443 @@
+//! Differentiable operations. Each checks shapes (an `Err` names both), runs the backend kernel,
+//! and records how to send the output gradient back to its inputs.
+
+use std::sync::Arc;
+
+use super::Tensor;
+use crate::autograd::Grads;
+use crate::backend::{Backend, Binary, Unary, broadcast_shapes};
+use crate::dtype::Float;
+use crate::error::Error;
+
+fn mismatch(op: &'static str, left: &[usize], right: &[usize], rule: &'static str) -> Error {
+    Error::ShapeMismatch {
+        op,
+        left: left.to_vec(),
+        right: right.to_vec(),
+        rule,
+    }
+}
+
+impl<E: Float, D: Backend> Tensor<E, D> {
+    fn unary_op(&self, op: Unary) -> Self {
+        let y = Arc::new(D::unary(op, self.storage()));
+        let (x, y2) = (self.clone(), y.clone());
+        Self::from_op(y, &[self.node()], move |dy, g: &mut Grads| {
+            g.accumulate::<E, D>(x.id(), D::unary_backward(op, x.storage(), &y2, dy));
+        })
+    }
+
+    /// `-x`.
+    pub fn neg(&self) -> Self {
+        self.unary_op(Unary::Neg)
+    }
+    /// `x + c`.
+    pub fn add_scalar(&self, c: f64) -> Self {
+        self.unary_op(Unary::AddScalar(c))
+    }
+    /// `x * c`.
+    pub fn mul_scalar(&self, c: f64) -> Self {
+        self.unary_op(Unary::MulScalar(c))
+    }
+    /// `x ^ p` element-wise.
+    pub fn powf(&self, p: f64) -> Self {
+        self.unary_op(Unary::Powf(p))
+    }
+    /// `max(x, 0)`.
+    pub fn relu(&self) -> Self {
+        self.unary_op(Unary::Relu)
+    }
+    /// GELU with the exact normal CDF (PyTorch's default).
+    pub fn gelu(&self) -> Self {
+        self.unary_op(Unary::Gelu)
+    }
+    /// GELU, tanh approximation (PyTorch's `approximate='tanh'`).
+    pub fn gelu_tanh(&self) -> Self {
+        self.unary_op(Unary::GeluTanh)
+    }
+    /// `tanh(x)`.
+    pub fn tanh(&self) -> Self {
+        self.unary_op(Unary::Tanh)
+    }
+    /// The logistic sigmoid.
+    pub fn sigmoid(&self) -> Self {
+        self.unary_op(Unary::Sigmoid)
+    }
+    /// `e^x`.
+    pub fn exp(&self) -> Self {
+        self.unary_op(Unary::Exp)
+    }
+    /// `ln x` (NaN for negative x, -inf at 0, as IEEE says).
+    pub fn log(&self) -> Self {
+        self.unary_op(Unary::Log)
+    }
+
+    fn binary_op(&self, op: Binary, other: &Self, name: &'static str) -> Result<Self, Error> {
+        let out_shape = broadcast_shapes(name, self.shape(), other.shape())?;
+        let data = D::binary(op, self.storage(), other.storage(), &out_shape);
+        let (a, b) = (self.clone(), other.clone());
+        Ok(Self::from_op(data, &[self.node(), other.node()], move |dy, g| {
+            let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+            let out = D::shape(dy).to_vec();
+            let (da, db) = match op {
+                Binary::Add => (dy.clone(), dy.clone()),
+                Binary::Sub => (dy.clone(), D::unary(Unary::Neg, dy)),
+                Binary::Mul => (
+                    D::binary(Binary::Mul, dy, b.storage(), &out),
+                    D::binary(Binary::Mul, dy, a.storage(), &out),
+                ),
+                Binary::Div => {
+                    let da = D::binary(Binary::Div, dy, b.storage(), &out);
+                    // d(a/b)/db = -(dy/b) * a/b
+                    let q = D::binary(Binary::Div, a.storage(), b.storage(), &out);
+                    let db = D::unary(Unary::Neg, &D::binary(Binary::Mul, &da, &q, &out));
+                    (da, db)
+                }
+            };
+            if a.is_tracked() {
+                g.accumulate::<E, D>(a.id(), D::sum_to_shape(&da, &sa));
+            }
+            if b.is_tracked() {
+                g.accumulate::<E, D>(b.id(), D::sum_to_shape(&db, &sb));
+            }
+        }))
+    }
+
+    /// `self + other` with broadcasting.
+    pub fn add(&self, other: &Self) -> Result<Self, Error> {
+        self.binary_op(Binary::Add, other, "add")
+    }
+    /// `self - other` with broadcasting.
+    pub fn sub(&self, other: &Self) -> Result<Self, Error> {
+        self.binary_op(Binary::Sub, other, "sub")
+    }
+    /// `self * other` element-wise with broadcasting.
+    pub fn mul(&self, other: &Self) -> Result<Self, Error> {
+        self.binary_op(Binary::Mul, other, "mul")
+    }
+    /// `self / other` element-wise with broadcasting.
+    pub fn div(&self, other: &Self) -> Result<Self, Error> {
+        self.binary_op(Binary::Div, other, "div")
+    }
+
+    /// `op(self) @ op(other)` for 2-D tensors, `op` a transpose where asked.
+    pub(crate) fn matmul_t(&self, other: &Self, ta: bool, tb: bool) -> Result<Self, Error> {
+        let (sa, sb) = (self.shape(), other.shape());
+        if sa.len() != 2 || sb.len() != 2 {
+            return Err(mismatch("matmul", sa, sb, "both operands must be 2-D"));
+        }
+        let k_a = if ta { sa[0] } else { sa[1] };
+        let k_b = if tb { sb[1] } else { sb[0] };
+        if k_a != k_b {
+            return Err(mismatch(
+                "matmul",
+                sa,
+                sb,
+                "the left's columns must equal the right's rows",
+            ));
+        }
+        let data = D::matmul(self.storage(), other.storage(), ta, tb);
+        let (a, b) = (self.clone(), other.clone());
+        Ok(Self::from_op(data, &[self.node(), other.node()], move |dy, g| {
+            if a.is_tracked() {
+                let da = if ta {
+                    D::matmul(b.storage(), dy, tb, true)
+                } else {
+                    D::matmul(dy, b.storage(), false, !tb)
+                };
+                g.accumulate::<E, D>(a.id(), da);
+            }
+            if b.is_tracked() {
+                let db = if tb {
+                    D::matmul(dy, a.storage(), true, ta)
+                } else {
+                    D::matmul(a.storage(), dy, !ta, false)
+                };
+                g.accumulate::<E, D>(b.id(), db);
+            }
+        }))
+    }
+
+    /// Matrix product of 2-D tensors `[m, k] @ [k, n]`. 16-bit operands accumulate in f32.
+    pub fn matmul(&self, other: &Self) -> Result<Self, Error> {
+        self.matmul_t(other, false, false)
+    }
+
+    /// `self @ weight^T + bias` over the last axis, as `torch.nn.functional.linear`: `self` is
+    /// `[..., in]`, `weight` `[out, in]`, `bias` `[out]`.
+    pub fn linear(&self, weight: &Self, bias: Option<&Self>) -> Result<Self, Error> {
+        let shape = self.shape().to_vec();
+        let (ws, input) = (weight.shape(), shape.last().copied().unwrap_or(0));
+        if ws.len() != 2 || ws[1] != input || shape.is_empty() {
+            return Err(mismatch(
+                "linear",
+                &shape,
+                ws,
+                "input [..., in] needs weight [out, in]",
+            ));
+        }
+        let out = ws[0];
+        if let Some(b) = bias {
+            if b.shape() != [out] {
+                return Err(mismatch(
+                    "linear",
+                    ws,
+                    b.shape(),
+                    "bias must be [out] for weight [out, in]",
+                ));
+            }
+        }
+        let rows = shape.iter().product::<usize>() / input.max(1);
+        let x2 = if shape.len() == 2 {
+            self.clone()
+        } else {
+            self.reshape(&[rows, input])?
+        };
+        let mut y = x2.matmul_t(weight, false, true)?;
+        if let Some(b) = bias {
+            y = y.add(b)?;
+        }
+        if shape.len() == 2 {
+            return Ok(y);
+        }
+        let mut out_shape = shape;
+        *out_shape.last_mut().expect("non-empty") = out;
+        y.reshape(&out_shape)
+    }
+
+    fn reduce(&self, axis: Option<usize>, keepdim: bool, mean: bool) -> Result<Self, Error> {
+        let shape = self.shape().to_vec();
+        if let Some(ax) = axis {
+            if ax >= shape.len() {
+                return Err(mismatch(
+                    "sum",
+                    &shape,
+                    &[ax],
+                    "the axis must be less than the number of dimensions",
+                ));
+            }
+        }
+        let count = axis.map_or(self.numel(), |ax| shape[ax]);
+        let scale = if mean { 1.0 / count.max(1) as f64 } else { 1.0 };
+        let data = D::sum(self.storage(), axis, keepdim, scale);
+        let x = self.clone();
+        Ok(Self::from_op(data, &[self.node()], move |dy, g| {
+            let kept: Vec<usize> = match axis {
+                None => vec![1; shape.len()],
+                Some(ax) => shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| if i == ax { 1 } else { d })
+                    .collect(),
+            };
+            let spread = D::broadcast_to(&D::reshape(dy, &kept), &shape);
+            let dx = if mean {
+                D::unary(Unary::MulScalar(scale), &spread)
+            } else {
+                spread
+            };
+            g.accumulate::<E, D>(x.id(), dx);
+        }))
+    }
+
+    /// The sum of all elements, shape `[]`, accumulated in f64.
+    pub fn sum(&self) -> Self {
+        self.reduce(None, false, false).expect("no axis to check")
+    }
+    /// The mean of all elements, shape `[]`, accumulated in f64.
+    pub fn mean(&self) -> Self {
+        self.reduce(None, false, true).expect("no axis to check")
+    }
+    /// Sum along `axis` (kept as size 1 when `keepdim`).
+    pub fn sum_axis(&self, axis: usize, keepdim: bool) -> Result<Self, Error> {
+        self.reduce(Some(axis), keepdim, false)
+    }
+    /// Mean along `axis` (kept as size 1 when `keepdim`).
+    pub fn mean_axis(&self, axis: usize, keepdim: bool) -> Result<Self, Error> {
+        self.reduce(Some(axis), keepdim, true)
+    }
+
+    /// The same elements under a new shape with the same element count.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Self, Error> {
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(mismatch(
+                "reshape",
+                self.shape(),
+                shape,
+                "the element counts must be equal",
+            ));
+        }
+        let old = self.shape().to_vec();
+        let x = self.clone();
+        Ok(Self::from_op(
+            D::reshape(self.storage(), shape),
+            &[self.node()],
+            move |dy, g| {
+                g.accumulate::<E, D>(x.id(), D::reshape(dy, &old));
+            },
+        ))
+    }
+
+    /// Swaps the last two axes.
+    pub fn transpose(&self) -> Self {
+        let x = self.clone();
+        Self::from_op(D::transpose(self.storage()), &[self.node()], move |dy, g| {
+            g.accumulate::<E, D>(x.id(), D::transpose(dy));
+        })
+    }
+
+    /// Converts to element type `B` (rounding to nearest even); the gradient converts back.
+    /// Casting to the same type returns this tensor itself, as PyTorch's `.to()` does.
+    pub fn cast<B: Float>(&self) -> Tensor<B, D> {
+        if E::DTYPE == B::DTYPE {
+            let any: Box<dyn std::any::Any> = Box::new(self.clone());
+            return *any
+                .downcast::<Tensor<B, D>>()
+                .expect("same dtype is the same type");
+        }
+        let x = self.clone();
+        Tensor::<B, D>::from_op(D::cast::<E, B>(self.storage()), &[self.node()], move |dy, g| {
+            g.accumulate::<E, D>(x.id(), D::cast::<B, E>(dy));
+        })
+    }
+
+    fn softmax_op(&self, log: bool) -> Self {
+        let y = Arc::new(D::softmax(self.storage(), log));
+        let (x, y2) = (self.clone(), y.clone());
+        Self::from_op(y, &[self.node()], move |dy, g| {
+            g.accumulate::<E, D>(x.id(), D::softmax_backward(&y2, dy, log));
+        })
+    }
+
+    /// Softmax over the last axis.
+    pub fn softmax(&self) -> Self {
+        self.softmax_op(false)
+    }
+    /// Log-softmax over the last axis.
+    pub fn log_softmax(&self) -> Self {
+        self.softmax_op(true)
+    }
+
+    /// Mean negative log-likelihood of class indices `targets` under log-probabilities `self`
+    /// (`[n, classes]`), as `torch.nn.functional.nll_loss`.
+    pub fn nll_loss(&self, targets: &[usize]) -> Result<Self, Error> {
+        let shape = self.shape().to_vec();
+        if shape.len() != 2 || shape[0] != targets.len() {
+            return Err(mismatch(
+                "nll_loss",
+                &shape,
+                &[targets.len()],
+                "input [n, classes] needs n targets",
+            ));
+        }
+        if let Some((index, &target)) = targets.iter().enumerate().find(|(_, t)| **t >= shape[1]) {
+            return Err(Error::InvalidTarget {
+                index,
+                target,
+                classes: shape[1],
+            });
+        }
+        let targets = targets.to_vec();
+        let data = D::nll_loss(self.storage(), &targets);
+        let x = self.clone();
+        Ok(Self::from_op(data, &[self.node()], move |dy, g| {
+            g.accumulate::<E, D>(x.id(), D::nll_loss_backward(&shape, &targets, dy));
+        }))
+    }
+
+    /// Cross-entropy of logits `self` (`[n, classes]`) against class indices, averaged over the
+    /// batch (`torch.nn.functional.cross_entropy` with its defaults).
+    pub fn cross_entropy(&self, targets: &[usize]) -> Result<Self, Error> {
+        self.log_softmax().nll_loss(targets)
+    }
+
+    /// Mean squared error against `target` of the same shape.
+    pub fn mse_loss(&self, target: &Self) -> Result<Self, Error> {
+        if self.shape() != target.shape() {
+            return Err(mismatch(
+                "mse_loss",
+                self.shape(),
+                target.shape(),
+                "input and target must have one shape",
+            ));
+        }
+        Ok(self.sub(target)?.powf(2.0).mean())
+    }
+
+    /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
+    /// `1/(1-p)`, from a generator seeded by `seed` (reproducible on every backend).
+    pub fn dropout(&self, p: f64, seed: u64) -> Result<Self, Error> {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(Error::InvalidArgument {
+                name: "p",
+                value: p.to_string(),
+                expected: "a probability in [0, 1]",
+            });
+        }
+        if p == 0.0 {
+            return Ok(self.clone());
+        }
+        let mask = Arc::new(D::dropout_mask::<E>(self.shape(), p, seed));
+        let shape = self.shape().to_vec();
+        let data = D::binary(Binary::Mul, self.storage(), &mask, &shape);
+        let x = self.clone();
+        Ok(Self::from_op(data, &[self.node()], move |dy, g| {
+            g.accumulate::<E, D>(x.id(), D::binary(Binary::Mul, dy, &mask, &shape));
+        }))
+    }
+
+    /// Layer normalisation over the last axis with optional affine `weight` and `bias` of shape
+    /// `[last]` (`torch.nn.functional.layer_norm`); statistics in f64.
+    pub fn layer_norm(&self, weight: Option<&Self>, bias: Option<&Self>, eps: f64) -> Result<Self, Error> {
+        let last = self.shape().last().copied().unwrap_or(0);
+        for p in [weight, bias].into_iter().flatten() {
+            if p.shape() != [last] {
+                return Err(mismatch(
+                    "layer_norm",
+                    self.shape(),
+                    p.shape(),
+                    "weight and bias must be [last dim]",
+                ));
+            }
+        }
+        let (y, stats) = D::layer_norm(
+            self.storage(),
+            weight.map(Tensor::storage),
+            bias.map(Tensor::storage),
+            eps,
+        );
+        let (x, w, b) = (self.clone(), weight.cloned(), bias.cloned());
+        let inputs = [
+            self.node(),
+            weight.and_then(Tensor::node),
+            bias.and_then(Tensor::node),
+        ];
+        Ok(Self::from_op(y, &inputs, move |dy, g| {
+            let (dx, dw, db) = D::layer_norm_backward(
+                x.storage(),
+                w.as_ref().map(Tensor::storage),
+                &stats,
+                dy,
+                b.is_some(),
+            );
+            if x.is_tracked() {
+                g.accumulate::<E, D>(x.id(), dx);
+            }
+            if let (Some(w), Some(dw)) = (&w, dw) {
+                if w.is_tracked() {
+                    g.accumulate::<E, D>(w.id(), dw);
+                }
+            }
+            if let (Some(b), Some(db)) = (&b, db) {
+                if b.is_tracked() {
+                    g.accumulate::<E, D>(b.id(), db);
+                }
+            }
+        }))
+    }
+
+    /// Whether any element is inf or NaN.
+    pub fn has_non_finite(&self) -> bool {
+        D::any_non_finite(self.storage())
+    }
+}
