@@ -65,6 +65,33 @@
 //! # Ok::<(), nbit::Error>(())
 //! ```
 //!
+//! ## Tensors, gradients and autocast
+//!
+//! [`tensor::Tensor<E, D>`](tensor::Tensor) holds elements `E` (f16, bf16, f32, f64, complex) on a
+//! device; on the CPU the data is an ndarray array and every kernel sits behind the
+//! [`backend::Backend`] trait. Gradients come from [`tensor::Tensor::backward`]. [`autocast::Autocast`]
+//! runs each op in the dtype the precision gives it, so one forward pass under `Mixed<BF16>` does its
+//! matmuls in bf16, its loss in f32, and hands f32 gradients to the f32 master weights:
+//!
+//! ```
+//! use nbit::prelude::*;
+//!
+//! let w = Tensor::<f32>::from_vec(&[3, 2], vec![0.5, -0.5, 0.25, 0.75, -1.0, 1.0])?.requires_grad();
+//! let x = Tensor::<f32>::from_vec(&[2, 2], vec![1.0, 2.0, 3.0, 4.0])?;
+//! let ac = Autocast::<Mixed<BF16>>::new();
+//! let logits = ac.linear(&x, &w, None)?;          // matmul-class: bf16
+//! let loss = ac.cross_entropy(&logits, &[0, 2])?; // fp32-class: f32
+//! let grads = loss.backward()?;
+//! assert_eq!(logits.dtype(), DType::BF16);
+//! assert_eq!(grads.get(&logits).unwrap().dtype(), DType::BF16); // activation gradient: 16-bit
+//! assert_eq!(grads.get(&w).unwrap().dtype(), DType::F32);       // master-weight gradient: f32
+//! # Ok::<(), nbit::Error>(())
+//! ```
+//!
+//! Numerics follow PyTorch's kernels: element-wise ops widen 16-bit inputs to f32 and round once;
+//! sums, means, softmax denominators, losses and norms accumulate in f64; 16-bit GEMMs accumulate
+//! in f32 (operands widened exactly, then the f32 kernel of the `gemm` crate).
+//!
 //! ## The precisions
 //!
 //! | Lightning string | type | parameters | matmul-class ops | fp32-class ops | loss scaling |
@@ -134,6 +161,8 @@ pub use trainer::Trainer;
 
 /// The names most programs need: `use nbit::prelude::*;`.
 pub mod prelude {
+    pub use crate::autocast::Autocast;
+    pub use crate::tensor::Tensor;
     pub use crate::{
         BF16, ComplexOf, ComputeOf, Cpu, DType, Device, Element, Error, F16, F32, F64, Gpu, Job, Mixed,
         ParamOf, Precision, Supports, Tpu, Trainer, True,

@@ -44,7 +44,7 @@ fn check(name: &str, inputs: Vec<ArrayD<f64>>, f: impl Fn(&[T]) -> Result<T, Err
             .get(leaf)
             .map(|g| g.to_vec())
             .unwrap_or_else(|| vec![0.0; leaf.numel()]);
-        for j in 0..inputs[i].len() {
+        for (j, &a) in analytic.iter().enumerate() {
             let at = |delta: f64| {
                 let ts: Vec<T> = inputs
                     .iter()
@@ -60,7 +60,6 @@ fn check(name: &str, inputs: Vec<ArrayD<f64>>, f: impl Fn(&[T]) -> Result<T, Err
                 weighted(&ts)
             };
             let numeric = (at(h) - at(-h)) / (2.0 * h);
-            let a = analytic[j];
             let rel = (a - numeric).abs() / a.abs().max(numeric.abs()).max(1e-2);
             worst = worst.max(rel);
             assert!(

@@ -32,11 +32,7 @@ fn from_vec<E: Element>(shape: &[usize], v: Vec<E>) -> ArrayD<E> {
 
 fn rows_of(shape: &[usize]) -> (usize, usize) {
     let cols = shape.last().copied().unwrap_or(1);
-    let rows = if cols == 0 {
-        0
-    } else {
-        shape.iter().product::<usize>() / cols
-    };
+    let rows = shape.iter().product::<usize>().checked_div(cols).unwrap_or(0);
     (rows, cols)
 }
 

@@ -1,0 +1,206 @@
+//! Numerics that a careless 16-bit implementation gets wrong: accumulation, single rounding,
+//! half-precision results against f64, IEEE special values, and shape errors as values.
+
+use half::{bf16, f16};
+use nbit::prelude::*;
+use nbit::{Error, Float};
+
+fn ones<E: Float>(shape: &[usize]) -> Tensor<E> {
+    Tensor::full(shape, E::one())
+}
+
+#[test]
+fn sixteen_bit_running_sums_would_stall_but_ours_do_not() {
+    // What a 16-bit accumulator gives: bf16 stops at 256, f16 at 2048.
+    let naive_bf16 = (0..4096).fold(bf16::ZERO, |s, _| s + bf16::ONE);
+    let naive_f16 = (0..4096).fold(f16::ZERO, |s, _| s + f16::ONE);
+    assert_eq!((naive_bf16.to_f32(), naive_f16.to_f32()), (256.0, 2048.0));
+
+    assert_eq!(ones::<bf16>(&[4096]).sum().item().unwrap().to_f32(), 4096.0);
+    assert_eq!(ones::<f16>(&[4096]).sum().item().unwrap().to_f32(), 4096.0);
+    assert_eq!(ones::<bf16>(&[4096]).mean().item().unwrap().to_f32(), 1.0);
+    assert_eq!(
+        ones::<bf16>(&[2, 4096]).sum_axis(1, false).unwrap().to_vec(),
+        vec![bf16::from_f32(4096.0); 2]
+    );
+    // Under bf16-true the fp32-class ops run in bf16 but still accumulate wide.
+    assert_eq!(
+        Autocast::<True<BF16>>::new()
+            .sum(&ones::<bf16>(&[4096]))
+            .item()
+            .unwrap()
+            .to_f32(),
+        4096.0
+    );
+}
+
+#[test]
+fn half_precision_gemms_accumulate_in_f32() {
+    let a = ones::<bf16>(&[1, 4096]);
+    let b = ones::<bf16>(&[4096, 1]);
+    assert_eq!(a.matmul(&b).unwrap().item().unwrap().to_f32(), 4096.0);
+    let a = ones::<f16>(&[1, 4096]);
+    let b = ones::<f16>(&[4096, 1]);
+    assert_eq!(a.matmul(&b).unwrap().item().unwrap().to_f32(), 4096.0);
+    // 4096 terms of (1 + 2^-7)^2 sum to 4160.03..., which rounds to 4160 in bf16 (not 256 or a stall).
+    let x = Tensor::<bf16>::full(&[1, 4096], bf16::from_f32(1.0 + 1.0 / 128.0));
+    let y = Tensor::<bf16>::full(&[4096, 1], bf16::from_f32(1.0 + 1.0 / 128.0));
+    assert_eq!(x.matmul(&y).unwrap().item().unwrap().to_f32(), 4160.0);
+}
+
+#[test]
+fn softmax_and_losses_use_wide_denominators() {
+    let p = Tensor::<bf16>::zeros(&[1, 4096]).softmax();
+    assert!(p.to_vec().iter().all(|v| v.to_f32() == 1.0 / 4096.0));
+    let ce = Tensor::<bf16>::zeros(&[2, 1000])
+        .cross_entropy(&[3, 999])
+        .unwrap();
+    let exact = 1000f64.ln();
+    assert_eq!(
+        ce.item().unwrap(),
+        bf16::from_f64(exact),
+        "ln(1000) rounded once to bf16"
+    );
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            2.0 * ((s >> 11) as f64 / (1u64 << 53) as f64) - 1.0
+        })
+        .collect()
+}
+
+/// max |C_E - C_f64| / max |C_f64| for a 64x256 @ 256x48 product of E-representable inputs.
+fn gemm_error<E: Float>() -> f64 {
+    let a: Vec<E> = values(64 * 256, 1).into_iter().map(E::from_f64).collect();
+    let b: Vec<E> = values(256 * 48, 2).into_iter().map(E::from_f64).collect();
+    let wide = |v: &[E]| v.iter().map(|x| x.as_f64()).collect::<Vec<_>>();
+    let exact = Tensor::<f64>::from_vec(&[64, 256], wide(&a))
+        .unwrap()
+        .matmul(&Tensor::<f64>::from_vec(&[256, 48], wide(&b)).unwrap())
+        .unwrap()
+        .to_vec();
+    let got = Tensor::<E>::from_vec(&[64, 256], a)
+        .unwrap()
+        .matmul(&Tensor::from_vec(&[256, 48], b).unwrap())
+        .unwrap();
+    let scale = exact.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    got.to_vec()
+        .iter()
+        .zip(&exact)
+        .map(|(g, e)| (g.as_f64() - e).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+#[test]
+fn half_precision_results_are_within_per_precision_tolerance_of_f64() {
+    // Tolerances: one output rounding (bf16 2^-8, f16 2^-11, f32 2^-24) plus f32 accumulation.
+    let (e_bf16, e_f16, e_f32) = (gemm_error::<bf16>(), gemm_error::<f16>(), gemm_error::<f32>());
+    eprintln!("GEMM max error / max value: bf16 {e_bf16:e}, f16 {e_f16:e}, f32 {e_f32:e}");
+    assert!(e_bf16 <= 4e-3, "bf16 GEMM error {e_bf16:e}");
+    assert!(e_f16 <= 6e-4, "f16 GEMM error {e_f16:e}");
+    assert!(e_f32 <= 2e-6, "f32 GEMM error {e_f32:e}");
+    assert!(
+        e_bf16 > e_f16 && e_f16 > e_f32,
+        "precision ordering {e_bf16:e} {e_f16:e} {e_f32:e}"
+    );
+}
+
+#[test]
+fn element_wise_kernels_round_once() {
+    // gelu in bf16 equals the f32 result rounded once to bf16, for every input tried.
+    let xs: Vec<f32> = (0..2000).map(|i| -6.0 + i as f32 * 0.006).collect();
+    let t = Tensor::<bf16>::from_vec(&[xs.len()], xs.iter().map(|&x| bf16::from_f32(x)).collect()).unwrap();
+    for (x, y) in t.to_vec().iter().zip(t.gelu().to_vec()) {
+        let x = x.to_f32();
+        let want = bf16::from_f32(0.5 * x * (1.0 + libm::erff(x / std::f32::consts::SQRT_2)));
+        assert_eq!(y, want, "gelu({x})");
+    }
+}
+
+#[test]
+fn nan_and_inf_propagate_as_ieee_says() {
+    let t = Tensor::<f32>::from_vec(&[4], vec![f32::NAN, f32::INFINITY, 0.0, -1.0]).unwrap();
+    let relu = t.relu().to_vec();
+    assert!(relu[0].is_nan() && relu[1] == f32::INFINITY && relu[3] == 0.0);
+    let log = t.log().to_vec();
+    assert!(log[0].is_nan() && log[1] == f32::INFINITY && log[2] == f32::NEG_INFINITY && log[3].is_nan());
+    assert!(t.sum().item().unwrap().is_nan());
+    assert!(t.has_non_finite());
+    let sm = Tensor::<f32>::from_vec(&[1, 2], vec![f32::INFINITY, 1.0])
+        .unwrap()
+        .softmax()
+        .to_vec();
+    assert!(sm[0].is_nan(), "inf - inf is NaN, as in PyTorch");
+    let m = Tensor::<bf16>::from_vec(&[1, 2], vec![bf16::NAN, bf16::ONE]).unwrap();
+    assert!(m.matmul(&ones::<bf16>(&[2, 1])).unwrap().item().unwrap().is_nan());
+    assert!(!ones::<f16>(&[3]).has_non_finite());
+}
+
+#[test]
+fn shape_errors_name_both_shapes() {
+    let a = Tensor::<f32>::zeros(&[2, 3]);
+    let b = Tensor::<f32>::zeros(&[4, 5]);
+    let msg = a.matmul(&b).unwrap_err().to_string();
+    assert!(msg.contains("[2, 3]") && msg.contains("[4, 5]"), "{msg}");
+    let msg = Tensor::<f32>::zeros(&[3, 4])
+        .add(&Tensor::zeros(&[5]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("[3, 4]") && msg.contains("[5]") && msg.contains("broadcast"),
+        "{msg}"
+    );
+    let msg = a.linear(&Tensor::zeros(&[7, 4]), None).unwrap_err().to_string();
+    assert!(msg.contains("[2, 3]") && msg.contains("[7, 4]"), "{msg}");
+    assert!(a.reshape(&[5]).unwrap_err().to_string().contains("[5]"));
+    assert!(matches!(
+        Tensor::<f32>::from_vec(&[2, 2], vec![1.0; 3]),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(a.mse_loss(&Tensor::zeros(&[3, 2])).is_err());
+    assert!(a.sum_axis(2, false).is_err());
+    assert!(a.backward().unwrap_err().to_string().contains("one-element"));
+}
+
+#[test]
+fn bad_targets_and_probabilities_are_errors() {
+    let logits = Tensor::<f32>::zeros(&[2, 3]);
+    let msg = logits.cross_entropy(&[0, 3]).unwrap_err().to_string();
+    assert!(msg.contains("target 3 at row 1") && msg.contains("0..3"), "{msg}");
+    assert!(logits.cross_entropy(&[0]).is_err());
+    let msg = logits.dropout(1.5, 0).unwrap_err().to_string();
+    assert!(msg.contains("p = 1.5"), "{msg}");
+}
+
+#[test]
+fn dropout_is_seeded_and_unbiased() {
+    let x = ones::<f32>(&[100, 100]);
+    let a = x.dropout(0.25, 42).unwrap().to_vec();
+    assert_eq!(a, x.dropout(0.25, 42).unwrap().to_vec());
+    assert_ne!(a, x.dropout(0.25, 43).unwrap().to_vec());
+    let kept = a.iter().filter(|v| **v != 0.0).count() as f64 / 10_000.0;
+    assert!((kept - 0.75).abs() < 0.02, "kept {kept}");
+    assert!(a.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
+    assert_eq!(x.dropout(0.0, 1).unwrap().to_vec(), x.to_vec());
+}
+
+#[test]
+fn complex_tensors_hold_complex128() {
+    use num_complex::Complex;
+    let z = Tensor::<ComplexOf<True<F64>>>::from_vec(
+        &[2],
+        vec![Complex::new(1.0, 2.0), Complex::new(-0.5, 0.25)],
+    )
+    .unwrap();
+    assert_eq!(z.dtype(), DType::C128);
+    assert_eq!(z.to_vec()[0], Complex::new(1.0, 2.0));
+    assert_eq!(Tensor::<ComplexOf<True<F32>>>::zeros(&[3]).dtype(), DType::C64);
+}
