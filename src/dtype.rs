@@ -132,7 +132,7 @@ impl Acc for f64 {
 ///
 /// The conversions go through f32 or f64 exactly where the target can hold the value, and round to
 /// nearest even otherwise (as `half` and `as` casts do).
-pub trait Float: Element + num_traits::Float {
+pub trait Float: Element + num_traits::Float + LeBytes {
     /// The compute type of element-wise kernels on this element (see [`Acc`]).
     type Acc: Acc;
     /// Widens to the compute type (exact).
@@ -198,6 +198,49 @@ complex_elements! {
     f32 => C64;
     f64 => C128;
 }
+
+/// A complex element: `Complex<f16>`, `Complex<f32>` or `Complex<f64>`.
+pub trait ComplexElement: Element {
+    /// The type of the real and imaginary parts.
+    type Real: Float;
+    /// Builds a value from its parts (rounded to nearest even).
+    fn from_parts(re: f64, im: f64) -> Self;
+}
+
+impl<R: Float> ComplexElement for Complex<R>
+where
+    Complex<R>: Element,
+{
+    type Real = R;
+    fn from_parts(re: f64, im: f64) -> Self {
+        Complex::new(R::from_f64(re), R::from_f64(im))
+    }
+}
+
+/// Bytes of an element in little-endian order, for checkpoints (safetensors is little-endian).
+pub trait LeBytes: Sized {
+    /// Appends the little-endian bytes of `self`.
+    fn put_le(self, out: &mut Vec<u8>);
+    /// Reads one value from exactly `size_of::<Self>()` little-endian bytes.
+    fn get_le(bytes: &[u8]) -> Self;
+}
+
+macro_rules! le_bytes {
+    ($($t:ty, $n:literal;)*) => {$(
+        impl LeBytes for $t {
+            fn put_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get_le(bytes: &[u8]) -> Self {
+                let mut b = [0u8; $n];
+                b.copy_from_slice(bytes);
+                <$t>::from_le_bytes(b)
+            }
+        }
+    )*};
+}
+
+le_bytes! { f16, 2; bf16, 2; f32, 4; f64, 8; }
 
 /// A dtype marker: a zero-sized name for an element type, used as a type parameter of precisions.
 pub trait Dtype: Copy + Default + Debug + Send + Sync + 'static {

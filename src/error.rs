@@ -54,6 +54,24 @@ pub enum Error {
         /// The number of classes (the logits' last dimension).
         classes: usize,
     },
+    /// Data that cannot be trained on (the message names the row, column or count).
+    InvalidData(String),
+    /// A file that could not be read or written.
+    Io {
+        /// The file.
+        path: String,
+        /// What was being done: "read", "write", ...
+        action: &'static str,
+        /// The operating system's reason.
+        reason: String,
+    },
+    /// A checkpoint or weights file that is not what it should be.
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the tensor where there is one.
+        problem: String,
+    },
     /// A parameter outside its valid range.
     InvalidArgument {
         /// The parameter's name.
@@ -107,6 +125,9 @@ impl core::fmt::Display for Error {
                 f,
                 "target {target} at row {index} is not a class index: expected 0..{classes} (the logits have {classes} classes)"
             ),
+            Error::InvalidData(msg) => f.write_str(msg),
+            Error::Io { path, action, reason } => write!(f, "cannot {action} '{path}': {reason}"),
+            Error::Checkpoint { path, problem } => write!(f, "'{path}': {problem}"),
             Error::InvalidArgument {
                 name,
                 value,

@@ -139,10 +139,13 @@
 pub mod autocast;
 mod autograd;
 pub mod backend;
+pub mod data;
 pub mod device;
 pub mod dtype;
 mod error;
 pub mod matrix;
+pub mod nn;
+pub mod optim;
 pub mod precision;
 pub mod scaler;
 pub mod tensor;
@@ -157,7 +160,10 @@ pub use precision::{
     ComplexOf, ComputeOf, Mixed, NoComplex, ParamOf, Parsed, Precision, PrecisionInput, PrecisionKind, True,
     parse_precision,
 };
-pub use trainer::Trainer;
+pub use trainer::{
+    ClipAlgorithm, FitReport, Metrics, MlpModel, Model, StepInfo, StepLog, Summary, Trainer, TrainerBuilder,
+    TrainerConfig,
+};
 
 /// The names most programs need: `use nbit::prelude::*;`.
 pub mod prelude {
@@ -165,6 +171,6 @@ pub mod prelude {
     pub use crate::tensor::Tensor;
     pub use crate::{
         BF16, ComplexOf, ComputeOf, Cpu, DType, Device, Element, Error, F16, F32, F64, Gpu, Job, Mixed,
-        ParamOf, Precision, Supports, Tpu, Trainer, True,
+        MlpModel, Model, ParamOf, Precision, Supports, Tpu, Trainer, True,
     };
 }

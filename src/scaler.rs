@@ -26,6 +26,27 @@ pub trait GradScaler: Clone + Debug + Default + Send + Sync + 'static {
     /// Records the outcome of one optimizer step: `found_inf` is true when any scaled gradient was
     /// inf or NaN (and the optimizer step was skipped).
     fn update(&mut self, found_inf: bool);
+    /// The state a checkpoint keeps (`None` for scalers without state).
+    fn state(&self) -> Option<ScalerState> {
+        None
+    }
+    /// Restores a state saved by [`GradScaler::state`].
+    fn load_state(&mut self, _state: &ScalerState) {}
+}
+
+/// A dynamic scaler's checkpointed state: PyTorch's `GradScaler.state_dict()` fields.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScalerState {
+    /// The current scale.
+    pub scale: f32,
+    /// The growth factor.
+    pub growth_factor: f32,
+    /// The backoff factor.
+    pub backoff_factor: f32,
+    /// Finite steps needed to grow.
+    pub growth_interval: u32,
+    /// Consecutive finite steps so far.
+    pub growth_tracker: u32,
 }
 
 /// The scaler of every precision that needs none (bf16, true precisions). Zero-sized; scale is 1.
@@ -154,6 +175,24 @@ impl GradScaler for DynamicScaler {
     #[inline]
     fn scale(&self) -> f32 {
         self.scale
+    }
+
+    fn state(&self) -> Option<ScalerState> {
+        Some(ScalerState {
+            scale: self.scale,
+            growth_factor: self.growth_factor,
+            backoff_factor: self.backoff_factor,
+            growth_interval: self.growth_interval,
+            growth_tracker: self.growth_tracker,
+        })
+    }
+
+    fn load_state(&mut self, s: &ScalerState) {
+        self.scale = s.scale;
+        self.growth_factor = s.growth_factor;
+        self.backoff_factor = s.backoff_factor;
+        self.growth_interval = s.growth_interval;
+        self.growth_tracker = s.growth_tracker;
     }
 
     fn update(&mut self, found_inf: bool) {

@@ -6,7 +6,7 @@ use ndarray::{Array2, ArrayD, ArrayView2, Axis, Ix2, IxDyn, Zip};
 
 use num_traits::Float as _;
 
-use super::{Backend, Binary, Unary, uniform};
+use super::{AdamWStep, Backend, Binary, SgdStep, Unary, uniform};
 use crate::device::Cpu;
 use crate::dtype::{Acc, Element, Float};
 
@@ -469,5 +469,104 @@ impl Backend for Cpu {
 
     fn any_non_finite<E: Float>(s: &ArrayD<E>) -> bool {
         s.iter().any(|v| !v.is_finite())
+    }
+
+    fn unscale_check<E: Float>(s: &mut ArrayD<E>, factor: f32) -> bool {
+        let f = <E::Acc as Acc>::c(factor as f64);
+        let mut found = false;
+        s.mapv_inplace(|v| {
+            found |= !v.is_finite();
+            E::from_acc(v.to_acc() * f)
+        });
+        found
+    }
+
+    fn scale_in_place<E: Float>(s: &mut ArrayD<E>, factor: f64) {
+        let f = <E::Acc as Acc>::c(factor);
+        s.mapv_inplace(|v| E::from_acc(v.to_acc() * f));
+    }
+
+    fn clamp_in_place<E: Float>(s: &mut ArrayD<E>, limit: f64) {
+        let (lo, hi) = (E::from_f64(-limit), E::from_f64(limit));
+        // NaN stays NaN (comparisons are false), as torch.clamp leaves it.
+        s.mapv_inplace(|v| {
+            if v < lo {
+                lo
+            } else if v > hi {
+                hi
+            } else {
+                v
+            }
+        });
+    }
+
+    fn sum_squares<E: Float>(s: &ArrayD<E>) -> f64 {
+        s.iter().map(|v| v.as_f64() * v.as_f64()).sum()
+    }
+
+    fn add_in_place<E: Float>(a: &mut ArrayD<E>, b: &ArrayD<E>) {
+        Zip::from(a)
+            .and(b)
+            .for_each(|a, b| *a = E::from_acc(a.to_acc() + b.to_acc()));
+    }
+
+    fn sgd_step<E: Float>(
+        param: &mut ArrayD<E>,
+        grad: &ArrayD<E>,
+        momentum_buffer: Option<&mut ArrayD<E>>,
+        hp: &SgdStep,
+    ) {
+        let c = <E::Acc as Acc>::c;
+        let (lr, wd, mom, damp) = (
+            c(hp.lr),
+            c(hp.weight_decay),
+            c(hp.momentum),
+            c(1.0 - hp.dampening),
+        );
+        match momentum_buffer {
+            None => Zip::from(param).and(grad).for_each(|p, g| {
+                let pa = p.to_acc();
+                let d = g.to_acc() + wd * pa;
+                *p = E::from_acc(pa - lr * d);
+            }),
+            Some(buf) => Zip::from(param).and(grad).and(buf).for_each(|p, g, b| {
+                let pa = p.to_acc();
+                let d = g.to_acc() + wd * pa;
+                let nb = if hp.first { d } else { mom * b.to_acc() + damp * d };
+                *b = E::from_acc(nb);
+                let step = if hp.nesterov { d + mom * nb } else { nb };
+                *p = E::from_acc(pa - lr * step);
+            }),
+        }
+    }
+
+    fn adamw_step<E: Float>(
+        param: &mut ArrayD<E>,
+        grad: &ArrayD<E>,
+        exp_avg: &mut ArrayD<E>,
+        exp_avg_sq: &mut ArrayD<E>,
+        hp: &AdamWStep,
+    ) {
+        let c = <E::Acc as Acc>::c;
+        let t = hp.step as i32;
+        let bias1 = 1.0 - hp.beta1.powi(t);
+        let bias2_sqrt = (1.0 - hp.beta2.powi(t)).sqrt();
+        let (b1, b2) = (c(hp.beta1), c(hp.beta2));
+        let (one, decay) = (c(1.0), c(1.0 - hp.lr * hp.weight_decay));
+        let (step_size, b2s, eps) = (c(hp.lr / bias1), c(bias2_sqrt), c(hp.eps));
+        Zip::from(param)
+            .and(grad)
+            .and(exp_avg)
+            .and(exp_avg_sq)
+            .for_each(|p, g, m, v| {
+                let g = g.to_acc();
+                let pa = p.to_acc() * decay;
+                // PyTorch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+                let ma = m.to_acc() + (one - b1) * (g - m.to_acc());
+                let va = v.to_acc() * b2 + (one - b2) * g * g;
+                *m = E::from_acc(ma);
+                *v = E::from_acc(va);
+                *p = E::from_acc(pa - step_size * ma / (va.sqrt() / b2s + eps));
+            });
     }
 }

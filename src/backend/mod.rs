@@ -157,6 +157,70 @@ pub trait Backend: Device {
 
     /// Whether any element is inf or NaN (the gradient scaler's check).
     fn any_non_finite<E: Float>(s: &Self::Storage<E>) -> bool;
+
+    /// Multiplies every element by `factor` (as f32, like PyTorch's inverse scale) in place and
+    /// reports whether any element was inf or NaN before the multiply: the gradient scaler's fused
+    /// unscale-and-check, one pass.
+    fn unscale_check<E: Float>(s: &mut Self::Storage<E>, factor: f32) -> bool;
+    /// Multiplies every element by `factor` in place (gradient-norm clipping).
+    fn scale_in_place<E: Float>(s: &mut Self::Storage<E>, factor: f64);
+    /// Clamps every element to `[-limit, limit]` in place (gradient-value clipping).
+    fn clamp_in_place<E: Float>(s: &mut Self::Storage<E>, limit: f64);
+    /// The sum of squares, accumulated in f64 (gradient norms of 16-bit tensors computed wide).
+    fn sum_squares<E: Float>(s: &Self::Storage<E>) -> f64;
+    /// `a += b` in place, same shapes (gradient accumulation).
+    fn add_in_place<E: Float>(a: &mut Self::Storage<E>, b: &Self::Storage<E>);
+
+    /// One SGD update of `param` from `grad`, with the momentum buffer when momentum is used.
+    /// Computed in `E::Acc` (f32 for 16-bit parameters) and rounded once into storage.
+    fn sgd_step<E: Float>(
+        param: &mut Self::Storage<E>,
+        grad: &Self::Storage<E>,
+        momentum_buffer: Option<&mut Self::Storage<E>>,
+        hp: &SgdStep,
+    );
+    /// One AdamW update of `param` and its moment estimates, computed in `E::Acc`.
+    fn adamw_step<E: Float>(
+        param: &mut Self::Storage<E>,
+        grad: &Self::Storage<E>,
+        exp_avg: &mut Self::Storage<E>,
+        exp_avg_sq: &mut Self::Storage<E>,
+        hp: &AdamWStep,
+    );
+}
+
+/// The scalars of one SGD update (PyTorch's `torch.optim.SGD`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (0 disables the buffer).
+    pub momentum: f64,
+    /// Dampening of the momentum.
+    pub dampening: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f64,
+    /// True on the first update, when the buffer is initialised to the gradient.
+    pub first: bool,
+}
+
+/// The scalars of one AdamW update (PyTorch's `torch.optim.AdamW`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// The 1-based step count (bias correction).
+    pub step: u64,
 }
 
 /// The shape two shapes broadcast to (NumPy rules), or an error naming both.

@@ -28,7 +28,9 @@ pub trait Device: sealed::Sealed + Copy + Default + Debug + Send + Sync + 'stati
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Cpu;
 
-/// An NVIDIA GPU through CUDA. Available when the CUDA driver loads and reports a device.
+/// An NVIDIA GPU through CUDA. The type and its column of the support matrix exist; the CUDA
+/// backend (cudarc kernels) does not yet, so [`Device::probe`] returns
+/// [`Error::DeviceUnavailable`] saying whether a driver and device were found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Gpu;
 
@@ -193,9 +195,10 @@ mod tests {
     #[test]
     fn gpu_probe_answers_without_panicking() {
         // On a machine without the CUDA driver this is an error that names the library.
-        match Gpu::probe() {
-            Ok(()) => assert!(cuda_probe::cuda_device_count().unwrap() > 0),
-            Err(e) => assert!(e.to_string().contains("gpu"), "{e}"),
+        let msg = Gpu::probe().unwrap_err().to_string();
+        match cuda_probe::cuda_device_count() {
+            Ok(_) => assert!(msg.contains("not implemented yet"), "{msg}"),
+            Err(reason) => assert!(msg.contains(&reason), "{msg}"),
         }
     }
 }

@@ -177,6 +177,22 @@ impl<E: Element, D: Backend> Tensor<E, D> {
         &self.inner.data
     }
 
+    /// Mutable access to the data for in-place updates (optimizers, gradient buffers). Copy-on-write:
+    /// when a graph still shares this tensor, it keeps the old data. Identity (`id`) is kept.
+    pub(crate) fn storage_mut(&mut self) -> &mut D::Storage<E> {
+        if Arc::get_mut(&mut self.inner).is_none() {
+            let old = &*self.inner;
+            self.inner = Arc::new(Inner {
+                id: old.id,
+                data: old.data.clone(),
+                requires_grad: old.requires_grad,
+                grad_fn: None,
+            });
+        }
+        let inner = Arc::get_mut(&mut self.inner).expect("uniquely owned after the copy above");
+        Arc::make_mut(&mut inner.data)
+    }
+
     pub(crate) fn node(&self) -> Option<Arc<dyn Node>> {
         self.inner
             .requires_grad

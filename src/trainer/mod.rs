@@ -1,9 +1,188 @@
-//! The [`Trainer`]: where a precision meets a device.
+//! The [`Trainer`]: Lightning's training loop with its precision plugins, in types.
+//!
+//! One optimizer step, for a precision `P` on a device `D`:
+//!
+//! 1. for each micro-batch: `loss = model.training_step(autocast)`, multiplied by the scaler's
+//!    scale (1 and skipped at compile time for [`NoScaler`](crate::scaler::NoScaler)) and divided
+//!    by `accumulate_grad_batches`; backward; gradients added into per-parameter buffers in
+//!    `P::Param` (f32 master gradients under mixed precision);
+//! 2. at the accumulation boundary: unscale fused with the inf/NaN check, one pass per gradient;
+//!    `on_before_optimizer_step` sees the unscaled gradients; clipping by norm (computed in f64)
+//!    or value; the optimizer step and a per-step scheduler step, both skipped when a gradient was
+//!    non-finite; the scaler's update.
+
+mod checkpoint;
+mod model;
+mod progress;
 
 use core::marker::PhantomData;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
+use crate::Supports;
+use crate::autocast::Autocast;
+use crate::backend::Backend;
+use crate::data::DataLoader;
 use crate::device::DeviceKind;
-use crate::{Error, Precision, Supports};
+use crate::dtype::Float;
+use crate::error::Error;
+use crate::nn::{InitCtx, Parameter};
+use crate::optim::{Interval, OptimizerState};
+use crate::precision::Precision;
+use crate::scaler::{GradScaler, ScalerState};
+use crate::tensor::Tensor;
+
+pub use model::{Metrics, MlpModel, Model, StepInfo};
+
+/// How gradients are clipped (Lightning's `gradient_clip_algorithm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClipAlgorithm {
+    /// Scale all gradients so their total L2 norm is at most the clip value (the default).
+    #[default]
+    Norm,
+    /// Clamp every gradient element to `[-value, value]`.
+    Value,
+}
+
+impl core::str::FromStr for ClipAlgorithm {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "norm" => Ok(ClipAlgorithm::Norm),
+            "value" => Ok(ClipAlgorithm::Value),
+            _ => Err(Error::InvalidArgument {
+                name: "gradient_clip_algorithm",
+                value: format!("'{s}'"),
+                expected: "'norm' or 'value'",
+            }),
+        }
+    }
+}
+
+/// The trainer's settings, with Lightning's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerConfig {
+    /// Stop after this many epochs (Lightning: 1000 when neither limit is set).
+    pub max_epochs: Option<u64>,
+    /// Stop after this many optimizer steps (Lightning: -1, no limit).
+    pub max_steps: Option<u64>,
+    /// Clip gradients at this value (Lightning: none).
+    pub gradient_clip_val: Option<f64>,
+    /// How to clip (Lightning: norm).
+    pub gradient_clip_algorithm: ClipAlgorithm,
+    /// Micro-batches per optimizer step (Lightning: 1).
+    pub accumulate_grad_batches: usize,
+    /// Seed of parameter initialisation and dropout (Lightning has none by default; nbit uses 0
+    /// so that runs repeat).
+    pub seed: u64,
+    /// Show a progress bar on a terminal (Lightning: true).
+    pub enable_progress_bar: bool,
+    /// Refresh the progress bar's loss every this many steps (Lightning: 50).
+    pub log_every_n_steps: usize,
+    /// Where checkpoints go by default (Lightning: the working directory).
+    pub default_root_dir: PathBuf,
+    /// Save a checkpoint here after every epoch and at the end of `fit`.
+    pub checkpoint_path: Option<PathBuf>,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig {
+            max_epochs: None,
+            max_steps: None,
+            gradient_clip_val: None,
+            gradient_clip_algorithm: ClipAlgorithm::Norm,
+            accumulate_grad_batches: 1,
+            seed: 0,
+            enable_progress_bar: true,
+            log_every_n_steps: 50,
+            default_root_dir: PathBuf::from("."),
+            checkpoint_path: None,
+        }
+    }
+}
+
+/// Builds a [`Trainer`]; every setting defaults to Lightning's.
+#[derive(Debug)]
+pub struct TrainerBuilder<P: Precision, D: Supports<P>> {
+    cfg: TrainerConfig,
+    scaler: Option<P::Scaler>,
+    _types: PhantomData<fn() -> (P, D)>,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty => $field:ident $(wrap $wrap:ident)?;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.cfg.$field = setters!(@wrap value $($wrap)?);
+            self
+        }
+    )*};
+    (@wrap $v:ident) => { $v };
+    (@wrap $v:ident Some) => { Some($v) };
+}
+
+impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
+    setters! {
+        /// Stop after this many epochs.
+        max_epochs: u64 => max_epochs wrap Some;
+        /// Stop after this many optimizer steps.
+        max_steps: u64 => max_steps wrap Some;
+        /// Clip gradients at this value (see [`TrainerBuilder::gradient_clip_algorithm`]).
+        gradient_clip_val: f64 => gradient_clip_val wrap Some;
+        /// Clip by total norm (default) or by value.
+        gradient_clip_algorithm: ClipAlgorithm => gradient_clip_algorithm;
+        /// Accumulate gradients over this many micro-batches per optimizer step.
+        accumulate_grad_batches: usize => accumulate_grad_batches;
+        /// Seed of initialisation and dropout.
+        seed: u64 => seed;
+        /// Show a progress bar (only on a terminal).
+        enable_progress_bar: bool => enable_progress_bar;
+        /// Progress-bar refresh interval in steps.
+        log_every_n_steps: usize => log_every_n_steps;
+        /// Default folder for outputs.
+        default_root_dir: PathBuf => default_root_dir;
+        /// Save a checkpoint to this file after every epoch and at the end of `fit`.
+        checkpoint_path: PathBuf => checkpoint_path wrap Some;
+    }
+
+    /// Uses `scaler` instead of `P::Scaler::default()` (e.g. a `DynamicScaler` with other
+    /// constants).
+    pub fn scaler(mut self, scaler: P::Scaler) -> Self {
+        self.scaler = Some(scaler);
+        self
+    }
+
+    /// Checks the settings and the device: an error names a bad value, or says why the device is
+    /// not usable here.
+    pub fn build(self) -> Result<Trainer<P, D>, Error> {
+        let c = &self.cfg;
+        let bad = |name, value: String, expected| {
+            Err(Error::InvalidArgument {
+                name,
+                value,
+                expected,
+            })
+        };
+        if c.accumulate_grad_batches == 0 {
+            return bad("accumulate_grad_batches", "0".into(), "at least 1");
+        }
+        if let Some(v) = c.gradient_clip_val {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad("gradient_clip_val", v.to_string(), "a finite value >= 0");
+            }
+        }
+        if c.log_every_n_steps == 0 {
+            return bad("log_every_n_steps", "0".into(), "at least 1");
+        }
+        D::probe()?;
+        Ok(Trainer {
+            cfg: self.cfg,
+            scaler: self.scaler.unwrap_or_default(),
+            _types: PhantomData,
+        })
+    }
+}
 
 /// Trains models under the precision `P` on the device `D`, like Lightning's
 /// `Trainer(precision=..., accelerator=...)`.
@@ -14,22 +193,100 @@ use crate::{Error, Precision, Supports};
 ///
 /// ```
 /// use nbit::prelude::*;
-/// let trainer = Trainer::<True<F64>, Cpu>::new()?;
-/// assert_eq!(trainer.precision_name(), "64-true");
+/// use nbit::data::{DataLoader, Dataset};
+/// use nbit::nn::Task;
+/// use nbit::optim::{Optimization, Sgd};
+///
+/// let x = ndarray::Array2::from_shape_fn((64, 2), |(i, j)| ((i * 7 + j * 3) % 11) as f64 / 11.0 - 0.5);
+/// let y: Vec<usize> = x.rows().into_iter().map(|r| usize::from(r[0] + r[1] > 0.0)).collect();
+/// let train = DataLoader::new(Dataset::classification(x, y)?, 16)?.shuffle(true);
+///
+/// let trainer = Trainer::<Mixed<BF16>, Cpu>::builder().max_epochs(30).enable_progress_bar(false).build()?;
+/// let mut model = trainer.init_module(|ctx| MlpModel::new(ctx, &[2, 16, 2], Task::Classification,
+///     Optimization::new(Sgd::new(0.5))))?;
+/// let report = trainer.fit(&mut model, &train, None)?;
+/// assert!(report.history.last().unwrap().loss < report.history[0].loss);
 /// assert!(Trainer::<True<F32>, Tpu>::new().unwrap_err().to_string().contains("no TPU runtime"));
 /// # Ok::<(), nbit::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct Trainer<P: Precision, D: Supports<P>> {
+    cfg: TrainerConfig,
+    scaler: P::Scaler,
     _types: PhantomData<fn() -> (P, D)>,
 }
 
+/// One optimizer step in [`FitReport::history`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepLog {
+    /// The 1-based global step.
+    pub step: u64,
+    /// The epoch it belongs to.
+    pub epoch: u64,
+    /// The mean training loss of the step's batch (mean over micro-batches), before the update.
+    pub loss: f64,
+    /// The loss scale used for the step (1 without a dynamic scaler).
+    pub scale: f32,
+    /// Whether the optimizer step was skipped for non-finite gradients.
+    pub skipped: bool,
+    /// The learning rate used (or that would have been).
+    pub lr: f64,
+}
+
+/// What [`Trainer::fit`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitReport {
+    /// Every optimizer step, in order (steps before a resume are not included).
+    pub history: Vec<StepLog>,
+    /// Epochs completed in total (including those before a resume).
+    pub epochs: u64,
+    /// Optimizer steps taken in total, skipped ones included.
+    pub global_step: u64,
+    /// Steps skipped for non-finite gradients, in total.
+    pub skipped_steps: u64,
+    /// Validation metrics after each epoch, when validation data was given.
+    pub validation: Vec<Metrics>,
+    /// Bytes of parameter storage.
+    pub parameter_bytes: usize,
+    /// Bytes of optimizer state.
+    pub optimizer_state_bytes: usize,
+    /// Notes from loading a checkpoint (dtype casts), if resumed.
+    pub notes: Vec<String>,
+}
+
+/// Where a fit is: everything a checkpoint must restore for an exact resume.
+struct LoopState<P: Precision, D: Backend> {
+    epoch: u64,
+    batch_in_epoch: usize,
+    global_step: u64,
+    skipped: u64,
+    scaler: P::Scaler,
+    optimizer: OptimizerState<P::Param, D>,
+}
+
+fn meta_get<T: core::str::FromStr>(meta: &HashMap<String, String>, key: &str) -> Option<T> {
+    meta.get(key).and_then(|v| v.parse().ok())
+}
+
 impl<P: Precision, D: Supports<P>> Trainer<P, D> {
-    /// A trainer for `P` on `D`, or [`Error::DeviceUnavailable`] when the device is not usable in
-    /// this process (no CUDA driver or device for `Gpu`; always for `Tpu`, which has no runtime yet).
+    /// A trainer with Lightning's defaults, or [`Error::DeviceUnavailable`] when the device is not
+    /// usable in this process (no CUDA driver or device for `Gpu`; always for `Tpu`).
     pub fn new() -> Result<Self, Error> {
-        D::probe()?;
-        Ok(Trainer { _types: PhantomData })
+        Self::builder().build()
+    }
+
+    /// A builder with Lightning's defaults.
+    pub fn builder() -> TrainerBuilder<P, D> {
+        TrainerBuilder {
+            cfg: TrainerConfig::default(),
+            scaler: None,
+            _types: PhantomData,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.cfg
     }
 
     /// Lightning's name of the precision, e.g. `"bf16-mixed"`.
@@ -40,5 +297,446 @@ impl<P: Precision, D: Supports<P>> Trainer<P, D> {
     /// The device this trainer runs on.
     pub fn device(&self) -> DeviceKind {
         D::KIND
+    }
+}
+
+impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
+    /// Builds a model with its parameters created directly in `P::Param` on `D` (Lightning's
+    /// `with trainer.init_module():`).
+    pub fn init_module<M>(&self, build: impl FnOnce(&mut InitCtx<P, D>) -> M) -> M {
+        build(&mut InitCtx::new(self.cfg.seed))
+    }
+
+    /// Trains `model` on `train`, validating on `val` after each epoch.
+    pub fn fit<M: Model<P, D>>(
+        &self,
+        model: &mut M,
+        train: &DataLoader,
+        val: Option<&DataLoader>,
+    ) -> Result<FitReport, Error> {
+        self.run(model, train, val, None)
+    }
+
+    /// Resumes training from a checkpoint written by this trainer's `checkpoint_path` (Lightning's
+    /// `fit(ckpt_path=...)`). A checkpoint from another precision loads with a cast, listed in
+    /// [`FitReport::notes`].
+    pub fn fit_from<M: Model<P, D>>(
+        &self,
+        model: &mut M,
+        train: &DataLoader,
+        val: Option<&DataLoader>,
+        checkpoint: &Path,
+    ) -> Result<FitReport, Error> {
+        self.run(model, train, val, Some(checkpoint))
+    }
+
+    fn run<M: Model<P, D>>(
+        &self,
+        model: &mut M,
+        train: &DataLoader,
+        val: Option<&DataLoader>,
+        resume: Option<&Path>,
+    ) -> Result<FitReport, Error> {
+        let mut ctx = InitCtx::new(self.cfg.seed);
+        model.configure_model(&mut ctx)?;
+        let optimizer = OptimizerState::new(model.configure_optimizers(), &model.parameters())?;
+        let mut st = LoopState::<P, D> {
+            epoch: 0,
+            batch_in_epoch: 0,
+            global_step: 0,
+            skipped: 0,
+            scaler: self.scaler.clone(),
+            optimizer,
+        };
+        let mut notes = Vec::new();
+        if let Some(path) = resume {
+            notes = self.restore(model, &mut st, path)?;
+        }
+        let max_epochs = match (self.cfg.max_epochs, self.cfg.max_steps) {
+            (Some(e), _) => e,
+            (None, Some(_)) => u64::MAX,
+            (None, None) => 1000,
+        };
+        let accumulate = self.cfg.accumulate_grad_batches;
+        let mut history = Vec::new();
+        let mut validation = Vec::new();
+        let mut done = self.cfg.max_steps.is_some_and(|m| st.global_step >= m);
+        while !done && st.epoch < max_epochs {
+            let batches = train.epoch_indices(st.epoch);
+            let bar = progress::Bar::new(self.cfg.enable_progress_bar, st.epoch, batches.len() as u64);
+            let mut bufs: Vec<Option<Tensor<P::Param, D>>> = vec![None; model.parameters().len()];
+            let (mut micro, mut loss_sum) = (0usize, 0.0f64);
+            let start = st.batch_in_epoch;
+            bar.advance(start as u64);
+            for (bi, idx) in batches.iter().enumerate().skip(start) {
+                let batch = train.dataset().subset(idx);
+                let batch = crate::data::Batch::from(batch);
+                let info = StepInfo {
+                    epoch: st.epoch,
+                    batch_idx: bi,
+                    global_step: st.global_step,
+                    seed: self.cfg.seed,
+                };
+                let ac = Autocast::<P, D>::new();
+                let loss = model.training_step(&ac, &batch, &info)?;
+                loss_sum += loss.item()?.as_f64();
+                let factor = st.scaler.scale() as f64 / accumulate as f64;
+                let scaled = if factor == 1.0 {
+                    loss
+                } else {
+                    loss.mul_scalar(factor)
+                };
+                let mut grads = scaled.backward()?;
+                drop(scaled);
+                for (buf, p) in bufs.iter_mut().zip(model.parameters()) {
+                    let g = grads
+                        .take(p.value())
+                        .unwrap_or_else(|| Tensor::zeros(p.value().shape()));
+                    match buf {
+                        Some(b) => D::add_in_place(b.storage_mut(), g.storage()),
+                        None => *buf = Some(g.detach()),
+                    }
+                }
+                micro += 1;
+                st.batch_in_epoch = bi + 1;
+                bar.inc();
+                if micro < accumulate && bi + 1 < batches.len() {
+                    continue;
+                }
+                let grads: Vec<Tensor<P::Param, D>> =
+                    bufs.iter_mut().map(|b| b.take().expect("filled above")).collect();
+                let log = self.optimizer_step(model, &mut st, grads, loss_sum / micro as f64);
+                history.push(log);
+                (micro, loss_sum) = (0, 0.0);
+                if st.global_step % self.cfg.log_every_n_steps as u64 == 0 || history.len() == 1 {
+                    bar.message(log.loss, st.skipped);
+                }
+                if self.cfg.max_steps.is_some_and(|m| st.global_step >= m) {
+                    done = true;
+                    break;
+                }
+            }
+            bar.finish();
+            if st.batch_in_epoch >= batches.len() {
+                st.optimizer.scheduler_step(Interval::Epoch);
+                st.epoch += 1;
+                st.batch_in_epoch = 0;
+                if let Some(v) = val {
+                    validation.push(self.validate(model, v)?);
+                }
+            }
+            if let Some(path) = &self.cfg.checkpoint_path {
+                self.save_checkpoint(model, &st, path)?;
+            }
+        }
+        let params = model.parameters();
+        Ok(FitReport {
+            history,
+            epochs: st.epoch,
+            global_step: st.global_step,
+            skipped_steps: st.skipped,
+            validation,
+            parameter_bytes: crate::nn::parameter_bytes(&params),
+            optimizer_state_bytes: st.optimizer.state_bytes(),
+            notes,
+        })
+    }
+
+    /// Unscale and check, hook, clip, step (unless non-finite), scaler update.
+    fn optimizer_step<M: Model<P, D>>(
+        &self,
+        model: &mut M,
+        st: &mut LoopState<P, D>,
+        mut grads: Vec<Tensor<P::Param, D>>,
+        loss: f64,
+    ) -> StepLog {
+        let scale = st.scaler.scale();
+        let mut found_inf = false;
+        if <P::Scaler as GradScaler>::ENABLED {
+            // PyTorch: inverse scale computed in f64, then used as f32.
+            let inv = (1.0f64 / scale as f64) as f32;
+            for g in &mut grads {
+                found_inf |= D::unscale_check(g.storage_mut(), inv);
+            }
+        }
+        {
+            let params = model.parameters();
+            let names: Vec<String> = params.iter().map(|p| p.name().to_owned()).collect();
+            let named: Vec<(&str, &Tensor<P::Param, D>)> =
+                names.iter().map(String::as_str).zip(grads.iter()).collect();
+            model.on_before_optimizer_step(&named);
+        }
+        if let Some(limit) = self.cfg.gradient_clip_val {
+            clip(&mut grads, limit, self.cfg.gradient_clip_algorithm);
+        }
+        let lr = st.optimizer.lr();
+        if found_inf {
+            st.skipped += 1;
+        } else {
+            let mut params = model.parameters_mut();
+            st.optimizer.step(&mut params, &grads);
+            st.optimizer.scheduler_step(Interval::Step);
+        }
+        st.scaler.update(found_inf);
+        st.global_step += 1;
+        StepLog {
+            step: st.global_step,
+            epoch: st.epoch,
+            loss,
+            scale,
+            skipped: found_inf,
+            lr,
+        }
+    }
+
+    /// Mean loss and accuracy of `model` on `data`.
+    pub fn validate<M: Model<P, D>>(&self, model: &mut M, data: &DataLoader) -> Result<Metrics, Error> {
+        let mut m = Metrics::default();
+        for idx in data.epoch_indices(0) {
+            let batch = crate::data::Batch::from(data.dataset().subset(&idx));
+            m.merge(model.validation_step(&Autocast::new(), &batch)?);
+        }
+        Ok(m)
+    }
+
+    /// The model's outputs on every row of `data`, in order, as `[rows, outputs]` (f64 copies of
+    /// `P::Full` values).
+    pub fn predict<M: Model<P, D>>(
+        &self,
+        model: &mut M,
+        data: &DataLoader,
+    ) -> Result<ndarray::Array2<f64>, Error> {
+        let mut rows: Vec<f64> = Vec::new();
+        let mut cols = 0;
+        for idx in data.epoch_indices(0) {
+            let batch = crate::data::Batch::from(data.dataset().subset(&idx));
+            let out = model.predict_step(&Autocast::new(), &batch)?;
+            cols = out.shape().last().copied().unwrap_or(1);
+            rows.extend(out.to_vec().iter().map(|v| v.as_f64()));
+        }
+        let n = rows.len() / cols.max(1);
+        ndarray::Array2::from_shape_vec((n, cols), rows).map_err(|e| Error::InvalidData(e.to_string()))
+    }
+
+    /// A summary of `model`'s parameters (Lightning's `ModelSummary`).
+    pub fn summary<M: Model<P, D>>(&self, model: &M) -> Summary {
+        Summary::new::<P, D>(&model.parameters())
+    }
+
+    /// Writes the parameters as a safetensors file with PyTorch's `state_dict` names, in their
+    /// stored dtype (atomically).
+    pub fn save_weights<M: Model<P, D>>(&self, model: &M, path: &Path) -> Result<(), Error> {
+        let tensors: Vec<(String, Tensor<P::Param, D>)> = model
+            .parameters()
+            .iter()
+            .map(|p| (p.name().to_owned(), p.value().clone()))
+            .collect();
+        let mut meta = HashMap::new();
+        meta.insert("precision".into(), P::NAME.into());
+        checkpoint::write_atomic(path, &checkpoint::to_bytes(&tensors, meta)?)
+    }
+
+    /// Loads parameters from a safetensors file (for example PyTorch's
+    /// `save_file(model.state_dict())`); returns notes on dtype casts. A missing tensor or a shape
+    /// mismatch is an error naming the tensor; the model is unchanged unless all tensors load.
+    pub fn load_weights<M: Model<P, D>>(&self, model: &mut M, path: &Path) -> Result<Vec<String>, Error> {
+        checkpoint::Loaded::read(path)?.load_parameters(&mut model.parameters_mut())
+    }
+
+    fn save_checkpoint<M: Model<P, D>>(
+        &self,
+        model: &M,
+        st: &LoopState<P, D>,
+        path: &Path,
+    ) -> Result<(), Error> {
+        let (mut tensors, mut meta) = st.optimizer.export();
+        for p in model.parameters() {
+            tensors.push((p.name().to_owned(), p.value().clone()));
+        }
+        meta.insert("format".into(), checkpoint::FORMAT.into());
+        meta.insert("precision".into(), P::NAME.into());
+        meta.insert("epoch".into(), st.epoch.to_string());
+        meta.insert("batch_in_epoch".into(), st.batch_in_epoch.to_string());
+        meta.insert("global_step".into(), st.global_step.to_string());
+        meta.insert("skipped_steps".into(), st.skipped.to_string());
+        if let Some(s) = st.scaler.state() {
+            meta.insert("scaler.scale".into(), s.scale.to_string());
+            meta.insert("scaler.growth_factor".into(), s.growth_factor.to_string());
+            meta.insert("scaler.backoff_factor".into(), s.backoff_factor.to_string());
+            meta.insert("scaler.growth_interval".into(), s.growth_interval.to_string());
+            meta.insert("scaler.growth_tracker".into(), s.growth_tracker.to_string());
+        }
+        checkpoint::write_atomic(path, &checkpoint::to_bytes(&tensors, meta)?)
+    }
+
+    fn restore<M: Model<P, D>>(
+        &self,
+        model: &mut M,
+        st: &mut LoopState<P, D>,
+        path: &Path,
+    ) -> Result<Vec<String>, Error> {
+        let file = checkpoint::Loaded::read(path)?;
+        let meta = file.metadata();
+        if meta.get("format").map(String::as_str) != Some(checkpoint::FORMAT) {
+            return Err(Error::Checkpoint {
+                path: path.display().to_string(),
+                problem: "not an nbit checkpoint (no training state); use load_weights for a weights file"
+                    .into(),
+            });
+        }
+        let mut notes = file.load_parameters(&mut model.parameters_mut())?;
+        if let Some(from) = meta.get("precision").filter(|p| p.as_str() != P::NAME) {
+            notes.insert(
+                0,
+                format!("checkpoint saved under {from}, loaded under {}", P::NAME),
+            );
+        }
+        let shapes: Vec<Vec<usize>> = model
+            .parameters()
+            .iter()
+            .map(|p| p.value().shape().to_vec())
+            .collect();
+        let mut state_notes = Vec::new();
+        st.optimizer.import(
+            &meta,
+            |name, shape| file.tensor::<P::Param, D>(name, shape, &mut state_notes),
+            &shapes,
+        )?;
+        notes.extend(state_notes);
+        st.epoch = meta_get(&meta, "epoch").unwrap_or(0);
+        st.batch_in_epoch = meta_get(&meta, "batch_in_epoch").unwrap_or(0);
+        st.global_step = meta_get(&meta, "global_step").unwrap_or(0);
+        st.skipped = meta_get(&meta, "skipped_steps").unwrap_or(0);
+        let scaler = (|| {
+            Some(ScalerState {
+                scale: meta_get(&meta, "scaler.scale")?,
+                growth_factor: meta_get(&meta, "scaler.growth_factor")?,
+                backoff_factor: meta_get(&meta, "scaler.backoff_factor")?,
+                growth_interval: meta_get(&meta, "scaler.growth_interval")?,
+                growth_tracker: meta_get(&meta, "scaler.growth_tracker")?,
+            })
+        })();
+        if let Some(s) = scaler {
+            st.scaler.load_state(&s);
+        }
+        Ok(notes)
+    }
+}
+
+/// Clips gradients in place: by total L2 norm (computed in f64 over all gradients, PyTorch's
+/// `clip_grad_norm_` with its 1e-6) or by value.
+fn clip<E: Float, D: Backend>(grads: &mut [Tensor<E, D>], limit: f64, algorithm: ClipAlgorithm) {
+    match algorithm {
+        ClipAlgorithm::Value => grads
+            .iter_mut()
+            .for_each(|g| D::clamp_in_place(g.storage_mut(), limit)),
+        ClipAlgorithm::Norm => {
+            let norm = grads
+                .iter()
+                .map(|g| D::sum_squares(g.storage()))
+                .sum::<f64>()
+                .sqrt();
+            let coef = (limit / (norm + 1e-6)).min(1.0);
+            if coef < 1.0 {
+                grads
+                    .iter_mut()
+                    .for_each(|g| D::scale_in_place(g.storage_mut(), coef));
+            }
+        }
+    }
+}
+
+/// Parameter counts per layer and the model size by Lightning's rule: count × the precision's bits
+/// (32 for the mixed precisions) / 8 / 1e6 MB.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// `(layer, parameters)` in order; a layer is the name before the last dot.
+    pub layers: Vec<(String, usize)>,
+    /// All parameters.
+    pub total: usize,
+    /// Estimated size in MB.
+    pub size_mb: f64,
+    /// The precision's name.
+    pub precision: &'static str,
+}
+
+impl Summary {
+    fn new<P: Precision, D: Backend>(params: &[&Parameter<P::Param, D>]) -> Self {
+        let mut layers: Vec<(String, usize)> = Vec::new();
+        for p in params {
+            let layer = p.name().rsplit_once('.').map_or(p.name(), |(l, _)| l).to_owned();
+            match layers.last_mut() {
+                Some((l, n)) if *l == layer => *n += p.numel(),
+                _ => layers.push((layer, p.numel())),
+            }
+        }
+        let total = params.iter().map(|p| p.numel()).sum::<usize>();
+        Summary {
+            layers,
+            total,
+            size_mb: total as f64 * P::MODEL_BITS as f64 / 8.0 / 1e6,
+            precision: P::NAME,
+        }
+    }
+}
+
+impl core::fmt::Display for Summary {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        writeln!(f, "  | Name | Params")?;
+        for (i, (name, n)) in self.layers.iter().enumerate() {
+            writeln!(f, "{i:<2}| {name:<4} | {n}")?;
+        }
+        writeln!(f, "{} trainable params", self.total)?;
+        write!(
+            f,
+            "{:.3} Total estimated model params size (MB) under {}",
+            self.size_mb, self.precision
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cpu, F32, Mixed, True};
+
+    #[test]
+    fn defaults_are_lightnings() {
+        let t = Trainer::<True<F32>, Cpu>::new().unwrap();
+        let c = t.config();
+        assert_eq!(
+            (c.max_epochs, c.max_steps, c.gradient_clip_val),
+            (None, None, None)
+        );
+        assert_eq!(
+            (
+                c.accumulate_grad_batches,
+                c.log_every_n_steps,
+                c.enable_progress_bar
+            ),
+            (1, 50, true)
+        );
+        assert_eq!(c.gradient_clip_algorithm, ClipAlgorithm::Norm);
+    }
+
+    #[test]
+    fn bad_settings_are_errors() {
+        let e = Trainer::<Mixed<crate::BF16>, Cpu>::builder()
+            .accumulate_grad_batches(0)
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("accumulate_grad_batches"));
+        let e = Trainer::<True<F32>, Cpu>::builder()
+            .gradient_clip_val(f64::NAN)
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("gradient_clip_val"));
+        assert!(
+            "max"
+                .parse::<ClipAlgorithm>()
+                .unwrap_err()
+                .to_string()
+                .contains("'norm' or 'value'")
+        );
     }
 }

@@ -1,0 +1,340 @@
+//! In-memory datasets and a loader with batch size, seeded shuffle and `drop_last`, in the shape of
+//! PyTorch's `TensorDataset` and `DataLoader`.
+//!
+//! Features are kept in f64 (exact for anything read from text) and converted to the precision's
+//! parameter dtype when a batch becomes a tensor.
+//!
+//! ```
+//! use nbit::data::{DataLoader, Dataset};
+//! use ndarray::array;
+//!
+//! let ds = Dataset::classification(array![[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], vec![0, 1, 1])?;
+//! let loader = DataLoader::new(ds, 2)?.shuffle(true).seed(7);
+//! assert_eq!(loader.len(), 2); // the last partial batch is kept (drop_last = false)
+//! let sizes: Vec<usize> = loader.epoch(0).iter().map(|b| b.len()).collect();
+//! assert_eq!(sizes, [2, 1]);
+//! # Ok::<(), nbit::Error>(())
+//! ```
+
+use std::sync::Arc;
+
+use ndarray::{Array2, Axis};
+
+use crate::backend::{Backend, uniform};
+use crate::dtype::Float;
+use crate::error::Error;
+use crate::tensor::Tensor;
+
+/// What a dataset's rows are labelled with.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Targets {
+    /// A class index per row.
+    Classes(Vec<usize>),
+    /// A row of regression targets per row.
+    Values(Array2<f64>),
+}
+
+/// Rows of features with their targets, all in memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    features: Array2<f64>,
+    targets: Targets,
+}
+
+fn check_finite(what: &'static str, a: &Array2<f64>) -> Result<(), Error> {
+    if let Some(((r, c), v)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::InvalidData(format!(
+            "{what} at row {r}, column {c} is {v}: NaN and infinite values cannot be trained on; clean or drop that row"
+        )));
+    }
+    Ok(())
+}
+
+impl Dataset {
+    /// Rows of `features` labelled with class indices.
+    pub fn classification(features: Array2<f64>, labels: Vec<usize>) -> Result<Self, Error> {
+        if features.nrows() != labels.len() {
+            return Err(Error::InvalidData(format!(
+                "{} feature rows but {} labels: every row needs exactly one label",
+                features.nrows(),
+                labels.len()
+            )));
+        }
+        check_finite("feature", &features)?;
+        Ok(Dataset {
+            features,
+            targets: Targets::Classes(labels),
+        })
+    }
+
+    /// Rows of `features` with rows of regression `targets`.
+    pub fn regression(features: Array2<f64>, targets: Array2<f64>) -> Result<Self, Error> {
+        if features.nrows() != targets.nrows() {
+            return Err(Error::InvalidData(format!(
+                "{} feature rows but {} target rows: every row needs its targets",
+                features.nrows(),
+                targets.nrows()
+            )));
+        }
+        check_finite("feature", &features)?;
+        check_finite("target", &targets)?;
+        Ok(Dataset {
+            features,
+            targets: Targets::Values(targets),
+        })
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.features.nrows()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Features per row.
+    pub fn num_features(&self) -> usize {
+        self.features.ncols()
+    }
+
+    /// The largest class index + 1 (0 for regression data).
+    pub fn num_classes(&self) -> usize {
+        match &self.targets {
+            Targets::Classes(c) => c.iter().max().map_or(0, |m| m + 1),
+            Targets::Values(_) => 0,
+        }
+    }
+
+    /// The features.
+    pub fn features(&self) -> &Array2<f64> {
+        &self.features
+    }
+
+    /// The targets.
+    pub fn targets(&self) -> &Targets {
+        &self.targets
+    }
+
+    /// The rows at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Dataset {
+        let features = self.features.select(Axis(0), indices);
+        let targets = match &self.targets {
+            Targets::Classes(c) => Targets::Classes(indices.iter().map(|&i| c[i]).collect()),
+            Targets::Values(v) => Targets::Values(v.select(Axis(0), indices)),
+        };
+        Dataset { features, targets }
+    }
+
+    /// A seeded random split: `(rest, held_out)` with `round(fraction * len)` rows held out.
+    pub fn split(&self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset), Error> {
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(Error::InvalidArgument {
+                name: "val_split",
+                value: fraction.to_string(),
+                expected: "a fraction in [0, 1)",
+            });
+        }
+        let order = permutation(self.len(), seed);
+        let held = (fraction * self.len() as f64).round() as usize;
+        Ok((self.subset(&order[held..]), self.subset(&order[..held])))
+    }
+}
+
+/// A seeded Fisher-Yates permutation of `0..n`.
+fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (uniform(seed, i as u64) * (i + 1) as f64) as usize;
+        order.swap(i, j.min(i));
+    }
+    order
+}
+
+/// One batch of rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    data: Dataset,
+}
+
+impl From<Dataset> for Batch {
+    /// The whole dataset as one batch.
+    fn from(data: Dataset) -> Self {
+        Batch { data }
+    }
+}
+
+impl Batch {
+    /// Rows in the batch.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The features as a `[rows, features]` tensor of `E` (rounded once from f64).
+    pub fn features<E: Float, D: Backend>(&self) -> Tensor<E, D> {
+        Tensor::from_array(self.data.features.mapv(E::from_f64).into_dyn())
+    }
+
+    /// The class indices, for classification data.
+    pub fn classes(&self) -> Option<&[usize]> {
+        match &self.data.targets {
+            Targets::Classes(c) => Some(c),
+            Targets::Values(_) => None,
+        }
+    }
+
+    /// The regression targets as a `[rows, outputs]` tensor of `E`, for regression data.
+    pub fn values<E: Float, D: Backend>(&self) -> Option<Tensor<E, D>> {
+        match &self.data.targets {
+            Targets::Values(v) => Some(Tensor::from_array(v.mapv(E::from_f64).into_dyn())),
+            Targets::Classes(_) => None,
+        }
+    }
+}
+
+/// Batches of a dataset: PyTorch's `DataLoader(dataset, batch_size, shuffle=False, drop_last=False)`
+/// with a seeded shuffle that differs per epoch and repeats across runs.
+#[derive(Clone, Debug)]
+pub struct DataLoader {
+    dataset: Arc<Dataset>,
+    batch_size: usize,
+    shuffle: bool,
+    seed: u64,
+    drop_last: bool,
+}
+
+impl DataLoader {
+    /// A loader over `dataset` in batches of `batch_size` rows (no shuffle, last batch kept).
+    pub fn new(dataset: Dataset, batch_size: usize) -> Result<Self, Error> {
+        if batch_size == 0 {
+            return Err(Error::InvalidArgument {
+                name: "batch_size",
+                value: "0".into(),
+                expected: "at least 1",
+            });
+        }
+        if dataset.is_empty() {
+            return Err(Error::InvalidData("the dataset has no rows".into()));
+        }
+        Ok(DataLoader {
+            dataset: Arc::new(dataset),
+            batch_size,
+            shuffle: false,
+            seed: 0,
+            drop_last: false,
+        })
+    }
+
+    /// Shuffle the rows every epoch.
+    pub fn shuffle(mut self, on: bool) -> Self {
+        self.shuffle = on;
+        self
+    }
+
+    /// The shuffle seed (epoch `e` uses a permutation derived from `seed` and `e`).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Drop the last batch when it is smaller than `batch_size`.
+    pub fn drop_last(mut self, on: bool) -> Self {
+        self.drop_last = on;
+        self
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    /// The batch size.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Batches per epoch.
+    pub fn len(&self) -> usize {
+        let n = self.dataset.len();
+        if self.drop_last {
+            n / self.batch_size
+        } else {
+            n.div_ceil(self.batch_size)
+        }
+    }
+
+    /// Whether an epoch has no batches (fewer rows than a batch with `drop_last`).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The row indices of each batch of epoch `epoch`.
+    pub fn epoch_indices(&self, epoch: u64) -> Vec<Vec<usize>> {
+        let n = self.dataset.len();
+        let order = if self.shuffle {
+            permutation(n, self.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407))
+        } else {
+            (0..n).collect()
+        };
+        order
+            .chunks(self.batch_size)
+            .take(self.len())
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    /// The batches of epoch `epoch`.
+    pub fn epoch(&self, epoch: u64) -> Vec<Batch> {
+        self.epoch_indices(epoch)
+            .iter()
+            .map(|idx| Batch {
+                data: self.dataset.subset(idx),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn shuffle_is_a_seeded_permutation_per_epoch() {
+        let ds = Dataset::classification(Array2::zeros((10, 1)), vec![0; 10]).unwrap();
+        let l = DataLoader::new(ds, 3).unwrap().shuffle(true).seed(1);
+        let flat = |e| l.epoch_indices(e).concat();
+        let mut sorted = flat(0);
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_eq!(flat(0), flat(0));
+        assert_ne!(flat(0), flat(1));
+        assert_eq!(l.clone().drop_last(true).len(), 3);
+        assert_eq!(l.len(), 4);
+    }
+
+    #[test]
+    fn bad_data_is_an_error() {
+        assert!(
+            Dataset::classification(array![[1.0, f64::NAN]], vec![0])
+                .unwrap_err()
+                .to_string()
+                .contains("row 0")
+        );
+        assert!(Dataset::classification(array![[1.0]], vec![0, 1]).is_err());
+        let ds = Dataset::classification(array![[1.0]], vec![0]).unwrap();
+        assert!(
+            DataLoader::new(ds.clone(), 0)
+                .unwrap_err()
+                .to_string()
+                .contains("batch_size")
+        );
+        assert!(ds.split(1.5, 0).is_err());
+    }
+}

@@ -1,0 +1,284 @@
+//! Layers and parameters. Parameters are created by an [`InitCtx`] directly in the precision's
+//! storage dtype (`P::Param`) on the device: a `True<F16>` model never holds f32 weights.
+//!
+//! Names follow `torch.nn.Sequential` of `Linear` and `ReLU` layers (`0.weight` `[out, in]`,
+//! `0.bias`, `2.weight`, ...), so weights move between PyTorch and nbit through safetensors.
+
+use core::marker::PhantomData;
+
+use crate::autocast::Autocast;
+use crate::backend::{Backend, uniform};
+use crate::device::Cpu;
+use crate::dtype::{ComplexElement, Float};
+use crate::error::Error;
+use crate::precision::Precision;
+use crate::tensor::Tensor;
+
+/// A named trainable tensor.
+#[derive(Clone, Debug)]
+pub struct Parameter<E: Float, D: Backend = Cpu> {
+    name: String,
+    value: Tensor<E, D>,
+}
+
+impl<E: Float, D: Backend> Parameter<E, D> {
+    /// A parameter named `name` holding `value` (made a gradient leaf).
+    pub fn new(name: impl Into<String>, value: Tensor<E, D>) -> Self {
+        Parameter {
+            name: name.into(),
+            value: value.detach().requires_grad(),
+        }
+    }
+
+    /// Its name, e.g. `"0.weight"`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its current value.
+    pub fn value(&self) -> &Tensor<E, D> {
+        &self.value
+    }
+
+    /// Element count.
+    pub fn numel(&self) -> usize {
+        self.value.numel()
+    }
+
+    /// Replaces the value, keeping the name; the shape must match.
+    pub fn set(&mut self, value: Tensor<E, D>) -> Result<(), Error> {
+        if value.shape() != self.value.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "set parameter",
+                left: self.value.shape().to_vec(),
+                right: value.shape().to_vec(),
+                rule: "a parameter keeps its shape",
+            });
+        }
+        self.value = value.detach().requires_grad();
+        Ok(())
+    }
+
+    pub(crate) fn value_mut(&mut self) -> &mut Tensor<E, D> {
+        &mut self.value
+    }
+}
+
+/// Creates parameters for precision `P` on device `D`, from a seeded generator.
+/// Given to [`Trainer::init_module`](crate::Trainer::init_module) and `configure_model`.
+#[derive(Debug)]
+pub struct InitCtx<P: Precision, D: Backend = Cpu> {
+    seed: u64,
+    counter: u64,
+    _types: PhantomData<(P, D)>,
+}
+
+impl<P: Precision, D: Backend> InitCtx<P, D> {
+    /// A context whose draws follow from `seed`.
+    pub fn new(seed: u64) -> Self {
+        InitCtx {
+            seed,
+            counter: 0,
+            _types: PhantomData,
+        }
+    }
+
+    fn draw(&mut self) -> f64 {
+        self.counter += 1;
+        uniform(self.seed, self.counter)
+    }
+
+    /// A tensor of `P::Param` with elements uniform in `[-bound, bound)`, each drawn in f64 and
+    /// rounded once into the storage dtype.
+    pub fn uniform(&mut self, shape: &[usize], bound: f64) -> Tensor<P::Param, D> {
+        let n = shape.iter().product();
+        let v: Vec<P::Param> = (0..n)
+            .map(|_| P::Param::from_f64((2.0 * self.draw() - 1.0) * bound))
+            .collect();
+        Tensor::from_vec(shape, v).expect("n elements for the shape")
+    }
+
+    /// A named parameter, uniform in `[-bound, bound)`.
+    pub fn parameter(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        bound: f64,
+    ) -> Parameter<P::Param, D> {
+        Parameter::new(name, self.uniform(shape, bound))
+    }
+
+    /// A complex tensor in the precision's complex dtype (complex128 under `True<F64>`), real and
+    /// imaginary parts uniform in `[-bound, bound)`. Does not compile under bf16-true, which has no
+    /// complex dtype.
+    pub fn complex_uniform(&mut self, shape: &[usize], bound: f64) -> Tensor<P::Complex, D>
+    where
+        P::Complex: ComplexElement,
+    {
+        let n = shape.iter().product();
+        let v: Vec<P::Complex> = (0..n)
+            .map(|_| {
+                let re = (2.0 * self.draw() - 1.0) * bound;
+                let im = (2.0 * self.draw() - 1.0) * bound;
+                P::Complex::from_parts(re, im)
+            })
+            .collect();
+        Tensor::from_vec(shape, v).expect("n elements for the shape")
+    }
+}
+
+/// `torch.nn.Linear`: `y = x W^T + b`, `W` `[out, in]`, both initialised uniform in
+/// `±1/sqrt(in)` (PyTorch's default, kaiming-uniform with a = sqrt(5)).
+#[derive(Clone, Debug)]
+pub struct Linear<P: Precision, D: Backend = Cpu> {
+    /// `[out, in]`.
+    pub weight: Parameter<P::Param, D>,
+    /// `[out]`.
+    pub bias: Parameter<P::Param, D>,
+}
+
+impl<P: Precision, D: Backend> Linear<P, D> {
+    /// A layer named `prefix` (`prefix.weight`, `prefix.bias`).
+    pub fn new(ctx: &mut InitCtx<P, D>, prefix: &str, inputs: usize, outputs: usize) -> Self {
+        let bound = 1.0 / (inputs.max(1) as f64).sqrt();
+        Linear {
+            weight: ctx.parameter(format!("{prefix}.weight"), &[outputs, inputs], bound),
+            bias: ctx.parameter(format!("{prefix}.bias"), &[outputs], bound),
+        }
+    }
+
+    /// `x W^T + b` in the compute dtype.
+    pub fn forward<X: Float>(
+        &self,
+        ac: &Autocast<P, D>,
+        x: &Tensor<X, D>,
+    ) -> Result<Tensor<P::Compute, D>, Error> {
+        ac.linear(x, self.weight.value(), Some(self.bias.value()))
+    }
+}
+
+/// What an [`Mlp`] is trained to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// Class indices, cross-entropy loss, accuracy.
+    Classification,
+    /// Real targets, mean squared error.
+    Regression,
+}
+
+/// A multilayer perceptron: `torch.nn.Sequential(Linear, ReLU, Linear, ..., Linear)`.
+#[derive(Clone, Debug)]
+pub struct Mlp<P: Precision, D: Backend = Cpu> {
+    layers: Vec<Linear<P, D>>,
+    task: Task,
+}
+
+impl<P: Precision, D: Backend> Mlp<P, D> {
+    /// An MLP with layer widths `sizes` (`[inputs, hidden..., outputs]`) for `task`.
+    ///
+    /// # Panics
+    /// If `sizes` has fewer than two entries; [`Mlp::try_new`] returns that as an error.
+    pub fn new(ctx: &mut InitCtx<P, D>, sizes: &[usize], task: Task) -> Self {
+        Self::try_new(ctx, sizes, task).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Mlp::new`], with bad sizes as an error.
+    pub fn try_new(ctx: &mut InitCtx<P, D>, sizes: &[usize], task: Task) -> Result<Self, Error> {
+        if sizes.len() < 2 || sizes.contains(&0) {
+            return Err(Error::InvalidArgument {
+                name: "layer sizes",
+                value: format!("{sizes:?}"),
+                expected: "at least [inputs, outputs], every size at least 1",
+            });
+        }
+        let layers = sizes
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| Linear::new(ctx, &(2 * i).to_string(), w[0], w[1]))
+            .collect();
+        Ok(Mlp { layers, task })
+    }
+
+    /// The task this network is trained for.
+    pub fn task(&self) -> Task {
+        self.task
+    }
+
+    /// The layer widths, `[inputs, hidden..., outputs]`.
+    pub fn sizes(&self) -> Vec<usize> {
+        let mut s = vec![self.layers[0].weight.value().shape()[1]];
+        s.extend(self.layers.iter().map(|l| l.weight.value().shape()[0]));
+        s
+    }
+
+    /// The outputs (logits or predictions) in the compute dtype.
+    pub fn forward<X: Float>(
+        &self,
+        ac: &Autocast<P, D>,
+        x: &Tensor<X, D>,
+    ) -> Result<Tensor<P::Compute, D>, Error> {
+        let mut h = self.layers[0].forward(ac, x)?;
+        for layer in &self.layers[1..] {
+            h = layer.forward(ac, &h.relu())?;
+        }
+        Ok(h)
+    }
+
+    /// The parameters in PyTorch's `state_dict` order.
+    pub fn parameters(&self) -> Vec<&Parameter<P::Param, D>> {
+        self.layers.iter().flat_map(|l| [&l.weight, &l.bias]).collect()
+    }
+
+    /// The parameters, mutably, in the same order.
+    pub fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.weight, &mut l.bias])
+            .collect()
+    }
+}
+
+/// Bytes the parameters occupy in storage.
+pub fn parameter_bytes<E: Float, D: Backend>(params: &[&Parameter<E, D>]) -> usize {
+    params.iter().map(|p| p.numel() * E::DTYPE.size_bytes()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DType, Element, F16, F64, True};
+
+    #[test]
+    fn parameters_are_born_in_the_storage_dtype() {
+        let mut ctx = InitCtx::<True<F16>>::new(0);
+        let mlp = Mlp::new(&mut ctx, &[4, 8, 3], Task::Classification);
+        let names: Vec<&str> = mlp.parameters().iter().map(|p| p.name()).collect();
+        assert_eq!(names, ["0.weight", "0.bias", "2.weight", "2.bias"]);
+        assert!(mlp.parameters().iter().all(|p| p.value().dtype() == DType::F16));
+        assert_eq!(mlp.parameters()[2].value().shape(), [3, 8]);
+        let bound = 1.0 / 2.0; // 1/sqrt(4)
+        assert!(
+            mlp.parameters()[0]
+                .value()
+                .to_vec()
+                .iter()
+                .all(|v| v.to_f32().abs() <= bound)
+        );
+        assert_eq!(mlp.sizes(), [4, 8, 3]);
+    }
+
+    #[test]
+    fn complex_parameters_follow_the_precision() {
+        let z = InitCtx::<True<F64>>::new(1).complex_uniform(&[2, 2], 1.0);
+        assert_eq!(z.dtype(), DType::C128);
+        let z = InitCtx::<crate::Mixed<crate::BF16>>::new(1).complex_uniform(&[2], 1.0);
+        assert_eq!(<num_complex::Complex<f32> as Element>::DTYPE, z.dtype());
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        let mut ctx = InitCtx::<True<F64>>::new(0);
+        assert!(Mlp::try_new(&mut ctx, &[4], Task::Regression).is_err());
+        assert!(Mlp::try_new(&mut ctx, &[4, 0, 2], Task::Regression).is_err());
+    }
+}

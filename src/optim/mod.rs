@@ -1,0 +1,529 @@
+//! Optimizers and learning-rate schedulers with PyTorch's update formulas and defaults.
+//!
+//! State lives in the parameters' storage dtype: f32 under the mixed precisions (f32 master
+//! weights), `H` under `True<H>`. Every update is computed in f32 (f64 for f64 parameters) and
+//! rounded once into storage, so AdamW's `eps = 1e-8` (0 in f16) cannot make a 16-bit update NaN.
+//!
+//! One hazard is inherited from PyTorch: under `True<F16>` AdamW's second moment `v ≈ 0.001 g²`
+//! is stored in f16 and underflows to 0 for |g| below about 8e-3; the next step then divides
+//! the first moment by `eps` alone and the weights jump. nbit computes the update in f32, so the
+//! result stays finite (PyTorch's f16 arithmetic gives inf/NaN there), but training can still
+//! diverge. Prefer SGD, bf16-true, or a mixed precision for AdamW; or raise `eps` to about 1e-4.
+//!
+//! ```
+//! use nbit::optim::{AdamW, Optimization, Scheduler, Sgd};
+//! let o = Optimization::new(Sgd::new(0.1).momentum(0.9)).with_scheduler(Scheduler::step_lr(10, 0.5));
+//! assert_eq!(o.scheduler.unwrap().lr(0.1, 20), 0.025);
+//! assert_eq!(AdamW::default().lr, 1e-3);
+//! ```
+
+use std::collections::HashMap;
+
+use crate::backend::{AdamWStep, Backend, SgdStep};
+use crate::dtype::Float;
+use crate::error::Error;
+use crate::nn::Parameter;
+use crate::tensor::Tensor;
+
+/// `torch.optim.SGD`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (default 0).
+    pub momentum: f64,
+    /// Dampening for momentum (default 0).
+    pub dampening: f64,
+    /// Nesterov momentum (default false).
+    pub nesterov: bool,
+    /// L2 penalty (default 0).
+    pub weight_decay: f64,
+}
+
+impl Sgd {
+    /// Plain SGD with learning rate `lr` and PyTorch's other defaults.
+    pub fn new(lr: f64) -> Self {
+        Sgd {
+            lr,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        }
+    }
+    /// Sets the momentum.
+    pub fn momentum(mut self, m: f64) -> Self {
+        self.momentum = m;
+        self
+    }
+    /// Sets the dampening.
+    pub fn dampening(mut self, d: f64) -> Self {
+        self.dampening = d;
+        self
+    }
+    /// Enables Nesterov momentum.
+    pub fn nesterov(mut self, on: bool) -> Self {
+        self.nesterov = on;
+        self
+    }
+    /// Sets the weight decay.
+    pub fn weight_decay(mut self, wd: f64) -> Self {
+        self.weight_decay = wd;
+        self
+    }
+}
+
+/// `torch.optim.AdamW` (decoupled weight decay).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    /// Learning rate (default 1e-3).
+    pub lr: f64,
+    /// `(beta1, beta2)` (default (0.9, 0.999)).
+    pub betas: (f64, f64),
+    /// Denominator term (default 1e-8).
+    pub eps: f64,
+    /// Decoupled weight decay (default 1e-2).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
+    }
+}
+
+impl AdamW {
+    /// AdamW with learning rate `lr` and PyTorch's other defaults.
+    pub fn new(lr: f64) -> Self {
+        AdamW {
+            lr,
+            ..Self::default()
+        }
+    }
+    /// Sets the weight decay.
+    pub fn weight_decay(mut self, wd: f64) -> Self {
+        self.weight_decay = wd;
+        self
+    }
+}
+
+/// An optimizer choice.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Optimizer {
+    /// Stochastic gradient descent.
+    Sgd(Sgd),
+    /// Adam with decoupled weight decay.
+    AdamW(AdamW),
+}
+
+impl From<Sgd> for Optimizer {
+    fn from(o: Sgd) -> Self {
+        Optimizer::Sgd(o)
+    }
+}
+
+impl From<AdamW> for Optimizer {
+    fn from(o: AdamW) -> Self {
+        Optimizer::AdamW(o)
+    }
+}
+
+impl Optimizer {
+    /// The base learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            Optimizer::Sgd(o) => o.lr,
+            Optimizer::AdamW(o) => o.lr,
+        }
+    }
+
+    /// PyTorch's name, as stored in checkpoints.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::Sgd(_) => "SGD",
+            Optimizer::AdamW(_) => "AdamW",
+        }
+    }
+
+    /// Checks the hyperparameters as PyTorch's constructors do.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |name, value: f64, expected| {
+            Err(Error::InvalidArgument {
+                name,
+                value: value.to_string(),
+                expected,
+            })
+        };
+        if !(self.lr() >= 0.0 && self.lr().is_finite()) {
+            return bad("lr", self.lr(), "a finite learning rate >= 0");
+        }
+        match *self {
+            Optimizer::Sgd(o) => {
+                if o.momentum.is_nan() || o.momentum < 0.0 {
+                    return bad("momentum", o.momentum, "a momentum >= 0");
+                }
+                if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
+                    return bad("weight_decay", o.weight_decay, "a weight decay >= 0");
+                }
+                if o.nesterov && (o.momentum <= 0.0 || o.dampening != 0.0) {
+                    return bad(
+                        "momentum",
+                        o.momentum,
+                        "momentum > 0 and dampening 0 for Nesterov momentum",
+                    );
+                }
+            }
+            Optimizer::AdamW(o) => {
+                for (name, b) in [("beta1", o.betas.0), ("beta2", o.betas.1)] {
+                    if !(0.0..1.0).contains(&b) {
+                        return bad(name, b, "a beta in [0, 1)");
+                    }
+                }
+                if o.eps.is_nan() || o.eps < 0.0 {
+                    return bad("eps", o.eps, "an eps >= 0");
+                }
+                if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
+                    return bad("weight_decay", o.weight_decay, "a weight decay >= 0");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// When a scheduler steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interval {
+    /// After every epoch (Lightning's default).
+    Epoch,
+    /// After every optimizer step that was not skipped by the gradient scaler.
+    Step,
+}
+
+/// A learning-rate schedule, as a closed form of the number of scheduler steps taken.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scheduler {
+    /// `torch.optim.lr_scheduler.StepLR`: multiply by `gamma` every `step_size` steps.
+    StepLr {
+        /// Steps between decays.
+        step_size: u64,
+        /// The decay factor.
+        gamma: f64,
+        /// When it steps.
+        interval: Interval,
+    },
+    /// `torch.optim.lr_scheduler.CosineAnnealingLR`: from the base rate down to `eta_min` over
+    /// `t_max` steps.
+    CosineAnnealing {
+        /// The half-period in steps.
+        t_max: u64,
+        /// The minimum learning rate.
+        eta_min: f64,
+        /// When it steps.
+        interval: Interval,
+    },
+}
+
+impl Scheduler {
+    /// StepLR stepping per epoch.
+    pub fn step_lr(step_size: u64, gamma: f64) -> Self {
+        Scheduler::StepLr {
+            step_size: step_size.max(1),
+            gamma,
+            interval: Interval::Epoch,
+        }
+    }
+
+    /// Cosine annealing stepping per epoch.
+    pub fn cosine(t_max: u64, eta_min: f64) -> Self {
+        Scheduler::CosineAnnealing {
+            t_max: t_max.max(1),
+            eta_min,
+            interval: Interval::Epoch,
+        }
+    }
+
+    /// The same schedule stepping at `interval`.
+    pub fn every(self, interval: Interval) -> Self {
+        match self {
+            Scheduler::StepLr { step_size, gamma, .. } => Scheduler::StepLr {
+                step_size,
+                gamma,
+                interval,
+            },
+            Scheduler::CosineAnnealing { t_max, eta_min, .. } => Scheduler::CosineAnnealing {
+                t_max,
+                eta_min,
+                interval,
+            },
+        }
+    }
+
+    /// When this scheduler steps.
+    pub fn interval(&self) -> Interval {
+        match self {
+            Scheduler::StepLr { interval, .. } | Scheduler::CosineAnnealing { interval, .. } => *interval,
+        }
+    }
+
+    /// The learning rate after `t` scheduler steps from base rate `base`.
+    pub fn lr(&self, base: f64, t: u64) -> f64 {
+        match *self {
+            Scheduler::StepLr { step_size, gamma, .. } => base * gamma.powi((t / step_size) as i32),
+            Scheduler::CosineAnnealing { t_max, eta_min, .. } => {
+                eta_min
+                    + (base - eta_min) * (1.0 + (core::f64::consts::PI * t as f64 / t_max as f64).cos()) / 2.0
+            }
+        }
+    }
+}
+
+/// What `configure_optimizers` returns: an optimizer and an optional scheduler.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Optimization {
+    /// The optimizer.
+    pub optimizer: Optimizer,
+    /// The learning-rate scheduler, if any.
+    pub scheduler: Option<Scheduler>,
+}
+
+impl Optimization {
+    /// An optimizer without a scheduler.
+    pub fn new(optimizer: impl Into<Optimizer>) -> Self {
+        Optimization {
+            optimizer: optimizer.into(),
+            scheduler: None,
+        }
+    }
+
+    /// Adds a scheduler.
+    pub fn with_scheduler(mut self, s: Scheduler) -> Self {
+        self.scheduler = Some(s);
+        self
+    }
+}
+
+/// Names of the state slots, as PyTorch's optimizer `state_dict` calls them.
+fn slot_names(o: &Optimizer) -> &'static [&'static str] {
+    match o {
+        Optimizer::Sgd(s) if s.momentum != 0.0 => &["momentum_buffer"],
+        Optimizer::Sgd(_) => &[],
+        Optimizer::AdamW(_) => &["exp_avg", "exp_avg_sq"],
+    }
+}
+
+/// An optimizer with its per-parameter state.
+#[derive(Clone, Debug)]
+pub struct OptimizerState<E: Float, D: Backend> {
+    config: Optimization,
+    /// `slots[i][k]`: slot `k` of parameter `i`, created on the first step.
+    slots: Vec<Vec<Tensor<E, D>>>,
+    names: Vec<String>,
+    steps: u64,
+    scheduler_steps: u64,
+}
+
+impl<E: Float, D: Backend> OptimizerState<E, D> {
+    /// Fresh state for parameters `params`.
+    pub fn new(config: Optimization, params: &[&Parameter<E, D>]) -> Result<Self, Error> {
+        config.optimizer.validate()?;
+        Ok(OptimizerState {
+            config,
+            slots: vec![Vec::new(); params.len()],
+            names: params.iter().map(|p| p.name().to_owned()).collect(),
+            steps: 0,
+            scheduler_steps: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Optimization {
+        &self.config
+    }
+
+    /// The learning rate in effect now.
+    pub fn lr(&self) -> f64 {
+        let base = self.config.optimizer.lr();
+        self.config
+            .scheduler
+            .map_or(base, |s| s.lr(base, self.scheduler_steps))
+    }
+
+    /// Optimizer steps taken (skipped steps are not counted, as in PyTorch).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Scheduler steps taken.
+    pub fn scheduler_steps(&self) -> u64 {
+        self.scheduler_steps
+    }
+
+    /// Advances the scheduler if it steps at `interval`.
+    pub fn scheduler_step(&mut self, interval: Interval) {
+        if self.config.scheduler.is_some_and(|s| s.interval() == interval) {
+            self.scheduler_steps += 1;
+        }
+    }
+
+    /// Bytes of optimizer state held.
+    pub fn state_bytes(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|t| t.numel() * E::DTYPE.size_bytes())
+            .sum()
+    }
+
+    /// Updates every parameter from its gradient (`grads[i]` for `params[i]`).
+    pub fn step(&mut self, params: &mut [&mut Parameter<E, D>], grads: &[Tensor<E, D>]) {
+        let lr = self.lr();
+        self.steps += 1;
+        let n_slots = slot_names(&self.config.optimizer).len();
+        for ((p, g), slots) in params.iter_mut().zip(grads).zip(&mut self.slots) {
+            let first = slots.is_empty();
+            if first {
+                slots.extend((0..n_slots).map(|_| Tensor::zeros(g.shape())));
+            }
+            let param = p.value_mut().storage_mut();
+            match self.config.optimizer {
+                Optimizer::Sgd(o) => {
+                    let hp = SgdStep {
+                        lr,
+                        momentum: o.momentum,
+                        dampening: o.dampening,
+                        nesterov: o.nesterov,
+                        weight_decay: o.weight_decay,
+                        first,
+                    };
+                    let buf = slots.first_mut().map(|b| b.storage_mut());
+                    D::sgd_step(param, g.storage(), buf, &hp);
+                }
+                Optimizer::AdamW(o) => {
+                    let hp = AdamWStep {
+                        lr,
+                        beta1: o.betas.0,
+                        beta2: o.betas.1,
+                        eps: o.eps,
+                        weight_decay: o.weight_decay,
+                        step: self.steps,
+                    };
+                    let (m, v) = slots.split_at_mut(1);
+                    D::adamw_step(param, g.storage(), m[0].storage_mut(), v[0].storage_mut(), &hp);
+                }
+            }
+        }
+    }
+
+    /// The state as named tensors (`exp_avg.0.weight`, ...) and scalars, for checkpoints.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn export(&self) -> (Vec<(String, Tensor<E, D>)>, HashMap<String, String>) {
+        let names = slot_names(&self.config.optimizer);
+        let mut tensors = Vec::new();
+        for (pname, slots) in self.names.iter().zip(&self.slots) {
+            for (slot, t) in names.iter().zip(slots) {
+                tensors.push((format!("{slot}.{pname}"), t.clone()));
+            }
+        }
+        let mut meta = HashMap::new();
+        meta.insert("optimizer".into(), self.config.optimizer.name().into());
+        meta.insert("optimizer_steps".into(), self.steps.to_string());
+        meta.insert("scheduler_steps".into(), self.scheduler_steps.to_string());
+        (tensors, meta)
+    }
+
+    /// Restores state exported by [`OptimizerState::export`]; `lookup` finds a named tensor.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn import(
+        &mut self,
+        meta: &HashMap<String, String>,
+        mut lookup: impl FnMut(&str, &[usize]) -> Result<Option<Tensor<E, D>>, Error>,
+        shapes: &[Vec<usize>],
+    ) -> Result<(), Error> {
+        let get = |k: &str| meta.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        self.steps = get("optimizer_steps");
+        self.scheduler_steps = get("scheduler_steps");
+        let names = slot_names(&self.config.optimizer);
+        for ((pname, slots), shape) in self.names.iter().zip(&mut self.slots).zip(shapes) {
+            slots.clear();
+            let found: Vec<Option<Tensor<E, D>>> = names
+                .iter()
+                .map(|slot| lookup(&format!("{slot}.{pname}"), shape))
+                .collect::<Result<_, _>>()?;
+            if found.iter().all(Option::is_some) {
+                slots.extend(found.into_iter().flatten());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Cpu;
+
+    fn param(v: Vec<f64>) -> Parameter<f64, Cpu> {
+        Parameter::new("w", Tensor::from_vec(&[v.len()], v).unwrap())
+    }
+
+    #[test]
+    fn sgd_with_momentum_matches_pytorch_by_hand() {
+        // PyTorch: buf = g (first), then buf = 0.9 buf + g; p -= lr * buf.
+        let mut p = param(vec![1.0]);
+        let mut opt = OptimizerState::new(Optimization::new(Sgd::new(0.1).momentum(0.9)), &[&p]).unwrap();
+        let g = Tensor::from_vec(&[1], vec![0.5]).unwrap();
+        opt.step(&mut [&mut p], std::slice::from_ref(&g));
+        assert_eq!(p.value().to_vec(), vec![1.0 - 0.1 * 0.5]);
+        opt.step(&mut [&mut p], std::slice::from_ref(&g));
+        assert_eq!(p.value().to_vec(), vec![0.95 - 0.1 * (0.9 * 0.5 + 0.5)]);
+        assert_eq!(opt.state_bytes(), 8);
+    }
+
+    #[test]
+    fn adamw_first_step_moves_by_lr() {
+        // After one step m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps) ~ lr.
+        let mut p = param(vec![1.0, -2.0]);
+        let mut opt =
+            OptimizerState::new(Optimization::new(AdamW::new(0.01).weight_decay(0.0)), &[&p]).unwrap();
+        let g = Tensor::from_vec(&[2], vec![0.3, -4.0]).unwrap();
+        opt.step(&mut [&mut p], &[g]);
+        let v = p.value().to_vec();
+        assert!((v[0] - 0.99).abs() < 1e-9 && (v[1] + 1.99).abs() < 1e-9, "{v:?}");
+    }
+
+    #[test]
+    fn bad_hyperparameters_are_errors() {
+        assert!(
+            Optimizer::from(Sgd::new(-1.0))
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("lr = -1")
+        );
+        assert!(Optimizer::from(Sgd::new(0.1).nesterov(true)).validate().is_err());
+        let mut a = AdamW::default();
+        a.betas.1 = 1.0;
+        assert!(
+            Optimizer::from(a)
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("beta2")
+        );
+    }
+
+    #[test]
+    fn schedulers_follow_pytorch_closed_forms() {
+        let s = Scheduler::step_lr(2, 0.1);
+        let lrs: Vec<f64> = (0..5).map(|t| s.lr(1.0, t)).collect();
+        assert_eq!(lrs, [1.0, 1.0, 0.1, 0.1, 0.010000000000000002]);
+        let c = Scheduler::cosine(10, 0.0);
+        assert!((c.lr(1.0, 5) - 0.5).abs() < 1e-15 && c.lr(1.0, 10).abs() < 1e-15);
+    }
+}

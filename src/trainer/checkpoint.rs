@@ -1,0 +1,230 @@
+//! Checkpoints and weights as safetensors files.
+//!
+//! A weights file holds the parameters under PyTorch's `state_dict` names in their stored dtype,
+//! so `safetensors.torch.load_file` reads it and `save_file(model.state_dict())` writes one nbit
+//! reads. A checkpoint adds the optimizer state (`exp_avg.0.weight`, ...) and, in the header's
+//! metadata, the precision, epoch, step, optimizer, scheduler and gradient-scaler state.
+//!
+//! Writes are atomic: the bytes go to a temporary file beside the target, are synced, then renamed
+//! over it, so a crash or a full disk never leaves a half-written file where a good one was.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+
+use crate::backend::Backend;
+use crate::dtype::{DType, Float, LeBytes};
+use crate::error::Error;
+use crate::nn::Parameter;
+use crate::tensor::Tensor;
+
+/// The format tag in a checkpoint's metadata.
+pub(crate) const FORMAT: &str = "nbit-checkpoint-1";
+
+fn st_dtype(d: DType) -> StDtype {
+    match d {
+        DType::F16 => StDtype::F16,
+        DType::BF16 => StDtype::BF16,
+        DType::F64 => StDtype::F64,
+        _ => StDtype::F32,
+    }
+}
+
+/// Little-endian bytes of a tensor, in its own dtype.
+fn tensor_bytes<E: Float, D: Backend>(t: &Tensor<E, D>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(t.numel() * E::DTYPE.size_bytes());
+    for v in t.to_array().iter() {
+        v.put_le(&mut out);
+    }
+    out
+}
+
+/// Serialises named tensors and metadata to safetensors bytes.
+pub(crate) fn to_bytes<E: Float, D: Backend>(
+    tensors: &[(String, Tensor<E, D>)],
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>, Error> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), tensor_bytes(t), t.shape().to_vec()))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            TensorView::new(st_dtype(E::DTYPE), s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::InvalidData(format!("cannot serialise tensor '{n}': {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::InvalidData(format!("cannot serialise: {e}")))
+}
+
+/// Writes `bytes` to `path` atomically (temporary file in the same folder, fsync, rename).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let shown = path.display().to_string();
+    let io = |action: &'static str, e: std::io::Error| Error::Io {
+        path: shown.clone(),
+        action,
+        reason: format!("{e}; check that the folder exists and is writable"),
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io("write", std::io::Error::other("the path names no file")))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("write", e));
+    }
+    Ok(())
+}
+
+/// A safetensors file read into memory.
+pub(crate) struct Loaded {
+    path: String,
+    bytes: Vec<u8>,
+}
+
+impl Loaded {
+    /// Reads and validates the header of `path`.
+    pub(crate) fn read(path: &Path) -> Result<Self, Error> {
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: shown.clone(),
+            action: "read",
+            reason: e.to_string(),
+        })?;
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint {
+            path: shown.clone(),
+            problem: format!("not a valid safetensors file (truncated or corrupted?): {e}"),
+        })?;
+        Ok(Loaded { path: shown, bytes })
+    }
+
+    fn tensors(&self) -> safetensors::SafeTensors<'_> {
+        safetensors::SafeTensors::deserialize(&self.bytes).expect("validated in read")
+    }
+
+    /// The header's metadata.
+    pub(crate) fn metadata(&self) -> HashMap<String, String> {
+        safetensors::SafeTensors::read_metadata(&self.bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .unwrap_or_default()
+    }
+
+    fn err(&self, problem: String) -> Error {
+        Error::Checkpoint {
+            path: self.path.clone(),
+            problem,
+        }
+    }
+
+    /// Tensor `name` converted to `E`, checked against `shape`; `Ok(None)` when absent. A note is
+    /// pushed when the stored dtype differs.
+    pub(crate) fn tensor<E: Float, D: Backend>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        notes: &mut Vec<String>,
+    ) -> Result<Option<Tensor<E, D>>, Error> {
+        let st = self.tensors();
+        let view = match st.tensor(name) {
+            Ok(v) => v,
+            Err(_) => return Ok(None),
+        };
+        if view.shape() != shape {
+            return Err(self.err(format!(
+                "tensor '{name}' has shape {:?} but the model expects {shape:?}",
+                view.shape()
+            )));
+        }
+        let data = view.data();
+        let (stored, values): (DType, Vec<E>) = match view.dtype() {
+            StDtype::F16 => (
+                DType::F16,
+                data.chunks_exact(2)
+                    .map(|b| E::from_f32(half::f16::get_le(b).to_f32()))
+                    .collect(),
+            ),
+            StDtype::BF16 => (
+                DType::BF16,
+                data.chunks_exact(2)
+                    .map(|b| E::from_f32(half::bf16::get_le(b).to_f32()))
+                    .collect(),
+            ),
+            StDtype::F32 => (
+                DType::F32,
+                data.chunks_exact(4)
+                    .map(|b| E::from_f32(f32::get_le(b)))
+                    .collect(),
+            ),
+            StDtype::F64 => (
+                DType::F64,
+                data.chunks_exact(8)
+                    .map(|b| E::from_f64(f64::get_le(b)))
+                    .collect(),
+            ),
+            other => {
+                return Err(self.err(format!(
+                    "tensor '{name}' has dtype {other:?}; nbit reads F16, BF16, F32 and F64 tensors"
+                )));
+            }
+        };
+        if let Some((r, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(self.err(format!(
+                "tensor '{name}' holds a non-finite value ({:?}) at flat index {r}; the file is corrupted or came from a diverged run",
+                v
+            )));
+        }
+        if stored != E::DTYPE {
+            notes.push(format!("'{name}' cast from {stored} to {}", E::DTYPE));
+        }
+        Tensor::from_vec(shape, values).map(Some)
+    }
+
+    /// Loads every parameter by name; a missing tensor is an error that names it.
+    pub(crate) fn load_parameters<E: Float, D: Backend>(
+        &self,
+        params: &mut [&mut Parameter<E, D>],
+    ) -> Result<Vec<String>, Error> {
+        let mut notes = Vec::new();
+        let mut loaded = Vec::with_capacity(params.len());
+        for p in params.iter() {
+            let shape = p.value().shape().to_vec();
+            match self.tensor::<E, D>(p.name(), &shape, &mut notes)? {
+                Some(t) => loaded.push(t),
+                None => {
+                    let mut have: Vec<String> =
+                        self.tensors().names().into_iter().map(str::to_owned).collect();
+                    have.sort();
+                    return Err(self.err(format!(
+                        "tensor '{}' is missing (the file has: {})",
+                        p.name(),
+                        if have.is_empty() {
+                            "no tensors".to_string()
+                        } else {
+                            have.join(", ")
+                        }
+                    )));
+                }
+            }
+        }
+        for (p, t) in params.iter_mut().zip(loaded) {
+            p.set(t)?;
+        }
+        Ok(notes)
+    }
+}

@@ -1,0 +1,210 @@
+//! The model trait in Lightning's shape, and a ready MLP model.
+
+use crate::autocast::Autocast;
+use crate::backend::Backend;
+use crate::data::Batch;
+use crate::device::Cpu;
+use crate::dtype::Float;
+use crate::error::Error;
+use crate::nn::{InitCtx, Mlp, Parameter, Task};
+use crate::optim::{AdamW, Optimization};
+use crate::precision::Precision;
+use crate::tensor::Tensor;
+
+/// Where the loop is when it calls a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepInfo {
+    /// The epoch, from 0.
+    pub epoch: u64,
+    /// The batch within the epoch, from 0.
+    pub batch_idx: usize,
+    /// Optimizer steps taken before this batch (skipped ones included, as Lightning counts).
+    pub global_step: u64,
+    /// The trainer's seed.
+    pub seed: u64,
+}
+
+impl StepInfo {
+    /// A dropout seed unique to this batch and reproducible across runs and resumes.
+    pub fn dropout_seed(&self) -> u64 {
+        self.seed ^ (self.epoch << 40) ^ ((self.batch_idx as u64) << 8) ^ 0x5EED
+    }
+}
+
+/// Sums over a validation pass: loss and, for classification, correct predictions.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Metrics {
+    /// Sum over rows of the per-row loss (batch mean × batch size).
+    pub loss_sum: f64,
+    /// Correct top-1 predictions (classification).
+    pub correct: usize,
+    /// Rows seen.
+    pub count: usize,
+}
+
+impl Metrics {
+    /// Mean loss per row.
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.count.max(1) as f64
+    }
+
+    /// Fraction of rows predicted correctly.
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.count.max(1) as f64
+    }
+
+    /// Adds another batch's sums.
+    pub fn merge(&mut self, other: Metrics) {
+        self.loss_sum += other.loss_sum;
+        self.correct += other.correct;
+        self.count += other.count;
+    }
+}
+
+/// A trainable model, as a `LightningModule`: its parameters, its steps and its optimizer.
+pub trait Model<P: Precision, D: Backend = Cpu> {
+    /// Creates parameters that should be made under the trainer's precision and device (called
+    /// once by [`Trainer::fit`](crate::Trainer::fit) before training; must be idempotent).
+    fn configure_model(&mut self, _ctx: &mut InitCtx<P, D>) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// The loss of one batch (already reduced to one element).
+    fn training_step(
+        &mut self,
+        ac: &Autocast<P, D>,
+        batch: &Batch,
+        step: &StepInfo,
+    ) -> Result<Tensor<P::Full, D>, Error>;
+
+    /// Loss sums and correct counts on one batch.
+    fn validation_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Metrics, Error>;
+
+    /// The model's outputs on one batch, in `P::Full`.
+    fn predict_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error>;
+
+    /// The optimizer and scheduler (Lightning's `configure_optimizers`). Default: AdamW, PyTorch's
+    /// defaults.
+    fn configure_optimizers(&self) -> Optimization {
+        Optimization::new(AdamW::default())
+    }
+
+    /// Sees the unscaled gradients just before the optimizer step, before clipping.
+    fn on_before_optimizer_step(&mut self, _grads: &[(&str, &Tensor<P::Param, D>)]) {}
+
+    /// The trainable parameters, in a fixed order.
+    fn parameters(&self) -> Vec<&Parameter<P::Param, D>>;
+
+    /// The same parameters, mutably, in the same order.
+    fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>>;
+}
+
+/// An [`Mlp`] with its loss and optimizer: the model the command line and the quickstart train.
+#[derive(Clone, Debug)]
+pub struct MlpModel<P: Precision, D: Backend = Cpu> {
+    /// The network.
+    pub net: Mlp<P, D>,
+    /// The optimizer and scheduler.
+    pub optimization: Optimization,
+}
+
+impl<P: Precision, D: Backend> MlpModel<P, D> {
+    /// A model of layer widths `sizes` for `task`, optimised by `optimization`.
+    pub fn new(
+        ctx: &mut InitCtx<P, D>,
+        sizes: &[usize],
+        task: Task,
+        optimization: Optimization,
+    ) -> Result<Self, Error> {
+        Ok(MlpModel {
+            net: Mlp::try_new(ctx, sizes, task)?,
+            optimization,
+        })
+    }
+
+    /// The loss (in `P::Full`) and the raw outputs (in `P::Compute`).
+    #[allow(clippy::type_complexity)]
+    fn loss(
+        &self,
+        ac: &Autocast<P, D>,
+        batch: &Batch,
+    ) -> Result<(Tensor<P::Full, D>, Tensor<P::Compute, D>), Error> {
+        let out = self.net.forward(ac, &batch.features::<P::Param, D>())?;
+        let loss = match self.net.task() {
+            Task::Classification => {
+                let classes = batch.classes().ok_or_else(|| {
+                    Error::InvalidData(
+                        "classification needs class labels, but the batch has regression targets".into(),
+                    )
+                })?;
+                ac.cross_entropy(&out, classes)?
+            }
+            Task::Regression => {
+                let target = batch.values::<P::Full, D>().ok_or_else(|| {
+                    Error::InvalidData(
+                        "regression needs target values, but the batch has class labels".into(),
+                    )
+                })?;
+                ac.mse_loss(&out, &target)?
+            }
+        };
+        Ok((loss, out))
+    }
+}
+
+impl<P: Precision, D: Backend> Model<P, D> for MlpModel<P, D> {
+    fn training_step(
+        &mut self,
+        ac: &Autocast<P, D>,
+        batch: &Batch,
+        _: &StepInfo,
+    ) -> Result<Tensor<P::Full, D>, Error> {
+        Ok(self.loss(ac, batch)?.0)
+    }
+
+    fn validation_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Metrics, Error> {
+        let (loss, out) = self.loss(ac, batch)?;
+        let n = batch.len();
+        let correct = match batch.classes() {
+            Some(classes) => {
+                let logits = out.to_array();
+                let cols = logits.shape()[1];
+                let flat: Vec<f64> = logits.iter().map(|v| v.as_f64()).collect();
+                flat.chunks(cols)
+                    .zip(classes)
+                    .filter(|&(row, &y)| {
+                        // First index of the maximum, as torch.argmax.
+                        let best = row
+                            .iter()
+                            .enumerate()
+                            .fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
+                        best == y
+                    })
+                    .count()
+            }
+            None => 0,
+        };
+        Ok(Metrics {
+            loss_sum: loss.item()?.as_f64() * n as f64,
+            correct,
+            count: n,
+        })
+    }
+
+    fn predict_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error> {
+        let out = self.net.forward(ac, &batch.features::<P::Param, D>())?;
+        Ok(out.cast::<P::Full>())
+    }
+
+    fn configure_optimizers(&self) -> Optimization {
+        self.optimization
+    }
+
+    fn parameters(&self) -> Vec<&Parameter<P::Param, D>> {
+        self.net.parameters()
+    }
+
+    fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
+        self.net.parameters_mut()
+    }
+}

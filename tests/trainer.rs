@@ -1,0 +1,555 @@
+//! The training loop end to end: scaled pipeline, skipped steps, memory, convergence, resume,
+//! clipping order, accumulation, checkpoints and the summary.
+
+use std::path::PathBuf;
+
+use nbit::data::{DataLoader, Dataset};
+use nbit::nn::Task;
+use nbit::optim::{AdamW, Optimization, Sgd};
+use nbit::prelude::*;
+use nbit::scaler::DynamicScaler;
+use nbit::{Float, Grads, Metrics, StepInfo};
+
+/// fp16 compute with f32 master weights and a dynamic scaler, allowed on the CPU: 16-mixed in all
+/// but name, defined outside the crate (which also proves users can add precisions).
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuFp16Amp;
+
+impl Precision for CpuFp16Amp {
+    type Param = f32;
+    type Compute = half::f16;
+    type Full = f32;
+    type Complex = num_complex::Complex<f32>;
+    type Scaler = DynamicScaler;
+    const NAME: &'static str = "cpu-16-mixed";
+}
+
+impl Supports<CpuFp16Amp> for Cpu {}
+
+/// Three Gaussian-ish blobs in 4 dimensions, deterministic.
+fn blobs(n: usize) -> Dataset {
+    let mut s = 12345u64;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let centers = [
+        [1.0, 0.0, -1.0, 0.5],
+        [-1.0, 1.0, 0.0, -0.5],
+        [0.0, -1.0, 1.0, 0.0],
+    ];
+    let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
+    let x = ndarray::Array2::from_shape_fn((n, 4), |(i, j)| centers[i % 3][j] + 0.8 * next());
+    Dataset::classification(x, labels).unwrap()
+}
+
+fn loader(n: usize, batch: usize) -> DataLoader {
+    DataLoader::new(blobs(n), batch).unwrap().shuffle(true).seed(3)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("nbit-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn params<P: Precision, M: Model<P>>(m: &M) -> Vec<Vec<f64>> {
+    m.parameters()
+        .iter()
+        .map(|p| p.value().to_vec().iter().map(|v| v.as_f64()).collect())
+        .collect()
+}
+
+fn mlp<P: Precision>(t: &Trainer<P, Cpu>, opt: Optimization) -> MlpModel<P>
+where
+    Cpu: Supports<P>,
+{
+    t.init_module(|ctx| MlpModel::new(ctx, &[4, 16, 3], Task::Classification, opt))
+        .unwrap()
+}
+
+fn quiet<P: Precision>() -> nbit::TrainerBuilder<P, Cpu>
+where
+    Cpu: Supports<P>,
+{
+    Trainer::<P, Cpu>::builder().enable_progress_bar(false).seed(7)
+}
+
+/// A model that multiplies its loss by 1e30 at chosen global steps (fp16 gradients overflow) and
+/// records the gradient norm its hook sees.
+struct Inject<P: Precision> {
+    inner: MlpModel<P>,
+    at: Vec<u64>,
+    hook_norms: Vec<f64>,
+}
+
+impl<P: Precision> Model<P> for Inject<P> {
+    fn training_step(
+        &mut self,
+        ac: &Autocast<P>,
+        b: &nbit::data::Batch,
+        s: &StepInfo,
+    ) -> Result<Tensor<P::Full>, Error> {
+        let loss = self.inner.training_step(ac, b, s)?;
+        Ok(if self.at.contains(&s.global_step) {
+            loss.mul_scalar(1e30)
+        } else {
+            loss
+        })
+    }
+    fn validation_step(&mut self, ac: &Autocast<P>, b: &nbit::data::Batch) -> Result<Metrics, Error> {
+        self.inner.validation_step(ac, b)
+    }
+    fn predict_step(&mut self, ac: &Autocast<P>, b: &nbit::data::Batch) -> Result<Tensor<P::Full>, Error> {
+        self.inner.predict_step(ac, b)
+    }
+    fn configure_optimizers(&self) -> Optimization {
+        self.inner.configure_optimizers()
+    }
+    fn on_before_optimizer_step(&mut self, grads: &[(&str, &Tensor<P::Param>)]) {
+        let sq: f64 = grads
+            .iter()
+            .flat_map(|(_, g)| g.to_vec())
+            .map(|v| v.as_f64().powi(2))
+            .sum();
+        self.hook_norms.push(sq.sqrt());
+    }
+    fn parameters(&self) -> Vec<&nbit::nn::Parameter<P::Param>> {
+        self.inner.parameters()
+    }
+    fn parameters_mut(&mut self) -> Vec<&mut nbit::nn::Parameter<P::Param>> {
+        self.inner.parameters_mut()
+    }
+}
+
+fn inject<P: Precision>(t: &Trainer<P, Cpu>, at: &[u64], opt: Optimization) -> Inject<P>
+where
+    Cpu: Supports<P>,
+{
+    Inject {
+        inner: mlp(t, opt),
+        at: at.to_vec(),
+        hook_norms: vec![],
+    }
+}
+
+#[test]
+fn injected_inf_gradients_skip_exactly_those_steps_and_touch_nothing() {
+    let trainer = |steps| {
+        quiet::<CpuFp16Amp>()
+            .max_steps(steps)
+            .scaler(DynamicScaler::new(1024.0, 2.0, 0.5, 2000))
+            .checkpoint_path(tmp(&format!("skip-{steps}.safetensors")))
+            .build()
+            .unwrap()
+    };
+    let data = loader(96, 16);
+    let opt = Optimization::new(AdamW::new(0.01));
+    // Steps 0 and 1 train; step 2 (and 4) get inf gradients.
+    let t2 = trainer(2);
+    let mut a = inject(&t2, &[2, 4], opt);
+    t2.fit(&mut a, &data, None).unwrap();
+    let t3 = trainer(3);
+    let mut b = inject(&t3, &[2, 4], opt);
+    let rb = t3.fit(&mut b, &data, None).unwrap();
+    assert_eq!(
+        params(&a),
+        params(&b),
+        "a skipped step leaves the weights bit-for-bit untouched"
+    );
+    let state = |p: &str| {
+        let bytes = std::fs::read(tmp(p)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<(String, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("exp_avg"))
+            .map(|(n, t)| (n, t.data().to_vec()))
+            .collect();
+        v.sort();
+        let meta = safetensors::SafeTensors::read_metadata(&bytes)
+            .unwrap()
+            .1
+            .metadata()
+            .clone()
+            .unwrap();
+        (v, meta["optimizer_steps"].clone())
+    };
+    assert_eq!(
+        state("skip-2.safetensors"),
+        state("skip-3.safetensors"),
+        "optimizer state untouched"
+    );
+
+    let t6 = quiet::<CpuFp16Amp>()
+        .max_steps(6)
+        .scaler(DynamicScaler::new(1024.0, 2.0, 0.5, 2000))
+        .build()
+        .unwrap();
+    let mut c = inject(&t6, &[2, 4], opt);
+    let r = t6.fit(&mut c, &data, None).unwrap();
+    let skipped: Vec<bool> = r.history.iter().map(|s| s.skipped).collect();
+    assert_eq!(skipped, [false, false, true, false, true, false]);
+    assert_eq!(r.skipped_steps, 2);
+    let scales: Vec<f32> = r.history.iter().map(|s| s.scale).collect();
+    assert_eq!(
+        scales,
+        [1024.0, 1024.0, 1024.0, 512.0, 512.0, 256.0],
+        "backoff after each skip"
+    );
+    assert!(rb.history[2].skipped);
+}
+
+#[test]
+fn the_hook_sees_unscaled_gradients() {
+    let data = loader(48, 48);
+    let opt = Optimization::new(Sgd::new(0.1));
+    let t = quiet::<CpuFp16Amp>().max_steps(1).build().unwrap(); // scale 65536
+    let mut scaled = inject(&t, &[], opt);
+    t.fit(&mut scaled, &data, None).unwrap();
+    let r = quiet::<True<F32>>().max_steps(1).build().unwrap();
+    let mut reference = inject(&r, &[], opt);
+    r.fit(&mut reference, &data, None).unwrap();
+    let (a, b) = (scaled.hook_norms[0], reference.hook_norms[0]);
+    assert!(
+        (a / b - 1.0).abs() < 1e-2,
+        "hook norm {a} vs f32 {b}: gradients must be unscaled"
+    );
+}
+
+#[test]
+fn clipping_happens_after_unscaling() {
+    // SGD with lr 1: the update is exactly the clipped gradient, of norm clip_val. Clipping the
+    // scaled gradients first would leave an update 65536 times smaller.
+    let data = loader(48, 48);
+    let t = quiet::<CpuFp16Amp>()
+        .max_steps(1)
+        .gradient_clip_val(1e-3)
+        .build()
+        .unwrap();
+    let mut m = mlp(&t, Optimization::new(Sgd::new(1.0)));
+    let before = params(&m);
+    t.fit(&mut m, &data, None).unwrap();
+    let step: f64 = before
+        .iter()
+        .flatten()
+        .zip(params(&m).iter().flatten())
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!((step - 1e-3).abs() < 1e-5, "update norm {step}");
+}
+
+#[test]
+fn clip_by_value_bounds_every_update() {
+    let data = loader(48, 48);
+    let t = quiet::<True<F64>>()
+        .max_steps(1)
+        .gradient_clip_val(1e-4)
+        .gradient_clip_algorithm(nbit::ClipAlgorithm::Value)
+        .build()
+        .unwrap();
+    let mut m = mlp(&t, Optimization::new(Sgd::new(1.0)));
+    let before = params(&m);
+    t.fit(&mut m, &data, None).unwrap();
+    let max = before
+        .iter()
+        .flatten()
+        .zip(params(&m).iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!((max - 1e-4).abs() < 1e-12, "largest update {max}");
+}
+
+#[test]
+fn half_precisions_hold_half_the_parameter_memory() {
+    fn bytes<P: Precision>() -> (usize, usize)
+    where
+        Cpu: Supports<P>,
+    {
+        let t = quiet::<P>().max_steps(1).build().unwrap();
+        let mut m = mlp(&t, Optimization::new(AdamW::default()));
+        let r = t.fit(&mut m, &loader(48, 16), None).unwrap();
+        (r.parameter_bytes, r.optimizer_state_bytes)
+    }
+    let (p32, s32) = bytes::<True<F32>>();
+    assert_eq!(p32, (4 * 16 + 16 + 16 * 3 + 3) * 4);
+    assert_eq!(bytes::<True<F16>>(), (p32 / 2, s32 / 2));
+    assert_eq!(bytes::<True<BF16>>(), (p32 / 2, s32 / 2));
+    assert_eq!(bytes::<True<F64>>(), (p32 * 2, s32 * 2));
+    assert_eq!(
+        bytes::<Mixed<BF16>>(),
+        (p32, s32),
+        "mixed keeps f32 master weights and state"
+    );
+}
+
+fn loss_falls<P: Precision>() -> (f64, f64)
+where
+    Cpu: Supports<P>,
+{
+    // SGD with momentum: AdamW's second moment underflows in f16 storage for |g| < ~8e-3, which
+    // makes pure-f16 AdamW unstable here as it is in PyTorch (see the optim module docs).
+    let t = quiet::<P>().max_epochs(15).build().unwrap();
+    let mut m = mlp(&t, Optimization::new(Sgd::new(0.05).momentum(0.9)));
+    let r = t.fit(&mut m, &loader(96, 16), None).unwrap();
+    let per_epoch = |e| {
+        let l: Vec<f64> = r
+            .history
+            .iter()
+            .filter(|s| s.epoch == e)
+            .map(|s| s.loss)
+            .collect();
+        l.iter().sum::<f64>() / l.len() as f64
+    };
+    (per_epoch(0), per_epoch(14))
+}
+
+#[test]
+fn training_loss_falls_in_all_five_cpu_precisions() {
+    for (name, (first, last)) in [
+        ("bf16-mixed", loss_falls::<Mixed<BF16>>()),
+        ("16-true", loss_falls::<True<F16>>()),
+        ("bf16-true", loss_falls::<True<BF16>>()),
+        ("32-true", loss_falls::<True<F32>>()),
+        ("64-true", loss_falls::<True<F64>>()),
+    ] {
+        assert!(
+            last < 0.5 * first,
+            "{name}: first-epoch loss {first}, last {last}"
+        );
+    }
+}
+
+fn resume_matches<P: Precision>(tag: &str)
+where
+    Cpu: Supports<P>,
+{
+    let data = loader(80, 16); // 5 batches per epoch
+    let opt = Optimization::new(Sgd::new(0.1).momentum(0.9))
+        .with_scheduler(nbit::optim::Scheduler::step_lr(1, 0.7));
+    let full = quiet::<P>().max_steps(12).build().unwrap();
+    let mut a = mlp(&full, opt);
+    let ra = full.fit(&mut a, &data, None).unwrap();
+
+    // Stop mid-epoch (step 7 is batch 2 of epoch 1), then resume in a fresh trainer and model.
+    let ckpt = tmp(&format!("resume-{tag}.safetensors"));
+    let first = quiet::<P>()
+        .max_steps(7)
+        .checkpoint_path(ckpt.clone())
+        .build()
+        .unwrap();
+    let mut b = mlp(&first, opt);
+    first.fit(&mut b, &data, None).unwrap();
+    let second = quiet::<P>().max_steps(12).build().unwrap();
+    let mut c = mlp(&second, opt);
+    let rc = second.fit_from(&mut c, &data, None, &ckpt).unwrap();
+    assert_eq!(params(&a), params(&c), "{tag}: resumed weights differ");
+    assert_eq!(ra.history[7..], rc.history[..], "{tag}: resumed losses differ");
+}
+
+#[test]
+fn resume_continues_bit_for_bit() {
+    resume_matches::<True<F32>>("f32");
+    resume_matches::<True<F64>>("f64");
+    resume_matches::<CpuFp16Amp>("amp");
+}
+
+#[test]
+fn accumulation_equals_one_big_batch_in_f64() {
+    let data = DataLoader::new(blobs(8), 4).unwrap();
+    let big = DataLoader::new(blobs(8), 8).unwrap();
+    let opt = Optimization::new(Sgd::new(0.5));
+    let t = quiet::<True<F64>>()
+        .max_steps(1)
+        .accumulate_grad_batches(2)
+        .build()
+        .unwrap();
+    let mut a = mlp(&t, opt);
+    t.fit(&mut a, &data, None).unwrap();
+    let u = quiet::<True<F64>>().max_steps(1).build().unwrap();
+    let mut b = mlp(&u, opt);
+    u.fit(&mut b, &big, None).unwrap();
+    let diff = params(&a)
+        .iter()
+        .flatten()
+        .zip(params(&b).iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < 1e-15, "max difference {diff}");
+    assert_ne!(params(&a), params(&mlp(&u, opt)), "the step moved the weights");
+}
+
+#[test]
+fn checkpoints_load_across_precisions_with_a_note() {
+    let data = loader(48, 16);
+    let path = tmp("cross.safetensors");
+    let t = quiet::<True<F32>>()
+        .max_steps(2)
+        .checkpoint_path(path.clone())
+        .build()
+        .unwrap();
+    let mut m = mlp(&t, Optimization::new(AdamW::default()));
+    t.fit(&mut m, &data, None).unwrap();
+    let u = quiet::<True<BF16>>().max_steps(3).build().unwrap();
+    let mut n = mlp(&u, Optimization::new(AdamW::default()));
+    let r = u.fit_from(&mut n, &data, None, &path).unwrap();
+    assert!(
+        r.notes[0].contains("saved under 32-true, loaded under bf16-true"),
+        "{:?}",
+        r.notes
+    );
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("'0.weight' cast from float32 to bfloat16")),
+        "{:?}",
+        r.notes
+    );
+    assert_eq!((r.global_step, r.history.len()), (3, 1));
+}
+
+#[test]
+fn bad_checkpoints_are_errors_naming_the_problem() {
+    let t = quiet::<True<F32>>().max_steps(1).build().unwrap();
+    let mut m = mlp(&t, Optimization::new(AdamW::default()));
+    let good = tmp("good.safetensors");
+    t.save_weights(&m, &good).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+
+    let truncated = tmp("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 10]).unwrap();
+    let msg = t.load_weights(&mut m, &truncated).unwrap_err().to_string();
+    assert!(
+        msg.contains("truncated") && msg.contains("truncated.safetensors"),
+        "{msg}"
+    );
+
+    let garbage = tmp("garbage.safetensors");
+    std::fs::write(&garbage, b"label,x\n1,2\n").unwrap();
+    assert!(
+        t.load_weights(&mut m, &garbage)
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid safetensors")
+    );
+
+    // A file with a tensor missing, and one with a tensor of the wrong shape.
+    let small = quiet::<True<F32>>().build().unwrap();
+    let other = small
+        .init_module(|ctx| {
+            MlpModel::new(
+                ctx,
+                &[4, 8, 3],
+                Task::Classification,
+                Optimization::new(AdamW::default()),
+            )
+        })
+        .unwrap();
+    let wrong = tmp("wrong.safetensors");
+    small.save_weights(&other, &wrong).unwrap();
+    let msg = t.load_weights(&mut m, &wrong).unwrap_err().to_string();
+    assert!(
+        msg.contains("'0.weight'") && msg.contains("[8, 4]") && msg.contains("[16, 4]"),
+        "{msg}"
+    );
+    // A file that lacks the second layer.
+    let partial = tmp("partial.safetensors");
+    let w = vec![0u8; 16 * 4 * 4];
+    let b = vec![0u8; 16 * 4];
+    let views = vec![
+        (
+            "0.weight",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16, 4], &w).unwrap(),
+        ),
+        (
+            "0.bias",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16], &b).unwrap(),
+        ),
+    ];
+    std::fs::write(&partial, safetensors::serialize(views, None).unwrap()).unwrap();
+    let before = params(&m);
+    let msg = t.load_weights(&mut m, &partial).unwrap_err().to_string();
+    assert!(
+        msg.contains("'2.weight' is missing") && msg.contains("0.bias, 0.weight"),
+        "{msg}"
+    );
+    assert_eq!(params(&m), before, "a failed load changes nothing");
+
+    let missing = tmp("does-not-exist.safetensors");
+    assert!(
+        t.load_weights(&mut m, &missing)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read")
+    );
+    // A weights file is not a training checkpoint.
+    let msg = t
+        .fit_from(&mut m, &loader(16, 16), None, &good)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("not an nbit checkpoint"), "{msg}");
+}
+
+#[test]
+fn an_unwritable_path_is_an_error_and_leaves_nothing_behind() {
+    let t = quiet::<True<F32>>().build().unwrap();
+    let m = mlp(&t, Optimization::new(AdamW::default()));
+    let dir = tmp("no-such-dir").join("deeper");
+    let msg = t
+        .save_weights(&m, &dir.join("w.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("cannot write") && msg.contains("w.safetensors"),
+        "{msg}"
+    );
+    // Overwriting keeps the old file intact until the new one is complete: write, then rewrite.
+    let path = tmp("atomic.safetensors");
+    t.save_weights(&m, &path).unwrap();
+    t.save_weights(&m, &path).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn summary_counts_parameters_and_sizes_by_lightnings_rule() {
+    let t = quiet::<Mixed<BF16>>().build().unwrap();
+    let m = mlp(&t, Optimization::new(AdamW::default()));
+    let s = t.summary(&m);
+    assert_eq!(s.layers, [("0".to_string(), 80), ("2".to_string(), 51)]);
+    assert_eq!(s.total, 131);
+    assert_eq!(
+        s.size_mb,
+        131.0 * 32.0 / 8.0 / 1e6,
+        "32 bits per parameter under mixed precision"
+    );
+    let t16 = quiet::<True<BF16>>().build().unwrap();
+    assert_eq!(
+        t16.summary(&mlp(&t16, Optimization::new(AdamW::default())))
+            .size_mb,
+        131.0 * 2.0 / 1e6
+    );
+    assert!(s.to_string().contains("131 trainable params"));
+}
+
+#[test]
+fn validation_and_prediction() {
+    let t = quiet::<True<F32>>().max_epochs(20).build().unwrap();
+    let mut m = mlp(&t, Optimization::new(AdamW::new(0.02)));
+    let val = DataLoader::new(blobs(30), 10).unwrap();
+    let r = t.fit(&mut m, &loader(96, 16), Some(&val)).unwrap();
+    assert_eq!(r.validation.len(), 20);
+    let last = r.validation.last().unwrap();
+    assert_eq!(last.count, 30);
+    assert!(last.accuracy() > 0.9, "accuracy {}", last.accuracy());
+    let out = t.predict(&mut m, &val).unwrap();
+    assert_eq!(out.dim(), (30, 3));
+    let _: Grads = Tensor::<f32>::scalar(1.0).requires_grad().backward().unwrap();
+}
