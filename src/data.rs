@@ -25,6 +25,31 @@ use crate::dtype::Float;
 use crate::error::Error;
 use crate::tensor::Tensor;
 
+/// What a model is trained to do with a dataset's `label` column.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Task {
+    /// Class indices, cross-entropy loss, accuracy.
+    #[default]
+    Classification,
+    /// Real targets, mean squared error.
+    Regression,
+}
+
+impl core::str::FromStr for Task {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "classification" => Ok(Task::Classification),
+            "regression" => Ok(Task::Regression),
+            _ => Err(Error::InvalidArgument {
+                name: "task",
+                value: format!("'{s}'"),
+                expected: "'classification' or 'regression'",
+            }),
+        }
+    }
+}
+
 /// What a dataset's rows are labelled with.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Targets {
@@ -32,6 +57,8 @@ pub enum Targets {
     Classes(Vec<usize>),
     /// A row of regression targets per row.
     Values(Array2<f64>),
+    /// No targets (data to predict on).
+    None,
 }
 
 /// Rows of features with their targets, all in memory.
@@ -103,7 +130,7 @@ impl Dataset {
     pub fn num_classes(&self) -> usize {
         match &self.targets {
             Targets::Classes(c) => c.iter().max().map_or(0, |m| m + 1),
-            Targets::Values(_) => 0,
+            Targets::Values(_) | Targets::None => 0,
         }
     }
 
@@ -117,12 +144,127 @@ impl Dataset {
         &self.targets
     }
 
+    /// Reads a CSV file with a header row: the column `label` holds the class index (or the target,
+    /// for regression), every other column is a feature. Numbers only, no quoted fields. Every
+    /// problem is an error naming the file, line and column.
+    pub fn read_csv(path: &std::path::Path, task: Task) -> Result<Dataset, Error> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: shown.clone(),
+            action: "read",
+            reason: e.to_string(),
+        })?;
+        Self::parse_csv(&shown, &text, task)
+    }
+
+    /// Like [`Dataset::read_csv`], but a `label` column is optional (and ignored): rows to predict.
+    pub fn read_csv_features(path: &std::path::Path) -> Result<Dataset, Error> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: shown.clone(),
+            action: "read",
+            reason: e.to_string(),
+        })?;
+        Self::parse_csv_with(&shown, &text, Task::Regression, false)
+    }
+
+    /// [`Dataset::read_csv`] on text already in memory; `name` is used in messages.
+    pub fn parse_csv(name: &str, text: &str, task: Task) -> Result<Dataset, Error> {
+        Self::parse_csv_with(name, text, task, true)
+    }
+
+    fn parse_csv_with(name: &str, text: &str, task: Task, need_label: bool) -> Result<Dataset, Error> {
+        let bad = |msg: String| Err(Error::InvalidData(format!("'{name}' {msg}")));
+        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let Some((_, header)) = lines.next() else {
+            return bad("is empty: expected a header row naming the columns, one of them 'label'".into());
+        };
+        let columns: Vec<&str> = header.split(',').map(str::trim).collect();
+        let label_col = columns.iter().position(|c| *c == "label");
+        if need_label && label_col.is_none() {
+            return bad(format!(
+                "has no 'label' column in its header (columns: {})",
+                columns.join(", ")
+            ));
+        }
+        let n_features = columns.len() - usize::from(label_col.is_some());
+        if n_features == 0 {
+            return bad("has only a 'label' column: at least one feature column is needed".into());
+        }
+        let (mut features, mut labels) = (Vec::new(), Vec::new());
+        for (i, line) in lines {
+            let n = i + 1;
+            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            if fields.len() != columns.len() {
+                return bad(format!(
+                    "line {n} has {} fields, but the header has {}",
+                    fields.len(),
+                    columns.len()
+                ));
+            }
+            for (c, field) in fields.iter().enumerate() {
+                let v: f64 = match field.parse() {
+                    Ok(v) => v,
+                    Err(_) => {
+                        return bad(format!(
+                            "line {n}, column {} ('{}'): '{field}' is not a number",
+                            c + 1,
+                            columns[c]
+                        ));
+                    }
+                };
+                if !v.is_finite() {
+                    return bad(format!(
+                        "line {n}, column {} ('{}'): {field} is not finite; NaN and infinite values cannot be trained on",
+                        c + 1,
+                        columns[c]
+                    ));
+                }
+                if Some(c) == label_col {
+                    if !need_label {
+                        continue;
+                    }
+                    if task == Task::Classification && (v < 0.0 || v.fract() != 0.0 || v > u32::MAX as f64) {
+                        return bad(format!(
+                            "line {n}: label '{field}' is not a class index (a whole number >= 0); \
+                             use --task regression for real-valued targets"
+                        ));
+                    }
+                    labels.push(v);
+                } else {
+                    features.push(v);
+                }
+            }
+        }
+        let rows = features.len() / n_features;
+        if rows == 0 {
+            return bad("has a header but no data rows".into());
+        }
+        let x = Array2::from_shape_vec((rows, n_features), features).expect("rows x features values");
+        if !need_label {
+            check_finite("feature", &x)?;
+            return Ok(Dataset {
+                features: x,
+                targets: Targets::None,
+            });
+        }
+        match task {
+            Task::Classification => {
+                Dataset::classification(x, labels.into_iter().map(|v| v as usize).collect())
+            }
+            Task::Regression => {
+                Dataset::regression(x, Array2::from_shape_vec((rows, 1), labels).expect("rows"))
+            }
+        }
+    }
+
     /// The rows at `indices`, in that order.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
         let features = self.features.select(Axis(0), indices);
         let targets = match &self.targets {
             Targets::Classes(c) => Targets::Classes(indices.iter().map(|&i| c[i]).collect()),
             Targets::Values(v) => Targets::Values(v.select(Axis(0), indices)),
+            Targets::None => Targets::None,
         };
         Dataset { features, targets }
     }
@@ -185,7 +327,7 @@ impl Batch {
     pub fn classes(&self) -> Option<&[usize]> {
         match &self.data.targets {
             Targets::Classes(c) => Some(c),
-            Targets::Values(_) => None,
+            Targets::Values(_) | Targets::None => None,
         }
     }
 
@@ -193,7 +335,7 @@ impl Batch {
     pub fn values<E: Float, D: Backend>(&self) -> Option<Tensor<E, D>> {
         match &self.data.targets {
             Targets::Values(v) => Some(Tensor::from_array(v.mapv(E::from_f64).into_dyn())),
-            Targets::Classes(_) => None,
+            Targets::Classes(_) | Targets::None => None,
         }
     }
 }
@@ -317,6 +459,27 @@ mod tests {
         assert_ne!(flat(0), flat(1));
         assert_eq!(l.clone().drop_last(true).len(), 3);
         assert_eq!(l.len(), 4);
+    }
+
+    #[test]
+    fn csv_errors_name_line_and_column() {
+        let err = |t: &str| {
+            Dataset::parse_csv("d.csv", t, Task::Classification)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("").contains("is empty"));
+        assert!(err("a,label\n").contains("no data rows"));
+        assert!(err("a,b\n1,2\n").contains("no 'label' column"));
+        assert!(err("a,label\n1,2\n3\n").contains("line 3 has 1 fields, but the header has 2"));
+        assert!(err("a,label\n1,2\nx,1\n").contains("line 3, column 1 ('a'): 'x' is not a number"));
+        assert!(err("a,label\nnan,1\n").contains("line 2, column 1 ('a'): nan is not finite"));
+        assert!(err("a,label\n1,-1\n").contains("line 2: label '-1' is not a class index"));
+        assert!(err("a,label\n1,0.5\n").contains("label '0.5'"));
+        let ok = Dataset::parse_csv("d.csv", "label,a\r\n1,0.25\r\n0,2\r\n\n", Task::Classification).unwrap();
+        assert_eq!((ok.len(), ok.num_features(), ok.num_classes()), (2, 1, 2));
+        let r = Dataset::parse_csv("d.csv", "a,label\n1,0.5\n", Task::Regression).unwrap();
+        assert_eq!(r.targets(), &Targets::Values(array![[0.5]]));
     }
 
     #[test]

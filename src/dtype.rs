@@ -135,6 +135,9 @@ impl Acc for f64 {
 pub trait Float: Element + num_traits::Float + LeBytes {
     /// The compute type of element-wise kernels on this element (see [`Acc`]).
     type Acc: Acc;
+    /// How Adam's second moment (`~0.001 g²`) is stored for parameters of this type: f32 for f16
+    /// (whose range loses it to underflow for |g| < 8e-3), the type itself otherwise.
+    type Moment: Float;
     /// Widens to the compute type (exact).
     fn to_acc(self) -> Self::Acc;
     /// Rounds from the compute type to nearest even.
@@ -150,13 +153,14 @@ pub trait Float: Element + num_traits::Float + LeBytes {
 }
 
 macro_rules! real_elements {
-    ($($ty:ty => $dtype:ident, acc $acc:ty, $tacc:expr, $facc:expr, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr;)*) => {$(
+    ($($ty:ty => $dtype:ident, acc $acc:ty, moment $moment:ty, $tacc:expr, $facc:expr, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr;)*) => {$(
         impl sealed::Sealed for $ty {}
         impl Element for $ty {
             const DTYPE: DType = DType::$dtype;
         }
         impl Float for $ty {
             type Acc = $acc;
+            type Moment = $moment;
             #[inline(always)]
             fn to_acc(self) -> $acc { ($tacc)(self) }
             #[inline(always)]
@@ -174,13 +178,13 @@ macro_rules! real_elements {
 }
 
 real_elements! {
-    f16 => F16, acc f32, f16::to_f32, f16::from_f32,
+    f16 => F16, acc f32, moment f32, f16::to_f32, f16::from_f32,
         from_f32 f16::from_f32, to_f32 f16::to_f32, from_f64 f16::from_f64, to_f64 f16::to_f64;
-    bf16 => BF16, acc f32, bf16::to_f32, bf16::from_f32,
+    bf16 => BF16, acc f32, moment bf16, bf16::to_f32, bf16::from_f32,
         from_f32 bf16::from_f32, to_f32 bf16::to_f32, from_f64 bf16::from_f64, to_f64 bf16::to_f64;
-    f32 => F32, acc f32, |x| x, |x| x,
+    f32 => F32, acc f32, moment f32, |x| x, |x| x,
         from_f32 |x| x, to_f32 |x| x, from_f64 |x: f64| x as f32, to_f64 |x: f32| x as f64;
-    f64 => F64, acc f64, |x| x, |x| x,
+    f64 => F64, acc f64, moment f64, |x| x, |x| x,
         from_f32 |x: f32| x as f64, to_f32 |x: f64| x as f32, from_f64 |x| x, to_f64 |x| x;
 }
 

@@ -143,6 +143,7 @@ pub mod data;
 pub mod device;
 pub mod dtype;
 mod error;
+pub mod fmt;
 pub mod matrix;
 pub mod nn;
 pub mod optim;
@@ -152,7 +153,7 @@ pub mod tensor;
 mod trainer;
 
 pub use autograd::Grads;
-pub use device::{Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
+pub use device::{BackendJob, Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
 pub use dtype::{BF16, DType, Dtype, Element, F16, F32, F64, Float, HalfDtype, Promote};
 pub use error::Error;
 pub use matrix::{Job, Selection, Supports, dispatch};
@@ -162,7 +163,7 @@ pub use precision::{
 };
 pub use trainer::{
     ClipAlgorithm, FitReport, Metrics, MlpModel, Model, StepInfo, StepLog, Summary, Trainer, TrainerBuilder,
-    TrainerConfig,
+    TrainerConfig, mlp_sizes, write_atomic,
 };
 
 /// The names most programs need: `use nbit::prelude::*;`.

@@ -276,7 +276,8 @@ fn half_precisions_hold_half_the_parameter_memory() {
     }
     let (p32, s32) = bytes::<True<F32>>();
     assert_eq!(p32, (4 * 16 + 16 + 16 * 3 + 3) * 4);
-    assert_eq!(bytes::<True<F16>>(), (p32 / 2, s32 / 2));
+    // AdamW keeps exp_avg in f16 but exp_avg_sq in f32 under 16-true (f16 underflows it).
+    assert_eq!(bytes::<True<F16>>(), (p32 / 2, s32 / 4 + s32 / 2));
     assert_eq!(bytes::<True<BF16>>(), (p32 / 2, s32 / 2));
     assert_eq!(bytes::<True<F64>>(), (p32 * 2, s32 * 2));
     assert_eq!(
@@ -290,8 +291,6 @@ fn loss_falls<P: Precision>() -> (f64, f64)
 where
     Cpu: Supports<P>,
 {
-    // SGD with momentum: AdamW's second moment underflows in f16 storage for |g| < ~8e-3, which
-    // makes pure-f16 AdamW unstable here as it is in PyTorch (see the optim module docs).
     let t = quiet::<P>().max_epochs(15).build().unwrap();
     let mut m = mlp(&t, Optimization::new(Sgd::new(0.05).momentum(0.9)));
     let r = t.fit(&mut m, &loader(96, 16), None).unwrap();

@@ -544,7 +544,7 @@ impl Backend for Cpu {
         param: &mut ArrayD<E>,
         grad: &ArrayD<E>,
         exp_avg: &mut ArrayD<E>,
-        exp_avg_sq: &mut ArrayD<E>,
+        exp_avg_sq: &mut ArrayD<E::Moment>,
         hp: &AdamWStep,
     ) {
         let c = <E::Acc as Acc>::c;
@@ -563,9 +563,9 @@ impl Backend for Cpu {
                 let pa = p.to_acc() * decay;
                 // PyTorch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
                 let ma = m.to_acc() + (one - b1) * (g - m.to_acc());
-                let va = v.to_acc() * b2 + (one - b2) * g * g;
+                let va = c(v.as_f64()) * b2 + (one - b2) * g * g;
                 *m = E::from_acc(ma);
-                *v = E::from_acc(va);
+                *v = <E::Moment as Float>::from_f64(va.f64());
                 *p = E::from_acc(pa - step_size * ma / (va.sqrt() / b2s + eps));
             });
     }

@@ -179,12 +179,13 @@ pub trait Backend: Device {
         momentum_buffer: Option<&mut Self::Storage<E>>,
         hp: &SgdStep,
     );
-    /// One AdamW update of `param` and its moment estimates, computed in `E::Acc`.
+    /// One AdamW update of `param` and its moment estimates, computed in `E::Acc`; the second
+    /// moment is stored in `E::Moment`.
     fn adamw_step<E: Float>(
         param: &mut Self::Storage<E>,
         grad: &Self::Storage<E>,
         exp_avg: &mut Self::Storage<E>,
-        exp_avg_sq: &mut Self::Storage<E>,
+        exp_avg_sq: &mut Self::Storage<E::Moment>,
         hp: &AdamWStep,
     );
 }

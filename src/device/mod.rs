@@ -22,6 +22,22 @@ pub trait Device: sealed::Sealed + Copy + Default + Debug + Send + Sync + 'stati
     /// `Ok` when this device can run work in this process; otherwise an error that says why and
     /// what to do. Cheap after the first call.
     fn probe() -> Result<(), Error>;
+
+    /// Runs `job` with this device's kernels, or returns why this device cannot run it (no
+    /// backend yet, no hardware). Lets code generic over any `D: Supports<P>` (such as a
+    /// [`Job`](crate::Job) from [`dispatch`](crate::dispatch)) reach `Trainer::fit`, which needs a
+    /// [`Backend`](crate::backend::Backend).
+    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error>;
+}
+
+/// Work that needs a device's kernels; see [`Device::with_backend`].
+pub trait BackendJob<D> {
+    /// What the job returns.
+    type Output;
+    /// Runs the job (only called for devices that have a backend).
+    fn run(self) -> Self::Output
+    where
+        D: crate::backend::Backend;
 }
 
 /// The host CPU (tensors in ndarray arrays). Always available.
@@ -49,10 +65,25 @@ impl Device for Cpu {
     fn probe() -> Result<(), Error> {
         Ok(())
     }
+    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error> {
+        Ok(job.run())
+    }
+}
+
+/// For devices without a backend: the probe's reason.
+fn no_backend<T>(probe: Result<(), Error>, device: &'static str) -> Result<T, Error> {
+    probe?;
+    Err(Error::DeviceUnavailable {
+        device,
+        reason: "nbit has no backend for it yet".into(),
+    })
 }
 
 impl Device for Gpu {
     const KIND: DeviceKind = DeviceKind::Gpu;
+    fn with_backend<J: BackendJob<Self>>(_job: J) -> Result<J::Output, Error> {
+        no_backend(Self::probe(), "gpu")
+    }
     fn probe() -> Result<(), Error> {
         cuda_probe::cuda_device_count()
             .map(drop)
@@ -65,6 +96,9 @@ impl Device for Gpu {
 
 impl Device for Tpu {
     const KIND: DeviceKind = DeviceKind::Tpu;
+    fn with_backend<J: BackendJob<Self>>(_job: J) -> Result<J::Output, Error> {
+        no_backend(Self::probe(), "tpu")
+    }
     fn probe() -> Result<(), Error> {
         Err(Error::DeviceUnavailable {
             device: "tpu",

@@ -157,14 +157,7 @@ impl<P: Precision, D: Backend> Linear<P, D> {
     }
 }
 
-/// What an [`Mlp`] is trained to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Task {
-    /// Class indices, cross-entropy loss, accuracy.
-    Classification,
-    /// Real targets, mean squared error.
-    Regression,
-}
+pub use crate::data::Task;
 
 /// A multilayer perceptron: `torch.nn.Sequential(Linear, ReLU, Linear, ..., Linear)`.
 #[derive(Clone, Debug)]

@@ -4,11 +4,11 @@
 //! weights), `H` under `True<H>`. Every update is computed in f32 (f64 for f64 parameters) and
 //! rounded once into storage, so AdamW's `eps = 1e-8` (0 in f16) cannot make a 16-bit update NaN.
 //!
-//! One hazard is inherited from PyTorch: under `True<F16>` AdamW's second moment `v ≈ 0.001 g²`
-//! is stored in f16 and underflows to 0 for |g| below about 8e-3; the next step then divides
-//! the first moment by `eps` alone and the weights jump. nbit computes the update in f32, so the
-//! result stays finite (PyTorch's f16 arithmetic gives inf/NaN there), but training can still
-//! diverge. Prefer SGD, bf16-true, or a mixed precision for AdamW; or raise `eps` to about 1e-4.
+//! One deliberate difference from PyTorch: under `True<F16>`, AdamW's second moment
+//! (`exp_avg_sq`, about `0.001 g²`) is stored in f32 ([`Float::Moment`]). In f16 it underflows
+//! to 0 for |g| below about 8e-3, and the next step divides the first moment by `eps` alone: the
+//! weights jump, and PyTorch's 16-true AdamW diverges to NaN on the quickstart's data. The first
+//! moment stays in f16; bf16 has f32's range and keeps both moments in bf16.
 //!
 //! ```
 //! use nbit::optim::{AdamW, Optimization, Scheduler, Sgd};
@@ -308,21 +308,30 @@ impl Optimization {
     }
 }
 
-/// Names of the state slots, as PyTorch's optimizer `state_dict` calls them.
-fn slot_names(o: &Optimizer) -> &'static [&'static str] {
-    match o {
-        Optimizer::Sgd(s) if s.momentum != 0.0 => &["momentum_buffer"],
-        Optimizer::Sgd(_) => &[],
-        Optimizer::AdamW(_) => &["exp_avg", "exp_avg_sq"],
-    }
+/// The state of one parameter, named as PyTorch's optimizer `state_dict` names it.
+#[derive(Clone, Debug)]
+enum Slot<E: Float, D: Backend> {
+    /// No state yet (before the first step) or none needed (plain SGD).
+    Empty,
+    /// SGD's `momentum_buffer`.
+    Momentum(Tensor<E, D>),
+    /// AdamW's `exp_avg` and `exp_avg_sq` (the latter in `E::Moment`).
+    Adam(Tensor<E, D>, Tensor<E::Moment, D>),
 }
+
+/// Optimizer state as named tensors, for checkpoints: `(name, tensor)` in the parameters' dtype
+/// and in the second-moment dtype.
+pub(crate) type Exported<E, D> = (
+    Vec<(String, Tensor<E, D>)>,
+    Vec<(String, Tensor<<E as Float>::Moment, D>)>,
+    HashMap<String, String>,
+);
 
 /// An optimizer with its per-parameter state.
 #[derive(Clone, Debug)]
 pub struct OptimizerState<E: Float, D: Backend> {
     config: Optimization,
-    /// `slots[i][k]`: slot `k` of parameter `i`, created on the first step.
-    slots: Vec<Vec<Tensor<E, D>>>,
+    slots: Vec<Slot<E, D>>,
     names: Vec<String>,
     steps: u64,
     scheduler_steps: u64,
@@ -334,7 +343,7 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         config.optimizer.validate()?;
         Ok(OptimizerState {
             config,
-            slots: vec![Vec::new(); params.len()],
+            slots: vec![Slot::Empty; params.len()],
             names: params.iter().map(|p| p.name().to_owned()).collect(),
             steps: 0,
             scheduler_steps: 0,
@@ -373,10 +382,17 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
 
     /// Bytes of optimizer state held.
     pub fn state_bytes(&self) -> usize {
+        let (e, m) = (
+            E::DTYPE.size_bytes(),
+            <E::Moment as crate::Element>::DTYPE.size_bytes(),
+        );
         self.slots
             .iter()
-            .flatten()
-            .map(|t| t.numel() * E::DTYPE.size_bytes())
+            .map(|s| match s {
+                Slot::Empty => 0,
+                Slot::Momentum(b) => b.numel() * e,
+                Slot::Adam(a, v) => a.numel() * e + v.numel() * m,
+            })
             .sum()
     }
 
@@ -384,15 +400,14 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
     pub fn step(&mut self, params: &mut [&mut Parameter<E, D>], grads: &[Tensor<E, D>]) {
         let lr = self.lr();
         self.steps += 1;
-        let n_slots = slot_names(&self.config.optimizer).len();
-        for ((p, g), slots) in params.iter_mut().zip(grads).zip(&mut self.slots) {
-            let first = slots.is_empty();
-            if first {
-                slots.extend((0..n_slots).map(|_| Tensor::zeros(g.shape())));
-            }
+        for ((p, g), slot) in params.iter_mut().zip(grads).zip(&mut self.slots) {
             let param = p.value_mut().storage_mut();
             match self.config.optimizer {
                 Optimizer::Sgd(o) => {
+                    let first = matches!(slot, Slot::Empty);
+                    if first && o.momentum != 0.0 {
+                        *slot = Slot::Momentum(Tensor::zeros(g.shape()));
+                    }
                     let hp = SgdStep {
                         lr,
                         momentum: o.momentum,
@@ -401,10 +416,16 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
                         weight_decay: o.weight_decay,
                         first,
                     };
-                    let buf = slots.first_mut().map(|b| b.storage_mut());
+                    let buf = match slot {
+                        Slot::Momentum(b) => Some(b.storage_mut()),
+                        _ => None,
+                    };
                     D::sgd_step(param, g.storage(), buf, &hp);
                 }
                 Optimizer::AdamW(o) => {
+                    if matches!(slot, Slot::Empty) {
+                        *slot = Slot::Adam(Tensor::zeros(g.shape()), Tensor::zeros(g.shape()));
+                    }
                     let hp = AdamWStep {
                         lr,
                         beta1: o.betas.0,
@@ -413,51 +434,63 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
                         weight_decay: o.weight_decay,
                         step: self.steps,
                     };
-                    let (m, v) = slots.split_at_mut(1);
-                    D::adamw_step(param, g.storage(), m[0].storage_mut(), v[0].storage_mut(), &hp);
+                    if let Slot::Adam(m, v) = slot {
+                        D::adamw_step(param, g.storage(), m.storage_mut(), v.storage_mut(), &hp);
+                    }
                 }
             }
         }
     }
 
     /// The state as named tensors (`exp_avg.0.weight`, ...) and scalars, for checkpoints.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn export(&self) -> (Vec<(String, Tensor<E, D>)>, HashMap<String, String>) {
-        let names = slot_names(&self.config.optimizer);
-        let mut tensors = Vec::new();
-        for (pname, slots) in self.names.iter().zip(&self.slots) {
-            for (slot, t) in names.iter().zip(slots) {
-                tensors.push((format!("{slot}.{pname}"), t.clone()));
+    pub(crate) fn export(&self) -> Exported<E, D> {
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        for (name, slot) in self.names.iter().zip(&self.slots) {
+            match slot {
+                Slot::Empty => {}
+                Slot::Momentum(b) => first.push((format!("momentum_buffer.{name}"), b.clone())),
+                Slot::Adam(m, v) => {
+                    first.push((format!("exp_avg.{name}"), m.clone()));
+                    second.push((format!("exp_avg_sq.{name}"), v.clone()));
+                }
             }
         }
         let mut meta = HashMap::new();
         meta.insert("optimizer".into(), self.config.optimizer.name().into());
         meta.insert("optimizer_steps".into(), self.steps.to_string());
         meta.insert("scheduler_steps".into(), self.scheduler_steps.to_string());
-        (tensors, meta)
+        (first, second, meta)
     }
 
-    /// Restores state exported by [`OptimizerState::export`]; `lookup` finds a named tensor.
+    /// Restores state exported by [`OptimizerState::export`]; `first` and `second` find a named
+    /// tensor of the given shape in the parameters' and the second-moment dtype.
     #[allow(clippy::type_complexity)]
     pub(crate) fn import(
         &mut self,
         meta: &HashMap<String, String>,
-        mut lookup: impl FnMut(&str, &[usize]) -> Result<Option<Tensor<E, D>>, Error>,
+        mut first: impl FnMut(&str, &[usize]) -> Result<Option<Tensor<E, D>>, Error>,
+        mut second: impl FnMut(&str, &[usize]) -> Result<Option<Tensor<E::Moment, D>>, Error>,
         shapes: &[Vec<usize>],
     ) -> Result<(), Error> {
         let get = |k: &str| meta.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         self.steps = get("optimizer_steps");
         self.scheduler_steps = get("scheduler_steps");
-        let names = slot_names(&self.config.optimizer);
-        for ((pname, slots), shape) in self.names.iter().zip(&mut self.slots).zip(shapes) {
-            slots.clear();
-            let found: Vec<Option<Tensor<E, D>>> = names
-                .iter()
-                .map(|slot| lookup(&format!("{slot}.{pname}"), shape))
-                .collect::<Result<_, _>>()?;
-            if found.iter().all(Option::is_some) {
-                slots.extend(found.into_iter().flatten());
-            }
+        for ((name, slot), shape) in self.names.iter().zip(&mut self.slots).zip(shapes) {
+            *slot = match self.config.optimizer {
+                Optimizer::Sgd(_) => match first(&format!("momentum_buffer.{name}"), shape)? {
+                    Some(b) => Slot::Momentum(b),
+                    None => Slot::Empty,
+                },
+                Optimizer::AdamW(_) => {
+                    match (
+                        first(&format!("exp_avg.{name}"), shape)?,
+                        second(&format!("exp_avg_sq.{name}"), shape)?,
+                    ) {
+                        (Some(m), Some(v)) => Slot::Adam(m, v),
+                        _ => Slot::Empty,
+                    }
+                }
+            };
         }
         Ok(())
     }

@@ -32,30 +32,36 @@ fn st_dtype(d: DType) -> StDtype {
     }
 }
 
-/// Little-endian bytes of a tensor, in its own dtype.
-fn tensor_bytes<E: Float, D: Backend>(t: &Tensor<E, D>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(t.numel() * E::DTYPE.size_bytes());
-    for v in t.to_array().iter() {
-        v.put_le(&mut out);
-    }
-    out
+/// A named tensor as little-endian bytes in its own dtype, ready to serialise.
+pub(crate) struct Encoded {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
 }
 
-/// Serialises named tensors and metadata to safetensors bytes.
-pub(crate) fn to_bytes<E: Float, D: Backend>(
-    tensors: &[(String, Tensor<E, D>)],
-    meta: HashMap<String, String>,
-) -> Result<Vec<u8>, Error> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+/// Encodes one tensor.
+pub(crate) fn encode<E: Float, D: Backend>(name: &str, t: &Tensor<E, D>) -> Encoded {
+    let mut bytes = Vec::with_capacity(t.numel() * E::DTYPE.size_bytes());
+    for v in t.to_array().iter() {
+        v.put_le(&mut bytes);
+    }
+    Encoded {
+        name: name.to_owned(),
+        dtype: E::DTYPE,
+        shape: t.shape().to_vec(),
+        bytes,
+    }
+}
+
+/// Serialises encoded tensors and metadata to safetensors bytes.
+pub(crate) fn to_bytes(tensors: &[Encoded], meta: HashMap<String, String>) -> Result<Vec<u8>, Error> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, t)| (n.clone(), tensor_bytes(t), t.shape().to_vec()))
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = bytes
-        .iter()
-        .map(|(n, b, s)| {
-            TensorView::new(st_dtype(E::DTYPE), s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::InvalidData(format!("cannot serialise tensor '{n}': {e}")))
+        .map(|t| {
+            TensorView::new(st_dtype(t.dtype), t.shape.clone(), &t.bytes)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| Error::InvalidData(format!("cannot serialise tensor '{}': {e}", t.name)))
         })
         .collect::<Result<_, _>>()?;
     safetensors::serialize(views, Some(meta))
@@ -63,7 +69,7 @@ pub(crate) fn to_bytes<E: Float, D: Backend>(
 }
 
 /// Writes `bytes` to `path` atomically (temporary file in the same folder, fsync, rename).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let shown = path.display().to_string();
     let io = |action: &'static str, e: std::io::Error| Error::Io {
         path: shown.clone(),
@@ -227,4 +233,31 @@ impl Loaded {
         }
         Ok(notes)
     }
+}
+
+/// The layer widths `[inputs, hidden..., outputs]` of an MLP weights file (`0.weight`, `2.weight`,
+/// ... as `torch.nn.Sequential` of Linear and ReLU writes them).
+pub fn mlp_sizes(path: &Path) -> Result<Vec<usize>, Error> {
+    let file = Loaded::read(path)?;
+    let st = file.tensors();
+    let mut sizes = Vec::new();
+    for i in (0..).step_by(2) {
+        let Ok(w) = st.tensor(&format!("{i}.weight")) else {
+            break;
+        };
+        let shape = w.shape();
+        if shape.len() != 2 || sizes.last().is_some_and(|&prev| prev != shape[1]) {
+            return Err(file.err(format!(
+                "tensor '{i}.weight' has shape {shape:?}, which does not follow the previous layer"
+            )));
+        }
+        if sizes.is_empty() {
+            sizes.push(shape[1]);
+        }
+        sizes.push(shape[0]);
+    }
+    if sizes.is_empty() {
+        return Err(file.err("has no tensor '0.weight': not the weights of an MLP".into()));
+    }
+    Ok(sizes)
 }

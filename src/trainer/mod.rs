@@ -32,6 +32,7 @@ use crate::precision::Precision;
 use crate::scaler::{GradScaler, ScalerState};
 use crate::tensor::Tensor;
 
+pub use checkpoint::{mlp_sizes, write_atomic};
 pub use model::{Metrics, MlpModel, Model, StepInfo};
 
 /// How gradients are clipped (Lightning's `gradient_clip_algorithm`).
@@ -252,6 +253,8 @@ pub struct FitReport {
     pub optimizer_state_bytes: usize,
     /// Notes from loading a checkpoint (dtype casts), if resumed.
     pub notes: Vec<String>,
+    /// Training rows processed by this call (for samples/s).
+    pub samples: usize,
 }
 
 /// Where a fit is: everything a checkpoint must restore for an exact resume.
@@ -360,6 +363,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         let accumulate = self.cfg.accumulate_grad_batches;
         let mut history = Vec::new();
         let mut validation = Vec::new();
+        let mut samples = 0usize;
         let mut done = self.cfg.max_steps.is_some_and(|m| st.global_step >= m);
         while !done && st.epoch < max_epochs {
             let batches = train.epoch_indices(st.epoch);
@@ -371,6 +375,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             for (bi, idx) in batches.iter().enumerate().skip(start) {
                 let batch = train.dataset().subset(idx);
                 let batch = crate::data::Batch::from(batch);
+                samples += batch.len();
                 let info = StepInfo {
                     epoch: st.epoch,
                     batch_idx: bi,
@@ -439,6 +444,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             parameter_bytes: crate::nn::parameter_bytes(&params),
             optimizer_state_bytes: st.optimizer.state_bytes(),
             notes,
+            samples,
         })
     }
 
@@ -526,10 +532,10 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
     /// Writes the parameters as a safetensors file with PyTorch's `state_dict` names, in their
     /// stored dtype (atomically).
     pub fn save_weights<M: Model<P, D>>(&self, model: &M, path: &Path) -> Result<(), Error> {
-        let tensors: Vec<(String, Tensor<P::Param, D>)> = model
+        let tensors: Vec<checkpoint::Encoded> = model
             .parameters()
             .iter()
-            .map(|p| (p.name().to_owned(), p.value().clone()))
+            .map(|p| checkpoint::encode(p.name(), p.value()))
             .collect();
         let mut meta = HashMap::new();
         meta.insert("precision".into(), P::NAME.into());
@@ -549,10 +555,14 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         st: &LoopState<P, D>,
         path: &Path,
     ) -> Result<(), Error> {
-        let (mut tensors, mut meta) = st.optimizer.export();
-        for p in model.parameters() {
-            tensors.push((p.name().to_owned(), p.value().clone()));
-        }
+        let (state, second, mut meta) = st.optimizer.export();
+        let mut tensors: Vec<checkpoint::Encoded> = model
+            .parameters()
+            .iter()
+            .map(|p| checkpoint::encode(p.name(), p.value()))
+            .collect();
+        tensors.extend(state.iter().map(|(n, t)| checkpoint::encode(n, t)));
+        tensors.extend(second.iter().map(|(n, t)| checkpoint::encode(n, t)));
         meta.insert("format".into(), checkpoint::FORMAT.into());
         meta.insert("precision".into(), P::NAME.into());
         meta.insert("epoch".into(), st.epoch.to_string());
@@ -596,13 +606,15 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             .iter()
             .map(|p| p.value().shape().to_vec())
             .collect();
-        let mut state_notes = Vec::new();
+        let (mut first_notes, mut second_notes) = (Vec::new(), Vec::new());
         st.optimizer.import(
             &meta,
-            |name, shape| file.tensor::<P::Param, D>(name, shape, &mut state_notes),
+            |name, shape| file.tensor::<P::Param, D>(name, shape, &mut first_notes),
+            |name, shape| file.tensor(name, shape, &mut second_notes),
             &shapes,
         )?;
-        notes.extend(state_notes);
+        notes.extend(first_notes);
+        notes.extend(second_notes);
         st.epoch = meta_get(&meta, "epoch").unwrap_or(0);
         st.batch_in_epoch = meta_get(&meta, "batch_in_epoch").unwrap_or(0);
         st.global_step = meta_get(&meta, "global_step").unwrap_or(0);
