@@ -84,7 +84,7 @@ mod tests {
 
     #[test]
     fn sixteen_bit_values_are_written_exactly_and_read_back() {
-        for x in [0.1f32, 1.0947265625, 65504.0, 5.9604645e-8, -2.5, 1e-3, 3.0e38] {
+        for x in [0.1f32, 1.094_726_6, 65504.0, 5.960_464_5e-8, -2.5, 1e-3, 3.0e38] {
             for v in [f16::from_f32(x).to_f64(), bf16::from_f32(x).to_f64()] {
                 let s = exact_decimal(v);
                 assert_eq!(s.parse::<f64>().unwrap(), v, "{s}");

@@ -506,7 +506,10 @@ fn an_unwritable_path_is_an_error_and_leaves_nothing_behind() {
         "{msg}"
     );
     // Overwriting keeps the old file intact until the new one is complete: write, then rewrite.
-    let path = tmp("atomic.safetensors");
+    // (In a folder of its own: other tests write checkpoints in parallel.)
+    let own = tmp("atomic");
+    std::fs::create_dir_all(&own).unwrap();
+    let path = own.join("atomic.safetensors");
     t.save_weights(&m, &path).unwrap();
     t.save_weights(&m, &path).unwrap();
     let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())

@@ -41,10 +41,20 @@ fn rows_of(shape: &[usize]) -> (usize, usize) {
 fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
+    bias: Option<&ArrayD<T>>,
 ) -> Array2<T> {
     let (m, k) = a.dim();
     let n = b.ncols();
-    let mut dst = Array2::<T>::zeros((m, n));
+    // With a bias the product is accumulated onto it, so `a @ b + bias` is rounded once.
+    let mut dst = match bias {
+        Some(v) => v
+            .broadcast(IxDyn(&[m, n]))
+            .expect("bias is [n] (checked by caller)")
+            .to_owned()
+            .into_dimensionality()
+            .expect("2-D"),
+        None => Array2::<T>::zeros((m, n)),
+    };
     if m == 0 || n == 0 {
         return dst;
     }
@@ -71,14 +81,14 @@ fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
             dst_ptr,
             1,
             n as isize,
-            false,
+            bias.is_some(),
             a.as_ptr(),
             acs,
             ars,
             b.as_ptr(),
             bcs,
             brs,
-            T::zero(),
+            T::one(),
             T::one(),
             false,
             false,
@@ -297,23 +307,31 @@ impl Backend for Cpu {
         }
     }
 
-    fn matmul<E: Float>(a: &ArrayD<E>, b: &ArrayD<E>, ta: bool, tb: bool) -> ArrayD<E> {
+    fn matmul<E: Float>(
+        a: &ArrayD<E>,
+        b: &ArrayD<E>,
+        ta: bool,
+        tb: bool,
+        bias: Option<&ArrayD<E>>,
+    ) -> ArrayD<E> {
+        fn same<T: 'static, U: 'static>(x: &T) -> &U {
+            (x as &dyn Any)
+                .downcast_ref()
+                .expect("element type checked by DTYPE")
+        }
         let out = match E::DTYPE {
-            crate::DType::F64 => {
-                let a: &ArrayD<f64> = (a as &dyn Any).downcast_ref().expect("f64");
-                let b: &ArrayD<f64> = (b as &dyn Any).downcast_ref().expect("f64");
-                downcast::<ArrayD<f64>, ArrayD<E>>(gemm_into(as_2d(a, ta), as_2d(b, tb)).into_dyn())
-            }
-            crate::DType::F32 => {
-                let a: &ArrayD<f32> = (a as &dyn Any).downcast_ref().expect("f32");
-                let b: &ArrayD<f32> = (b as &dyn Any).downcast_ref().expect("f32");
-                downcast::<ArrayD<f32>, ArrayD<E>>(gemm_into(as_2d(a, ta), as_2d(b, tb)).into_dyn())
-            }
-            // 16-bit operands: widen (exactly) to f32, multiply-accumulate in f32, round once.
+            crate::DType::F64 => downcast::<ArrayD<f64>, ArrayD<E>>(
+                gemm_into(as_2d(same(a), ta), as_2d(same(b), tb), bias.map(same)).into_dyn(),
+            ),
+            crate::DType::F32 => downcast::<ArrayD<f32>, ArrayD<E>>(
+                gemm_into(as_2d(same(a), ta), as_2d(same(b), tb), bias.map(same)).into_dyn(),
+            ),
+            // 16-bit operands: widen (exactly) to f32, multiply-accumulate in f32 onto the
+            // widened bias, round once (as PyTorch's addmm for half types).
             _ => {
-                let wa = a.mapv(|v| v.as_f32());
-                let wb = b.mapv(|v| v.as_f32());
-                gemm_into(as_2d(&wa, ta), as_2d(&wb, tb))
+                let wide = |x: &ArrayD<E>| x.mapv(|v| v.as_f32());
+                let wb = bias.map(wide);
+                gemm_into(as_2d(&wide(a), ta), as_2d(&wide(b), tb), wb.as_ref())
                     .mapv(E::from_f32)
                     .into_dyn()
             }
@@ -523,18 +541,35 @@ impl Backend for Cpu {
             c(hp.momentum),
             c(1.0 - hp.dampening),
         );
+        // Each value PyTorch keeps as a tensor (the decayed gradient, the momentum buffer) is
+        // rounded to the storage dtype before it is used, as PyTorch's tensor ops round it; the
+        // arithmetic itself is in E::Acc.
+        let round = |x: E::Acc| E::from_acc(x).to_acc();
         match momentum_buffer {
             None => Zip::from(param).and(grad).for_each(|p, g| {
                 let pa = p.to_acc();
-                let d = g.to_acc() + wd * pa;
+                let d = if hp.weight_decay != 0.0 {
+                    round(g.to_acc() + wd * pa)
+                } else {
+                    g.to_acc()
+                };
                 *p = E::from_acc(pa - lr * d);
             }),
             Some(buf) => Zip::from(param).and(grad).and(buf).for_each(|p, g, b| {
                 let pa = p.to_acc();
-                let d = g.to_acc() + wd * pa;
-                let nb = if hp.first { d } else { mom * b.to_acc() + damp * d };
+                let d = if hp.weight_decay != 0.0 {
+                    round(g.to_acc() + wd * pa)
+                } else {
+                    g.to_acc()
+                };
+                // PyTorch: buf.mul_(momentum).add_(grad, alpha=1 - dampening), two roundings.
+                let nb = if hp.first {
+                    d
+                } else {
+                    round(round(mom * b.to_acc()) + damp * d)
+                };
                 *b = E::from_acc(nb);
-                let step = if hp.nesterov { d + mom * nb } else { nb };
+                let step = if hp.nesterov { round(d + mom * nb) } else { nb };
                 *p = E::from_acc(pa - lr * step);
             }),
         }
@@ -560,12 +595,14 @@ impl Backend for Cpu {
             .and(exp_avg_sq)
             .for_each(|p, g, m, v| {
                 let g = g.to_acc();
-                let pa = p.to_acc() * decay;
+                let pa = E::from_acc(p.to_acc() * decay).to_acc();
                 // PyTorch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
                 let ma = m.to_acc() + (one - b1) * (g - m.to_acc());
                 let va = c(v.as_f64()) * b2 + (one - b2) * g * g;
                 *m = E::from_acc(ma);
                 *v = <E::Moment as Float>::from_f64(va.f64());
+                // The update reads the stored moments, as PyTorch's in-place ops leave them.
+                let (ma, va) = (m.to_acc(), c(v.as_f64()));
                 *p = E::from_acc(pa - step_size * ma / (va.sqrt() / b2s + eps));
             });
     }

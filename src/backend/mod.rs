@@ -109,9 +109,16 @@ pub trait Backend: Device {
         scale: f64,
     ) -> Self::Storage<E>;
 
-    /// `a @ b` for 2-D operands, optionally transposing either first. 16-bit operands accumulate
-    /// in f32.
-    fn matmul<E: Float>(a: &Self::Storage<E>, b: &Self::Storage<E>, ta: bool, tb: bool) -> Self::Storage<E>;
+    /// `a @ b (+ bias)` for 2-D operands, optionally transposing either first; `bias` (`[n]`) is
+    /// added to every row before the single rounding, as PyTorch's `addmm` does in `linear`.
+    /// 16-bit operands accumulate in f32.
+    fn matmul<E: Float>(
+        a: &Self::Storage<E>,
+        b: &Self::Storage<E>,
+        ta: bool,
+        tb: bool,
+        bias: Option<&Self::Storage<E>>,
+    ) -> Self::Storage<E>;
 
     /// Softmax (or log-softmax when `log`) over the last axis; max-subtracted, f64 denominators.
     fn softmax<E: Float>(x: &Self::Storage<E>, log: bool) -> Self::Storage<E>;

@@ -243,6 +243,11 @@ struct Plan {
 fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
     let opts = opts.with_config()?;
     let task: Task = opts.task.as_deref().unwrap_or("classification").parse()?;
+    if let Some(f) = opts.val_split {
+        if !(0.0..1.0).contains(&f) {
+            return Err(invalid("--val-split", f, "a fraction in [0, 1)"));
+        }
+    }
     let data_path = opts
         .data
         .clone()
@@ -369,11 +374,6 @@ fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
         other => return Err(invalid("--optimizer", format!("'{other}'"), "'sgd' or 'adamw'")),
     };
     optimization.optimizer.validate()?;
-    if let Some(f) = opts.val_split {
-        if !(0.0..1.0).contains(&f) {
-            return Err(invalid("--val-split", f, "a fraction in [0, 1)"));
-        }
-    }
     Ok(Plan {
         command,
         opts,

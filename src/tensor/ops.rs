@@ -120,8 +120,15 @@ impl<E: Float, D: Backend> Tensor<E, D> {
         self.binary_op(Binary::Div, other, "div")
     }
 
-    /// `op(self) @ op(other)` for 2-D tensors, `op` a transpose where asked.
-    pub(crate) fn matmul_t(&self, other: &Self, ta: bool, tb: bool) -> Result<Self, Error> {
+    /// `op(self) @ op(other) (+ bias)` for 2-D tensors, `op` a transpose where asked; the bias
+    /// (`[n]`) is added before the single rounding.
+    pub(crate) fn matmul_t(
+        &self,
+        other: &Self,
+        ta: bool,
+        tb: bool,
+        bias: Option<&Self>,
+    ) -> Result<Self, Error> {
         let (sa, sb) = (self.shape(), other.shape());
         if sa.len() != 2 || sb.len() != 2 {
             return Err(mismatch("matmul", sa, sb, "both operands must be 2-D"));
@@ -136,31 +143,46 @@ impl<E: Float, D: Backend> Tensor<E, D> {
                 "the left's columns must equal the right's rows",
             ));
         }
-        let data = D::matmul(self.storage(), other.storage(), ta, tb);
-        let (a, b) = (self.clone(), other.clone());
-        Ok(Self::from_op(data, &[self.node(), other.node()], move |dy, g| {
+        let n = if tb { sb[0] } else { sb[1] };
+        if let Some(bias) = bias {
+            if bias.shape() != [n] {
+                return Err(mismatch(
+                    "matmul bias",
+                    &[n],
+                    bias.shape(),
+                    "the bias must have one value per output column",
+                ));
+            }
+        }
+        let data = D::matmul(self.storage(), other.storage(), ta, tb, bias.map(Tensor::storage));
+        let (a, b, c) = (self.clone(), other.clone(), bias.cloned());
+        let inputs = [self.node(), other.node(), bias.and_then(Tensor::node)];
+        Ok(Self::from_op(data, &inputs, move |dy, g| {
             if a.is_tracked() {
                 let da = if ta {
-                    D::matmul(b.storage(), dy, tb, true)
+                    D::matmul(b.storage(), dy, tb, true, None)
                 } else {
-                    D::matmul(dy, b.storage(), false, !tb)
+                    D::matmul(dy, b.storage(), false, !tb, None)
                 };
                 g.accumulate::<E, D>(a.id(), da);
             }
             if b.is_tracked() {
                 let db = if tb {
-                    D::matmul(dy, a.storage(), true, ta)
+                    D::matmul(dy, a.storage(), true, ta, None)
                 } else {
-                    D::matmul(a.storage(), dy, !ta, false)
+                    D::matmul(a.storage(), dy, !ta, false, None)
                 };
                 g.accumulate::<E, D>(b.id(), db);
+            }
+            if let Some(c) = c.as_ref().filter(|c| c.is_tracked()) {
+                g.accumulate::<E, D>(c.id(), D::sum_to_shape(dy, c.shape()));
             }
         }))
     }
 
     /// Matrix product of 2-D tensors `[m, k] @ [k, n]`. 16-bit operands accumulate in f32.
     pub fn matmul(&self, other: &Self) -> Result<Self, Error> {
-        self.matmul_t(other, false, false)
+        self.matmul_t(other, false, false, None)
     }
 
     /// `self @ weight^T + bias` over the last axis, as `torch.nn.functional.linear`: `self` is
@@ -193,10 +215,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
         } else {
             self.reshape(&[rows, input])?
         };
-        let mut y = x2.matmul_t(weight, false, true)?;
-        if let Some(b) = bias {
-            y = y.add(b)?;
-        }
+        let y = x2.matmul_t(weight, false, true, bias)?;
         if shape.len() == 2 {
             return Ok(y);
         }
