@@ -148,24 +148,14 @@ impl Dataset {
     /// for regression), every other column is a feature. Numbers only, no quoted fields. Every
     /// problem is an error naming the file, line and column.
     pub fn read_csv(path: &std::path::Path, task: Task) -> Result<Dataset, Error> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-            path: shown.clone(),
-            action: "read",
-            reason: e.to_string(),
-        })?;
-        Self::parse_csv(&shown, &text, task)
+        let (name, text) = read_text(path)?;
+        Self::parse_csv(&name, &text, task)
     }
 
     /// Like [`Dataset::read_csv`], but a `label` column is optional (and ignored): rows to predict.
     pub fn read_csv_features(path: &std::path::Path) -> Result<Dataset, Error> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-            path: shown.clone(),
-            action: "read",
-            reason: e.to_string(),
-        })?;
-        Self::parse_csv_with(&shown, &text, Task::Regression, false)
+        let (name, text) = read_text(path)?;
+        Self::parse_csv_with(&name, &text, Task::Regression, false)
     }
 
     /// [`Dataset::read_csv`] on text already in memory; `name` is used in messages.
@@ -281,6 +271,19 @@ impl Dataset {
         let order = permutation(self.len(), seed);
         let held = (fraction * self.len() as f64).round() as usize;
         Ok((self.subset(&order[held..]), self.subset(&order[..held])))
+    }
+}
+
+/// The file's name (for messages) and its text.
+fn read_text(path: &std::path::Path) -> Result<(String, String), Error> {
+    let name = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((name, text)),
+        Err(e) => Err(Error::Io {
+            path: name,
+            action: "read",
+            reason: e.to_string(),
+        }),
     }
 }
 
