@@ -28,7 +28,9 @@ fn good_csv() -> PathBuf {
             1.0 - y as f64
         ));
     }
-    write("good.csv", &s)
+    // A file per call: tests run in parallel and must not see each other's half-written files.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    write(&format!("good-{}.csv", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)), &s)
 }
 
 fn nbit(args: &[&str]) -> Output {
