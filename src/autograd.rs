@@ -100,6 +100,22 @@ impl Grads {
         self.map.insert(id, Box::new(sum));
     }
 
+    /// [`Grads::accumulate`] for complex gradients.
+    pub(crate) fn accumulate_complex<C: crate::dtype::ComplexElement, D: crate::backend::ComplexBackend>(
+        &mut self,
+        id: u64,
+        g: D::Storage<C>,
+    ) {
+        let sum = match self.storage::<C, D>(id) {
+            Some(old) => {
+                let shape = D::shape(old).to_vec();
+                D::cbinary(Binary::Add, old, &g, &shape)
+            }
+            None => g,
+        };
+        self.map.insert(id, Box::new(sum));
+    }
+
     pub(crate) fn remove_raw(&mut self, id: u64) -> Option<Box<dyn Any + Send + Sync>> {
         self.map.remove(&id)
     }

@@ -203,12 +203,19 @@ complex_elements! {
     f64 => C128;
 }
 
-/// A complex element: `Complex<f16>`, `Complex<f32>` or `Complex<f64>`.
+/// A complex element: `Complex<f16>`, `Complex<f32>` or `Complex<f64>`. Kernels compute in
+/// `Complex<f64>` and round each part once.
 pub trait ComplexElement: Element {
     /// The type of the real and imaginary parts.
     type Real: Float;
     /// Builds a value from its parts (rounded to nearest even).
     fn from_parts(re: f64, im: f64) -> Self;
+    /// The value widened to complex128 (exact).
+    fn to_c64(self) -> Complex<f64>;
+    /// Rounds a complex128 value into this type.
+    fn from_c64(z: Complex<f64>) -> Self {
+        Self::from_parts(z.re, z.im)
+    }
 }
 
 impl<R: Float> ComplexElement for Complex<R>
@@ -218,6 +225,9 @@ where
     type Real = R;
     fn from_parts(re: f64, im: f64) -> Self {
         Complex::new(R::from_f64(re), R::from_f64(im))
+    }
+    fn to_c64(self) -> Complex<f64> {
+        Complex::new(self.re.as_f64(), self.im.as_f64())
     }
 }
 

@@ -169,7 +169,7 @@ pub use trainer::{
 /// The names most programs need: `use nbit::prelude::*;`.
 pub mod prelude {
     pub use crate::autocast::Autocast;
-    pub use crate::tensor::Tensor;
+    pub use crate::tensor::{ComplexOps, Tensor};
     pub use crate::{
         BF16, ComplexOf, ComputeOf, Cpu, DType, Device, Element, Error, F16, F32, F64, Gpu, Job, Mixed,
         MlpModel, Model, ParamOf, Precision, Supports, Tpu, Trainer, True,

@@ -30,7 +30,13 @@ fn good_csv() -> PathBuf {
     }
     // A file per call: tests run in parallel and must not see each other's half-written files.
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    write(&format!("good-{}.csv", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)), &s)
+    write(
+        &format!(
+            "good-{}.csv",
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ),
+        &s,
+    )
 }
 
 fn nbit(args: &[&str]) -> Output {

@@ -6,9 +6,11 @@ use ndarray::{Array2, ArrayD, ArrayView2, Axis, Ix2, IxDyn, Zip};
 
 use num_traits::Float as _;
 
-use super::{AdamWStep, Backend, Binary, SgdStep, Unary, uniform};
+use num_complex::Complex;
+
+use super::{AdamWStep, Backend, Binary, ComplexBackend, ComplexUnary, SgdStep, Unary, uniform};
 use crate::device::Cpu;
-use crate::dtype::{Acc, Element, Float};
+use crate::dtype::{Acc, ComplexElement, Element, Float};
 
 /// Threads the CPU GEMM uses: all available cores (2 on the development machine).
 pub fn gemm_f32_threads() -> usize {
@@ -605,5 +607,128 @@ impl Backend for Cpu {
                 let (ma, va) = (m.to_acc(), c(v.as_f64()));
                 *p = E::from_acc(pa - step_size * ma / (va.sqrt() / b2s + eps));
             });
+    }
+}
+
+fn c64_of<C: ComplexElement>(a: &ArrayD<C>) -> ArrayD<Complex<f64>> {
+    a.mapv(ComplexElement::to_c64)
+}
+
+impl ComplexBackend for Cpu {
+    fn cmatmul<C: ComplexElement>(
+        a: &ArrayD<C>,
+        b: &ArrayD<C>,
+        ta: bool,
+        ca: bool,
+        tb: bool,
+        cb: bool,
+    ) -> ArrayD<C> {
+        // Computed in complex128 by the gemm crate (conjugation as its flag), rounded once.
+        let (wa, wb) = (c64_of(a), c64_of(b));
+        let (va, vb) = (as_2d(&wa, ta), as_2d(&wb, tb));
+        let (m, k) = va.dim();
+        let n = vb.ncols();
+        let mut dst = Array2::<Complex<f64>>::zeros((m, n));
+        if m > 0 && n > 0 {
+            let threads = if 4 * m * n * k >= PARALLEL_MIN_FLOPS {
+                gemm_f32_threads()
+            } else {
+                1
+            };
+            let par = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            let dst_ptr = dst.as_mut_ptr();
+            // SAFETY: as in gemm_into: live arrays of the stated dimensions, a fresh destination.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst_ptr,
+                    1,
+                    n as isize,
+                    false,
+                    va.as_ptr(),
+                    va.strides()[1],
+                    va.strides()[0],
+                    vb.as_ptr(),
+                    vb.strides()[1],
+                    vb.strides()[0],
+                    Complex::new(0.0, 0.0),
+                    Complex::new(1.0, 0.0),
+                    false,
+                    ca,
+                    cb,
+                    par,
+                );
+            }
+        }
+        dst.mapv(C::from_c64).into_dyn()
+    }
+
+    fn cbinary<C: ComplexElement>(
+        op: Binary,
+        a: &ArrayD<C>,
+        b: &ArrayD<C>,
+        out_shape: &[usize],
+    ) -> ArrayD<C> {
+        let shape = IxDyn(out_shape);
+        let a = a
+            .broadcast(shape.clone())
+            .expect("shapes broadcast (checked by caller)");
+        let b = b.broadcast(shape).expect("shapes broadcast (checked by caller)");
+        let f = |x: &C, y: &C| {
+            let (x, y) = (x.to_c64(), y.to_c64());
+            C::from_c64(match op {
+                Binary::Add => x + y,
+                Binary::Sub => x - y,
+                Binary::Mul => x * y,
+                Binary::Div => x / y,
+            })
+        };
+        Self::from_array(Zip::from(&a).and(&b).map_collect(f))
+    }
+
+    fn cunary<C: ComplexElement>(op: ComplexUnary, z: &ArrayD<C>) -> ArrayD<C> {
+        z.mapv(|v| {
+            let v = v.to_c64();
+            C::from_c64(match op {
+                ComplexUnary::Neg => -v,
+                ComplexUnary::Conj => v.conj(),
+                ComplexUnary::Exp => v.exp(),
+                ComplexUnary::MulScalar(c) => v * c,
+                ComplexUnary::Sign => {
+                    let r = v.norm();
+                    if r == 0.0 { Complex::new(0.0, 0.0) } else { v / r }
+                }
+            })
+        })
+    }
+
+    fn csum_to_shape<C: ComplexElement>(s: &ArrayD<C>, shape: &[usize]) -> ArrayD<C> {
+        let (re, im) = Self::complex_parts::<Complex<f64>>(&c64_of(s));
+        let (re, im) = (Self::sum_to_shape(&re, shape), Self::sum_to_shape(&im, shape));
+        Zip::from(&re).and(&im).map_collect(|r, i| C::from_parts(*r, *i))
+    }
+
+    fn complex_parts<C: ComplexElement>(z: &ArrayD<C>) -> (ArrayD<C::Real>, ArrayD<C::Real>) {
+        let re = z.mapv(|v| C::Real::from_f64(v.to_c64().re));
+        let im = z.mapv(|v| C::Real::from_f64(v.to_c64().im));
+        (re, im)
+    }
+
+    fn complex_from_parts<C: ComplexElement>(re: &ArrayD<C::Real>, im: &ArrayD<C::Real>) -> ArrayD<C> {
+        Self::from_array(
+            Zip::from(re)
+                .and(im)
+                .map_collect(|r, i| C::from_parts(r.as_f64(), i.as_f64())),
+        )
+    }
+
+    fn cabs<C: ComplexElement>(z: &ArrayD<C>) -> ArrayD<C::Real> {
+        z.mapv(|v| C::Real::from_f64(v.to_c64().norm()))
     }
 }

@@ -12,7 +12,7 @@
 mod cpu;
 
 use crate::device::Device;
-use crate::dtype::{Element, Float};
+use crate::dtype::{ComplexElement, Element, Float};
 use crate::error::Error;
 
 pub use cpu::gemm_f32_threads;
@@ -195,6 +195,59 @@ pub trait Backend: Device {
         exp_avg_sq: &mut Self::Storage<E::Moment>,
         hp: &AdamWStep,
     );
+}
+
+/// A one-input element-wise operation on complex values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ComplexUnary {
+    /// `-z`
+    Neg,
+    /// `conj(z)`
+    Conj,
+    /// `e^z`
+    Exp,
+    /// `z * c` for a real `c`
+    MulScalar(f64),
+    /// `z / |z|` (0 at 0): the direction of `z`, for the gradient of `abs`.
+    Sign,
+}
+
+/// Complex kernels: a second family beside the real ones, computed in complex128 and rounded once
+/// per part. PyTorch's conventions: gradients are conjugate Wirtinger derivatives.
+pub trait ComplexBackend: Backend {
+    /// `op(a) @ op(b)` for 2-D operands, where `op` transposes when `t*` and conjugates when `c*`
+    /// (so `ta && ca` is the conjugate transpose).
+    fn cmatmul<C: ComplexElement>(
+        a: &Self::Storage<C>,
+        b: &Self::Storage<C>,
+        ta: bool,
+        ca: bool,
+        tb: bool,
+        cb: bool,
+    ) -> Self::Storage<C>;
+    /// `op(a, b)` element-wise with broadcasting to `out_shape`.
+    fn cbinary<C: ComplexElement>(
+        op: Binary,
+        a: &Self::Storage<C>,
+        b: &Self::Storage<C>,
+        out_shape: &[usize],
+    ) -> Self::Storage<C>;
+    /// `op(z)` element-wise.
+    fn cunary<C: ComplexElement>(op: ComplexUnary, z: &Self::Storage<C>) -> Self::Storage<C>;
+    /// Sums a broadcast gradient back down to `shape`.
+    fn csum_to_shape<C: ComplexElement>(s: &Self::Storage<C>, shape: &[usize]) -> Self::Storage<C>;
+    /// The real and imaginary parts.
+    fn complex_parts<C: ComplexElement>(
+        z: &Self::Storage<C>,
+    ) -> (Self::Storage<C::Real>, Self::Storage<C::Real>);
+    /// A complex tensor from its parts (same shapes).
+    fn complex_from_parts<C: ComplexElement>(
+        re: &Self::Storage<C::Real>,
+        im: &Self::Storage<C::Real>,
+    ) -> Self::Storage<C>;
+    /// `|z|`, computed without overflow (hypot).
+    fn cabs<C: ComplexElement>(z: &Self::Storage<C>) -> Self::Storage<C::Real>;
 }
 
 /// The scalars of one SGD update (PyTorch's `torch.optim.SGD`).

@@ -16,6 +16,9 @@
 //! # Ok::<(), nbit::Error>(())
 //! ```
 
+mod complex;
+
+pub use complex::ComplexOps;
 mod ops;
 
 use std::sync::Arc;
