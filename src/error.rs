@@ -72,6 +72,14 @@ pub enum Error {
         /// What is wrong, naming the tensor where there is one.
         problem: String,
     },
+    /// A linear-algebra problem without an answer: a singular or not positive-definite matrix, a
+    /// rank-deficient least-squares problem, or a matrix of the wrong shape.
+    LinearAlgebra {
+        /// The operation, e.g. `"solve"`.
+        op: &'static str,
+        /// What is wrong, and what the operation needs.
+        problem: String,
+    },
     /// A parameter outside its valid range.
     InvalidArgument {
         /// The parameter's name.
@@ -126,6 +134,7 @@ impl core::fmt::Display for Error {
                 "target {target} at row {index} is not a class index: expected 0..{classes} (the logits have {classes} classes)"
             ),
             Error::InvalidData(msg) => f.write_str(msg),
+            Error::LinearAlgebra { op, problem } => write!(f, "{op}: {problem}"),
             Error::Io { path, action, reason } => write!(f, "cannot {action} '{path}': {reason}"),
             Error::Checkpoint { path, problem } => write!(f, "'{path}': {problem}"),
             Error::InvalidArgument {

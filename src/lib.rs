@@ -88,6 +88,9 @@
 //! # Ok::<(), nbit::Error>(())
 //! ```
 //!
+//! Complex tensors ([`tensor::ComplexOps`]) differentiate by PyTorch's convention, and with the
+//! `lapack` feature `linalg` adds differentiable `solve`, `inverse`, `cholesky` and `lstsq`.
+//!
 //! Numerics follow PyTorch's kernels: element-wise ops widen 16-bit inputs to f32 and round once;
 //! sums, means, softmax denominators, losses and norms accumulate in f64; 16-bit GEMMs accumulate
 //! in f32 (operands widened exactly, then the f32 kernel of the `gemm` crate).
@@ -144,6 +147,8 @@ pub mod device;
 pub mod dtype;
 mod error;
 pub mod fmt;
+#[cfg(feature = "lapack")]
+pub mod linalg;
 pub mod matrix;
 pub mod nn;
 pub mod optim;

@@ -55,6 +55,9 @@ pub trait ComplexOps<C: ComplexElement, D: ComplexBackend>: Sized {
     /// `conj(z)`.
     fn conj(&self) -> Self;
 
+    /// Swaps the last two axes (`.mT`; with [`ComplexOps::conj`], the conjugate transpose).
+    fn transpose(&self) -> Self;
+
     /// `e^z`.
     fn exp(&self) -> Self;
 
@@ -135,6 +138,13 @@ impl<C: ComplexElement, D: ComplexBackend> ComplexOps<C, D> for Tensor<C, D> {
             let sign = D::cunary(ComplexUnary::Sign, z.storage());
             let shape = D::shape(&sign).to_vec();
             g.accumulate_complex::<C, D>(z.id(), D::cbinary(Binary::Mul, &gc, &sign, &shape));
+        })
+    }
+
+    fn transpose(&self) -> Self {
+        let z = self.clone();
+        Tensor::from_op(D::transpose(self.storage()), &[self.node()], move |dy, g| {
+            g.accumulate_complex::<C, D>(z.id(), D::transpose(dy));
         })
     }
 

@@ -1,0 +1,220 @@
+//! LAPACK solvers (feature `lapack`): finite-difference gradient checks in f64 and complex128,
+//! f32/complex64 against f64, and errors for singular, indefinite and rank-deficient input.
+#![cfg(feature = "lapack")]
+
+use nbit::Error;
+use nbit::linalg::{cholesky, inverse, lstsq, solve};
+use nbit::tensor::{ComplexOps, Tensor};
+use ndarray::{ArrayD, IxDyn};
+use num_complex::Complex;
+
+type R = Tensor<f64>;
+type C = Tensor<Complex<f64>>;
+
+fn values(shape: &[usize], seed: u64) -> ArrayD<f64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ArrayD::from_shape_fn(IxDyn(shape), |_| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        2.0 * ((s >> 11) as f64 / (1u64 << 53) as f64) - 1.0
+    })
+}
+
+/// Central differences over every element of every real leaf of `loss`; relative error <= 1e-6.
+fn check(name: &str, inputs: Vec<ArrayD<f64>>, loss: impl Fn(&[R]) -> Result<R, Error>) {
+    let leaves: Vec<R> = inputs
+        .iter()
+        .map(|a| R::from_array(a.clone()).requires_grad())
+        .collect();
+    let grads = loss(&leaves).unwrap().backward().unwrap();
+    let h = 1e-6;
+    for (i, leaf) in leaves.iter().enumerate() {
+        let analytic = grads
+            .get(leaf)
+            .map(|g| g.to_vec())
+            .unwrap_or_else(|| vec![0.0; leaf.numel()]);
+        for (j, &a) in analytic.iter().enumerate() {
+            let at = |d: f64| {
+                let ts: Vec<R> = inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(k, x)| {
+                        let mut x = x.clone();
+                        if k == i {
+                            x.as_slice_mut().unwrap()[j] += d;
+                        }
+                        R::from_array(x)
+                    })
+                    .collect();
+                loss(&ts).unwrap().item().unwrap()
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            let rel = (a - numeric).abs() / a.abs().max(numeric.abs()).max(1e-2);
+            assert!(
+                rel <= 1e-6,
+                "{name}: input {i} element {j}: analytic {a} numeric {numeric} (rel {rel:e})"
+            );
+        }
+    }
+}
+
+/// A real scalar from a real matrix output: every element weighted differently.
+fn weigh(out: &R) -> Result<R, Error> {
+    Ok(out
+        .mul(&R::from_array(values(out.shape(), 77).mapv(|v| v + 1.5)))?
+        .sum())
+}
+
+/// The same for a complex output, weighting real and imaginary parts differently.
+fn weigh_c(out: &C) -> Result<R, Error> {
+    weigh(&out.real())?.add(&out.imag().mul(&R::from_array(values(out.shape(), 78)))?.sum())
+}
+
+/// A well-conditioned square matrix: leaf + 3 I.
+fn shifted(x: &R) -> Result<R, Error> {
+    let n = x.shape()[0];
+    let eye = R::from_array(ArrayD::from_shape_fn(IxDyn(&[n, n]), |d| {
+        if d[0] == d[1] { 3.0 } else { 0.0 }
+    }));
+    x.add(&eye)
+}
+
+#[test]
+fn real_gradients_match_finite_differences() {
+    check("solve", vec![values(&[3, 3], 1), values(&[3, 2], 2)], |t| {
+        weigh(&solve(&shifted(&t[0])?, &t[1])?)
+    });
+    check("inverse", vec![values(&[3, 3], 3)], |t| {
+        weigh(&inverse(&shifted(&t[0])?)?)
+    });
+    check("cholesky", vec![values(&[3, 3], 4)], |t| {
+        // A = X X^T + I is symmetric positive definite for every X.
+        let n = t[0].shape()[0];
+        let eye = R::from_array(ArrayD::from_shape_fn(IxDyn(&[n, n]), |d| {
+            if d[0] == d[1] { 1.0 } else { 0.0 }
+        }));
+        weigh(&cholesky(&t[0].matmul(&t[0].transpose())?.add(&eye)?)?)
+    });
+    check("lstsq", vec![values(&[5, 3], 5), values(&[5, 2], 6)], |t| {
+        weigh(&lstsq(&t[0], &t[1])?)
+    });
+}
+
+/// A complex matrix from two real leaves.
+fn cx(re: &R, im: &R) -> Result<C, Error> {
+    C::complex(re, im)
+}
+
+fn shifted_c(z: &C) -> Result<C, Error> {
+    let n = z.shape()[0];
+    let eye = R::from_array(ArrayD::from_shape_fn(IxDyn(&[n, n]), |d| {
+        if d[0] == d[1] { 3.0 } else { 0.0 }
+    }));
+    z.add(&C::complex(&eye, &R::zeros(&[n, n]))?)
+}
+
+#[test]
+fn complex_gradients_match_finite_differences_on_both_parts() {
+    check(
+        "complex solve",
+        vec![
+            values(&[3, 3], 7),
+            values(&[3, 3], 8),
+            values(&[3, 1], 9),
+            values(&[3, 1], 10),
+        ],
+        |t| weigh_c(&solve(&shifted_c(&cx(&t[0], &t[1])?)?, &cx(&t[2], &t[3])?)?),
+    );
+    check(
+        "complex inverse",
+        vec![values(&[2, 2], 11), values(&[2, 2], 12)],
+        |t| weigh_c(&inverse(&shifted_c(&cx(&t[0], &t[1])?)?)?),
+    );
+    check(
+        "complex cholesky",
+        vec![values(&[3, 3], 13), values(&[3, 3], 14)],
+        |t| {
+            // A = M M^H + I is Hermitian positive definite.
+            let m = cx(&t[0], &t[1])?;
+            let n = 3;
+            let eye = R::from_array(ArrayD::from_shape_fn(IxDyn(&[n, n]), |d| {
+                if d[0] == d[1] { 1.0 } else { 0.0 }
+            }));
+            let a = m
+                .matmul(&m.conj().transpose())?
+                .add(&C::complex(&eye, &R::zeros(&[n, n]))?)?;
+            weigh_c(&cholesky(&a)?)
+        },
+    );
+    check(
+        "complex lstsq",
+        vec![
+            values(&[4, 2], 15),
+            values(&[4, 2], 16),
+            values(&[4, 1], 17),
+            values(&[4, 1], 18),
+        ],
+        |t| weigh_c(&lstsq(&cx(&t[0], &t[1])?, &cx(&t[2], &t[3])?)?),
+    );
+}
+
+#[test]
+fn single_precision_agrees_with_double() {
+    let a64 =
+        values(&[4, 4], 21) + ArrayD::from_shape_fn(IxDyn(&[4, 4]), |d| if d[0] == d[1] { 3.0 } else { 0.0 });
+    let b64 = values(&[4, 2], 22);
+    let x64 = solve(&R::from_array(a64.clone()), &R::from_array(b64.clone()))
+        .unwrap()
+        .to_vec();
+    let x32 = solve(
+        &Tensor::<f32>::from_array(a64.mapv(|v| v as f32)),
+        &Tensor::from_array(b64.mapv(|v| v as f32)),
+    )
+    .unwrap()
+    .to_vec();
+    let err = x64
+        .iter()
+        .zip(&x32)
+        .map(|(a, b)| (a - *b as f64).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-5, "f32 vs f64 solve: {err:e}");
+    let z = Tensor::<Complex<f32>>::from_array(a64.mapv(|v| Complex::new(v as f32, 0.5)));
+    let inv = inverse(&z).unwrap().to_vec();
+    assert_eq!(inv.len(), 16);
+    assert_eq!(z.dtype(), nbit::DType::C64);
+    let l = cholesky(&Tensor::<f32>::from_vec(&[2, 2], vec![4.0, 2.0, 2.0, 5.0]).unwrap()).unwrap();
+    assert_eq!(l.to_vec(), vec![2.0, 0.0, 1.0, 2.0]);
+}
+
+#[test]
+fn bad_matrices_are_errors_that_say_so() {
+    let singular = R::from_vec(&[2, 2], vec![1.0, 2.0, 2.0, 4.0]).unwrap();
+    let b = R::from_vec(&[2, 1], vec![1.0, 1.0]).unwrap();
+    assert!(solve(&singular, &b).unwrap_err().to_string().contains("singular"));
+    assert!(inverse(&singular).unwrap_err().to_string().contains("singular"));
+    let indefinite = R::from_vec(&[2, 2], vec![1.0, 2.0, 2.0, 1.0]).unwrap();
+    assert!(
+        cholesky(&indefinite)
+            .unwrap_err()
+            .to_string()
+            .contains("not positive definite")
+    );
+    let rank1 = R::from_vec(&[3, 2], vec![1.0, 2.0, 2.0, 4.0, 3.0, 6.0]).unwrap();
+    let b3 = R::from_vec(&[3, 1], vec![1.0, 0.0, 1.0]).unwrap();
+    assert!(lstsq(&rank1, &b3).unwrap_err().to_string().contains("rank 1 < 2"));
+    assert!(
+        solve(&R::zeros(&[2, 3]), &b)
+            .unwrap_err()
+            .to_string()
+            .contains("square")
+    );
+    assert!(
+        solve(&singular, &R::zeros(&[3, 1]))
+            .unwrap_err()
+            .to_string()
+            .contains("row count")
+    );
+}
