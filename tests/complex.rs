@@ -1,80 +1,40 @@
 //! Complex autodiff by PyTorch's convention, checked by finite differences on the real and
 //! imaginary parts: for a real loss L of z = x + iy the gradient is ∂L/∂x + i ∂L/∂y.
 
+mod common;
+
+use common::{fd_check, values};
 use nbit::Error;
 use nbit::tensor::{ComplexOps, Tensor};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 use num_complex::Complex;
 
 type R = Tensor<f64>;
 type C = Tensor<Complex<f64>>;
 
-fn values(shape: &[usize], seed: u64) -> ArrayD<f64> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ArrayD::from_shape_fn(IxDyn(shape), |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        2.0 * ((s >> 11) as f64 / (1u64 << 53) as f64) - 1.0
-    })
-}
-
-/// `shapes[k]` is the shape of complex input k; each is built from a real and an imaginary leaf.
-/// `f` returns a complex output; the loss weights its real and imaginary parts differently.
+/// `shapes[k]` is the shape of complex input k, built from a real and an imaginary leaf; `f`
+/// returns a complex output whose real and imaginary parts the loss weights differently.
 fn check(name: &str, shapes: &[&[usize]], f: impl Fn(&[C]) -> Result<C, Error>) {
     let parts: Vec<ArrayD<f64>> = shapes
         .iter()
         .enumerate()
-        .flat_map(|(k, s)| [values(s, 2 * k as u64 + 1), values(s, 2 * k as u64 + 2)])
+        .flat_map(|(k, s)| {
+            [
+                values(s, 2 * k as u64 + 1, -1.0, 1.0),
+                values(s, 2 * k as u64 + 2, -1.0, 1.0),
+            ]
+        })
         .collect();
-    let loss = |leaves: &[R]| -> Result<R, Error> {
+    fd_check(name, &parts, |leaves| {
         let zs: Vec<C> = leaves
             .chunks(2)
             .map(|p| C::complex(&p[0], &p[1]))
             .collect::<Result<_, _>>()?;
         let out = f(&zs)?;
-        let wr = R::from_array(values(out.shape(), 90).mapv(|v| v + 1.5));
-        let wi = R::from_array(values(out.shape(), 91).mapv(|v| v - 1.5));
+        let wr = R::from_array(values(out.shape(), 90, 0.5, 2.5));
+        let wi = R::from_array(values(out.shape(), 91, -2.5, -0.5));
         out.real().mul(&wr)?.sum().add(&out.imag().mul(&wi)?.sum())
-    };
-    let leaves: Vec<R> = parts
-        .iter()
-        .map(|a| R::from_array(a.clone()).requires_grad())
-        .collect();
-    let grads = loss(&leaves).unwrap().backward().unwrap();
-    let h = 1e-6;
-    for (i, leaf) in leaves.iter().enumerate() {
-        let analytic = grads
-            .get(leaf)
-            .map(|g| g.to_vec())
-            .unwrap_or_else(|| vec![0.0; leaf.numel()]);
-        for (j, &a) in analytic.iter().enumerate() {
-            let at = |d: f64| {
-                let ls: Vec<R> = parts
-                    .iter()
-                    .enumerate()
-                    .map(|(k, p)| {
-                        let mut p = p.clone();
-                        if k == i {
-                            p.as_slice_mut().unwrap()[j] += d;
-                        }
-                        R::from_array(p)
-                    })
-                    .collect();
-                loss(&ls).unwrap().item().unwrap()
-            };
-            let numeric = (at(h) - at(-h)) / (2.0 * h);
-            let rel = (a - numeric).abs() / a.abs().max(numeric.abs()).max(1e-2);
-            let part = if i % 2 == 0 { "real" } else { "imag" };
-            assert!(
-                rel <= 1e-6,
-                "{name}: input {} {part} part, element {j}: analytic {a} numeric {numeric}",
-                i / 2
-            );
-        }
-    }
+    });
 }
 
 /// Makes a complex output from a real one, so real-valued ops are checked in the same harness.

@@ -5,70 +5,18 @@
 //! differences `(L(x+h) - L(x-h)) / 2h`, h = 1e-6. The relative error
 //! `|analytic - numeric| / max(|analytic|, |numeric|, 0.01)` must be at most 1e-6.
 
+mod common;
+
+use common::{fd_check, values, weigh};
 use nbit::Error;
 use nbit::tensor::Tensor;
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 
 type T = Tensor<f64>;
 
-/// Deterministic values in [lo, hi).
-fn values(shape: &[usize], seed: u64, lo: f64, hi: f64) -> ArrayD<f64> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ArrayD::from_shape_fn(IxDyn(shape), |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        lo + (hi - lo) * ((s >> 11) as f64 / (1u64 << 53) as f64)
-    })
-}
-
+/// Checks `f` through `L = Σ r ⊙ f(inputs)`.
 fn check(name: &str, inputs: Vec<ArrayD<f64>>, f: impl Fn(&[T]) -> Result<T, Error>) {
-    let weighted = |ts: &[T]| -> f64 {
-        let out = f(ts).unwrap();
-        let r = T::from_array(values(out.shape(), 99, 0.5, 1.5));
-        out.mul(&r).unwrap().sum().item().unwrap()
-    };
-    let leaves: Vec<T> = inputs
-        .iter()
-        .map(|a| T::from_array(a.clone()).requires_grad())
-        .collect();
-    let out = f(&leaves).unwrap();
-    let r = T::from_array(values(out.shape(), 99, 0.5, 1.5));
-    let grads = out.mul(&r).unwrap().sum().backward().unwrap();
-    let h = 1e-6;
-    let mut worst = 0.0f64;
-    for (i, leaf) in leaves.iter().enumerate() {
-        let analytic = grads
-            .get(leaf)
-            .map(|g| g.to_vec())
-            .unwrap_or_else(|| vec![0.0; leaf.numel()]);
-        for (j, &a) in analytic.iter().enumerate() {
-            let at = |delta: f64| {
-                let ts: Vec<T> = inputs
-                    .iter()
-                    .enumerate()
-                    .map(|(k, a)| {
-                        let mut a = a.clone();
-                        if k == i {
-                            a.as_slice_mut().unwrap()[j] += delta;
-                        }
-                        T::from_array(a)
-                    })
-                    .collect();
-                weighted(&ts)
-            };
-            let numeric = (at(h) - at(-h)) / (2.0 * h);
-            let rel = (a - numeric).abs() / a.abs().max(numeric.abs()).max(1e-2);
-            worst = worst.max(rel);
-            assert!(
-                rel <= 1e-6,
-                "{name}: input {i} element {j}: analytic {a} numeric {numeric} (rel {rel:e})"
-            );
-        }
-    }
-    assert!(worst.is_finite(), "{name}");
+    fd_check(name, &inputs, |t| weigh(&f(t)?));
 }
 
 fn v(shape: &[usize], seed: u64) -> ArrayD<f64> {

@@ -2,6 +2,9 @@
 //! f32/complex64 against f64, and errors for singular, indefinite and rank-deficient input.
 #![cfg(feature = "lapack")]
 
+mod common;
+
+use common::{fd_check, weigh};
 use nbit::Error;
 use nbit::linalg::{cholesky, inverse, lstsq, solve};
 use nbit::tensor::{ComplexOps, Tensor};
@@ -12,60 +15,11 @@ type R = Tensor<f64>;
 type C = Tensor<Complex<f64>>;
 
 fn values(shape: &[usize], seed: u64) -> ArrayD<f64> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ArrayD::from_shape_fn(IxDyn(shape), |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        2.0 * ((s >> 11) as f64 / (1u64 << 53) as f64) - 1.0
-    })
+    common::values(shape, seed, -1.0, 1.0)
 }
 
-/// Central differences over every element of every real leaf of `loss`; relative error <= 1e-6.
 fn check(name: &str, inputs: Vec<ArrayD<f64>>, loss: impl Fn(&[R]) -> Result<R, Error>) {
-    let leaves: Vec<R> = inputs
-        .iter()
-        .map(|a| R::from_array(a.clone()).requires_grad())
-        .collect();
-    let grads = loss(&leaves).unwrap().backward().unwrap();
-    let h = 1e-6;
-    for (i, leaf) in leaves.iter().enumerate() {
-        let analytic = grads
-            .get(leaf)
-            .map(|g| g.to_vec())
-            .unwrap_or_else(|| vec![0.0; leaf.numel()]);
-        for (j, &a) in analytic.iter().enumerate() {
-            let at = |d: f64| {
-                let ts: Vec<R> = inputs
-                    .iter()
-                    .enumerate()
-                    .map(|(k, x)| {
-                        let mut x = x.clone();
-                        if k == i {
-                            x.as_slice_mut().unwrap()[j] += d;
-                        }
-                        R::from_array(x)
-                    })
-                    .collect();
-                loss(&ts).unwrap().item().unwrap()
-            };
-            let numeric = (at(h) - at(-h)) / (2.0 * h);
-            let rel = (a - numeric).abs() / a.abs().max(numeric.abs()).max(1e-2);
-            assert!(
-                rel <= 1e-6,
-                "{name}: input {i} element {j}: analytic {a} numeric {numeric} (rel {rel:e})"
-            );
-        }
-    }
-}
-
-/// A real scalar from a real matrix output: every element weighted differently.
-fn weigh(out: &R) -> Result<R, Error> {
-    Ok(out
-        .mul(&R::from_array(values(out.shape(), 77).mapv(|v| v + 1.5)))?
-        .sum())
+    fd_check(name, &inputs, loss);
 }
 
 /// The same for a complex output, weighting real and imaginary parts differently.

@@ -38,12 +38,14 @@ fn rows_of(shape: &[usize]) -> (usize, usize) {
     (rows, cols)
 }
 
-/// `dst = a @ b` with f32/f64 kernels from the `gemm` crate; views carry any transposition as
-/// strides, so nothing is copied.
+/// `dst = op(a) @ op(b) (+ bias)` with the `gemm` crate's f32, f64, c32 and c64 kernels; views
+/// carry any transposition as strides (nothing is copied) and `conj` conjugates `(a, b)` (complex
+/// only).
 fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     bias: Option<&ArrayD<T>>,
+    conj: (bool, bool),
 ) -> Array2<T> {
     let (m, k) = a.dim();
     let n = b.ncols();
@@ -93,8 +95,8 @@ fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
             T::one(),
             T::one(),
             false,
-            false,
-            false,
+            conj.0,
+            conj.1,
             par,
         );
     }
@@ -323,19 +325,36 @@ impl Backend for Cpu {
         }
         let out = match E::DTYPE {
             crate::DType::F64 => downcast::<ArrayD<f64>, ArrayD<E>>(
-                gemm_into(as_2d(same(a), ta), as_2d(same(b), tb), bias.map(same)).into_dyn(),
+                gemm_into(
+                    as_2d(same(a), ta),
+                    as_2d(same(b), tb),
+                    bias.map(same),
+                    (false, false),
+                )
+                .into_dyn(),
             ),
             crate::DType::F32 => downcast::<ArrayD<f32>, ArrayD<E>>(
-                gemm_into(as_2d(same(a), ta), as_2d(same(b), tb), bias.map(same)).into_dyn(),
+                gemm_into(
+                    as_2d(same(a), ta),
+                    as_2d(same(b), tb),
+                    bias.map(same),
+                    (false, false),
+                )
+                .into_dyn(),
             ),
             // 16-bit operands: widen (exactly) to f32, multiply-accumulate in f32 onto the
             // widened bias, round once (as PyTorch's addmm for half types).
             _ => {
                 let wide = |x: &ArrayD<E>| x.mapv(|v| v.as_f32());
                 let wb = bias.map(wide);
-                gemm_into(as_2d(&wide(a), ta), as_2d(&wide(b), tb), wb.as_ref())
-                    .mapv(E::from_f32)
-                    .into_dyn()
+                gemm_into(
+                    as_2d(&wide(a), ta),
+                    as_2d(&wide(b), tb),
+                    wb.as_ref(),
+                    (false, false),
+                )
+                .mapv(E::from_f32)
+                .into_dyn()
             }
         };
         Self::from_array(out)
@@ -625,48 +644,9 @@ impl ComplexBackend for Cpu {
     ) -> ArrayD<C> {
         // Computed in complex128 by the gemm crate (conjugation as its flag), rounded once.
         let (wa, wb) = (c64_of(a), c64_of(b));
-        let (va, vb) = (as_2d(&wa, ta), as_2d(&wb, tb));
-        let (m, k) = va.dim();
-        let n = vb.ncols();
-        let mut dst = Array2::<Complex<f64>>::zeros((m, n));
-        if m > 0 && n > 0 {
-            let threads = if 4 * m * n * k >= PARALLEL_MIN_FLOPS {
-                gemm_f32_threads()
-            } else {
-                1
-            };
-            let par = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            let dst_ptr = dst.as_mut_ptr();
-            // SAFETY: as in gemm_into: live arrays of the stated dimensions, a fresh destination.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst_ptr,
-                    1,
-                    n as isize,
-                    false,
-                    va.as_ptr(),
-                    va.strides()[1],
-                    va.strides()[0],
-                    vb.as_ptr(),
-                    vb.strides()[1],
-                    vb.strides()[0],
-                    Complex::new(0.0, 0.0),
-                    Complex::new(1.0, 0.0),
-                    false,
-                    ca,
-                    cb,
-                    par,
-                );
-            }
-        }
-        dst.mapv(C::from_c64).into_dyn()
+        gemm_into(as_2d(&wa, ta), as_2d(&wb, tb), None, (ca, cb))
+            .mapv(C::from_c64)
+            .into_dyn()
     }
 
     fn cbinary<C: ComplexElement>(

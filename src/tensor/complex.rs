@@ -21,19 +21,10 @@
 //! # Ok::<(), nbit::Error>(())
 //! ```
 
-use super::Tensor;
+use super::{Tensor, mismatch};
 use crate::backend::{Binary, ComplexBackend, ComplexUnary, broadcast_shapes};
 use crate::dtype::ComplexElement;
 use crate::error::Error;
-
-fn mismatch(op: &'static str, left: &[usize], right: &[usize], rule: &'static str) -> Error {
-    Error::ShapeMismatch {
-        op,
-        left: left.to_vec(),
-        right: right.to_vec(),
-        rule,
-    }
-}
 
 /// Complex tensor operations, implemented for `Tensor<C, D>` for every complex element `C`
 /// (`Complex<f16>`, `Complex<f32>`, `Complex<f64>`). A trait so that generic code can name it:

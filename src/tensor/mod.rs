@@ -31,6 +31,16 @@ use crate::device::Cpu;
 use crate::dtype::{DType, Element, Float};
 use crate::error::Error;
 
+/// A shape error naming both shapes and the rule they break.
+pub(crate) fn mismatch(op: &'static str, left: &[usize], right: &[usize], rule: &'static str) -> Error {
+    Error::ShapeMismatch {
+        op,
+        left: left.to_vec(),
+        right: right.to_vec(),
+        rule,
+    }
+}
+
 pub(crate) struct Inner<E: Element, D: Backend> {
     id: u64,
     data: Arc<D::Storage<E>>,

@@ -3,20 +3,11 @@
 
 use std::sync::Arc;
 
-use super::Tensor;
+use super::{Tensor, mismatch};
 use crate::autograd::Grads;
 use crate::backend::{Backend, Binary, Unary, broadcast_shapes};
 use crate::dtype::Float;
 use crate::error::Error;
-
-fn mismatch(op: &'static str, left: &[usize], right: &[usize], rule: &'static str) -> Error {
-    Error::ShapeMismatch {
-        op,
-        left: left.to_vec(),
-        right: right.to_vec(),
-        rule,
-    }
-}
 
 impl<E: Float, D: Backend> Tensor<E, D> {
     fn unary_op(&self, op: Unary) -> Self {

@@ -1,0 +1,70 @@
+//! The finite-difference gradient check shared by the gradient tests.
+#![allow(dead_code)]
+
+use nbit::Error;
+use nbit::tensor::Tensor;
+use ndarray::{ArrayD, IxDyn};
+
+/// Deterministic values in [lo, hi).
+pub fn values(shape: &[usize], seed: u64, lo: f64, hi: f64) -> ArrayD<f64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ArrayD::from_shape_fn(IxDyn(shape), |_| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        lo + (hi - lo) * ((s >> 11) as f64 / (1u64 << 53) as f64)
+    })
+}
+
+/// Central differences `(L(x+h) - L(x-h)) / 2h`, h = 1e-6, over every element of every leaf of a
+/// scalar `loss`, against the gradients `backward` gives. The relative error
+/// `|analytic - numeric| / max(|analytic|, |numeric|, 0.01)` must be at most 1e-6.
+pub fn fd_check(
+    name: &str,
+    inputs: &[ArrayD<f64>],
+    loss: impl Fn(&[Tensor<f64>]) -> Result<Tensor<f64>, Error>,
+) {
+    let leaves: Vec<Tensor<f64>> = inputs
+        .iter()
+        .map(|a| Tensor::from_array(a.clone()).requires_grad())
+        .collect();
+    let grads = loss(&leaves).unwrap().backward().unwrap();
+    let h = 1e-6;
+    for (i, leaf) in leaves.iter().enumerate() {
+        let analytic = grads
+            .get(leaf)
+            .map(|g| g.to_vec())
+            .unwrap_or_else(|| vec![0.0; leaf.numel()]);
+        for (j, &a) in analytic.iter().enumerate() {
+            let at = |delta: f64| {
+                let ts: Vec<Tensor<f64>> = inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(k, x)| {
+                        let mut x = x.clone();
+                        if k == i {
+                            x.as_slice_mut().unwrap()[j] += delta;
+                        }
+                        Tensor::from_array(x)
+                    })
+                    .collect();
+                loss(&ts).unwrap().item().unwrap()
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            let rel = (a - numeric).abs() / a.abs().max(numeric.abs()).max(1e-2);
+            assert!(
+                rel <= 1e-6,
+                "{name}: leaf {i} element {j}: analytic {a} numeric {numeric} (rel {rel:e})"
+            );
+        }
+    }
+}
+
+/// `Σ r ⊙ out` with fixed weights `r` in [0.5, 1.5): a scalar in which every element of `out` matters.
+pub fn weigh(out: &Tensor<f64>) -> Result<Tensor<f64>, Error> {
+    Ok(out
+        .mul(&Tensor::from_array(values(out.shape(), 99, 0.5, 1.5)))?
+        .sum())
+}
