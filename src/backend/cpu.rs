@@ -318,30 +318,30 @@ impl Backend for Cpu {
         tb: bool,
         bias: Option<&ArrayD<E>>,
     ) -> ArrayD<E> {
-        fn same<T: 'static, U: 'static>(x: &T) -> &U {
-            (x as &dyn Any)
-                .downcast_ref()
-                .expect("element type checked by DTYPE")
+        /// The product on the native kernel of `T`, when `E` is `T`.
+        fn native<T: Element + num_traits::Zero + num_traits::One, E: 'static>(
+            a: &ArrayD<E>,
+            b: &ArrayD<E>,
+            (ta, tb): (bool, bool),
+            bias: Option<&ArrayD<E>>,
+        ) -> ArrayD<E> {
+            fn same<X: 'static, Y: 'static>(x: &X) -> &Y {
+                (x as &dyn Any)
+                    .downcast_ref()
+                    .expect("element type checked by DTYPE")
+            }
+            let out: ArrayD<T> = gemm_into(
+                as_2d(same(a), ta),
+                as_2d(same(b), tb),
+                bias.map(same),
+                (false, false),
+            )
+            .into_dyn();
+            downcast(out)
         }
         let out = match E::DTYPE {
-            crate::DType::F64 => downcast::<ArrayD<f64>, ArrayD<E>>(
-                gemm_into(
-                    as_2d(same(a), ta),
-                    as_2d(same(b), tb),
-                    bias.map(same),
-                    (false, false),
-                )
-                .into_dyn(),
-            ),
-            crate::DType::F32 => downcast::<ArrayD<f32>, ArrayD<E>>(
-                gemm_into(
-                    as_2d(same(a), ta),
-                    as_2d(same(b), tb),
-                    bias.map(same),
-                    (false, false),
-                )
-                .into_dyn(),
-            ),
+            crate::DType::F64 => native::<f64, E>(a, b, (ta, tb), bias),
+            crate::DType::F32 => native::<f32, E>(a, b, (ta, tb), bias),
             // 16-bit operands: widen (exactly) to f32, multiply-accumulate in f32 onto the
             // widened bias, round once (as PyTorch's addmm for half types).
             _ => {
