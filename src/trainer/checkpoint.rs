@@ -97,10 +97,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-/// A safetensors file read into memory.
+/// A safetensors file read into memory, its header parsed once.
 pub(crate) struct Loaded {
     path: String,
     bytes: Vec<u8>,
+    /// Where the tensor data starts: the 8-byte length plus the header.
+    data_start: usize,
+    header: safetensors::tensor::Metadata,
 }
 
 impl Loaded {
@@ -112,23 +115,32 @@ impl Loaded {
             action: "read",
             reason: e.to_string(),
         })?;
-        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint {
+        let (n, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint {
             path: shown.clone(),
             problem: format!("not a valid safetensors file (truncated or corrupted?): {e}"),
         })?;
-        Ok(Loaded { path: shown, bytes })
-    }
-
-    fn tensors(&self) -> safetensors::SafeTensors<'_> {
-        safetensors::SafeTensors::deserialize(&self.bytes).expect("validated in read")
+        Ok(Loaded {
+            path: shown,
+            bytes,
+            data_start: 8 + n,
+            header,
+        })
     }
 
     /// The header's metadata.
     pub(crate) fn metadata(&self) -> HashMap<String, String> {
-        safetensors::SafeTensors::read_metadata(&self.bytes)
-            .ok()
-            .and_then(|(_, m)| m.metadata().clone())
-            .unwrap_or_default()
+        self.header.metadata().clone().unwrap_or_default()
+    }
+
+    /// The dtype, shape and bytes of tensor `name`, if the file has it.
+    fn view(&self, name: &str) -> Option<(StDtype, &[usize], &[u8])> {
+        let info = self.header.info(name)?;
+        let (start, end) = info.data_offsets;
+        Some((
+            info.dtype,
+            &info.shape,
+            &self.bytes[self.data_start + start..self.data_start + end],
+        ))
     }
 
     fn err(&self, problem: String) -> Error {
@@ -146,19 +158,15 @@ impl Loaded {
         shape: &[usize],
         notes: &mut Vec<String>,
     ) -> Result<Option<Tensor<E, D>>, Error> {
-        let st = self.tensors();
-        let view = match st.tensor(name) {
-            Ok(v) => v,
-            Err(_) => return Ok(None),
+        let Some((dtype, stored_shape, data)) = self.view(name) else {
+            return Ok(None);
         };
-        if view.shape() != shape {
+        if stored_shape != shape {
             return Err(self.err(format!(
-                "tensor '{name}' has shape {:?} but the model expects {shape:?}",
-                view.shape()
+                "tensor '{name}' has shape {stored_shape:?} but the model expects {shape:?}"
             )));
         }
-        let data = view.data();
-        let (stored, values): (DType, Vec<E>) = match view.dtype() {
+        let (stored, values): (DType, Vec<E>) = match dtype {
             StDtype::F16 => (
                 DType::F16,
                 data.chunks_exact(2)
@@ -213,8 +221,7 @@ impl Loaded {
             match self.tensor::<E, D>(p.name(), &shape, &mut notes)? {
                 Some(t) => loaded.push(t),
                 None => {
-                    let mut have: Vec<String> =
-                        self.tensors().names().into_iter().map(str::to_owned).collect();
+                    let mut have: Vec<String> = self.header.tensors().into_keys().collect();
                     have.sort();
                     return Err(self.err(format!(
                         "tensor '{}' is missing (the file has: {})",
@@ -239,13 +246,11 @@ impl Loaded {
 /// ... as `torch.nn.Sequential` of Linear and ReLU writes them).
 pub fn mlp_sizes(path: &Path) -> Result<Vec<usize>, Error> {
     let file = Loaded::read(path)?;
-    let st = file.tensors();
     let mut sizes = Vec::new();
     for i in (0..).step_by(2) {
-        let Ok(w) = st.tensor(&format!("{i}.weight")) else {
+        let Some((_, shape, _)) = file.view(&format!("{i}.weight")) else {
             break;
         };
-        let shape = w.shape();
         if shape.len() != 2 || sizes.last().is_some_and(|&prev| prev != shape[1]) {
             return Err(file.err(format!(
                 "tensor '{i}.weight' has shape {shape:?}, which does not follow the previous layer"
