@@ -434,13 +434,18 @@ impl DataLoader {
             .collect()
     }
 
+    /// The rows at `indices` as a batch.
+    pub fn batch(&self, indices: &[usize]) -> Batch {
+        Batch {
+            data: self.dataset.subset(indices),
+        }
+    }
+
     /// The batches of epoch `epoch`.
     pub fn epoch(&self, epoch: u64) -> Vec<Batch> {
         self.epoch_indices(epoch)
             .iter()
-            .map(|idx| Batch {
-                data: self.dataset.subset(idx),
-            })
+            .map(|idx| self.batch(idx))
             .collect()
     }
 }

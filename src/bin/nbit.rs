@@ -524,11 +524,7 @@ impl<P: Precision, D: Supports<P>> BackendJob<D> for OnBackend<P> {
                 text.push('\n');
                 for row in out.rows() {
                     if plan.task == Task::Classification {
-                        let best = row
-                            .iter()
-                            .enumerate()
-                            .fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
-                        text.push_str(&format!("{best},"));
+                        text.push_str(&format!("{},", nbit::nn::argmax(row.iter().copied())));
                     }
                     let vals: Vec<String> = row.iter().map(|v| v.to_string()).collect();
                     text.push_str(&vals.join(","));

@@ -231,6 +231,22 @@ impl<P: Precision, D: Backend> Mlp<P, D> {
     }
 }
 
+/// The index of the first largest value (as `torch.argmax`); 0 for an empty row.
+///
+/// ```
+/// assert_eq!(nbit::nn::argmax([0.5, 2.0, 2.0, -1.0]), 1);
+/// ```
+pub fn argmax(values: impl IntoIterator<Item = f64>) -> usize {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, v) in values.into_iter().enumerate() {
+        // Replace only on a strictly larger value, so ties and NaN keep the first index.
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map_or(0, |(i, _)| i)
+}
+
 /// Bytes the parameters occupy in storage.
 pub fn parameter_bytes<E: Float, D: Backend>(params: &[&Parameter<E, D>]) -> usize {
     params.iter().map(|p| p.numel() * E::DTYPE.size_bytes()).sum()

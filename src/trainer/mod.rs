@@ -373,8 +373,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             let start = st.batch_in_epoch;
             bar.advance(start as u64);
             for (bi, idx) in batches.iter().enumerate().skip(start) {
-                let batch = train.dataset().subset(idx);
-                let batch = crate::data::Batch::from(batch);
+                let batch = train.batch(idx);
                 samples += batch.len();
                 let info = StepInfo {
                     epoch: st.epoch,
@@ -499,7 +498,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
     pub fn validate<M: Model<P, D>>(&self, model: &mut M, data: &DataLoader) -> Result<Metrics, Error> {
         let mut m = Metrics::default();
         for idx in data.epoch_indices(0) {
-            let batch = crate::data::Batch::from(data.dataset().subset(&idx));
+            let batch = data.batch(&idx);
             m.merge(model.validation_step(&Autocast::new(), &batch)?);
         }
         Ok(m)
@@ -515,7 +514,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         let mut rows: Vec<f64> = Vec::new();
         let mut cols = 0;
         for idx in data.epoch_indices(0) {
-            let batch = crate::data::Batch::from(data.dataset().subset(&idx));
+            let batch = data.batch(&idx);
             let out = model.predict_step(&Autocast::new(), &batch)?;
             cols = out.shape().last().copied().unwrap_or(1);
             rows.extend(out.to_vec().iter().map(|v| v.as_f64()));

@@ -172,14 +172,7 @@ impl<P: Precision, D: Backend> Model<P, D> for MlpModel<P, D> {
                 let flat: Vec<f64> = logits.iter().map(|v| v.as_f64()).collect();
                 flat.chunks(cols)
                     .zip(classes)
-                    .filter(|&(row, &y)| {
-                        // First index of the maximum, as torch.argmax.
-                        let best = row
-                            .iter()
-                            .enumerate()
-                            .fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
-                        best == y
-                    })
+                    .filter(|&(row, &y)| crate::nn::argmax(row.iter().copied()) == y)
                     .count()
             }
             None => 0,
