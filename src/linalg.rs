@@ -4,7 +4,8 @@
 //!
 //! Gradients follow PyTorch's formulas (conjugate transposes for complex). A singular matrix, a
 //! matrix that is not positive definite, or a rank-deficient least-squares problem is an error
-//! that says so; a result that is not finite is never passed on.
+//! that says so; a result that is not finite is never passed on. Matrices reach LAPACK in
+//! column-major order, as from NumPy and PyTorch, so the factorisations are theirs.
 //!
 //! ```
 //! use nbit::linalg;
@@ -19,8 +20,11 @@
 //! # Ok::<(), nbit::Error>(())
 //! ```
 
-use ndarray::{Array2, ArrayD, Ix2};
-use ndarray_linalg::{Cholesky, Factorize, Inverse, LeastSquaresSvd, Scalar, Solve, UPLO};
+use ndarray::{Array2, ArrayD, Ix2, OwnedRepr, ShapeBuilder};
+use ndarray_linalg::{
+    Cholesky, Diag, Factorize, Inverse, LUFactorized, LeastSquaresSvd, QR, Scalar, Solve, SolveTriangular,
+    UPLO,
+};
 use num_complex::Complex;
 use num_traits::Float as _;
 
@@ -64,13 +68,22 @@ fn problem(op: &'static str, text: impl Into<String>) -> Error {
     }
 }
 
-/// The data of a 2-D tensor (an error naming the shape otherwise).
+/// The data of a 2-D tensor in column-major order (an error naming the shape otherwise).
+///
+/// LAPACK is column-major. Given a row-major matrix, ndarray-linalg factorises its transpose
+/// instead (LQ of `A^T` for QR, LU of `A^T` for a solve): the same mathematics, but a different
+/// order of roundings, and on an ill-conditioned matrix a different answer (a degree-14
+/// Vandermonde least-squares fit moves by 3e-8 in f64). PyTorch and NumPy hand LAPACK
+/// column-major copies, so nbit does too, and its factorisations are the ones they compute.
 fn matrix<T: LinalgElement>(op: &'static str, t: &Tensor<T>) -> Result<Array2<T>, Error> {
-    t.storage()
-        .clone()
+    let a = t
+        .storage()
+        .view()
         .into_dimensionality::<Ix2>()
-        .map(|a| a.as_standard_layout().into_owned())
-        .map_err(|_| problem(op, format!("expected a 2-D matrix, got shape {:?}", t.shape())))
+        .map_err(|_| problem(op, format!("expected a 2-D matrix, got shape {:?}", t.shape())))?;
+    let mut f = Array2::zeros(a.raw_dim().f());
+    f.assign(&a);
+    Ok(f)
 }
 
 fn square<T: LinalgElement>(op: &'static str, t: &Tensor<T>) -> Result<Array2<T>, Error> {
@@ -96,18 +109,29 @@ fn finite<T: LinalgElement>(op: &'static str, a: Array2<T>, what: &str) -> Resul
     }
 }
 
-/// `A^-1 B` column by column from one LU factorisation.
-fn lu_solve<T: LinalgElement>(op: &'static str, a: &Array2<T>, b: &Array2<T>) -> Result<Array2<T>, Error> {
-    let lu = a.factorize().map_err(|e| {
+type Lu<T> = LUFactorized<OwnedRepr<T>>;
+
+/// The LU factorisation of a square `A` (an error saying it is singular otherwise).
+fn lu<T: LinalgElement>(op: &'static str, a: &Array2<T>) -> Result<Lu<T>, Error> {
+    a.factorize().map_err(|e| {
         problem(
             op,
-            format!("the matrix is singular ({e}); solve needs an invertible A"),
+            format!("the matrix is singular ({e}); {op} needs an invertible matrix"),
         )
-    })?;
-    let mut x = Array2::<T>::zeros(b.raw_dim());
+    })
+}
+
+/// `A^-1 B`, or `A^-H B` when `adjoint`, column by column from `A`'s LU factorisation (a
+/// backward pass reuses the forward's factorisation, as PyTorch's does).
+fn lu_apply<T: LinalgElement>(
+    op: &'static str,
+    lu: &Lu<T>,
+    b: &Array2<T>,
+    adjoint: bool,
+) -> Result<Array2<T>, Error> {
+    let mut x = Array2::<T>::zeros(b.raw_dim().f());
     for (j, col) in b.columns().into_iter().enumerate() {
-        let sol = lu
-            .solve(&col)
+        let sol = if adjoint { lu.solve_h(&col) } else { lu.solve(&col) }
             .map_err(|e| problem(op, format!("the matrix is singular ({e})")))?;
         x.column_mut(j).assign(&sol);
     }
@@ -124,6 +148,7 @@ fn output<T: LinalgElement>(
     backward: impl Fn(&Array2<T>, &mut Grads) + Send + Sync + 'static,
 ) -> Tensor<T> {
     let nodes: Vec<_> = inputs.iter().map(|t| t.node()).collect();
+    let data = data.as_standard_layout().into_owned();
     Tensor::from_op(data.into_dyn(), &nodes, move |dy: &ArrayD<T>, g: &mut Grads| {
         let dy = dy
             .clone()
@@ -147,10 +172,11 @@ pub fn solve<T: LinalgElement>(a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor<T>
             ),
         ));
     }
-    let x = lu_solve("solve", &am, &bm)?;
+    let lu = lu("solve", &am)?;
+    let x = lu_apply("solve", &lu, &bm, false)?;
     let (at, bt, xs) = (a.clone(), b.clone(), x.clone());
     Ok(output(x, &[a, b], move |gx, g| {
-        let Ok(gb) = lu_solve("solve", &h(&am), gx) else {
+        let Ok(gb) = lu_apply("solve", &lu, gx, true) else {
             return;
         };
         if at.is_tracked() {
@@ -214,7 +240,8 @@ pub fn cholesky<T: LinalgElement>(a: &Tensor<T>) -> Result<Tensor<T>, Error> {
 
 /// The least-squares solution `X = argmin ||A X - B||` for `A` `[m, n]` of full column rank
 /// (`m >= n`) and `B` `[m, k]`, by LAPACK's SVD solver (`torch.linalg.lstsq`). Gradients, with
-/// `Z = (A^H A)^-1 G` and residual `R = B - A X`: `gB = A Z`, `gA = R Z^H - gB X^H`.
+/// `Z = (A^H A)^-1 G` (from a QR of `A`, never the normal equations) and residual `R = B - A X`:
+/// `gB = A Z`, `gA = R Z^H - gB X^H`.
 pub fn lstsq<T: LinalgElement>(a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor<T>, Error> {
     let (am, bm) = (matrix("lstsq", a)?, matrix("lstsq", b)?);
     let (m, n) = am.dim();
@@ -247,7 +274,13 @@ pub fn lstsq<T: LinalgElement>(a: &Tensor<T>, b: &Tensor<T>) -> Result<Tensor<T>
     )?;
     let (at, bt, xs) = (a.clone(), b.clone(), x.clone());
     Ok(output(x, &[a, b], move |gx, g| {
-        let Ok(z) = lu_solve("lstsq", &h(&am).dot(&am), gx) else {
+        // Z = (A^H A)^-1 G = R^-1 R^-H G from A = Q R: two triangular solves, so the gradient
+        // sees cond(A), not the cond(A)^2 of the normal equations.
+        let Ok((_, r)) = am.qr() else { return };
+        let Ok(w) = h(&r).solve_triangular(UPLO::Lower, Diag::NonUnit, gx) else {
+            return;
+        };
+        let Ok(z) = r.solve_triangular(UPLO::Upper, Diag::NonUnit, &w) else {
             return;
         };
         let gb = am.dot(&z);

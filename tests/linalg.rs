@@ -172,3 +172,32 @@ fn bad_matrices_are_errors_that_say_so() {
             .contains("row count")
     );
 }
+
+/// `X = lstsq(A, B)` is linear in `B`, so the gradient of `L(B) = Σ W ⊙ X` with respect to row
+/// `i` of a one-column `B` is exactly `L(e_i)`: a reference from the forward solver alone. On a
+/// Vandermonde design with condition number ~1e9 the backward pass must agree with it to the
+/// forward's own accuracy (cond * eps ~ 1e-7); through the normal equations `(A^T A)^-1`, whose
+/// condition number is ~1e18, it would not.
+#[test]
+fn lstsq_gradient_stays_accurate_when_the_design_is_ill_conditioned() {
+    let (m, n) = (40, 12);
+    let design = R::from_array(ArrayD::from_shape_fn(IxDyn(&[m, n]), |d| {
+        (d[0] as f64 / (m - 1) as f64).powi(d[1] as i32)
+    }));
+    let b = R::from_array(values(&[m, 1], 7)).requires_grad();
+    let grads = weigh(&lstsq(&design, &b).unwrap()).unwrap().backward().unwrap();
+    let analytic = grads.get(&b).expect("B has a gradient").to_vec();
+    let mut worst: f64 = 0.0;
+    let scale = analytic.iter().fold(0.0_f64, |s, g| s.max(g.abs()));
+    for (i, g) in analytic.iter().enumerate() {
+        let e_i = R::from_array(ArrayD::from_shape_fn(IxDyn(&[m, 1]), |d| {
+            (d[0] == i) as u8 as f64
+        }));
+        let exact = weigh(&lstsq(&design, &e_i).unwrap()).unwrap().item().unwrap();
+        worst = worst.max((g - exact).abs() / scale);
+    }
+    assert!(
+        worst < 1e-5,
+        "gradient of B off by {worst:e} of its largest entry"
+    );
+}
