@@ -130,8 +130,10 @@ impl Acc for f64 {
 
 /// A real floating-point element: `f16`, `bf16`, `f32` or `f64`.
 ///
-/// The conversions go through f32 or f64 exactly where the target can hold the value, and round to
-/// nearest even otherwise (as `half` and `as` casts do).
+/// The conversions are exact where the target can hold the value and round once to nearest even
+/// otherwise; f64 reaches f16 and bf16 through f32 rounded to odd, so no value is rounded twice.
+/// (PyTorch casts float64 to float16 through float32 and can be one ulp off next to a tie; NumPy
+/// and nbit round once.)
 pub trait Float: Element + num_traits::Float + LeBytes {
     /// The compute type of element-wise kernels on this element (see [`Acc`]).
     type Acc: Acc;
@@ -150,6 +152,23 @@ pub trait Float: Element + num_traits::Float + LeBytes {
     fn from_f64(x: f64) -> Self;
     /// Converts to f64 (exact for every real element type).
     fn as_f64(self) -> f64;
+}
+
+/// `x` rounded to f32 *to odd*: exact values stay, others become the neighbour toward zero with
+/// its last bit set. A value rounded to odd at 24 bits rounds to nearest even at 8 or 11 bits with
+/// the result a single rounding of `x` would give (24 >= 11 + 2), so f64 reaches f16 and bf16
+/// through f32 without the double-rounding error of `x as f32` followed by a second rounding.
+/// (`half`'s own f64 conversions round twice near ties, or drop the low 32 bits before looking.)
+fn f32_round_to_odd(x: f64) -> f32 {
+    let r = x as f32;
+    if !r.is_finite() || f64::from(r) == x {
+        return r;
+    }
+    let mut bits = r.to_bits();
+    if f64::from(r).abs() > x.abs() {
+        bits -= 1; // one step toward zero: the truncation of x
+    }
+    f32::from_bits(bits | 1)
 }
 
 macro_rules! real_elements {
@@ -179,9 +198,11 @@ macro_rules! real_elements {
 
 real_elements! {
     f16 => F16, acc f32, moment f32, f16::to_f32, f16::from_f32,
-        from_f32 f16::from_f32, to_f32 f16::to_f32, from_f64 f16::from_f64, to_f64 f16::to_f64;
+        from_f32 f16::from_f32, to_f32 f16::to_f32, from_f64 |x| f16::from_f32(f32_round_to_odd(x)),
+        to_f64 f16::to_f64;
     bf16 => BF16, acc f32, moment bf16, bf16::to_f32, bf16::from_f32,
-        from_f32 bf16::from_f32, to_f32 bf16::to_f32, from_f64 bf16::from_f64, to_f64 bf16::to_f64;
+        from_f32 bf16::from_f32, to_f32 bf16::to_f32, from_f64 |x| bf16::from_f32(f32_round_to_odd(x)),
+        to_f64 bf16::to_f64;
     f32 => F32, acc f32, moment f32, |x| x, |x| x,
         from_f32 |x| x, to_f32 |x| x, from_f64 |x: f64| x as f32, to_f64 |x: f32| x as f64;
     f64 => F64, acc f64, moment f64, |x| x, |x| x,
@@ -353,5 +374,33 @@ mod tests {
         // 2049 is not representable in f16 (11-bit significand): ties to 2048.
         assert_eq!(<f16 as Float>::from_f64(2049.0).as_f64(), 2048.0);
         assert_eq!(<f32 as Float>::from_f64(0.1), 0.1f32);
+    }
+
+    #[test]
+    fn f64_rounds_once_into_16_bits() {
+        let (tiny, eps16, epsb) = (2f64.powi(-30), 2f64.powi(-10), 2f64.powi(-7));
+        // Just above the tie between 1 and 1 + 2^-10: rounds up. Through f32 (1 + 2^-11 exactly, a
+        // tie, then to even) or by `half::f16::from_f64` (the same on F16C machines) it gives 1.
+        let above = 1.0 + eps16 / 2.0 + tiny;
+        assert_eq!(<f16 as Float>::from_f64(above).as_f64(), 1.0 + eps16);
+        assert_eq!(<f16 as Float>::from_f64(-above).as_f64(), -1.0 - eps16);
+        assert_eq!(<f16 as Float>::from_f64(1.0 + eps16 / 2.0 - tiny).as_f64(), 1.0);
+        // bf16: `half::bf16::from_f64` drops the low 32 bits of the f64 first and misses the excess.
+        let above = 1.0 + epsb / 2.0 + tiny;
+        assert_eq!(<bf16 as Float>::from_f64(above).as_f64(), 1.0 + epsb);
+        assert_eq!(<bf16 as Float>::from_f64(1.0 + epsb / 2.0 - tiny).as_f64(), 1.0);
+        // Exact ties still go to even, and the edges hold: overflow, subnormals, zero, NaN.
+        assert_eq!(<f16 as Float>::from_f64(1.0 + eps16 / 2.0).as_f64(), 1.0);
+        assert_eq!(<f16 as Float>::from_f64(65520.0).as_f64(), f64::INFINITY);
+        assert_eq!(<f16 as Float>::from_f64(65519.99).as_f64(), 65504.0);
+        assert_eq!(
+            <f16 as Float>::from_f64(2f64.powi(-25) + tiny * tiny).as_f64(),
+            2f64.powi(-24)
+        );
+        assert_eq!(<f16 as Float>::from_f64(2f64.powi(-25)).as_f64(), 0.0);
+        assert_eq!(<bf16 as Float>::from_f64(1e300).as_f64(), f64::INFINITY);
+        assert_eq!(<bf16 as Float>::from_f64(1e-300).as_f64(), 0.0);
+        assert!(<bf16 as Float>::from_f64(f64::NAN).is_nan());
+        assert_eq!(<f16 as Float>::from_f64(-0.0).to_bits(), 0x8000);
     }
 }
