@@ -132,9 +132,8 @@ impl Acc for f64 {
 ///
 /// The conversions are exact where the target can hold the value and round once to nearest even
 /// otherwise; f64 reaches f16 and bf16 through f32 rounded to odd, so no value is rounded twice.
-/// (PyTorch 2.15 casts float64 to float16 and bfloat16 through float32 and can be one ulp off next
-/// to a tie: `1 + 2^-11 + 2^-30` becomes 1.0 in float16; NumPy
-/// and nbit round once.)
+/// (PyTorch 2.15 casts float64 to float16 and bfloat16 through float32 and can be one ulp off
+/// next to a tie: `1 + 2^-11 + 2^-30` becomes 1.0 in float16; NumPy and nbit round once.)
 pub trait Float: Element + num_traits::Float + LeBytes {
     /// The compute type of element-wise kernels on this element (see [`Acc`]).
     type Acc: Acc;
