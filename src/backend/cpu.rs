@@ -12,9 +12,12 @@ use super::{AdamWStep, Backend, Binary, ComplexBackend, ComplexUnary, SgdStep, U
 use crate::device::Cpu;
 use crate::dtype::{Acc, ComplexElement, Element, Float};
 
-/// Threads the CPU GEMM uses: all available cores (2 on the development machine).
+/// Threads the CPU GEMM uses: all available cores (2 on the development machine). Asked of the
+/// operating system once: on Linux the answer reads cgroup files, which cost more than a small
+/// product.
 pub fn gemm_f32_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Products smaller than this many multiply-adds run on one thread: spawning costs more.
