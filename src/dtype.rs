@@ -11,6 +11,7 @@
 
 use core::fmt::Debug;
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use num_complex::Complex;
 use typenum::{U16, U32, U64, Unsigned};
@@ -152,6 +153,27 @@ pub trait Float: Element + num_traits::Float + LeBytes {
     fn from_f64(x: f64) -> Self;
     /// Converts to f64 (exact for every real element type).
     fn as_f64(self) -> f64;
+    /// Whether kernels should convert this type a slice at a time ([`Float::widen_slice`],
+    /// [`Float::round_slice`]) rather than element by element: true for f16, whose hardware
+    /// conversions (F16C) cannot be inlined into generic code one element at a time; the others
+    /// convert with a move or a shift that vectorises in place.
+    const SLICE_CONVERSIONS: bool = false;
+    /// Widens `src` into `dst` (same length) to the compute type: [`Float::to_acc`] on every
+    /// element, vectorised where the type has a slice path (f16: F16C, 8 at a time).
+    #[inline]
+    fn widen_slice(src: &[Self], dst: &mut [Self::Acc]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_acc();
+        }
+    }
+    /// Rounds `src` into `dst` (same length): [`Float::from_acc`] on every element, vectorised
+    /// where the type has a slice path.
+    #[inline]
+    fn round_slice(src: &[Self::Acc], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::from_acc(*s);
+        }
+    }
 }
 
 /// `x` rounded to f32 *to odd*: exact values stay, others become the neighbour toward zero with
@@ -172,7 +194,7 @@ fn f32_round_to_odd(x: f64) -> f32 {
 }
 
 macro_rules! real_elements {
-    ($($ty:ty => $dtype:ident, acc $acc:ty, moment $moment:ty, $tacc:expr, $facc:expr, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr;)*) => {$(
+    ($($ty:ty => $dtype:ident, acc $acc:ty, moment $moment:ty, $tacc:expr, $facc:expr, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr $(, slices $widen:expr, $round:expr)?;)*) => {$(
         impl sealed::Sealed for $ty {}
         impl Element for $ty {
             const DTYPE: DType = DType::$dtype;
@@ -192,6 +214,13 @@ macro_rules! real_elements {
             fn from_f64(x: f64) -> Self { ($ff64)(x) }
             #[inline(always)]
             fn as_f64(self) -> f64 { ($tf64)(self) }
+            $(
+                const SLICE_CONVERSIONS: bool = true;
+                #[inline]
+                fn widen_slice(src: &[Self], dst: &mut [$acc]) { ($widen)(src, dst) }
+                #[inline]
+                fn round_slice(src: &[$acc], dst: &mut [Self]) { ($round)(src, dst) }
+            )?
         }
     )*};
 }
@@ -199,7 +228,9 @@ macro_rules! real_elements {
 real_elements! {
     f16 => F16, acc f32, moment f32, f16::to_f32, f16::from_f32,
         from_f32 f16::from_f32, to_f32 f16::to_f32, from_f64 |x| f16::from_f32(f32_round_to_odd(x)),
-        to_f64 f16::to_f64;
+        to_f64 f16::to_f64,
+        slices |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d),
+            |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s);
     bf16 => BF16, acc f32, moment bf16, bf16::to_f32, bf16::from_f32,
         from_f32 bf16::from_f32, to_f32 bf16::to_f32, from_f64 |x| bf16::from_f32(f32_round_to_odd(x)),
         to_f64 bf16::to_f64;

@@ -125,6 +125,120 @@ fn element_wise_kernels_round_once() {
     }
 }
 
+/// 1000 values (three full 256-element chunks of the f16 kernels and a partial one) spread over
+/// [-4, 4), with some of each sign and size.
+fn spread(seed: u64) -> Vec<f32> {
+    values(1000, seed).iter().map(|v| 4.0 * *v as f32).collect()
+}
+
+#[test]
+fn f16_chunked_kernels_equal_the_scalar_formula_rounded_once() {
+    // f16 kernels widen and round whole chunks with F16C; every result must still be the f32
+    // formula on the widened inputs, rounded once, element by element.
+    let (xs, ys) = (spread(11), spread(12));
+    let h = |v: &[f32]| Tensor::<f16>::from_vec(&[v.len()], v.iter().map(|&x| f16::from_f32(x)).collect());
+    let (x, y) = (h(&xs).unwrap(), h(&ys).unwrap());
+    let pairs: Vec<(f32, f32)> = x
+        .to_vec()
+        .iter()
+        .zip(y.to_vec())
+        .map(|(a, b)| (a.to_f32(), b.to_f32()))
+        .collect();
+    let check = |name: &str, got: Tensor<f16>, want: &dyn Fn(f32, f32) -> f32| {
+        for ((a, b), g) in pairs.iter().zip(got.to_vec()) {
+            assert_eq!(
+                g.to_bits(),
+                f16::from_f32(want(*a, *b)).to_bits(),
+                "{name}({a}, {b})"
+            );
+        }
+    };
+    check("tanh", x.tanh(), &|a, _| a.tanh());
+    check("gelu", x.gelu(), &|a, _| {
+        0.5 * a * (1.0 + libm::erff(a / std::f32::consts::SQRT_2))
+    });
+    check("mul", x.mul(&y).unwrap(), &|a, b| a * b);
+    check("div", x.div(&y).unwrap(), &|a, b| a / b);
+    // An outer product: every entry is one exact f32 product, rounded once to f16.
+    let cols = y.reshape(&[1000, 1]).unwrap().to_vec()[..8].to_vec();
+    let outer = x
+        .reshape(&[1000, 1])
+        .unwrap()
+        .matmul(&Tensor::from_vec(&[1, 8], cols.clone()).unwrap())
+        .unwrap();
+    for (i, row) in outer.to_vec().chunks(8).enumerate() {
+        for (j, g) in row.iter().enumerate() {
+            let want = f16::from_f32(pairs[i].0 * cols[j].to_f32());
+            assert_eq!(g.to_bits(), want.to_bits(), "outer[{i}][{j}]");
+        }
+    }
+}
+
+/// One AdamW step as PyTorch's in-place ops take it, element by element in f32: decay rounded
+/// to the parameter dtype, `exp_avg` (dtype `E`) and `exp_avg_sq` (`round_v`) rounded as stored,
+/// the update reading the stored moments.
+fn adamw_reference<E: Float>(
+    p: &mut [E],
+    g: &[E],
+    m: &mut [E],
+    v: &mut [f32],
+    t: i32,
+    round_v: fn(f32) -> f32,
+) {
+    let (lr, b1, b2, eps, wd) = (1e-3f64, 0.9f64, 0.999f64, 1e-8f64, 1e-2f64);
+    let (decay, step, b2s) = (
+        (1.0 - lr * wd) as f32,
+        (lr / (1.0 - b1.powi(t))) as f32,
+        (1.0 - b2.powi(t)).sqrt() as f32,
+    );
+    let r = |x: f32| E::from_f32(x).as_f32();
+    for i in 0..p.len() {
+        let gi = g[i].as_f32();
+        let pa = r(p[i].as_f32() * decay);
+        m[i] = E::from_f32(m[i].as_f32() + (1.0 - b1 as f32) * (gi - m[i].as_f32()));
+        v[i] = round_v(v[i] * b2 as f32 + (1.0 - b2 as f32) * gi * gi);
+        p[i] = E::from_f32(pa - step * m[i].as_f32() / (v[i].sqrt() / b2s + eps as f32));
+    }
+}
+
+fn adamw_matches_reference<E: Float>(round_v: fn(f32) -> f32) {
+    use nbit::nn::Parameter;
+    use nbit::optim::{AdamW, Optimization, OptimizerState};
+    let to = |v: Vec<f32>| v.into_iter().map(E::from_f32).collect::<Vec<E>>();
+    let (mut p, mut m, mut v) = (to(spread(21)), vec![E::zero(); 1000], vec![0f32; 1000]);
+    let mut param = Parameter::new("w", Tensor::<E>::from_vec(&[1000], p.clone()).unwrap());
+    let mut opt = OptimizerState::new(Optimization::new(AdamW::default()), &[&param]).unwrap();
+    for t in 1..=3 {
+        // Gradients up to 0.4, 0.04, then 0.004: small ones are where an f16 second moment would
+        // underflow.
+        let g = to(spread(30 + t as u64)
+            .iter()
+            .map(|x| x * 10f32.powi(-(t % 4)))
+            .collect());
+        opt.step(
+            &mut [&mut param],
+            &[Tensor::from_vec(&[1000], g.clone()).unwrap()],
+        );
+        adamw_reference(&mut p, &g, &mut m, &mut v, t, round_v);
+        for (i, (got, want)) in param.value().to_vec().iter().zip(&p).enumerate() {
+            assert_eq!(
+                got.as_f64().to_bits(),
+                want.as_f64().to_bits(),
+                "{:?} step {t} element {i}",
+                E::DTYPE
+            );
+        }
+    }
+}
+
+#[test]
+fn adamw_on_16_bit_parameters_rounds_like_pytorchs_in_place_ops() {
+    // 16-true keeps exp_avg_sq in f32; bf16-true keeps it in bf16.
+    adamw_matches_reference::<f16>(|x| x);
+    adamw_matches_reference::<bf16>(|x| bf16::from_f32(x).to_f32());
+    adamw_matches_reference::<f32>(|x| x);
+}
+
 #[test]
 fn nan_and_inf_propagate_as_ieee_says() {
     let t = Tensor::<f32>::from_vec(&[4], vec![f32::NAN, f32::INFINITY, 0.0, -1.0]).unwrap();

@@ -31,7 +31,7 @@ fn standard<E: Element>(s: &ArrayD<E>) -> std::borrow::Cow<'_, [E]> {
     }
 }
 
-fn from_vec<E: Element>(shape: &[usize], v: Vec<E>) -> ArrayD<E> {
+fn from_vec<T>(shape: &[usize], v: Vec<T>) -> ArrayD<T> {
     ArrayD::from_shape_vec(IxDyn(shape), v).expect("kernel produced the element count of its shape")
 }
 
@@ -106,7 +106,7 @@ fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
     dst
 }
 
-fn as_2d<E: Element>(s: &ArrayD<E>, t: bool) -> ArrayView2<'_, E> {
+fn as_2d<T>(s: &ArrayD<T>, t: bool) -> ArrayView2<'_, T> {
     let v = s
         .view()
         .into_dimensionality::<Ix2>()
@@ -120,13 +120,43 @@ fn downcast<T: 'static, U: 'static>(x: T) -> U {
         .expect("element type checked by DTYPE")
 }
 
-macro_rules! map_acc {
-    ($x:expr, |$a:ident| $body:expr) => {
-        $x.mapv(|v| {
-            let $a = v.to_acc();
-            E::from_acc($body)
-        })
-    };
+/// Elements a chunked kernel widens at a time: its buffers stay in the L1 cache.
+const CHUNK: usize = 256;
+
+/// `out[i] = round(f([widen(x[i]) for x in inputs]))` over slices of one length, in a plain
+/// loop the compiler vectorises. Types with [`Float::SLICE_CONVERSIONS`] (f16) go a chunk at a
+/// time: inputs widened and results rounded by the slice conversions (F16C), `f` looping over
+/// the compute type in between. The same arithmetic and single rounding either way.
+fn zip_map<E: Float, const N: usize>(inputs: [&[E]; N], out: &mut [E], f: impl Fn([E::Acc; N]) -> E::Acc) {
+    let inputs = inputs.map(|x| &x[..out.len()]);
+    if !E::SLICE_CONVERSIONS {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = E::from_acc(f(core::array::from_fn(|k| inputs[k][i].to_acc())));
+        }
+        return;
+    }
+    let zero = <E::Acc as Acc>::c(0.0);
+    let mut wide = [[zero; CHUNK]; N];
+    let mut res = [zero; CHUNK];
+    for start in (0..out.len()).step_by(CHUNK) {
+        let len = CHUNK.min(out.len() - start);
+        for (w, x) in wide.iter_mut().zip(&inputs) {
+            E::widen_slice(&x[start..start + len], &mut w[..len]);
+        }
+        for (i, r) in res[..len].iter_mut().enumerate() {
+            *r = f(core::array::from_fn(|k| wide[k][i]));
+        }
+        E::round_slice(&res[..len], &mut out[start..start + len]);
+    }
+}
+
+/// [`zip_map`] over arrays of one shape.
+fn map_n<E: Float, const N: usize>(xs: [&ArrayD<E>; N], f: impl Fn([E::Acc; N]) -> E::Acc) -> ArrayD<E> {
+    let shape = xs[0].shape().to_vec();
+    let data = xs.map(standard);
+    let mut out = vec![E::zero(); data[0].len()];
+    zip_map(data.each_ref().map(|d| &**d), &mut out, f);
+    from_vec(&shape, out)
 }
 
 impl Backend for Cpu {
@@ -181,33 +211,33 @@ impl Backend for Cpu {
         let one = <E::Acc as Acc>::c(1.0);
         let zero = <E::Acc as Acc>::c(0.0);
         match op {
-            Unary::Neg => map_acc!(x, |a| -a),
+            Unary::Neg => map_n([x], |[a]| -a),
             Unary::AddScalar(c) => {
                 let c = <E::Acc as Acc>::c(c);
-                map_acc!(x, |a| a + c)
+                map_n([x], |[a]| a + c)
             }
             Unary::MulScalar(c) => {
                 let c = <E::Acc as Acc>::c(c);
-                map_acc!(x, |a| a * c)
+                map_n([x], |[a]| a * c)
             }
             Unary::Powf(c) => {
                 let c = <E::Acc as Acc>::c(c);
-                map_acc!(x, |a| a.powf(c))
+                map_n([x], |[a]| a.powf(c))
             }
-            Unary::Relu => map_acc!(x, |a| if a < zero { zero } else { a }),
+            Unary::Relu => map_n([x], |[a]| if a < zero { zero } else { a }),
             Unary::Gelu => {
                 let r = <E::Acc as Acc>::c(core::f64::consts::FRAC_1_SQRT_2);
-                map_acc!(x, |a| half * a * (one + (a * r).erf()))
+                map_n([x], |[a]| half * a * (one + (a * r).erf()))
             }
             Unary::GeluTanh => {
                 let k = <E::Acc as Acc>::c((2.0 / core::f64::consts::PI).sqrt());
                 let c = <E::Acc as Acc>::c(0.044715);
-                map_acc!(x, |a| half * a * (one + (k * (a + c * a * a * a)).tanh()))
+                map_n([x], |[a]| half * a * (one + (k * (a + c * a * a * a)).tanh()))
             }
-            Unary::Tanh => map_acc!(x, |a| a.tanh()),
-            Unary::Sigmoid => map_acc!(x, |a| one / (one + (-a).exp())),
-            Unary::Exp => map_acc!(x, |a| a.exp()),
-            Unary::Log => map_acc!(x, |a| a.ln()),
+            Unary::Tanh => map_n([x], |[a]| a.tanh()),
+            Unary::Sigmoid => map_n([x], |[a]| one / (one + (-a).exp())),
+            Unary::Exp => map_n([x], |[a]| a.exp()),
+            Unary::Log => map_n([x], |[a]| a.ln()),
         }
     }
 
@@ -216,10 +246,7 @@ impl Backend for Cpu {
         let (half, one, zero) = (c(0.5), c(1.0), c(0.0));
         macro_rules! grad {
             (|$x:pat_param, $y:pat_param, $g:ident| $body:expr) => {
-                Zip::from(x).and(y).and(dy).map_collect(|x, y, g| {
-                    let ($x, $y, $g) = (x.to_acc(), y.to_acc(), g.to_acc());
-                    E::from_acc($body)
-                })
+                map_n([x, y, dy], |[$x, $y, $g]| $body)
             };
         }
         match op {
@@ -254,19 +281,20 @@ impl Backend for Cpu {
     }
 
     fn binary<E: Float>(op: Binary, a: &ArrayD<E>, b: &ArrayD<E>, out_shape: &[usize]) -> ArrayD<E> {
-        let shape = IxDyn(out_shape);
-        let a = a
-            .broadcast(shape.clone())
-            .expect("shapes broadcast (checked by caller)");
-        let b = b.broadcast(shape).expect("shapes broadcast (checked by caller)");
-        let z = Zip::from(&a).and(&b);
-        let r = match op {
-            Binary::Add => z.map_collect(|x, y| E::from_acc(x.to_acc() + y.to_acc())),
-            Binary::Sub => z.map_collect(|x, y| E::from_acc(x.to_acc() - y.to_acc())),
-            Binary::Mul => z.map_collect(|x, y| E::from_acc(x.to_acc() * y.to_acc())),
-            Binary::Div => z.map_collect(|x, y| E::from_acc(x.to_acc() / y.to_acc())),
-        };
-        Self::from_array(r)
+        fn full<'a, E: Float>(x: &'a ArrayD<E>, shape: &[usize]) -> std::borrow::Cow<'a, ArrayD<E>> {
+            match x.shape() == shape {
+                true => std::borrow::Cow::Borrowed(x),
+                false => std::borrow::Cow::Owned(Cpu::broadcast_to(x, shape)),
+            }
+        }
+        let (a, b) = (full(a, out_shape), full(b, out_shape));
+        let ab = [&*a, &*b];
+        match op {
+            Binary::Add => map_n(ab, |[x, y]| x + y),
+            Binary::Sub => map_n(ab, |[x, y]| x - y),
+            Binary::Mul => map_n(ab, |[x, y]| x * y),
+            Binary::Div => map_n(ab, |[x, y]| x / y),
+        }
     }
 
     fn sum_to_shape<E: Float>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
@@ -348,16 +376,25 @@ impl Backend for Cpu {
             // 16-bit operands: widen (exactly) to f32, multiply-accumulate in f32 onto the
             // widened bias, round once (as PyTorch's addmm for half types).
             _ => {
-                let wide = |x: &ArrayD<E>| x.mapv(|v| v.as_f32());
+                let wide = |x: &ArrayD<E>| {
+                    let data = standard(x);
+                    let mut w = vec![<E::Acc as Acc>::c(0.0); data.len()];
+                    E::widen_slice(&data, &mut w);
+                    from_vec(x.shape(), w)
+                };
                 let wb = bias.map(wide);
-                gemm_into(
+                let out = gemm_into(
                     as_2d(&wide(a), ta),
                     as_2d(&wide(b), tb),
                     wb.as_ref(),
                     (false, false),
-                )
-                .mapv(E::from_f32)
-                .into_dyn()
+                );
+                let mut r = vec![E::zero(); out.len()];
+                E::round_slice(
+                    out.as_slice().expect("gemm_into returns a standard array"),
+                    &mut r,
+                );
+                from_vec(out.shape(), r)
             }
         };
         Self::from_array(out)
@@ -613,23 +650,76 @@ impl Backend for Cpu {
         let (b1, b2) = (c(hp.beta1), c(hp.beta2));
         let (one, decay) = (c(1.0), c(1.0 - hp.lr * hp.weight_decay));
         let (step_size, b2s, eps) = (c(hp.lr / bias1), c(bias2_sqrt), c(hp.eps));
-        Zip::from(param)
-            .and(grad)
-            .and(exp_avg)
-            .and(exp_avg_sq)
-            .for_each(|p, g, m, v| {
+        // PyTorch, one in-place tensor op after another, each rounding to the stored dtype:
+        //   param.mul_(1 - lr * wd)
+        //   exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+        //   param.addcdiv_(exp_avg, exp_avg_sq.sqrt() / bias2_sqrt + eps, -lr / bias1)
+        // The update reads the moments as stored.
+        let decayed = |p: E::Acc| p * decay;
+        let first = |m: E::Acc, g: E::Acc| m + (one - b1) * (g - m);
+        let moment = |v: &E::Moment| c(v.as_f64());
+        let second = |v: &E::Moment, g: E::Acc| {
+            <E::Moment as Float>::from_f64((moment(v) * b2 + (one - b2) * g * g).f64())
+        };
+        let updated = |p: E::Acc, m: E::Acc, v: E::Acc| p - step_size * m / (v.sqrt() / b2s + eps);
+        let (p, m, v) = (
+            standard_mut(param),
+            standard_mut(exp_avg),
+            standard_mut(exp_avg_sq),
+        );
+        let g = grad.as_standard_layout();
+        let g = &g.as_slice().expect("standard layout")[..p.len()];
+        let (m, v) = (&mut m[..p.len()], &mut v[..p.len()]);
+        if !E::SLICE_CONVERSIONS {
+            for (((p, g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
                 let g = g.to_acc();
-                let pa = E::from_acc(p.to_acc() * decay).to_acc();
-                // PyTorch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-                let ma = m.to_acc() + (one - b1) * (g - m.to_acc());
-                let va = c(v.as_f64()) * b2 + (one - b2) * g * g;
-                *m = E::from_acc(ma);
-                *v = <E::Moment as Float>::from_f64(va.f64());
-                // The update reads the stored moments, as PyTorch's in-place ops leave them.
-                let (ma, va) = (m.to_acc(), c(v.as_f64()));
-                *p = E::from_acc(pa - step_size * ma / (va.sqrt() / b2s + eps));
-            });
+                let pa = E::from_acc(decayed(p.to_acc())).to_acc();
+                *m = E::from_acc(first(m.to_acc(), g));
+                *v = second(v, g);
+                *p = E::from_acc(updated(pa, m.to_acc(), moment(v)));
+            }
+            return;
+        }
+        // A chunk at a time, widening and rounding with the slice conversions (see `zip_map`).
+        let zero = c(0.0);
+        let (mut wp, mut wg, mut wm, mut t) = ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
+        for start in (0..p.len()).step_by(CHUNK) {
+            let r = start..(start + CHUNK).min(p.len());
+            let n = r.len();
+            let (p, g, m, v) = (&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r]);
+            E::widen_slice(p, &mut wp[..n]);
+            for (t, p) in t.iter_mut().zip(&wp[..n]) {
+                *t = decayed(*p);
+            }
+            E::round_slice(&t[..n], p);
+            E::widen_slice(p, &mut wp[..n]);
+            E::widen_slice(g, &mut wg[..n]);
+            E::widen_slice(m, &mut wm[..n]);
+            for ((t, m), g) in t.iter_mut().zip(&wm[..n]).zip(&wg[..n]) {
+                *t = first(*m, *g);
+            }
+            E::round_slice(&t[..n], m);
+            E::widen_slice(m, &mut wm[..n]);
+            for (((t, v), g), (p, m)) in t
+                .iter_mut()
+                .zip(v.iter_mut())
+                .zip(&wg[..n])
+                .zip(wp.iter().zip(&wm[..n]))
+            {
+                *v = second(v, *g);
+                *t = updated(*p, *m, moment(v));
+            }
+            E::round_slice(&t[..n], p);
+        }
     }
+}
+
+/// The elements of `a` as one mutable slice, made row-major first if they are not.
+fn standard_mut<E: Element>(a: &mut ArrayD<E>) -> &mut [E] {
+    if !a.is_standard_layout() {
+        *a = a.as_standard_layout().into_owned();
+    }
+    a.as_slice_mut().expect("standard layout")
 }
 
 fn c64_of<C: ComplexElement>(a: &ArrayD<C>) -> ArrayD<Complex<f64>> {
