@@ -136,6 +136,23 @@
 //!   against its column; building a trainer on it returns [`Error::DeviceUnavailable`].
 //! - **`"auto"` never picks a TPU**, for the same reason; it picks `gpu` when the CUDA driver
 //!   reports a device, else `cpu`.
+//!
+//! ## Where nbit's numerics differ from PyTorch's CPU kernels, on purpose
+//!
+//! PyTorch's behaviour is the specification, and nbit follows its kernels' structure where that is
+//! consistent (a linear layer's bias added before its one rounding, log-softmax keeping the row's
+//! exp-sum and its log in the element type, optimizer state rounded as in-place ops round it).
+//! `tools/compare_with_pytorch.py` measures the agreement. Where PyTorch 2.15 rounds more often
+//! or inconsistently, nbit rounds once:
+//!
+//! - **Reductions accumulate in f64** (PyTorch: f32 for 16-bit inputs, and 16-bit partial sums
+//!   in `nll_loss`), so a reported 16-bit loss can differ from PyTorch's by an ulp; gradients do
+//!   not depend on it.
+//! - **`p + alpha * g` rounds once.** PyTorch's CPU `add_(g, alpha=...)` on bf16/f16 rounds
+//!   `alpha * g` first for the elements past the last full SIMD vector (a tensor of 10 elements:
+//!   all of them), and once for the rest.
+//! - **f64 to f16/bf16 rounds once**; PyTorch converts through f32 (see [`Float`]).
+//! - **16-true AdamW keeps `exp_avg_sq` in f32** (see [`optim`]): in f16 it underflows.
 
 #![warn(missing_docs)]
 

@@ -63,6 +63,37 @@ fn softmax_and_losses_use_wide_denominators() {
     );
 }
 
+#[test]
+fn log_softmax_keeps_the_row_sum_and_its_log_in_the_element_type_as_pytorch_does() {
+    // Expected values are torch 2.15's torch.log_softmax on CPU for these rows. Rounding
+    // x - max - ln(sum) once would give -0.9375 (bf16) and -1.2939453125 (f16) instead.
+    let row = |v: [f32; 3]| v.map(f64::from).to_vec();
+    let b = Tensor::<bf16>::from_vec(
+        &[1, 3],
+        row([0.0, 0.0, 0.25]).into_iter().map(bf16::from_f64).collect(),
+    );
+    let got: Vec<f64> = b
+        .unwrap()
+        .log_softmax()
+        .to_vec()
+        .iter()
+        .map(|v| v.to_f64())
+        .collect();
+    assert_eq!(got, vec![-1.1875, -1.1875, -0.94140625]);
+    let h = Tensor::<f16>::from_vec(
+        &[1, 3],
+        row([0.0, 0.0, 0.5]).into_iter().map(f16::from_f64).collect(),
+    );
+    let got: Vec<f64> = h
+        .unwrap()
+        .log_softmax()
+        .to_vec()
+        .iter()
+        .map(|v| v.to_f64())
+        .collect();
+    assert_eq!(got, vec![-1.294921875, -1.294921875, -0.79443359375]);
+}
+
 /// Deterministic values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f64> {
     let mut s = seed;

@@ -409,7 +409,11 @@ impl Backend for Cpu {
             let max = if max.is_finite() { max } else { 0.0 };
             let denom: f64 = row.iter().map(|v| (v.as_f64() - max).exp()).sum();
             if log {
-                let lse = denom.ln();
+                // PyTorch's CPU kernel keeps the row's sum of exponentials, then its log, in the
+                // element type (`tmp_sum_scalar` in LogSoftmaxKernelImpl.h) before computing
+                // `x - max - lse` wide and rounding once; so does nbit. In bf16 that moves about
+                // one output in six by an ulp, and the ulps compound over a 16-true run.
+                let lse = E::from_f64(E::from_f64(denom).as_f64().ln()).as_f64();
                 out.extend(row.iter().map(|v| E::from_f64(v.as_f64() - max - lse)));
             } else {
                 out.extend(row.iter().map(|v| E::from_f64((v.as_f64() - max).exp() / denom)));
