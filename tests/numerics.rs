@@ -262,6 +262,69 @@ fn adamw_matches_reference<E: Float>(round_v: fn(f32) -> f32) {
     }
 }
 
+/// SGD steps as PyTorch's tensor ops take them, element by element in f32, each tensor PyTorch
+/// keeps (the decayed gradient, the momentum buffer, the Nesterov gradient) rounded to `E`.
+fn sgd_matches_reference<E: Float>(momentum: f64, dampening: f64, nesterov: bool, wd: f64) {
+    use nbit::nn::Parameter;
+    use nbit::optim::{Optimization, OptimizerState, Sgd};
+    let to = |v: Vec<f32>| v.into_iter().map(E::from_f32).collect::<Vec<E>>();
+    let r = |x: f32| E::from_f32(x).as_f32();
+    let (lr, mom, damp, wd32) = (0.05f32, momentum as f32, (1.0 - dampening) as f32, wd as f32);
+    let mut p = to(spread(41));
+    let mut buf = vec![0f32; p.len()];
+    let mut param = Parameter::new("w", Tensor::<E>::from_vec(&[1000], p.clone()).unwrap());
+    let sgd = Sgd::new(0.05)
+        .momentum(momentum)
+        .dampening(dampening)
+        .nesterov(nesterov)
+        .weight_decay(wd);
+    let mut opt = OptimizerState::new(Optimization::new(sgd), &[&param]).unwrap();
+    for t in 1..=3 {
+        let g = to(spread(50 + t).iter().map(|x| x / 4.0).collect());
+        opt.step(
+            &mut [&mut param],
+            &[Tensor::from_vec(&[1000], g.clone()).unwrap()],
+        );
+        for i in 0..p.len() {
+            let pa = p[i].as_f32();
+            let d = if wd != 0.0 {
+                r(g[i].as_f32() + wd32 * pa)
+            } else {
+                g[i].as_f32()
+            };
+            let s = if momentum == 0.0 {
+                d
+            } else {
+                buf[i] = if t == 1 { d } else { r(r(mom * buf[i]) + damp * d) };
+                if nesterov { r(d + mom * buf[i]) } else { buf[i] }
+            };
+            p[i] = E::from_f32(pa - lr * s);
+        }
+        for (i, (got, want)) in param.value().to_vec().iter().zip(&p).enumerate() {
+            assert_eq!(
+                got.as_f64().to_bits(),
+                want.as_f64().to_bits(),
+                "{:?} momentum {momentum} nesterov {nesterov} wd {wd}: step {t} element {i}",
+                E::DTYPE
+            );
+        }
+    }
+}
+
+#[test]
+fn sgd_on_16_bit_parameters_rounds_like_pytorchs_tensor_ops() {
+    fn all<E: Float>() {
+        sgd_matches_reference::<E>(0.0, 0.0, false, 0.0);
+        sgd_matches_reference::<E>(0.0, 0.0, false, 0.01);
+        sgd_matches_reference::<E>(0.9, 0.0, false, 0.0);
+        sgd_matches_reference::<E>(0.9, 0.1, false, 0.01);
+        sgd_matches_reference::<E>(0.9, 0.0, true, 0.01);
+    }
+    all::<f16>();
+    all::<bf16>();
+    all::<f32>();
+}
+
 #[test]
 fn adamw_on_16_bit_parameters_rounds_like_pytorchs_in_place_ops() {
     // 16-true keeps exp_avg_sq in f32; bf16-true keeps it in bf16.
