@@ -67,31 +67,18 @@ fn softmax_and_losses_use_wide_denominators() {
 fn log_softmax_keeps_the_row_sum_and_its_log_in_the_element_type_as_pytorch_does() {
     // Expected values are torch 2.15's torch.log_softmax on CPU for these rows. Rounding
     // x - max - ln(sum) once would give -0.9375 (bf16) and -1.2939453125 (f16) instead.
-    let row = |v: [f32; 3]| v.map(f64::from).to_vec();
-    let b = Tensor::<bf16>::from_vec(
-        &[1, 3],
-        row([0.0, 0.0, 0.25]).into_iter().map(bf16::from_f64).collect(),
+    fn log_softmax<E: Float>(row: [f64; 3]) -> Vec<f64> {
+        let t = Tensor::<E>::from_vec(&[1, 3], row.map(E::from_f64).to_vec()).unwrap();
+        t.log_softmax().to_vec().iter().map(|v| v.as_f64()).collect()
+    }
+    assert_eq!(
+        log_softmax::<bf16>([0.0, 0.0, 0.25]),
+        [-1.1875, -1.1875, -0.94140625]
     );
-    let got: Vec<f64> = b
-        .unwrap()
-        .log_softmax()
-        .to_vec()
-        .iter()
-        .map(|v| v.to_f64())
-        .collect();
-    assert_eq!(got, vec![-1.1875, -1.1875, -0.94140625]);
-    let h = Tensor::<f16>::from_vec(
-        &[1, 3],
-        row([0.0, 0.0, 0.5]).into_iter().map(f16::from_f64).collect(),
+    assert_eq!(
+        log_softmax::<f16>([0.0, 0.0, 0.5]),
+        [-1.294921875, -1.294921875, -0.79443359375]
     );
-    let got: Vec<f64> = h
-        .unwrap()
-        .log_softmax()
-        .to_vec()
-        .iter()
-        .map(|v| v.to_f64())
-        .collect();
-    assert_eq!(got, vec![-1.294921875, -1.294921875, -0.79443359375]);
 }
 
 /// Deterministic values in [-1, 1).
@@ -205,6 +192,13 @@ fn f16_chunked_kernels_equal_the_scalar_formula_rounded_once() {
     }
 }
 
+/// Asserts `got` and `want` are the same values bit for bit, naming the first element that is not.
+fn same_bits<E: Float>(got: &[E], want: &[E], what: &str) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.as_f64().to_bits(), w.as_f64().to_bits(), "{what}: element {i}");
+    }
+}
+
 /// One AdamW step as PyTorch's in-place ops take it, element by element in f32: decay rounded
 /// to the parameter dtype, `exp_avg` (dtype `E`) and `exp_avg_sq` (`round_v`) rounded as stored,
 /// the update reading the stored moments.
@@ -251,14 +245,7 @@ fn adamw_matches_reference<E: Float>(round_v: fn(f32) -> f32) {
             &[Tensor::from_vec(&[1000], g.clone()).unwrap()],
         );
         adamw_reference(&mut p, &g, &mut m, &mut v, t, round_v);
-        for (i, (got, want)) in param.value().to_vec().iter().zip(&p).enumerate() {
-            assert_eq!(
-                got.as_f64().to_bits(),
-                want.as_f64().to_bits(),
-                "{:?} step {t} element {i}",
-                E::DTYPE
-            );
-        }
+        same_bits(&param.value().to_vec(), &p, &format!("{:?} step {t}", E::DTYPE));
     }
 }
 
@@ -300,14 +287,11 @@ fn sgd_matches_reference<E: Float>(momentum: f64, dampening: f64, nesterov: bool
             };
             p[i] = E::from_f32(pa - lr * s);
         }
-        for (i, (got, want)) in param.value().to_vec().iter().zip(&p).enumerate() {
-            assert_eq!(
-                got.as_f64().to_bits(),
-                want.as_f64().to_bits(),
-                "{:?} momentum {momentum} nesterov {nesterov} wd {wd}: step {t} element {i}",
-                E::DTYPE
-            );
-        }
+        let what = format!(
+            "{:?} momentum {momentum} nesterov {nesterov} wd {wd}: step {t}",
+            E::DTYPE
+        );
+        same_bits(&param.value().to_vec(), &p, &what);
     }
 }
 
