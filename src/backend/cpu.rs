@@ -588,9 +588,7 @@ impl Backend for Cpu {
     }
 
     fn add_in_place<E: Float>(a: &mut ArrayD<E>, b: &ArrayD<E>) {
-        Zip::from(a)
-            .and(b)
-            .for_each(|a, b| *a = E::from_acc(a.to_acc() + b.to_acc()));
+        *a = map_n([&*a, b], |[x, y]| x + y);
     }
 
     fn sgd_step<E: Float>(
