@@ -650,11 +650,8 @@ impl Backend for Cpu {
         let zero = c(0.0);
         let (mut wp, mut wd, mut wb, mut t) = ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
         let mut scratch = [E::zero(); CHUNK];
-        // Rounds values to E and back, in place: what storing them as a tensor does.
-        let mut round = |x: &mut [E::Acc]| {
-            E::round_slice(x, &mut scratch[..x.len()]);
-            E::widen_slice(&scratch[..x.len()], x);
-        };
+        // Rounds values to E and back, in place: what keeping them in a tensor does.
+        let mut round = |x: &mut [E::Acc]| store(x, &mut scratch[..x.len()]);
         for start in (0..p.len()).step_by(CHUNK) {
             let r = start..(start + CHUNK).min(p.len());
             let n = r.len();
@@ -681,8 +678,7 @@ impl Backend for Cpu {
                             *b = accumulated(*b, *d);
                         }
                     }
-                    round(wb);
-                    E::round_slice(wb, b);
+                    store(wb, b);
                     if hp.nesterov {
                         for ((t, d), b) in t.iter_mut().zip(wd.iter()).zip(wb.iter()) {
                             *t = nesterov(*d, *b);
@@ -752,31 +748,35 @@ impl Backend for Cpu {
             let r = start..(start + CHUNK).min(p.len());
             let n = r.len();
             let (p, g, m, v) = (&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r]);
-            E::widen_slice(p, &mut wp[..n]);
-            for (t, p) in t.iter_mut().zip(&wp[..n]) {
-                *t = decayed(*p);
+            let (wp, wg, wm, t) = (&mut wp[..n], &mut wg[..n], &mut wm[..n], &mut t[..n]);
+            E::widen_slice(p, wp);
+            wp.iter_mut().for_each(|p| *p = decayed(*p));
+            store(wp, p);
+            E::widen_slice(g, wg);
+            E::widen_slice(m, wm);
+            for (m, g) in wm.iter_mut().zip(wg.iter()) {
+                *m = first(*m, *g);
             }
-            E::round_slice(&t[..n], p);
-            E::widen_slice(p, &mut wp[..n]);
-            E::widen_slice(g, &mut wg[..n]);
-            E::widen_slice(m, &mut wm[..n]);
-            for ((t, m), g) in t.iter_mut().zip(&wm[..n]).zip(&wg[..n]) {
-                *t = first(*m, *g);
-            }
-            E::round_slice(&t[..n], m);
-            E::widen_slice(m, &mut wm[..n]);
+            store(wm, m);
             for (((t, v), g), (p, m)) in t
                 .iter_mut()
                 .zip(v.iter_mut())
-                .zip(&wg[..n])
-                .zip(wp.iter().zip(&wm[..n]))
+                .zip(wg.iter())
+                .zip(wp.iter().zip(wm.iter()))
             {
                 *v = second(v, *g);
                 *t = updated(*p, *m, moment(v));
             }
-            E::round_slice(&t[..n], p);
+            E::round_slice(t, p);
         }
     }
+}
+
+/// Stores `x` in `dst` rounded to `E`, and reads back into `x` what was stored: what a later
+/// PyTorch op sees of a value kept in a tensor.
+fn store<E: Float>(x: &mut [E::Acc], dst: &mut [E]) {
+    E::round_slice(x, dst);
+    E::widen_slice(dst, x);
 }
 
 /// The elements of `a` as one mutable slice, made row-major first if they are not.
