@@ -23,6 +23,7 @@ use ndarray::{Array2, Axis};
 use crate::backend::{Backend, uniform};
 use crate::dtype::Float;
 use crate::error::Error;
+use crate::precision::Precision;
 use crate::tensor::Tensor;
 
 /// What a model is trained to do with a dataset's `label` column.
@@ -60,6 +61,9 @@ pub enum Targets {
     /// No targets (data to predict on).
     None,
 }
+
+/// The largest class index a CSV label may hold (class counts beyond it could never be trained).
+pub const MAX_CLASS_INDEX: u64 = u32::MAX as u64;
 
 /// Rows of features with their targets, all in memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -165,11 +169,24 @@ impl Dataset {
 
     fn parse_csv_with(name: &str, text: &str, task: Task, need_label: bool) -> Result<Dataset, Error> {
         let bad = |msg: String| Err(Error::InvalidData(format!("'{name}' {msg}")));
+        // Spreadsheets save UTF-8 CSV with a byte-order mark before the first column's name.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
         let Some((_, header)) = lines.next() else {
             return bad("is empty: expected a header row naming the columns, one of them 'label'".into());
         };
         let columns: Vec<&str> = header.split(',').map(str::trim).collect();
+        if let Some((i, c)) = columns
+            .iter()
+            .enumerate()
+            .find(|(i, c)| columns[..*i].contains(c))
+        {
+            return bad(format!(
+                "names column '{c}' twice in its header (columns {} and {}): every column needs its own name",
+                columns.iter().position(|x| x == c).map_or(0, |p| p + 1),
+                i + 1
+            ));
+        }
         let label_col = columns.iter().position(|c| *c == "label");
         if need_label && label_col.is_none() {
             return bad(format!(
@@ -214,10 +231,17 @@ impl Dataset {
                     if !need_label {
                         continue;
                     }
-                    if task == Task::Classification && (v < 0.0 || v.fract() != 0.0 || v > u32::MAX as f64) {
+                    if task == Task::Classification && (v < 0.0 || v.fract() != 0.0) {
                         return bad(format!(
                             "line {n}: label '{field}' is not a class index (a whole number >= 0); \
                              use --task regression for real-valued targets"
+                        ));
+                    }
+                    if task == Task::Classification && v > MAX_CLASS_INDEX as f64 {
+                        return bad(format!(
+                            "line {n}: label '{field}' is too large for a class index (at most \
+                             {MAX_CLASS_INDEX}); number the classes from 0, or use --task regression \
+                             for real-valued targets"
                         ));
                     }
                     labels.push(v);
@@ -245,6 +269,42 @@ impl Dataset {
             Task::Regression => {
                 Dataset::regression(x, Array2::from_shape_vec((rows, 1), labels).expect("rows"))
             }
+        }
+    }
+
+    /// Checks that every feature is finite in precision `P`'s compute dtype (the matmuls see the
+    /// features there) and every regression target in its full dtype (the loss sees them there):
+    /// 1e39 overflows f32, 70000 overflows f16. An error names the row, column, value and the
+    /// dtype's range, and says what to do. [`Trainer`](crate::Trainer) checks its data with it.
+    ///
+    /// ```
+    /// use nbit::prelude::*;
+    /// use nbit::data::Dataset;
+    /// let ds = Dataset::classification(ndarray::array![[1.0, 7.0e4]], vec![0])?;
+    /// assert!(ds.check_representable::<True<F32>>().is_ok());
+    /// let msg = ds.check_representable::<True<F16>>().unwrap_err().to_string();
+    /// assert!(msg.contains("row 1, column 2") && msg.contains("70000") && msg.contains("65504"), "{msg}");
+    /// # Ok::<(), nbit::Error>(())
+    /// ```
+    pub fn check_representable<P: Precision>(&self) -> Result<(), Error> {
+        fn check<E: Float>(what: &str, a: &Array2<f64>, precision: &str) -> Result<(), Error> {
+            let Some(((r, c), v)) = a.indexed_iter().find(|(_, v)| !E::from_f64(**v).is_finite()) else {
+                return Ok(());
+            };
+            let max = E::max_value().as_f64();
+            Err(Error::InvalidData(format!(
+                "{what} at row {}, column {} is {v}, outside the range of {} (±{max}), in which \
+                 {precision} computes; normalise the data (for example to mean 0 and standard \
+                 deviation 1) or use a wider precision",
+                r + 1,
+                c + 1,
+                E::DTYPE
+            )))
+        }
+        check::<P::Compute>("feature", &self.features, P::NAME)?;
+        match &self.targets {
+            Targets::Values(v) => check::<P::Full>("target", v, P::NAME),
+            Targets::Classes(_) | Targets::None => Ok(()),
         }
     }
 

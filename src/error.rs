@@ -80,6 +80,33 @@ pub enum Error {
         /// What is wrong, and what the operation needs.
         problem: String,
     },
+    /// A training value became inf or NaN under a precision without a gradient scaler (which
+    /// would skip such a step), so training stopped before the value could reach the weights:
+    /// Lightning's `EarlyStopping(check_finite=True)`.
+    NonFinite {
+        /// What became non-finite: `"training loss"` or `"gradient norm"`.
+        what: &'static str,
+        /// Its value.
+        value: f64,
+        /// The 1-based optimizer step that produced it.
+        step: u64,
+        /// The epoch, from 0.
+        epoch: u64,
+        /// The precision's name.
+        precision: &'static str,
+    },
+    /// A model whose steps cannot be trained: a loss that is not a scalar, or one that depends on
+    /// no parameter.
+    InvalidModel(String),
+    /// A model or run that needs more memory than this machine has available.
+    OutOfMemory {
+        /// What was being sized, e.g. `"an MLP 64-100000-100000-10 under 32-true"`.
+        what: String,
+        /// Bytes needed (estimated), or `None` when the size overflows a 64-bit count.
+        needed: Option<u64>,
+        /// Bytes the operating system reports available, when it reports them.
+        available: Option<u64>,
+    },
     /// A parameter outside its valid range.
     InvalidArgument {
         /// The parameter's name.
@@ -143,6 +170,36 @@ impl core::fmt::Display for Error {
                 expected,
             } => {
                 write!(f, "{name} = {value} is not valid: expected {expected}")
+            }
+            Error::NonFinite {
+                what,
+                value,
+                step,
+                epoch,
+                precision,
+            } => write!(
+                f,
+                "the {what} became {value} at step {step} (epoch {epoch}); training stopped before it \
+                 reached the weights, which are those after step {}. {precision} has no gradient scaler \
+                 to skip such steps: lower the learning rate, clip gradients (gradient_clip_val), \
+                 normalise the data, or use a wider precision (bf16-mixed, 32-true)",
+                step.saturating_sub(1)
+            ),
+            Error::InvalidModel(msg) => f.write_str(msg),
+            Error::OutOfMemory {
+                what,
+                needed,
+                available,
+            } => {
+                match needed {
+                    Some(n) => write!(f, "{what} needs about {}", crate::fmt::bytes(*n))?,
+                    None => write!(f, "{what} needs more than 2^64 bytes")?,
+                }
+                match available {
+                    Some(a) => write!(f, ", but this machine has {} available", crate::fmt::bytes(*a))?,
+                    None => write!(f, ", more than this machine can address")?,
+                }
+                f.write_str("; use fewer or narrower layers, fewer classes, or a smaller batch")
             }
         }
     }

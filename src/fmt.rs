@@ -77,6 +77,21 @@ pub fn exact_decimal(v: f64) -> String {
     }
 }
 
+/// A byte count for people: `"51.2 GB (51200000512 bytes)"`, in decimal units as Lightning's
+/// model summary uses.
+///
+/// ```
+/// assert_eq!(nbit::fmt::bytes(51_200_000_512), "51.2 GB (51200000512 bytes)");
+/// assert_eq!(nbit::fmt::bytes(900), "900 bytes");
+/// ```
+pub fn bytes(n: u64) -> String {
+    let units = [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")];
+    match units.iter().find(|(size, _)| n as f64 >= *size) {
+        Some((size, unit)) => format!("{:.1} {unit} ({n} bytes)", n as f64 / size),
+        None => format!("{n} bytes"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,10 +39,10 @@ pub trait GradScaler: Clone + Debug + Default + Send + Sync + 'static {
 pub struct ScalerState {
     /// The current scale.
     pub scale: f32,
-    /// The growth factor.
-    pub growth_factor: f32,
-    /// The backoff factor.
-    pub backoff_factor: f32,
+    /// The growth factor (f64, as PyTorch's `_amp_update_scale_` takes it).
+    pub growth_factor: f64,
+    /// The backoff factor (f64).
+    pub backoff_factor: f64,
     /// Finite steps needed to grow.
     pub growth_interval: u32,
     /// Consecutive finite steps so far.
@@ -70,11 +70,25 @@ impl GradScaler for NoScaler {
 /// `growth_factor`, but only if the result is finite in f32; the tracker resets either way.
 /// PyTorch has no lower bound on the scale; [`DynamicScaler::with_min_scale`] adds one (off by
 /// default).
+///
+/// The factors are f64 and each update multiplies the f32 scale by one of them in f64 and rounds
+/// once to f32, as `torch._amp_update_scale_` does: with init 1000, growth 1.1, backoff 0.9 and
+/// interval 2, the found-inf flags 1,0,0,1,0,0 end at 980.09998 (`0x44750666`), where f32 factors
+/// would give 980.10004.
+///
+/// ```
+/// use nbit::scaler::{DynamicScaler, GradScaler};
+/// let mut s = DynamicScaler::new(1000.0, 1.1, 0.9, 2);
+/// for inf in [true, false, false, true, false, false] {
+///     s.update(inf);
+/// }
+/// assert_eq!(s.scale().to_bits(), 0x4475_0666);
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct DynamicScaler {
     scale: f32,
-    growth_factor: f32,
-    backoff_factor: f32,
+    growth_factor: f64,
+    backoff_factor: f64,
     growth_interval: u32,
     growth_tracker: u32,
     min_scale: Option<f32>,
@@ -93,7 +107,7 @@ impl DynamicScaler {
     /// # Panics
     /// If `init_scale` is not finite and positive, `growth_factor <= 1`, `backoff_factor` is not in
     /// (0, 1), or `growth_interval` is 0. [`DynamicScaler::try_new`] returns these as errors.
-    pub fn new(init_scale: f32, growth_factor: f32, backoff_factor: f32, growth_interval: u32) -> Self {
+    pub fn new(init_scale: f32, growth_factor: f64, backoff_factor: f64, growth_interval: u32) -> Self {
         match Self::try_new(init_scale, growth_factor, backoff_factor, growth_interval) {
             Ok(s) => s,
             Err(e) => panic!("{e}"),
@@ -103,8 +117,8 @@ impl DynamicScaler {
     /// Like [`DynamicScaler::new`], returning bad parameters as an error that names them.
     pub fn try_new(
         init_scale: f32,
-        growth_factor: f32,
-        backoff_factor: f32,
+        growth_factor: f64,
+        backoff_factor: f64,
         growth_interval: u32,
     ) -> Result<Self, crate::Error> {
         let bad = |name: &'static str, value: String, expected: &'static str| {
@@ -149,12 +163,12 @@ impl DynamicScaler {
     }
 
     /// The multiplier applied on growth.
-    pub fn growth_factor(&self) -> f32 {
+    pub fn growth_factor(&self) -> f64 {
         self.growth_factor
     }
 
     /// The multiplier applied on a non-finite step.
-    pub fn backoff_factor(&self) -> f32 {
+    pub fn backoff_factor(&self) -> f64 {
         self.backoff_factor
     }
 
@@ -196,8 +210,9 @@ impl GradScaler for DynamicScaler {
     }
 
     fn update(&mut self, found_inf: bool) {
+        // f32 scale times f64 factor, rounded once to f32 (PyTorch's CPU and CUDA kernels).
         if found_inf {
-            self.scale *= self.backoff_factor;
+            self.scale = (self.scale as f64 * self.backoff_factor) as f32;
             if let Some(floor) = self.min_scale {
                 self.scale = self.scale.max(floor);
             }
@@ -206,7 +221,7 @@ impl GradScaler for DynamicScaler {
         }
         let successful = self.growth_tracker + 1;
         if successful == self.growth_interval {
-            let grown = self.scale * self.growth_factor;
+            let grown = (self.scale as f64 * self.growth_factor) as f32;
             if grown.is_finite() {
                 self.scale = grown;
             }

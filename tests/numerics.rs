@@ -200,8 +200,11 @@ fn same_bits<E: Float>(got: &[E], want: &[E], what: &str) {
 }
 
 /// One AdamW step as PyTorch's in-place ops take it, element by element in f32: decay rounded
-/// to the parameter dtype, `exp_avg` (dtype `E`) and `exp_avg_sq` (`round_v`) rounded as stored,
-/// the update reading the stored moments.
+/// to the parameter dtype, `exp_avg` (dtype `E`) rounded as stored, `exp_avg_sq` and the
+/// denominator rounded (`round_v`) after each op that writes them, the update reading the stored
+/// moments. `1 - beta` is taken in f64, as Python computes it; `lerp_` and `addcmul_` fuse their
+/// multiply-add, as PyTorch's vectorised kernels do. (tests/pytorch_reference.rs checks
+/// f32 and bf16 against PyTorch's own numbers.)
 fn adamw_reference<E: Float>(
     p: &mut [E],
     g: &[E],
@@ -213,16 +216,18 @@ fn adamw_reference<E: Float>(
     let (lr, b1, b2, eps, wd) = (1e-3f64, 0.9f64, 0.999f64, 1e-8f64, 1e-2f64);
     let (decay, step, b2s) = (
         (1.0 - lr * wd) as f32,
-        (lr / (1.0 - b1.powi(t))) as f32,
-        (1.0 - b2.powi(t)).sqrt() as f32,
+        (lr / (1.0 - b1.powf(t as f64))) as f32,
+        (1.0 - b2.powf(t as f64)).sqrt() as f32,
     );
+    let (one_minus_b1, one_minus_b2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
     let r = |x: f32| E::from_f32(x).as_f32();
     for i in 0..p.len() {
         let gi = g[i].as_f32();
         let pa = r(p[i].as_f32() * decay);
-        m[i] = E::from_f32(m[i].as_f32() + (1.0 - b1 as f32) * (gi - m[i].as_f32()));
-        v[i] = round_v(v[i] * b2 as f32 + (1.0 - b2 as f32) * gi * gi);
-        p[i] = E::from_f32(pa - step * m[i].as_f32() / (v[i].sqrt() / b2s + eps as f32));
+        m[i] = E::from_f32(one_minus_b1.mul_add(gi - m[i].as_f32(), m[i].as_f32()));
+        v[i] = round_v((one_minus_b2 * gi).mul_add(gi, round_v(v[i] * b2 as f32)));
+        let denom = round_v(round_v(round_v(v[i].sqrt()) / b2s) + eps as f32);
+        p[i] = E::from_f32(pa - step * m[i].as_f32() / denom);
     }
 }
 
@@ -242,8 +247,9 @@ fn adamw_matches_reference<E: Float>(round_v: fn(f32) -> f32) {
             .collect());
         opt.step(
             &mut [&mut param],
-            &[Tensor::from_vec(&[1000], g.clone()).unwrap()],
-        );
+            &[Some(Tensor::from_vec(&[1000], g.clone()).unwrap())],
+        )
+        .unwrap();
         adamw_reference(&mut p, &g, &mut m, &mut v, t, round_v);
         same_bits(&param.value().to_vec(), &p, &format!("{:?} step {t}", E::DTYPE));
     }
@@ -270,8 +276,9 @@ fn sgd_matches_reference<E: Float>(momentum: f64, dampening: f64, nesterov: bool
         let g = to(spread(50 + t).iter().map(|x| x / 4.0).collect());
         opt.step(
             &mut [&mut param],
-            &[Tensor::from_vec(&[1000], g.clone()).unwrap()],
-        );
+            &[Some(Tensor::from_vec(&[1000], g.clone()).unwrap())],
+        )
+        .unwrap();
         for i in 0..p.len() {
             let pa = p[i].as_f32();
             let d = if wd != 0.0 {

@@ -705,24 +705,40 @@ impl Backend for Cpu {
         hp: &AdamWStep,
     ) {
         let c = <E::Acc as Acc>::c;
-        let t = hp.step as i32;
-        let bias1 = 1.0 - hp.beta1.powi(t);
-        let bias2_sqrt = (1.0 - hp.beta2.powi(t)).sqrt();
-        let (b1, b2) = (c(hp.beta1), c(hp.beta2));
-        let (one, decay) = (c(1.0), c(1.0 - hp.lr * hp.weight_decay));
+        // Python's `beta ** step` (C pow on a float step), not repeated multiplication.
+        let t = hp.step as f64;
+        let bias1 = 1.0 - hp.beta1.powf(t);
+        let bias2_sqrt = (1.0 - hp.beta2.powf(t)).sqrt();
+        // `1 - beta` in f64, then rounded: PyTorch passes it as a Python float.
+        let (b2, one_minus_b1, one_minus_b2) = (c(hp.beta2), c(1.0 - hp.beta1), c(1.0 - hp.beta2));
+        let decay = c(1.0 - hp.lr * hp.weight_decay);
         let (step_size, b2s, eps) = (c(hp.lr / bias1), c(bias2_sqrt), c(hp.eps));
-        // PyTorch, one in-place tensor op after another, each rounding to the stored dtype:
+        // PyTorch's single-tensor AdamW, one tensor op after another, each rounding to the dtype
+        // of the tensor it writes:
         //   param.mul_(1 - lr * wd)
-        //   exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-        //   param.addcdiv_(exp_avg, exp_avg_sq.sqrt() / bias2_sqrt + eps, -lr / bias1)
-        // The update reads the moments as stored.
+        //   exp_avg.lerp_(grad, 1 - beta1)                       (fused)
+        //   exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)   (addcmul fused)
+        //   denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        //   param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        // The second moment and `denom` are tensors of `E::Moment`, so they round there.
+        // PyTorch's vectorised `lerp_` and `addcmul_` fuse their multiply-add (one rounding), and
+        // `lerp_` takes the other form for weights >= 0.5, so these do too (`mul_add` is IEEE's
+        // fused multiply-add on every target).
         let decayed = |p: E::Acc| p * decay;
-        let first = |m: E::Acc, g: E::Acc| m + (one - b1) * (g - m);
-        let moment = |v: &E::Moment| c(v.as_f64());
-        let second = |v: &E::Moment, g: E::Acc| {
-            <E::Moment as Float>::from_f64((moment(v) * b2 + (one - b2) * g * g).f64())
+        let first = |m: E::Acc, g: E::Acc| {
+            if one_minus_b1 < c(0.5) {
+                one_minus_b1.mul_add(g - m, m)
+            } else {
+                (m - g).mul_add(c(1.0) - one_minus_b1, g)
+            }
         };
-        let updated = |p: E::Acc, m: E::Acc, v: E::Acc| p - step_size * m / (v.sqrt() / b2s + eps);
+        let moment = |v: E::Acc| <E::Moment as Float>::from_f64(v.f64());
+        let widen = |v: E::Moment| c(v.as_f64());
+        let in_moment = |v: E::Acc| widen(moment(v));
+        let second =
+            |v: &E::Moment, g: E::Acc| moment((one_minus_b2 * g).mul_add(g, in_moment(widen(*v) * b2)));
+        let denom = |v: &E::Moment| in_moment(in_moment(in_moment(widen(*v).sqrt()) / b2s) + eps);
+        let updated = |p: E::Acc, m: E::Acc, d: E::Acc| p - step_size * m / d;
         let (p, m, v) = (
             standard_mut(param),
             standard_mut(exp_avg),
@@ -737,7 +753,7 @@ impl Backend for Cpu {
                 let pa = E::from_acc(decayed(p.to_acc())).to_acc();
                 *m = E::from_acc(first(m.to_acc(), g));
                 *v = second(v, g);
-                *p = E::from_acc(updated(pa, m.to_acc(), moment(v)));
+                *p = E::from_acc(updated(pa, m.to_acc(), denom(v)));
             }
             return;
         }
@@ -765,7 +781,7 @@ impl Backend for Cpu {
                 .zip(wp.iter().zip(wm.iter()))
             {
                 *v = second(v, *g);
-                *t = updated(*p, *m, moment(v));
+                *t = updated(*p, *m, denom(v));
             }
             E::round_slice(t, p);
         }

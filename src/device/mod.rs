@@ -46,7 +46,8 @@ pub struct Cpu;
 
 /// An NVIDIA GPU through CUDA. The type and its column of the support matrix exist; the CUDA
 /// backend (cudarc kernels) does not yet, so [`Device::probe`] returns
-/// [`Error::DeviceUnavailable`] saying whether a driver and device were found.
+/// [`Error::DeviceUnavailable`], saying whether a driver and device were found, and `auto` picks
+/// the CPU even where they are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Gpu;
 
@@ -85,13 +86,25 @@ impl Device for Gpu {
         no_backend(Self::probe(), "gpu")
     }
     fn probe() -> Result<(), Error> {
-        cuda_probe::cuda_device_count()
-            .map(drop)
-            .map_err(|reason| Error::DeviceUnavailable {
-                device: "gpu",
-                reason: format!("{reason}; use accelerator 'cpu' (or 'auto') on this machine"),
-            })
+        gpu_status(cuda_probe::cuda_device_count())
     }
+}
+
+/// Whether a GPU can run work, given the driver's answer: it needs a driver, a device, and a
+/// backend in nbit, which does not exist yet.
+fn gpu_status(driver: Result<usize, String>) -> Result<(), Error> {
+    let reason = match driver {
+        Err(reason) => format!("{reason}; use accelerator 'cpu' (or 'auto') on this machine"),
+        Ok(n) => format!(
+            "nbit has no CUDA backend yet (the driver reports {n} device{}); use accelerator 'cpu', \
+             or 'auto', which picks the CPU until the backend exists",
+            if n == 1 { "" } else { "s" }
+        ),
+    };
+    Err(Error::DeviceUnavailable {
+        device: "gpu",
+        reason,
+    })
 }
 
 impl Device for Tpu {
@@ -162,7 +175,8 @@ impl core::fmt::Display for DeviceKind {
 pub const ACCELERATORS: [&str; 5] = ["cpu", "gpu", "cuda", "tpu", "auto"];
 
 /// Parses Lightning's accelerator strings: `"cpu"`, `"gpu"`, `"cuda"` (= gpu), `"tpu"` and
-/// `"auto"`, which is `gpu` when a CUDA device is usable and `cpu` otherwise. (Lightning's `auto`
+/// `"auto"`, which is `gpu` when a CUDA device is usable by nbit (a driver, a device and a
+/// backend: [`Device::probe`]) and `cpu` otherwise, so never a device nbit cannot run on. (Lightning's `auto`
 /// would also pick a TPU; nbit has no TPU runtime, so it never does.)
 ///
 /// Selecting `"gpu"` on a machine without one is not an error here: the type exists everywhere.
@@ -231,8 +245,20 @@ mod tests {
         // On a machine without the CUDA driver this is an error that names the library.
         let msg = Gpu::probe().unwrap_err().to_string();
         match cuda_probe::cuda_device_count() {
-            Ok(_) => assert!(msg.contains("not implemented yet"), "{msg}"),
+            Ok(_) => assert!(msg.contains("no CUDA backend yet"), "{msg}"),
             Err(reason) => assert!(msg.contains(&reason), "{msg}"),
         }
+    }
+
+    #[test]
+    fn auto_never_picks_a_gpu_without_a_backend() {
+        // A machine with a driver and a device: the GPU is still not usable, so auto is the CPU.
+        let msg = gpu_status(Ok(1)).unwrap_err().to_string();
+        assert!(
+            msg.contains("no CUDA backend yet") && msg.contains("reports 1 device)"),
+            "{msg}"
+        );
+        let auto = resolve_accelerator("auto", || gpu_status(Ok(2)).is_ok()).unwrap();
+        assert_eq!(auto, DeviceKind::Cpu);
     }
 }

@@ -315,8 +315,9 @@ enum Slot<E: Float, D: Backend> {
     Empty,
     /// SGD's `momentum_buffer`.
     Momentum(Tensor<E, D>),
-    /// AdamW's `exp_avg` and `exp_avg_sq` (the latter in `E::Moment`).
-    Adam(Tensor<E, D>, Tensor<E::Moment, D>),
+    /// AdamW's `exp_avg`, `exp_avg_sq` (in `E::Moment`) and `step`, the number of updates this
+    /// parameter has had (PyTorch keeps it per parameter: a step without a gradient skips it).
+    Adam(Tensor<E, D>, Tensor<E::Moment, D>, u64),
 }
 
 /// Optimizer state as named tensors, for checkpoints: `(name, tensor)` in the parameters' dtype
@@ -391,16 +392,41 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
             .map(|s| match s {
                 Slot::Empty => 0,
                 Slot::Momentum(b) => b.numel() * e,
-                Slot::Adam(a, v) => a.numel() * e + v.numel() * m,
+                Slot::Adam(a, v, _) => a.numel() * e + v.numel() * m,
             })
             .sum()
     }
 
-    /// Updates every parameter from its gradient (`grads[i]` for `params[i]`).
-    pub fn step(&mut self, params: &mut [&mut Parameter<E, D>], grads: &[Tensor<E, D>]) {
+    /// Updates every parameter from its gradient (`grads[i]` for `params[i]`). A parameter whose
+    /// gradient is `None` (the loss did not use it) is not touched: no weight decay, no momentum,
+    /// no moment decay, as PyTorch skips parameters whose `.grad` is None. A gradient whose shape
+    /// differs from its parameter's is an error, and then nothing is updated.
+    pub fn step(
+        &mut self,
+        params: &mut [&mut Parameter<E, D>],
+        grads: &[Option<Tensor<E, D>>],
+    ) -> Result<(), Error> {
+        if params.len() != grads.len() || params.len() != self.slots.len() {
+            return Err(Error::InvalidArgument {
+                name: "grads",
+                value: format!("{} gradients for {} parameters", grads.len(), params.len()),
+                expected: "one gradient (or None) per parameter the optimizer was created for",
+            });
+        }
+        for (p, g) in params.iter().zip(grads) {
+            if let Some(g) = g.as_ref().filter(|g| g.shape() != p.value().shape()) {
+                return Err(Error::ShapeMismatch {
+                    op: "optimizer step",
+                    left: p.value().shape().to_vec(),
+                    right: g.shape().to_vec(),
+                    rule: "a gradient has the shape of its parameter",
+                });
+            }
+        }
         let lr = self.lr();
         self.steps += 1;
         for ((p, g), slot) in params.iter_mut().zip(grads).zip(&mut self.slots) {
+            let Some(g) = g else { continue };
             let param = p.value_mut().storage_mut();
             match self.config.optimizer {
                 Optimizer::Sgd(o) => {
@@ -424,76 +450,128 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
                 }
                 Optimizer::AdamW(o) => {
                     if matches!(slot, Slot::Empty) {
-                        *slot = Slot::Adam(Tensor::zeros(g.shape()), Tensor::zeros(g.shape()));
+                        *slot = Slot::Adam(Tensor::zeros(g.shape()), Tensor::zeros(g.shape()), 0);
                     }
-                    let hp = AdamWStep {
-                        lr,
-                        beta1: o.betas.0,
-                        beta2: o.betas.1,
-                        eps: o.eps,
-                        weight_decay: o.weight_decay,
-                        step: self.steps,
-                    };
-                    if let Slot::Adam(m, v) = slot {
+                    if let Slot::Adam(m, v, step) = slot {
+                        *step += 1;
+                        let hp = AdamWStep {
+                            lr,
+                            beta1: o.betas.0,
+                            beta2: o.betas.1,
+                            eps: o.eps,
+                            weight_decay: o.weight_decay,
+                            step: *step,
+                        };
                         D::adamw_step(param, g.storage(), m.storage_mut(), v.storage_mut(), &hp);
                     }
                 }
             }
         }
+        Ok(())
     }
 
     /// The state as named tensors (`exp_avg.0.weight`, ...) and scalars, for checkpoints.
     pub(crate) fn export(&self) -> Exported<E, D> {
-        let (mut first, mut second) = (Vec::new(), Vec::new());
+        let (mut first, mut second, mut steps) = (Vec::new(), Vec::new(), Vec::new());
         for (name, slot) in self.names.iter().zip(&self.slots) {
             match slot {
                 Slot::Empty => {}
                 Slot::Momentum(b) => first.push((format!("momentum_buffer.{name}"), b.clone())),
-                Slot::Adam(m, v) => {
+                Slot::Adam(m, v, step) => {
                     first.push((format!("exp_avg.{name}"), m.clone()));
                     second.push((format!("exp_avg_sq.{name}"), v.clone()));
+                    steps.push((format!("step.{name}"), step.to_string()));
                 }
             }
         }
-        let mut meta = HashMap::new();
+        let mut meta: HashMap<String, String> = steps.into_iter().collect();
         meta.insert("optimizer".into(), self.config.optimizer.name().into());
         meta.insert("optimizer_steps".into(), self.steps.to_string());
         meta.insert("scheduler_steps".into(), self.scheduler_steps.to_string());
         (first, second, meta)
     }
 
-    /// Restores state exported by [`OptimizerState::export`]; `first` and `second` find a named
-    /// tensor of the given shape in the parameters' and the second-moment dtype.
+    /// The state exported by [`OptimizerState::export`], restored into a copy of this one (which
+    /// stays as it is when anything is wrong); `first` and `second` find a named tensor of the
+    /// given shape in the parameters' and the second-moment dtype. A checkpoint of another
+    /// optimizer, or with a missing or unparsable step count, is an error.
     #[allow(clippy::type_complexity)]
     pub(crate) fn import(
-        &mut self,
+        &self,
         meta: &HashMap<String, String>,
         mut first: impl FnMut(&str, &[usize]) -> Result<Option<Tensor<E, D>>, Error>,
         mut second: impl FnMut(&str, &[usize]) -> Result<Option<Tensor<E::Moment, D>>, Error>,
         shapes: &[Vec<usize>],
-    ) -> Result<(), Error> {
-        let get = |k: &str| meta.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        self.steps = get("optimizer_steps");
-        self.scheduler_steps = get("scheduler_steps");
-        for ((name, slot), shape) in self.names.iter().zip(&mut self.slots).zip(shapes) {
-            *slot = match self.config.optimizer {
+    ) -> Result<Self, Error> {
+        let ours = self.config.optimizer.name();
+        match meta.get("optimizer") {
+            Some(theirs) if theirs == ours => {}
+            Some(theirs) => {
+                return Err(Error::InvalidData(format!(
+                    "the checkpoint holds the state of optimizer {theirs}, but the model is configured \
+                     with {ours}: resume with the optimizer it was trained with (--optimizer {})",
+                    theirs.to_lowercase()
+                )));
+            }
+            None => {
+                return Err(Error::InvalidData(
+                    "the checkpoint has no 'optimizer' entry".into(),
+                ));
+            }
+        }
+        let mut out = self.clone();
+        out.steps = meta_value(meta, "optimizer_steps")?;
+        out.scheduler_steps = meta_value(meta, "scheduler_steps")?;
+        for ((name, slot), shape) in out.names.iter().zip(&mut out.slots).zip(shapes) {
+            *slot = match out.config.optimizer {
                 Optimizer::Sgd(_) => match first(&format!("momentum_buffer.{name}"), shape)? {
                     Some(b) => Slot::Momentum(b),
                     None => Slot::Empty,
                 },
                 Optimizer::AdamW(_) => {
-                    match (
+                    let (m, v) = (
                         first(&format!("exp_avg.{name}"), shape)?,
                         second(&format!("exp_avg_sq.{name}"), shape)?,
-                    ) {
-                        (Some(m), Some(v)) => Slot::Adam(m, v),
-                        _ => Slot::Empty,
+                    );
+                    match (m, v) {
+                        (Some(m), Some(v)) => {
+                            // Checkpoints from before per-parameter steps: every parameter had
+                            // stepped on every optimizer step.
+                            let key = format!("step.{name}");
+                            let step = match meta.contains_key(&key) {
+                                true => meta_value(meta, &key)?,
+                                false => out.steps,
+                            };
+                            Slot::Adam(m, v, step)
+                        }
+                        (None, None) => Slot::Empty,
+                        _ => {
+                            return Err(Error::InvalidData(format!(
+                                "the checkpoint has only one of 'exp_avg.{name}' and 'exp_avg_sq.{name}'"
+                            )));
+                        }
                     }
                 }
             };
         }
-        Ok(())
+        Ok(out)
     }
+}
+
+/// Metadata entry `key` parsed as `T`; a missing or unparsable entry is an error naming it.
+pub(crate) fn meta_value<T: core::str::FromStr>(
+    meta: &HashMap<String, String>,
+    key: &str,
+) -> Result<T, Error> {
+    let value = meta
+        .get(key)
+        .ok_or_else(|| Error::InvalidData(format!("the checkpoint has no '{key}' entry")))?;
+    value.parse().map_err(|_| {
+        Error::InvalidData(format!(
+            "the checkpoint's '{key}' entry is '{value}', which is not a valid {}",
+            core::any::type_name::<T>()
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -510,10 +588,10 @@ mod tests {
         // PyTorch: buf = g (first), then buf = 0.9 buf + g; p -= lr * buf.
         let mut p = param(vec![1.0]);
         let mut opt = OptimizerState::new(Optimization::new(Sgd::new(0.1).momentum(0.9)), &[&p]).unwrap();
-        let g = Tensor::from_vec(&[1], vec![0.5]).unwrap();
-        opt.step(&mut [&mut p], std::slice::from_ref(&g));
+        let g = Some(Tensor::from_vec(&[1], vec![0.5]).unwrap());
+        opt.step(&mut [&mut p], std::slice::from_ref(&g)).unwrap();
         assert_eq!(p.value().to_vec(), vec![1.0 - 0.1 * 0.5]);
-        opt.step(&mut [&mut p], std::slice::from_ref(&g));
+        opt.step(&mut [&mut p], std::slice::from_ref(&g)).unwrap();
         assert_eq!(p.value().to_vec(), vec![0.95 - 0.1 * (0.9 * 0.5 + 0.5)]);
         assert_eq!(opt.state_bytes(), 8);
     }
@@ -525,7 +603,7 @@ mod tests {
         let mut opt =
             OptimizerState::new(Optimization::new(AdamW::new(0.01).weight_decay(0.0)), &[&p]).unwrap();
         let g = Tensor::from_vec(&[2], vec![0.3, -4.0]).unwrap();
-        opt.step(&mut [&mut p], &[g]);
+        opt.step(&mut [&mut p], &[Some(g)]).unwrap();
         let v = p.value().to_vec();
         assert!((v[0] - 0.99).abs() < 1e-9 && (v[1] + 1.99).abs() < 1e-9, "{v:?}");
     }

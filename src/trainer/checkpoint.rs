@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
@@ -68,8 +69,11 @@ pub(crate) fn to_bytes(tensors: &[Encoded], meta: HashMap<String, String>) -> Re
         .map_err(|e| Error::InvalidData(format!("cannot serialise: {e}")))
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same folder, fsync, rename).
+/// Writes `bytes` to `path` atomically: to a temporary file beside it (a name unique to this
+/// call), synced, renamed over `path`, and the folder synced so the rename itself survives a
+/// crash. On any failure the temporary file is removed and `path` is untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
     let shown = path.display().to_string();
     let io = |action: &'static str, e: std::io::Error| Error::Io {
         path: shown.clone(),
@@ -83,9 +87,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let name = path
         .file_name()
         .ok_or_else(|| io("write", std::io::Error::other("the path names no file")))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
+    ));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // create_new: never write through a file (or link) that is already there.
+        let mut f = std::fs::File::options().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -94,8 +104,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         let _ = std::fs::remove_file(&tmp);
         return Err(io("write", e));
     }
+    // The rename is durable once the folder's entry is on disk (where folders can be synced).
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("sync the folder of", e))?;
     Ok(())
 }
+
+/// Tensors read from a file, in the order asked for, with notes on the casts made.
+pub(crate) type Read<E, D> = (Vec<Tensor<E, D>>, Vec<String>);
 
 /// A safetensors file read into memory, its header parsed once.
 pub(crate) struct Loaded {
@@ -209,32 +227,65 @@ impl Loaded {
         Tensor::from_vec(shape, values).map(Some)
     }
 
-    /// Loads every parameter by name; a missing tensor is an error that names it.
-    pub(crate) fn load_parameters<E: Float, D: Backend>(
+    /// Every parameter's tensor, read and checked but not yet loaded, with notes on casts; a
+    /// missing tensor is an error that names it.
+    pub(crate) fn read_parameters<E: Float, D: Backend>(
         &self,
-        params: &mut [&mut Parameter<E, D>],
-    ) -> Result<Vec<String>, Error> {
+        params: &[&Parameter<E, D>],
+    ) -> Result<Read<E, D>, Error> {
         let mut notes = Vec::new();
         let mut loaded = Vec::with_capacity(params.len());
-        for p in params.iter() {
-            let shape = p.value().shape().to_vec();
-            match self.tensor::<E, D>(p.name(), &shape, &mut notes)? {
+        for p in params {
+            match self.tensor::<E, D>(p.name(), p.value().shape(), &mut notes)? {
                 Some(t) => loaded.push(t),
                 None => {
-                    let mut have: Vec<String> = self.header.tensors().into_keys().collect();
-                    have.sort();
                     return Err(self.err(format!(
                         "tensor '{}' is missing (the file has: {})",
                         p.name(),
-                        if have.is_empty() {
-                            "no tensors".to_string()
-                        } else {
-                            have.join(", ")
-                        }
+                        self.names().join(", ")
                     )));
                 }
             }
         }
+        Ok((loaded, notes))
+    }
+
+    /// The tensor names in the file, sorted.
+    fn names(&self) -> Vec<String> {
+        let mut have: Vec<String> = self.header.tensors().into_keys().collect();
+        have.sort();
+        have
+    }
+
+    /// Loads every parameter by name, strictly, as PyTorch's `load_state_dict(strict=True)`: a
+    /// missing tensor, or a tensor the model does not have, is an error naming it, and then no
+    /// parameter changes. An nbit checkpoint's optimizer state (`exp_avg.<param>`, ...) is not
+    /// unexpected.
+    pub(crate) fn load_parameters<E: Float, D: Backend>(
+        &self,
+        params: &mut [&mut Parameter<E, D>],
+    ) -> Result<Vec<String>, Error> {
+        let ours: Vec<&str> = params.iter().map(|p| p.name()).collect();
+        let is_checkpoint = self.metadata().get("format").map(String::as_str) == Some(FORMAT);
+        let expected = |name: &str| {
+            ours.contains(&name)
+                || (is_checkpoint
+                    && ["exp_avg.", "exp_avg_sq.", "momentum_buffer."]
+                        .iter()
+                        .any(|prefix| name.strip_prefix(prefix).is_some_and(|n| ours.contains(&n))))
+        };
+        let unexpected: Vec<String> = self.names().into_iter().filter(|n| !expected(n)).collect();
+        if !unexpected.is_empty() {
+            return Err(self.err(format!(
+                "has tensors the model does not have: {} (the model has: {}); the file holds another \
+                 architecture: match the model to it (the command line reads it from the file when \
+                 --hidden is not given)",
+                unexpected.join(", "),
+                ours.join(", ")
+            )));
+        }
+        let shared: Vec<&Parameter<E, D>> = params.iter().map(|p| &**p).collect();
+        let (loaded, notes) = self.read_parameters(&shared)?;
         for (p, t) in params.iter_mut().zip(loaded) {
             p.set(t)?;
         }

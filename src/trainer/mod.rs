@@ -17,7 +17,10 @@ mod progress;
 
 use core::marker::PhantomData;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::Supports;
 use crate::autocast::Autocast;
@@ -27,7 +30,7 @@ use crate::device::DeviceKind;
 use crate::dtype::Float;
 use crate::error::Error;
 use crate::nn::{InitCtx, Parameter};
-use crate::optim::{Interval, OptimizerState};
+use crate::optim::{Interval, OptimizerState, meta_value};
 use crate::precision::Precision;
 use crate::scaler::{GradScaler, ScalerState};
 use crate::tensor::Tensor;
@@ -84,6 +87,9 @@ pub struct TrainerConfig {
     pub default_root_dir: PathBuf,
     /// Save a checkpoint here after every epoch and at the end of `fit`.
     pub checkpoint_path: Option<PathBuf>,
+    /// Stream one CSV row per optimizer step here as training runs (`step,epoch,loss,scale,
+    /// skipped,lr`); the rows written so far survive an error or an interruption.
+    pub log_csv: Option<PathBuf>,
 }
 
 impl Default for TrainerConfig {
@@ -99,6 +105,7 @@ impl Default for TrainerConfig {
             log_every_n_steps: 50,
             default_root_dir: PathBuf::from("."),
             checkpoint_path: None,
+            log_csv: None,
         }
     }
 }
@@ -129,7 +136,8 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
         max_epochs: u64 => max_epochs wrap Some;
         /// Stop after this many optimizer steps.
         max_steps: u64 => max_steps wrap Some;
-        /// Clip gradients at this value (see [`TrainerBuilder::gradient_clip_algorithm`]).
+        /// Clip gradients at this value (see [`TrainerBuilder::gradient_clip_algorithm`]); 0
+        /// means no clipping, as in Lightning.
         gradient_clip_val: f64 => gradient_clip_val wrap Some;
         /// Clip by total norm (default) or by value.
         gradient_clip_algorithm: ClipAlgorithm => gradient_clip_algorithm;
@@ -145,6 +153,8 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
         default_root_dir: PathBuf => default_root_dir;
         /// Save a checkpoint to this file after every epoch and at the end of `fit`.
         checkpoint_path: PathBuf => checkpoint_path wrap Some;
+        /// Stream the per-step log to this CSV file as training runs.
+        log_csv: PathBuf => log_csv wrap Some;
     }
 
     /// Uses `scaler` instead of `P::Scaler::default()` (e.g. a `DynamicScaler` with other
@@ -180,6 +190,7 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
         Ok(Trainer {
             cfg: self.cfg,
             scaler: self.scaler.unwrap_or_default(),
+            should_stop: Arc::default(),
             _types: PhantomData,
         })
     }
@@ -214,6 +225,7 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
 pub struct Trainer<P: Precision, D: Supports<P>> {
     cfg: TrainerConfig,
     scaler: P::Scaler,
+    should_stop: Arc<AtomicBool>,
     _types: PhantomData<fn() -> (P, D)>,
 }
 
@@ -255,6 +267,8 @@ pub struct FitReport {
     pub notes: Vec<String>,
     /// Training rows processed by this call (for samples/s).
     pub samples: usize,
+    /// Whether training stopped early because [`Trainer::stop_handle`] was set (Ctrl-C).
+    pub interrupted: bool,
 }
 
 /// Where a fit is: everything a checkpoint must restore for an exact resume.
@@ -265,10 +279,6 @@ struct LoopState<P: Precision, D: Backend> {
     skipped: u64,
     scaler: P::Scaler,
     optimizer: OptimizerState<P::Param, D>,
-}
-
-fn meta_get<T: core::str::FromStr>(meta: &HashMap<String, String>, key: &str) -> Option<T> {
-    meta.get(key).and_then(|v| v.parse().ok())
 }
 
 impl<P: Precision, D: Supports<P>> Trainer<P, D> {
@@ -300,6 +310,21 @@ impl<P: Precision, D: Supports<P>> Trainer<P, D> {
     /// The device this trainer runs on.
     pub fn device(&self) -> DeviceKind {
         D::KIND
+    }
+
+    /// A flag that, once set (from a Ctrl-C handler or another thread), makes `fit` stop after the
+    /// optimizer step in progress, write its checkpoint if one is configured, and return with
+    /// [`FitReport::interrupted`] set: Lightning's `trainer.should_stop`.
+    ///
+    /// ```
+    /// use nbit::prelude::*;
+    /// let trainer = Trainer::<True<F32>, Cpu>::new()?;
+    /// let stop = trainer.stop_handle();
+    /// stop.store(true, std::sync::atomic::Ordering::Relaxed); // fit now stops after one step
+    /// # Ok::<(), nbit::Error>(())
+    /// ```
+    pub fn stop_handle(&self) -> Arc<AtomicBool> {
+        self.should_stop.clone()
     }
 }
 
@@ -340,6 +365,9 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         val: Option<&DataLoader>,
         resume: Option<&Path>,
     ) -> Result<FitReport, Error> {
+        for data in [Some(train), val].into_iter().flatten() {
+            data.dataset().check_representable::<P>()?;
+        }
         let mut ctx = InitCtx::new(self.cfg.seed);
         model.configure_model(&mut ctx)?;
         let optimizer = OptimizerState::new(model.configure_optimizers(), &model.parameters())?;
@@ -355,26 +383,60 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         if let Some(path) = resume {
             notes = self.restore(model, &mut st, path)?;
         }
+        let mut log = self.cfg.log_csv.as_deref().map(StepCsv::create).transpose()?;
+        let mut report = FitReport {
+            history: Vec::new(),
+            epochs: 0,
+            global_step: 0,
+            skipped_steps: 0,
+            validation: Vec::new(),
+            parameter_bytes: 0,
+            optimizer_state_bytes: 0,
+            notes,
+            samples: 0,
+            interrupted: false,
+        };
+        let result = self.epochs(model, train, val, &mut st, &mut report, log.as_mut());
+        // The rows logged so far reach the disk whether training finished, failed or stopped.
+        let flushed = log.map_or(Ok(()), StepCsv::finish);
+        result?;
+        flushed?;
+        report.epochs = st.epoch;
+        report.global_step = st.global_step;
+        report.skipped_steps = st.skipped;
+        report.parameter_bytes = crate::nn::parameter_bytes(&model.parameters());
+        report.optimizer_state_bytes = st.optimizer.state_bytes();
+        Ok(report)
+    }
+
+    /// The epoch loop of [`Trainer::fit`], recording into `report`.
+    fn epochs<M: Model<P, D>>(
+        &self,
+        model: &mut M,
+        train: &DataLoader,
+        val: Option<&DataLoader>,
+        st: &mut LoopState<P, D>,
+        report: &mut FitReport,
+        mut log: Option<&mut StepCsv>,
+    ) -> Result<(), Error> {
         let max_epochs = match (self.cfg.max_epochs, self.cfg.max_steps) {
             (Some(e), _) => e,
             (None, Some(_)) => u64::MAX,
             (None, None) => 1000,
         };
         let accumulate = self.cfg.accumulate_grad_batches;
-        let mut history = Vec::new();
-        let mut validation = Vec::new();
-        let mut samples = 0usize;
         let mut done = self.cfg.max_steps.is_some_and(|m| st.global_step >= m);
         while !done && st.epoch < max_epochs {
             let batches = train.epoch_indices(st.epoch);
             let bar = progress::Bar::new(self.cfg.enable_progress_bar, st.epoch, batches.len() as u64);
+            // Gradients are None until the loss reaches a parameter (PyTorch's `.grad is None`).
             let mut bufs: Vec<Option<Tensor<P::Param, D>>> = vec![None; model.parameters().len()];
             let (mut micro, mut loss_sum) = (0usize, 0.0f64);
             let start = st.batch_in_epoch;
             bar.advance(start as u64);
             for (bi, idx) in batches.iter().enumerate().skip(start) {
                 let batch = train.batch(idx);
-                samples += batch.len();
+                report.samples += batch.len();
                 let info = StepInfo {
                     epoch: st.epoch,
                     batch_idx: bi,
@@ -383,7 +445,11 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 };
                 let ac = Autocast::<P, D>::new();
                 let loss = model.training_step(&ac, &batch, &info)?;
-                loss_sum += loss.item()?.as_f64();
+                let value = checked_loss(&loss)?;
+                if !<P::Scaler as GradScaler>::ENABLED && !value.is_finite() {
+                    return Err(self.non_finite("training loss", value, st));
+                }
+                loss_sum += value;
                 let factor = st.scaler.scale() as f64 / accumulate as f64;
                 let scaled = if factor == 1.0 {
                     loss
@@ -392,14 +458,24 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 };
                 let mut grads = scaled.backward()?;
                 drop(scaled);
+                let mut reached = false;
                 for (buf, p) in bufs.iter_mut().zip(model.parameters()) {
-                    let g = grads
-                        .take(p.value())
-                        .unwrap_or_else(|| Tensor::zeros(p.value().shape()));
+                    let Some(g) = grads.take(p.value()) else {
+                        continue;
+                    };
+                    reached = true;
                     match buf {
                         Some(b) => D::add_in_place(b.storage_mut(), g.storage()),
                         None => *buf = Some(g.detach()),
                     }
+                }
+                if !reached {
+                    return Err(Error::InvalidModel(
+                        "training_step returned a loss that depends on no parameter of the model \
+                         (PyTorch: \"element 0 of tensors does not require grad\"); compute it from \
+                         the parameters' values, not from detached copies"
+                            .into(),
+                    ));
                 }
                 micro += 1;
                 st.batch_in_epoch = bi + 1;
@@ -407,15 +483,22 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 if micro < accumulate && bi + 1 < batches.len() {
                     continue;
                 }
-                let grads: Vec<Tensor<P::Param, D>> =
-                    bufs.iter_mut().map(|b| b.take().expect("filled above")).collect();
-                let log = self.optimizer_step(model, &mut st, grads, loss_sum / micro as f64);
-                history.push(log);
+                let grads: Vec<Option<Tensor<P::Param, D>>> = bufs.iter_mut().map(Option::take).collect();
+                let step = self.optimizer_step(model, st, grads, loss_sum / micro as f64)?;
+                if let Some(log) = log.as_deref_mut() {
+                    log.row::<P>(&step)?;
+                }
+                report.history.push(step);
                 (micro, loss_sum) = (0, 0.0);
-                if st.global_step % self.cfg.log_every_n_steps as u64 == 0 || history.len() == 1 {
-                    bar.message(log.loss, st.skipped);
+                if st.global_step % self.cfg.log_every_n_steps as u64 == 0 || report.history.len() == 1 {
+                    bar.message(step.loss, st.skipped);
                 }
                 if self.cfg.max_steps.is_some_and(|m| st.global_step >= m) {
+                    done = true;
+                    break;
+                }
+                if self.should_stop.load(Ordering::Relaxed) {
+                    report.interrupted = true;
                     done = true;
                     break;
                 }
@@ -426,25 +509,27 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 st.epoch += 1;
                 st.batch_in_epoch = 0;
                 if let Some(v) = val {
-                    validation.push(self.validate(model, v)?);
+                    report.validation.push(self.validate(model, v)?);
                 }
             }
+            if let Some(log) = log.as_deref_mut() {
+                log.flush()?;
+            }
             if let Some(path) = &self.cfg.checkpoint_path {
-                self.save_checkpoint(model, &st, path)?;
+                self.save_checkpoint(model, st, path)?;
             }
         }
-        let params = model.parameters();
-        Ok(FitReport {
-            history,
-            epochs: st.epoch,
-            global_step: st.global_step,
-            skipped_steps: st.skipped,
-            validation,
-            parameter_bytes: crate::nn::parameter_bytes(&params),
-            optimizer_state_bytes: st.optimizer.state_bytes(),
-            notes,
-            samples,
-        })
+        Ok(())
+    }
+
+    fn non_finite(&self, what: &'static str, value: f64, st: &LoopState<P, D>) -> Error {
+        Error::NonFinite {
+            what,
+            value,
+            step: st.global_step + 1,
+            epoch: st.epoch,
+            precision: P::NAME,
+        }
     }
 
     /// Unscale and check, hook, clip, step (unless non-finite), scaler update.
@@ -452,50 +537,59 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         &self,
         model: &mut M,
         st: &mut LoopState<P, D>,
-        mut grads: Vec<Tensor<P::Param, D>>,
+        mut grads: Vec<Option<Tensor<P::Param, D>>>,
         loss: f64,
-    ) -> StepLog {
+    ) -> Result<StepLog, Error> {
         let scale = st.scaler.scale();
         let mut found_inf = false;
         if <P::Scaler as GradScaler>::ENABLED {
             // PyTorch: inverse scale computed in f64, then used as f32.
             let inv = (1.0f64 / scale as f64) as f32;
-            for g in &mut grads {
+            for g in grads.iter_mut().flatten() {
                 found_inf |= D::unscale_check(g.storage_mut(), inv);
             }
         }
         {
-            let params = model.parameters();
-            let names: Vec<String> = params.iter().map(|p| p.name().to_owned()).collect();
-            let named: Vec<(&str, &Tensor<P::Param, D>)> =
-                names.iter().map(String::as_str).zip(grads.iter()).collect();
+            let names: Vec<String> = model.parameters().iter().map(|p| p.name().to_owned()).collect();
+            let named: Vec<(&str, &Tensor<P::Param, D>)> = names
+                .iter()
+                .zip(&grads)
+                .filter_map(|(n, g)| Some((n.as_str(), g.as_ref()?)))
+                .collect();
             model.on_before_optimizer_step(&named);
         }
-        if let Some(limit) = self.cfg.gradient_clip_val {
-            clip(&mut grads, limit, self.cfg.gradient_clip_algorithm);
+        // Lightning: a clip value of 0 (or less) means no clipping.
+        if let Some(limit) = self.cfg.gradient_clip_val.filter(|&v| v > 0.0) {
+            let norm = clip(&mut grads, limit, self.cfg.gradient_clip_algorithm);
+            if let Some(norm) = norm.filter(|n| !n.is_finite()) {
+                if !<P::Scaler as GradScaler>::ENABLED {
+                    return Err(self.non_finite("gradient norm", norm, st));
+                }
+            }
         }
         let lr = st.optimizer.lr();
         if found_inf {
             st.skipped += 1;
         } else {
             let mut params = model.parameters_mut();
-            st.optimizer.step(&mut params, &grads);
+            st.optimizer.step(&mut params, &grads)?;
             st.optimizer.scheduler_step(Interval::Step);
         }
         st.scaler.update(found_inf);
         st.global_step += 1;
-        StepLog {
+        Ok(StepLog {
             step: st.global_step,
             epoch: st.epoch,
             loss,
             scale,
             skipped: found_inf,
             lr,
-        }
+        })
     }
 
     /// Mean loss and accuracy of `model` on `data`.
     pub fn validate<M: Model<P, D>>(&self, model: &mut M, data: &DataLoader) -> Result<Metrics, Error> {
+        data.dataset().check_representable::<P>()?;
         let mut m = Metrics::default();
         for idx in data.epoch_indices(0) {
             let batch = data.batch(&idx);
@@ -511,6 +605,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         model: &mut M,
         data: &DataLoader,
     ) -> Result<ndarray::Array2<f64>, Error> {
+        data.dataset().check_representable::<P>()?;
         let mut rows: Vec<f64> = Vec::new();
         let mut cols = 0;
         for idx in data.epoch_indices(0) {
@@ -578,6 +673,8 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         checkpoint::write_atomic(path, &checkpoint::to_bytes(&tensors, meta)?)
     }
 
+    /// Reads everything a resume needs from `path` and checks it, then writes it into `model`
+    /// and `st`: a checkpoint that fails any check leaves both exactly as they were.
     fn restore<M: Model<P, D>>(
         &self,
         model: &mut M,
@@ -586,15 +683,19 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
     ) -> Result<Vec<String>, Error> {
         let file = checkpoint::Loaded::read(path)?;
         let meta = file.metadata();
+        let shown = path.display().to_string();
+        let bad = |e: Error| Error::Checkpoint {
+            path: shown.clone(),
+            problem: e.to_string(),
+        };
         if meta.get("format").map(String::as_str) != Some(checkpoint::FORMAT) {
-            return Err(Error::Checkpoint {
-                path: path.display().to_string(),
-                problem: "not an nbit checkpoint (no training state); use load_weights for a weights file"
-                    .into(),
-            });
+            return Err(bad(Error::InvalidData(
+                "not an nbit checkpoint (no training state); use load_weights for a weights file".into(),
+            )));
         }
-        let mut notes = file.load_parameters(&mut model.parameters_mut())?;
-        if let Some(from) = meta.get("precision").filter(|p| p.as_str() != P::NAME) {
+        let (values, mut notes) = file.read_parameters(&model.parameters())?;
+        let from = meta.get("precision").filter(|p| p.as_str() != P::NAME);
+        if let Some(from) = from {
             notes.insert(
                 0,
                 format!("checkpoint saved under {from}, loaded under {}", P::NAME),
@@ -606,53 +707,168 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             .map(|p| p.value().shape().to_vec())
             .collect();
         let (mut first_notes, mut second_notes) = (Vec::new(), Vec::new());
-        st.optimizer.import(
-            &meta,
-            |name, shape| file.tensor::<P::Param, D>(name, shape, &mut first_notes),
-            |name, shape| file.tensor(name, shape, &mut second_notes),
-            &shapes,
-        )?;
+        let optimizer = st
+            .optimizer
+            .import(
+                &meta,
+                |name, shape| file.tensor::<P::Param, D>(name, shape, &mut first_notes),
+                |name, shape| file.tensor(name, shape, &mut second_notes),
+                &shapes,
+            )
+            .map_err(bad)?;
         notes.extend(first_notes);
         notes.extend(second_notes);
-        st.epoch = meta_get(&meta, "epoch").unwrap_or(0);
-        st.batch_in_epoch = meta_get(&meta, "batch_in_epoch").unwrap_or(0);
-        st.global_step = meta_get(&meta, "global_step").unwrap_or(0);
-        st.skipped = meta_get(&meta, "skipped_steps").unwrap_or(0);
-        let scaler = (|| {
-            Some(ScalerState {
-                scale: meta_get(&meta, "scaler.scale")?,
-                growth_factor: meta_get(&meta, "scaler.growth_factor")?,
-                backoff_factor: meta_get(&meta, "scaler.backoff_factor")?,
-                growth_interval: meta_get(&meta, "scaler.growth_interval")?,
-                growth_tracker: meta_get(&meta, "scaler.growth_tracker")?,
-            })
-        })();
-        if let Some(s) = scaler {
-            st.scaler.load_state(&s);
+        let counter = |key| meta_value::<u64>(&meta, key).map_err(bad);
+        let (epoch, global_step, skipped) = (
+            counter("epoch")?,
+            counter("global_step")?,
+            counter("skipped_steps")?,
+        );
+        let batch_in_epoch = meta_value::<usize>(&meta, "batch_in_epoch").map_err(bad)?;
+        let mut scaler = st.scaler.clone();
+        if scaler.state().is_some() {
+            const KEYS: [&str; 5] = [
+                "scaler.scale",
+                "scaler.growth_factor",
+                "scaler.backoff_factor",
+                "scaler.growth_interval",
+                "scaler.growth_tracker",
+            ];
+            if KEYS.iter().any(|k| meta.contains_key(*k)) || from.is_none() {
+                let state = ScalerState {
+                    scale: meta_value(&meta, KEYS[0]).map_err(bad)?,
+                    growth_factor: meta_value(&meta, KEYS[1]).map_err(bad)?,
+                    backoff_factor: meta_value(&meta, KEYS[2]).map_err(bad)?,
+                    growth_interval: meta_value(&meta, KEYS[3]).map_err(bad)?,
+                    growth_tracker: meta_value(&meta, KEYS[4]).map_err(bad)?,
+                };
+                scaler.load_state(&state);
+            } else {
+                notes.push(format!(
+                    "the checkpoint has no gradient-scaler state ({} uses none); the scaler starts fresh",
+                    from.map_or("its precision", String::as_str)
+                ));
+            }
         }
+        // Everything is read and checked: now write.
+        for (p, v) in model.parameters_mut().into_iter().zip(values) {
+            p.set(v)?;
+        }
+        *st = LoopState {
+            epoch,
+            batch_in_epoch,
+            global_step,
+            skipped,
+            scaler,
+            optimizer,
+        };
         Ok(notes)
     }
 }
 
-/// Clips gradients in place: by total L2 norm (computed in f64 over all gradients, PyTorch's
-/// `clip_grad_norm_` with its 1e-6) or by value.
-fn clip<E: Float, D: Backend>(grads: &mut [Tensor<E, D>], limit: f64, algorithm: ClipAlgorithm) {
+/// The value of a loss that can be trained on: a one-element tensor.
+fn checked_loss<E: Float, D: Backend>(loss: &Tensor<E, D>) -> Result<f64, Error> {
+    if loss.numel() != 1 {
+        return Err(Error::InvalidModel(format!(
+            "training_step must return a scalar loss (shape []), got {:?}; reduce it with mean() or sum()",
+            loss.shape()
+        )));
+    }
+    Ok(loss.item()?.as_f64())
+}
+
+/// One CSV row per optimizer step, streamed to a file as training runs.
+struct StepCsv {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl StepCsv {
+    fn create(path: &Path) -> Result<Self, Error> {
+        let mut log = std::fs::File::create(path)
+            .map(|f| StepCsv {
+                path: path.to_owned(),
+                out: std::io::BufWriter::new(f),
+            })
+            .map_err(|e| Self::io(path, e))?;
+        log.write(b"step,epoch,loss,scale,skipped,lr\n")?;
+        Ok(log)
+    }
+
+    fn io(path: &Path, e: std::io::Error) -> Error {
+        Error::Io {
+            path: path.display().to_string(),
+            action: "write",
+            reason: e.to_string(),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.out.write_all(bytes).map_err(|e| Self::io(&self.path, e))
+    }
+
+    /// The loss in the dtype it was computed in, written exactly (16-bit) or with round-trip
+    /// digits; a mean over micro-batches is written as f64.
+    fn row<P: Precision>(&mut self, s: &StepLog) -> Result<(), Error> {
+        let l = P::Full::from_f64(s.loss);
+        let loss = if l.as_f64() == s.loss || s.loss.is_nan() {
+            crate::fmt::exact(l)
+        } else {
+            crate::fmt::exact(s.loss)
+        };
+        let line = format!(
+            "{},{},{loss},{},{},{}\n",
+            s.step,
+            s.epoch,
+            s.scale,
+            u8::from(s.skipped),
+            s.lr
+        );
+        self.write(line.as_bytes())
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        self.out.flush().map_err(|e| Self::io(&self.path, e))
+    }
+
+    fn finish(mut self) -> Result<(), Error> {
+        self.flush()
+    }
+}
+
+/// Clips gradients in place, by value or by total L2 norm (computed in f64 over all gradients,
+/// PyTorch's `clip_grad_norm_` with its 1e-6); returns the norm when clipping by norm.
+///
+/// As in PyTorch, the coefficient `min(limit / (norm + 1e-6), 1)` is applied even when the norm is
+/// not finite: a NaN norm makes every gradient NaN, an infinite one zeroes the finite gradients
+/// (and the infinite ones become NaN), so a bad step cannot pass for a good one.
+fn clip<E: Float, D: Backend>(
+    grads: &mut [Option<Tensor<E, D>>],
+    limit: f64,
+    algorithm: ClipAlgorithm,
+) -> Option<f64> {
+    let grads = grads.iter_mut().flatten();
     match algorithm {
-        ClipAlgorithm::Value => grads
-            .iter_mut()
-            .for_each(|g| D::clamp_in_place(g.storage_mut(), limit)),
+        ClipAlgorithm::Value => {
+            grads.for_each(|g| D::clamp_in_place(g.storage_mut(), limit));
+            None
+        }
         ClipAlgorithm::Norm => {
+            let mut grads: Vec<&mut Tensor<E, D>> = grads.collect();
             let norm = grads
                 .iter()
                 .map(|g| D::sum_squares(g.storage()))
                 .sum::<f64>()
                 .sqrt();
-            let coef = (limit / (norm + 1e-6)).min(1.0);
-            if coef < 1.0 {
+            // torch.clamp(coef, max=1.0) keeps a NaN, where f64::min would drop it.
+            let coef = limit / (norm + 1e-6);
+            let coef = if coef.is_nan() { coef } else { coef.min(1.0) };
+            if coef != 1.0 {
                 grads
                     .iter_mut()
                     .for_each(|g| D::scale_in_place(g.storage_mut(), coef));
             }
+            Some(norm)
         }
     }
 }
