@@ -555,3 +555,319 @@ fn validation_and_prediction() {
     assert_eq!(out.dim(), (30, 3));
     let _: Grads = Tensor::<f32>::scalar(1.0).requires_grad().backward().unwrap();
 }
+
+/// A model around an MLP that can add an unused parameter, return a loss of the wrong shape,
+/// return a loss that reaches no parameter, or take the square root of a zero parameter (a finite
+/// loss with an infinite gradient).
+struct Odd<P: Precision> {
+    inner: MlpModel<P>,
+    unused: nbit::nn::Parameter<P::Param>,
+    kind: &'static str,
+}
+
+impl<P: Precision> Model<P> for Odd<P> {
+    fn training_step(
+        &mut self,
+        ac: &Autocast<P>,
+        b: &nbit::data::Batch,
+        s: &StepInfo,
+    ) -> Result<Tensor<P::Full>, Error> {
+        let loss = self.inner.training_step(ac, b, s)?;
+        Ok(match self.kind {
+            "matrix" => loss.add(&Tensor::zeros(&[4, 2]))?,
+            "constant" => Tensor::scalar(loss.item()?),
+            "sqrt" => loss.add(&self.unused.value().cast::<P::Full>().powf(0.5).sum())?,
+            _ => loss,
+        })
+    }
+    fn validation_step(&mut self, ac: &Autocast<P>, b: &nbit::data::Batch) -> Result<Metrics, Error> {
+        self.inner.validation_step(ac, b)
+    }
+    fn predict_step(&mut self, ac: &Autocast<P>, b: &nbit::data::Batch) -> Result<Tensor<P::Full>, Error> {
+        self.inner.predict_step(ac, b)
+    }
+    fn configure_optimizers(&self) -> Optimization {
+        self.inner.configure_optimizers()
+    }
+    fn parameters(&self) -> Vec<&nbit::nn::Parameter<P::Param>> {
+        let mut p = self.inner.parameters();
+        p.push(&self.unused);
+        p
+    }
+    fn parameters_mut(&mut self) -> Vec<&mut nbit::nn::Parameter<P::Param>> {
+        let mut p = self.inner.parameters_mut();
+        p.push(&mut self.unused);
+        p
+    }
+}
+
+fn odd<P: Precision>(t: &Trainer<P, Cpu>, kind: &'static str, opt: Optimization, at: f64) -> Odd<P>
+where
+    Cpu: Supports<P>,
+{
+    let v = P::Param::from_f64(at);
+    Odd {
+        inner: mlp(t, opt),
+        unused: nbit::nn::Parameter::new("extra", Tensor::from_vec(&[3], vec![v; 3]).unwrap()),
+        kind,
+    }
+}
+
+#[test]
+fn a_clip_value_of_zero_means_no_clipping_as_in_lightning() {
+    let run = |clip: Option<f64>| {
+        let mut b = quiet::<Mixed<BF16>>().max_epochs(2);
+        if let Some(c) = clip {
+            b = b.gradient_clip_val(c);
+        }
+        let t = b.build().unwrap();
+        let mut m = mlp(&t, Optimization::new(Sgd::new(0.1)));
+        let first = params(&m);
+        let fit = t.fit(&mut m, &loader(60, 10), None).unwrap();
+        (first, params(&m), fit.history.last().unwrap().loss)
+    };
+    let (first, unclipped, loss) = run(None);
+    let (_, zero, zero_loss) = run(Some(0.0));
+    assert_ne!(first, unclipped, "training moved the weights");
+    assert_eq!(zero, unclipped, "clip value 0 trains exactly as no clipping");
+    assert_eq!(zero_loss, loss);
+}
+
+#[test]
+fn a_parameter_without_a_gradient_is_not_touched_by_the_optimizer() {
+    // AdamW with weight decay and SGD with momentum and weight decay: PyTorch skips parameters
+    // whose .grad is None, so their values (and state) stay as they were.
+    for opt in [
+        Optimization::new(AdamW::new(0.01).weight_decay(0.1)),
+        Optimization::new(Sgd::new(0.1).momentum(0.9).weight_decay(0.1)),
+    ] {
+        let t = quiet::<True<F32>>().max_epochs(2).build().unwrap();
+        let mut m = odd(&t, "", opt, 0.75);
+        let fit = t.fit(&mut m, &loader(30, 10), None).unwrap();
+        assert_eq!(m.unused.value().to_vec(), vec![0.75f32; 3], "{opt:?}");
+        assert!(fit.global_step == 6 && fit.optimizer_state_bytes > 0);
+        // Only the MLP's parameters have state: 4*16+16+16*3+3 = 131 values per buffer.
+        let per_buffer = 131 * 4;
+        let buffers = if matches!(opt.optimizer, nbit::optim::Optimizer::AdamW(_)) {
+            2
+        } else {
+            1
+        };
+        assert_eq!(fit.optimizer_state_bytes, buffers * per_buffer, "{opt:?}");
+    }
+}
+
+#[test]
+fn a_non_finite_loss_without_a_scaler_stops_naming_the_step_and_keeps_the_last_good_weights() {
+    let ckpt = tmp("nonfinite.ckpt");
+    let opt = Optimization::new(Sgd::new(0.1));
+    // 4 steps per epoch; step 7 (global_step 6 before it) multiplies the loss by 1e30, which
+    // overflows to inf in f16 (16-true has no scaler).
+    let t16 = quiet::<True<F16>>()
+        .max_epochs(3)
+        .checkpoint_path(ckpt.clone())
+        .build()
+        .unwrap();
+    let mut m16 = inject(&t16, &[6], opt);
+    let err = t16.fit(&mut m16, &loader(16, 4), None).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            Error::NonFinite {
+                step: 7,
+                epoch: 1,
+                what: "training loss",
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("at step 7 (epoch 1)") && msg.contains("after step 6") && msg.contains("16-true"),
+        "{msg}"
+    );
+    // The weights are those after step 6, as a run of 6 steps leaves them.
+    let t6 = quiet::<True<F16>>().max_steps(6).build().unwrap();
+    let mut six = inject(&t6, &[], opt);
+    t6.fit(&mut six, &loader(16, 4), None).unwrap();
+    assert_eq!(params(&m16), params(&six));
+    // The checkpoint of epoch 0 (4 steps) is still there, finite, and resumable.
+    let again = quiet::<True<F16>>().max_epochs(1).build().unwrap();
+    let mut resumed = inject(&again, &[], opt);
+    let fit = again.fit_from(&mut resumed, &loader(16, 4), None, &ckpt).unwrap();
+    assert_eq!((fit.epochs, fit.global_step), (1, 4));
+    // Under a precision with a dynamic scaler, the same step is skipped, not an error.
+    let amp = quiet::<CpuFp16Amp>().max_epochs(3).build().unwrap();
+    let mut m_amp = inject(&amp, &[6], opt);
+    let fit = amp.fit(&mut m_amp, &loader(16, 4), None).unwrap();
+    assert_eq!(fit.skipped_steps, 1);
+}
+
+#[test]
+fn an_infinite_gradient_norm_stops_before_the_weights_change() {
+    // sqrt of a zero parameter: the loss is finite, its gradient infinite. Clipping by norm sees
+    // it; without clipping the weights become NaN and the next step's loss stops the run.
+    let opt = Optimization::new(Sgd::new(0.1));
+    let t = quiet::<True<F32>>()
+        .max_epochs(1)
+        .gradient_clip_val(1.0)
+        .build()
+        .unwrap();
+    let mut m = odd(&t, "sqrt", opt, 0.0);
+    let before = params(&m);
+    let err = t.fit(&mut m, &loader(16, 4), None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NonFinite {
+                what: "gradient norm",
+                step: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("gradient norm became inf at step 1"),
+        "{err}"
+    );
+    assert_eq!(params(&m), before, "nothing was applied");
+    let t = quiet::<True<F32>>().max_epochs(1).build().unwrap();
+    let mut m = odd(&t, "sqrt", opt, 0.0);
+    let err = t.fit(&mut m, &loader(16, 4), None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NonFinite {
+                what: "training loss",
+                step: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn losses_that_cannot_be_trained_are_errors_in_pytorchs_words() {
+    let opt = Optimization::new(Sgd::new(0.1));
+    let t = quiet::<True<F32>>().max_epochs(1).build().unwrap();
+    let mut m = odd(&t, "matrix", opt, 1.0);
+    let msg = t.fit(&mut m, &loader(16, 4), None).unwrap_err().to_string();
+    assert!(
+        msg.contains("training_step must return a scalar loss (shape []), got [4, 2]"),
+        "{msg}"
+    );
+    let mut m = odd(&t, "constant", opt, 1.0);
+    let msg = t.fit(&mut m, &loader(16, 4), None).unwrap_err().to_string();
+    assert!(
+        msg.contains("depends on no parameter") && msg.contains("does not require grad"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_refused_resume_leaves_the_model_exactly_as_it_was() {
+    let ckpt = tmp("adamw.ckpt");
+    let t = quiet::<True<F32>>()
+        .max_steps(3)
+        .checkpoint_path(ckpt.clone())
+        .build()
+        .unwrap();
+    let mut m = mlp(&t, Optimization::new(AdamW::default()));
+    t.fit(&mut m, &loader(16, 4), None).unwrap();
+    // An AdamW checkpoint resumed by an SGD model.
+    let t2 = quiet::<True<F32>>().max_steps(6).build().unwrap();
+    let mut sgd = mlp(&t2, Optimization::new(Sgd::new(0.1)));
+    let before = params(&sgd);
+    let msg = t2
+        .fit_from(&mut sgd, &loader(16, 4), None, &ckpt)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("optimizer AdamW") && msg.contains("SGD") && msg.contains("--optimizer adamw"),
+        "{msg}"
+    );
+    assert_eq!(params(&sgd), before);
+    // The same checkpoint with a counter missing, then one unparsable: errors naming the key.
+    let file = std::fs::read(&ckpt).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    for (key, value) in [
+        ("epoch", None),
+        ("global_step", Some("three")),
+        ("scaler.scale", None),
+    ] {
+        let mut meta = header.metadata().clone().unwrap();
+        match value {
+            Some(v) => {
+                meta.insert(key.into(), v.into());
+            }
+            None => {
+                meta.remove(key);
+            }
+        }
+        let broken = tmp(&format!("broken-{key}.ckpt"));
+        std::fs::write(&broken, safetensors::serialize(st.tensors(), Some(meta)).unwrap()).unwrap();
+        let mut adam = mlp(&t2, Optimization::new(AdamW::default()));
+        let before = params(&adam);
+        let result = t2.fit_from(&mut adam, &loader(16, 4), None, &broken);
+        if key == "scaler.scale" {
+            // 32-true has no scaler: the key is not needed.
+            assert!(result.is_ok());
+            continue;
+        }
+        let msg = result.unwrap_err().to_string();
+        assert!(msg.contains(&format!("'{key}'")), "{key}: {msg}");
+        assert_eq!(params(&adam), before, "{key}: a failed resume changes nothing");
+    }
+    // Under a precision with a scaler, a missing scaler key is an error too.
+    let amp_ckpt = tmp("amp.ckpt");
+    let amp = quiet::<CpuFp16Amp>()
+        .max_steps(2)
+        .checkpoint_path(amp_ckpt.clone())
+        .build()
+        .unwrap();
+    let mut m = mlp(&amp, Optimization::new(AdamW::default()));
+    amp.fit(&mut m, &loader(16, 4), None).unwrap();
+    let file = std::fs::read(&amp_ckpt).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    meta.remove("scaler.growth_tracker");
+    std::fs::write(
+        &amp_ckpt,
+        safetensors::serialize(st.tensors(), Some(meta)).unwrap(),
+    )
+    .unwrap();
+    let amp4 = quiet::<CpuFp16Amp>().max_steps(4).build().unwrap();
+    let mut m = mlp(&amp4, Optimization::new(AdamW::default()));
+    let msg = amp4
+        .fit_from(&mut m, &loader(16, 4), None, &amp_ckpt)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("'scaler.growth_tracker'"), "{msg}");
+}
+
+#[test]
+fn the_step_log_streams_to_disk_and_a_stop_request_ends_after_the_current_step() {
+    let log = tmp("steps.csv");
+    let t = quiet::<True<F32>>()
+        .max_epochs(100)
+        .log_csv(log.clone())
+        .build()
+        .unwrap();
+    let stop = t.stop_handle();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut m = mlp(&t, Optimization::new(Sgd::new(0.1)));
+    let fit = t.fit(&mut m, &loader(16, 4), None).unwrap();
+    assert!(fit.interrupted);
+    assert_eq!((fit.global_step, fit.history.len()), (1, 1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.starts_with("step,epoch,loss,scale,skipped,lr\n1,0,"),
+        "{text}"
+    );
+}

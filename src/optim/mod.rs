@@ -609,6 +609,37 @@ mod tests {
     }
 
     #[test]
+    fn a_gradient_of_the_wrong_shape_is_an_error_and_changes_nothing() {
+        let mut p = param(vec![1.0, 2.0]);
+        let mut opt = OptimizerState::new(Optimization::new(AdamW::default()), &[&p]).unwrap();
+        let g = Tensor::from_vec(&[3], vec![0.1, 0.2, 0.3]).unwrap();
+        let msg = opt.step(&mut [&mut p], &[Some(g)]).unwrap_err().to_string();
+        assert!(msg.contains("[2]") && msg.contains("[3]"), "{msg}");
+        assert_eq!(
+            (p.value().to_vec(), opt.steps(), opt.state_bytes()),
+            (vec![1.0, 2.0], 0, 0)
+        );
+        let msg = opt.step(&mut [&mut p], &[]).unwrap_err().to_string();
+        assert!(msg.contains("0 gradients for 1 parameters"), "{msg}");
+    }
+
+    #[test]
+    fn adamw_counts_steps_per_parameter_as_pytorch_does() {
+        // A parameter that skips a step has its own bias correction: its second update equals
+        // the second update of a parameter that never skipped.
+        let (mut a, mut b) = (param(vec![1.0]), param(vec![1.0]));
+        let mut opt = OptimizerState::new(Optimization::new(AdamW::new(0.1)), &[&a, &b]).unwrap();
+        let g = || Some(Tensor::from_vec(&[1], vec![0.5]).unwrap());
+        opt.step(&mut [&mut a, &mut b], &[g(), None]).unwrap();
+        opt.step(&mut [&mut a, &mut b], &[g(), g()]).unwrap();
+        let mut c = param(vec![1.0]);
+        let mut alone = OptimizerState::new(Optimization::new(AdamW::new(0.1)), &[&c]).unwrap();
+        alone.step(&mut [&mut c], &[g()]).unwrap();
+        assert_eq!(b.value().to_vec(), c.value().to_vec());
+        assert_ne!(a.value().to_vec(), c.value().to_vec());
+    }
+
+    #[test]
     fn bad_hyperparameters_are_errors() {
         assert!(
             Optimizer::from(Sgd::new(-1.0))

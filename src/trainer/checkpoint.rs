@@ -317,3 +317,55 @@ pub fn mlp_sizes(path: &Path) -> Result<Vec<usize>, Error> {
     }
     Ok(sizes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect()
+    }
+
+    #[test]
+    fn concurrent_atomic_writes_never_mix_and_leave_no_temporary_files() {
+        let dir = std::env::temp_dir().join(format!("nbit-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("weights.safetensors");
+        // Eight writers of distinct contents and lengths, all to the same file, many times.
+        std::thread::scope(|s| {
+            for w in 0..8u8 {
+                let path = &path;
+                s.spawn(move || {
+                    let bytes = vec![w; 4096 * (w as usize + 1)];
+                    for _ in 0..25 {
+                        write_atomic(path, &bytes).unwrap();
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&path).unwrap();
+        let w = got[0];
+        assert_eq!(
+            got,
+            vec![w; 4096 * (w as usize + 1)],
+            "one writer's whole content"
+        );
+        assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
+    }
+
+    #[test]
+    fn a_failed_write_removes_its_temporary_file_and_keeps_the_target() {
+        let dir = std::env::temp_dir().join(format!("nbit-atomic-fail-{}", std::process::id()));
+        let target = dir.join("occupied");
+        std::fs::create_dir_all(target.join("inside")).unwrap();
+        // Renaming a file over a non-empty folder fails after the temporary file is written.
+        let msg = write_atomic(&target, b"data").unwrap_err().to_string();
+        assert!(msg.contains("occupied"), "{msg}");
+        assert!(target.join("inside").is_dir());
+        assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
+    }
+}

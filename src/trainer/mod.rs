@@ -947,6 +947,27 @@ mod tests {
     }
 
     #[test]
+    fn a_non_finite_norm_reaches_every_gradient_as_in_clip_grad_norm() {
+        let t = |v: Vec<f32>| Some(Tensor::<f32, Cpu>::from_vec(&[v.len()], v).unwrap());
+        let mut grads = vec![t(vec![1.0, f32::NAN]), None, t(vec![3.0])];
+        let norm = clip(&mut grads, 1.0, ClipAlgorithm::Norm).unwrap();
+        assert!(norm.is_nan());
+        for g in grads.iter().flatten() {
+            assert!(g.to_vec().iter().all(|v| v.is_nan()), "{:?}", g.to_vec());
+        }
+        // An infinite norm: coefficient 0, so finite gradients become 0 and infinite ones NaN.
+        let mut grads = vec![t(vec![2.0, f32::INFINITY]), t(vec![-3.0])];
+        assert_eq!(clip(&mut grads, 1.0, ClipAlgorithm::Norm), Some(f64::INFINITY));
+        let v: Vec<Vec<f32>> = grads.iter().flatten().map(|g| g.to_vec()).collect();
+        assert!(v[0][0] == 0.0 && v[0][1].is_nan() && v[1][0] == 0.0, "{v:?}");
+        // A small norm leaves gradients exactly as they were.
+        let mut grads = vec![t(vec![0.3, -0.4])];
+        let norm = clip(&mut grads, 1.0, ClipAlgorithm::Norm).unwrap();
+        assert!((norm - 0.5).abs() < 1e-7, "{norm}");
+        assert_eq!(grads[0].as_ref().unwrap().to_vec(), vec![0.3, -0.4]);
+    }
+
+    #[test]
     fn bad_settings_are_errors() {
         let e = Trainer::<Mixed<crate::BF16>, Cpu>::builder()
             .accumulate_grad_batches(0)
