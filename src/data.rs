@@ -291,14 +291,23 @@ impl Dataset {
             let Some(((r, c), v)) = a.indexed_iter().find(|(_, v)| !E::from_f64(**v).is_finite()) else {
                 return Ok(());
             };
-            let max = E::max_value().as_f64();
+            // 1e39 and 3.4028234663852886e38, not forty digits.
+            let num = |x: f64| {
+                if x.abs() >= 1e16 {
+                    format!("{x:e}")
+                } else {
+                    format!("{x}")
+                }
+            };
             Err(Error::InvalidData(format!(
-                "{what} at row {}, column {} is {v}, outside the range of {} (±{max}), in which \
+                "{what} at row {}, column {} is {}, outside the range of {} (±{}), in which \
                  {precision} computes; normalise the data (for example to mean 0 and standard \
                  deviation 1) or use a wider precision",
                 r + 1,
                 c + 1,
-                E::DTYPE
+                num(*v),
+                E::DTYPE,
+                num(E::max_value().as_f64())
             )))
         }
         check::<P::Compute>("feature", &self.features, P::NAME)?;

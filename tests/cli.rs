@@ -405,3 +405,384 @@ fn resume_continues_from_a_checkpoint() {
     assert_eq!(a["final_loss"], b["final_loss"], "64-true resumes bit for bit");
     assert_eq!(b["global_step"], 12);
 }
+
+/// Runs `nbit` with `args` and returns (exit code, stdout, stderr).
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = nbit(args);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn sizes_that_cannot_fit_are_refused_with_the_figure_not_an_abort() {
+    let data = good_csv();
+    fails(
+        &data,
+        &["--hidden", "100000,100000"],
+        &[
+            "3-100000-100000-3 under 32-true",
+            "needs about",
+            "available",
+            "narrower layers",
+        ],
+    );
+    fails(
+        &data,
+        &["--classes", "18446744073709551615"],
+        &["needs more than 2^64 bytes"],
+    );
+    // The class count comes from the largest label.
+    let big = write("biglabel.csv", "a,b,label\n1,2,0\n3,4,100000000\n");
+    fails(&big, &[], &["2-128-100000001", "needs about"]);
+}
+
+#[test]
+fn values_the_precision_cannot_hold_are_refused_before_training() {
+    let huge = write("huge.csv", "a,b,label\n1,2,0\n3,1e39,1\n");
+    fails(
+        &huge,
+        &[],
+        &[
+            "row 2, column 2 is 1e39",
+            "float32",
+            "3.4028234663852886e38",
+            "normalise",
+        ],
+    );
+    let f16 = write("f16.csv", "a,b,label\n1,2,0\n3,70000,1\n");
+    fails(
+        &f16,
+        &["--precision", "16-true"],
+        &["70000", "float16 (±65504)", "16-true", "wider precision"],
+    );
+    // 70000 is fine in bf16, whose range is f32's.
+    let (code, _, err) = run(&[
+        "fit",
+        "--data",
+        p(&f16),
+        "--epochs",
+        "1",
+        "--precision",
+        "bf16-true",
+        "--no-progress",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn csv_and_option_edge_cases_are_clear_errors() {
+    // A byte-order mark before 'label' (spreadsheets write one).
+    let bom = write("bom.csv", "\u{feff}label,a,b\n0,1,2\n1,3,4\n");
+    let (code, out, err) = run(&[
+        "fit",
+        "--data",
+        p(&bom),
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"layers\": [\n    2,"), "{out}");
+    fails(
+        &write("dup.csv", "a,a,label\n1,2,0\n"),
+        &[],
+        &["column 'a' twice", "columns 1 and 2"],
+    );
+    fails(&good_csv(), &["--hidden", ""], &["--hidden = ''", "128,128"]);
+    fails(
+        &good_csv(),
+        &["--val-split", "0.001"],
+        &["holds out no row of the 60", "at least 0.008334"],
+    );
+    fails(
+        &write("big20.csv", "a,label\n1,0\n2,1e20\n"),
+        &[],
+        &["label '1e20' is too large for a class index", "4294967295"],
+    );
+    let cfg = write("typed.toml", "epochs = 2\n\nbatch-size = \"ten\"\n");
+    fails(
+        &good_csv(),
+        &["--config", p(&cfg)],
+        &["line 3, key 'batch-size'", "invalid type"],
+    );
+}
+
+#[test]
+fn an_output_that_would_overwrite_an_input_or_another_output_is_refused() {
+    let data = good_csv();
+    let before = std::fs::read(&data).unwrap();
+    let d = p(&data);
+    let other = dir().join("out.safetensors");
+    fails(&data, &["--save", d], &["--save and --data both name"]);
+    fails(&data, &["--log-csv", d], &["--log-csv and --data both name"]);
+    // The same file by another spelling.
+    let dotted = format!(
+        "{}/./{}",
+        dir().display(),
+        data.file_name().unwrap().to_str().unwrap()
+    );
+    fails(
+        &data,
+        &["--checkpoint", &dotted],
+        &["--checkpoint and --data both name"],
+    );
+    fails(
+        &data,
+        &["--save", p(&other), "--log-csv", p(&other)],
+        &["--save and --log-csv both name"],
+    );
+    assert_eq!(
+        std::fs::read(&data).unwrap(),
+        before,
+        "the data file is untouched"
+    );
+    assert!(!other.exists());
+    // Resuming from the checkpoint that the run keeps writing is allowed.
+    let ck = dir().join("same.ckpt");
+    let (code, _, err) = run(&[
+        "fit",
+        "--data",
+        d,
+        "--max-steps",
+        "2",
+        "--checkpoint",
+        p(&ck),
+        "--no-progress",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = run(&[
+        "fit",
+        "--data",
+        d,
+        "--max-steps",
+        "4",
+        "--checkpoint",
+        p(&ck),
+        "--resume",
+        p(&ck),
+        "--no-progress",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn init_with_other_layers_is_refused_or_read_from_the_file() {
+    let data = good_csv();
+    let three = dir().join("three-layers.safetensors");
+    let (code, _, err) = run(&[
+        "fit",
+        "--data",
+        p(&data),
+        "--hidden",
+        "8,6",
+        "--epochs",
+        "1",
+        "--save",
+        p(&three),
+        "--no-progress",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    // A model of layers 0, 2 given a file of layers 0, 2, 4: strict, as PyTorch's load_state_dict.
+    fails(
+        &data,
+        &["--hidden", "8", "--init", p(&three)],
+        &["tensors the model does not have: 4.bias, 4.weight"],
+    );
+    // Without --hidden the architecture is the file's.
+    let (code, out, err) = run(&[
+        "fit",
+        "--data",
+        p(&data),
+        "--init",
+        p(&three),
+        "--epochs",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["layers"], serde_json::json!([3, 8, 6, 3]));
+}
+
+#[test]
+fn validate_scores_the_rows_fit_held_out() {
+    let data = good_csv();
+    let w = dir().join("split.safetensors");
+    let args = [
+        "--data",
+        p(&data),
+        "--val-split",
+        "0.25",
+        "--seed",
+        "5",
+        "--batch-size",
+        "8",
+        "--json",
+    ];
+    let (code, fit, err) = run(&[&["fit", "--epochs", "3", "--save", p(&w)], &args[..]].concat());
+    assert_eq!(code, Some(0), "{err}");
+    let (code, val, err) = run(&[&["validate", "--init", p(&w)], &args[..]].concat());
+    assert_eq!(code, Some(0), "{err}");
+    let fit: serde_json::Value = serde_json::from_str(&fit).unwrap();
+    let val: serde_json::Value = serde_json::from_str(&val).unwrap();
+    assert_eq!(fit["val_accuracy"], val["val_accuracy"], "{fit} {val}");
+    assert_eq!(fit["val_loss"], val["val_loss"], "{fit} {val}");
+    // Without a split, validate scores every row: another count, so (almost surely) other metrics.
+    let (_, all, _) = run(&[
+        "validate",
+        "--init",
+        p(&w),
+        "--data",
+        p(&data),
+        "--batch-size",
+        "8",
+        "--json",
+    ]);
+    let all: serde_json::Value = serde_json::from_str(&all).unwrap();
+    assert_ne!(all["val_loss"], val["val_loss"]);
+}
+
+#[test]
+fn validate_and_predict_help_list_only_their_options() {
+    // The options a help text lists (the first word of each option line).
+    let options = |command: &str| -> Vec<String> {
+        let (_, help, _) = run(&[command, "--help"]);
+        help.lines()
+            .filter_map(|l| l.trim_start().strip_prefix("--"))
+            .map(|l| format!("--{}", l.split_whitespace().next().unwrap_or("")))
+            .collect()
+    };
+    let (validate, predict, fit) = (options("validate"), options("predict"), options("fit"));
+    let (validate, predict, fit) = (validate.join(" "), predict.join(" "), fit.join(" "));
+    for training in [
+        "--epochs",
+        "--lr",
+        "--optimizer",
+        "--save",
+        "--checkpoint",
+        "--log-csv",
+        "--hidden",
+    ] {
+        assert!(fit.contains(training), "fit lacks {training}");
+        assert!(!validate.contains(training), "validate lists {training}");
+        assert!(!predict.contains(training), "predict lists {training}");
+    }
+    for held_out in ["--val-data", "--val-split", "--seed"] {
+        assert!(
+            validate.contains(held_out) && !predict.contains(held_out),
+            "{held_out}"
+        );
+    }
+    for shared in [
+        "--data",
+        "--init",
+        "--precision",
+        "--accelerator",
+        "--batch-size",
+        "--config",
+    ] {
+        assert!(validate.contains(shared) && predict.contains(shared), "{shared}");
+    }
+    // And the options they do not take are refused, not ignored.
+    let (code, _, err) = run(&["validate", "--data", "x.csv", "--epochs", "3"]);
+    assert_eq!(code, Some(2), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_after_the_current_step_keeps_the_log_and_exits_130() {
+    let data = good_csv();
+    let log = dir().join("interrupted.csv");
+    let save = dir().join("interrupted.safetensors");
+    let child = Command::new(env!("CARGO_BIN_EXE_nbit"))
+        .args([
+            "fit",
+            "--data",
+            p(&data),
+            "--epochs",
+            "100000",
+            "--log-csv",
+            p(&log),
+        ])
+        .args(["--save", p(&save), "--no-progress"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the log has rows: the run is in its loop and streaming.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 10 {
+        assert!(std::time::Instant::now() < deadline, "no log rows within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let steps: usize = err
+        .split("after step ")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), steps + 1, "every step logged, header first");
+    assert!(text.lines().last().unwrap().starts_with(&format!("{steps},")));
+    assert!(!save.exists(), "--save is not written for an interrupted run");
+}
+
+#[cfg(unix)]
+#[test]
+fn auto_trains_on_the_cpu_where_a_cuda_driver_answers_but_nbit_has_no_backend() {
+    // A stand-in for the NVIDIA driver that reports one device, built with the C compiler that
+    // links Rust programs here.
+    let lib = dir().join("fake-driver");
+    std::fs::create_dir_all(&lib).unwrap();
+    let src = lib.join("fake.c");
+    std::fs::write(
+        &src,
+        "int cuInit(unsigned int f) { (void)f; return 0; }\nint cuDeviceGetCount(int *n) { *n = 1; return 0; }\n",
+    )
+    .unwrap();
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(lib.join("libcuda.so.1"))
+        .arg(&src)
+        .status()
+        .expect("a C compiler (cc), which linking Rust needs anyway");
+    assert!(cc.success());
+    let data = good_csv();
+    let with_driver = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nbit"))
+            .args([
+                "fit",
+                "--data",
+                p(&data),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--json",
+            ])
+            .args(extra)
+            .env("LD_LIBRARY_PATH", &lib)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, out, err) = with_driver(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"accelerator\": \"cpu\""), "{out}");
+    let (code, _, err) = with_driver(&["--accelerator", "gpu"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("no CUDA backend yet (the driver reports 1 device)"),
+        "{err}"
+    );
+}

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use nbit::data::{DataLoader, Dataset, Task};
 use nbit::optim::{AdamW, Optimization, Sgd};
-use nbit::{BackendJob, Error, Float, Job, MlpModel, Precision, Selection, Supports, Trainer};
+use nbit::{BackendJob, Error, Job, MlpModel, Precision, Selection, Supports, Trainer};
 use serde::Deserialize;
 
 #[derive(Parser, Debug)]
@@ -24,120 +24,215 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a model (Lightning's `trainer.fit`).
-    Fit(Opts),
-    /// Loss and accuracy of the weights given by --init on --data.
-    Validate(Opts),
+    Fit {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        held_out: HeldOut,
+        #[command(flatten)]
+        training: Training,
+    },
+    /// Loss and accuracy of the weights given by --init on the validation rows (--val-data,
+    /// --val-split as in fit, or all of --data).
+    Validate {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        held_out: HeldOut,
+    },
     /// Outputs of the weights given by --init on every row of --data, as CSV on stdout.
-    Predict(Opts),
+    Predict {
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
-/// Options from the command line; a `--config` TOML file may set any of them (same names), and
-/// the command line wins.
-#[derive(Args, Deserialize, Debug, Default, Clone)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct Opts {
-    /// CSV file with a header row; the column `label` holds class indices (or targets)
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// A separate validation CSV file
-    #[arg(long)]
-    val_data: Option<PathBuf>,
-    /// Hold out this fraction of --data for validation (seeded)
-    #[arg(long, allow_hyphen_values = true)]
-    val_split: Option<f64>,
-    /// Number of classes (default: the largest label + 1)
-    #[arg(long)]
-    classes: Option<usize>,
-    /// classification or regression [default: classification]
-    #[arg(long)]
-    task: Option<String>,
-    /// Hidden layer widths, comma-separated [default: 128]
-    #[arg(long, allow_hyphen_values = true)]
-    hidden: Option<String>,
-    /// 16-mixed, bf16-mixed, 16-true, bf16-true, 32-true, 64-true (or legacy 16, 32, 64, bf16) [default: 32-true]
-    #[arg(long)]
-    precision: Option<String>,
-    /// cpu, gpu, cuda, tpu or auto [default: auto]
-    #[arg(long)]
-    accelerator: Option<String>,
-    /// Maximum epochs [default: 1000, Lightning's]
-    #[arg(long)]
-    epochs: Option<u64>,
-    /// Maximum optimizer steps [default: no limit]
-    #[arg(long)]
-    max_steps: Option<u64>,
-    /// Rows per batch [default: 1, PyTorch's DataLoader]
-    #[arg(long, allow_hyphen_values = true)]
-    batch_size: Option<i64>,
-    /// Learning rate [default: 0.001]
-    #[arg(long, allow_hyphen_values = true)]
-    lr: Option<f64>,
-    /// sgd or adamw [default: adamw]
-    #[arg(long)]
-    optimizer: Option<String>,
-    /// SGD momentum [default: 0]
-    #[arg(long, allow_hyphen_values = true)]
-    momentum: Option<f64>,
-    /// Weight decay [default: 0.01 for AdamW, 0 for SGD, as PyTorch]
-    #[arg(long, allow_hyphen_values = true)]
-    weight_decay: Option<f64>,
-    /// Clip gradients by total norm at this value
-    #[arg(long, allow_hyphen_values = true)]
-    gradient_clip_val: Option<f64>,
-    /// Micro-batches per optimizer step [default: 1]
-    #[arg(long)]
-    accumulate_grad_batches: Option<usize>,
-    /// Seed of initialisation, shuffling and the validation split [default: 0]
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Batches are consecutive rows in file order (the last partial batch kept)
-    #[arg(long)]
-    #[serde(default)]
-    no_shuffle: bool,
-    /// Initial weights (safetensors, PyTorch state_dict names: 0.weight, 0.bias, 2.weight, ...)
-    #[arg(long)]
-    init: Option<PathBuf>,
-    /// Write the trained weights here (safetensors that PyTorch loads)
-    #[arg(long)]
-    save: Option<PathBuf>,
-    /// Write a training checkpoint here after every epoch (for --resume)
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    /// Resume training from a checkpoint written by --checkpoint
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// Write one row per optimizer step: step,epoch,loss,scale,skipped,lr
-    #[arg(long)]
-    log_csv: Option<PathBuf>,
-    /// Read options from a TOML file (keys as the long options, e.g. batch-size = 32)
-    #[arg(long)]
-    #[serde(skip)]
-    config: Option<PathBuf>,
-    /// Print a machine-readable JSON summary instead of the table
-    #[arg(long)]
-    #[serde(default)]
-    json: bool,
-    /// Hide the progress bar
-    #[arg(long)]
-    #[serde(default)]
-    no_progress: bool,
+/// Merges a command-line value over a config file's.
+trait Over {
+    fn over(self, file: Self) -> Self;
 }
 
-macro_rules! merge {
-    ($cli:expr, $file:expr, [$($opt:ident),*], [$($flag:ident),*]) => {
-        Opts {
-            $($opt: $cli.$opt.or($file.$opt),)*
-            $($flag: $cli.$flag || $file.$flag,)*
-            config: None,
+impl<T> Over for Option<T> {
+    fn over(self, file: Self) -> Self {
+        self.or(file)
+    }
+}
+
+impl Over for bool {
+    fn over(self, file: Self) -> Self {
+        self || file
+    }
+}
+
+/// Declares the command line's option groups (each command flattens the groups it uses, so its
+/// `--help` lists only its options) and `Opts`, every option in one flat struct: what `plan`
+/// reads, and what a `--config` file may set under the same names.
+macro_rules! option_groups {
+    ($($(#[$gm:meta])* $group:ident { $($(#[$m:meta])* $field:ident: $ty:ty,)* })*) => {
+        $(
+            $(#[$gm])*
+            #[derive(Args, Debug, Default, Clone)]
+            struct $group {
+                $($(#[$m])* $field: $ty,)*
+            }
+
+            impl $group {
+                fn set(self, o: &mut Opts) {
+                    $(o.$field = self.$field;)*
+                }
+            }
+        )*
+
+        #[derive(Deserialize, Debug, Default, Clone)]
+        #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+        struct Opts {
+            $($($field: $ty,)*)*
+        }
+
+        impl Opts {
+            /// These options (from the command line) over those of a config file.
+            fn over(self, file: Opts) -> Opts {
+                Opts {
+                    $($($field: self.$field.over(file.$field),)*)*
+                }
+            }
         }
     };
 }
 
+option_groups! {
+    /// Options of every command.
+    Common {
+        /// CSV file with a header row; the column `label` holds class indices (or targets)
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// classification or regression [default: classification]
+        #[arg(long)]
+        task: Option<String>,
+        /// 16-mixed, bf16-mixed, 16-true, bf16-true, 32-true, 64-true (or legacy 16, 32, 64, bf16) [default: 32-true]
+        #[arg(long)]
+        precision: Option<String>,
+        /// cpu, gpu, cuda, tpu or auto [default: auto]
+        #[arg(long)]
+        accelerator: Option<String>,
+        /// Rows per batch [default: 1, PyTorch's DataLoader]
+        #[arg(long, allow_hyphen_values = true)]
+        batch_size: Option<i64>,
+        /// Weights (safetensors, PyTorch state_dict names: 0.weight, 0.bias, 2.weight, ...); fit
+        /// starts from them and takes the layer widths from them unless --hidden is given
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Read options from a TOML file (keys as the long options, e.g. batch-size = 32)
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print a machine-readable JSON summary instead of the table
+        #[arg(long)]
+        json: bool,
+    }
+
+    /// Which rows are held out for validation (fit and validate split alike).
+    HeldOut {
+        /// A separate validation CSV file
+        #[arg(long)]
+        val_data: Option<PathBuf>,
+        /// Hold out this fraction of --data for validation (seeded)
+        #[arg(long, allow_hyphen_values = true)]
+        val_split: Option<f64>,
+        /// Seed of initialisation, shuffling and the validation split [default: 0]
+        #[arg(long)]
+        seed: Option<u64>,
+    }
+
+    /// Training options.
+    Training {
+        /// Number of classes (default: the largest label + 1)
+        #[arg(long)]
+        classes: Option<usize>,
+        /// Hidden layer widths, comma-separated [default: 128, or those of --init]
+        #[arg(long, allow_hyphen_values = true)]
+        hidden: Option<String>,
+        /// Maximum epochs [default: 1000, Lightning's]
+        #[arg(long)]
+        epochs: Option<u64>,
+        /// Maximum optimizer steps [default: no limit]
+        #[arg(long)]
+        max_steps: Option<u64>,
+        /// Learning rate [default: 0.001]
+        #[arg(long, allow_hyphen_values = true)]
+        lr: Option<f64>,
+        /// sgd or adamw [default: adamw]
+        #[arg(long)]
+        optimizer: Option<String>,
+        /// SGD momentum [default: 0]
+        #[arg(long, allow_hyphen_values = true)]
+        momentum: Option<f64>,
+        /// Weight decay [default: 0.01 for AdamW, 0 for SGD, as PyTorch]
+        #[arg(long, allow_hyphen_values = true)]
+        weight_decay: Option<f64>,
+        /// Clip gradients by total norm at this value (0: no clipping, as in Lightning)
+        #[arg(long, allow_hyphen_values = true)]
+        gradient_clip_val: Option<f64>,
+        /// Micro-batches per optimizer step [default: 1]
+        #[arg(long)]
+        accumulate_grad_batches: Option<usize>,
+        /// Batches are consecutive rows in file order (the last partial batch kept)
+        #[arg(long)]
+        no_shuffle: bool,
+        /// Write the trained weights here (safetensors that PyTorch loads)
+        #[arg(long)]
+        save: Option<PathBuf>,
+        /// Write a training checkpoint here after every epoch (for --resume)
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Resume training from a checkpoint written by --checkpoint
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Write one row per optimizer step as training runs: step,epoch,loss,scale,skipped,lr
+        #[arg(long)]
+        log_csv: Option<PathBuf>,
+        /// Hide the progress bar
+        #[arg(long)]
+        no_progress: bool,
+    }
+}
+
+impl Command {
+    /// The command's name and its options, those of groups it does not take left unset.
+    fn into_opts(self) -> (&'static str, Opts) {
+        let mut o = Opts::default();
+        let name = match self {
+            Command::Fit {
+                common,
+                held_out,
+                training,
+            } => {
+                common.set(&mut o);
+                held_out.set(&mut o);
+                training.set(&mut o);
+                "fit"
+            }
+            Command::Validate { common, held_out } => {
+                common.set(&mut o);
+                held_out.set(&mut o);
+                "validate"
+            }
+            Command::Predict { common } => {
+                common.set(&mut o);
+                "predict"
+            }
+        };
+        (name, o)
+    }
+}
+
 impl Opts {
-    /// These options over those of the --config file.
+    /// These options over those of the --config file. A key of a command's option that this
+    /// command does not take is ignored, so one file serves fit, validate and predict.
     fn with_config(self) -> Result<Opts, Error> {
         let Some(path) = self.config.clone() else {
             return Ok(self);
@@ -148,38 +243,24 @@ impl Opts {
             action: "read",
             reason: e.to_string(),
         })?;
-        let file: Opts = toml::from_str(&text)
-            .map_err(|e| Error::InvalidData(format!("config '{shown}': {}", e.message().trim())))?;
-        Ok(merge!(
-            self,
-            file,
-            [
-                data,
-                val_data,
-                val_split,
-                classes,
-                task,
-                hidden,
-                precision,
-                accelerator,
-                epochs,
-                max_steps,
-                batch_size,
-                lr,
-                optimizer,
-                momentum,
-                weight_decay,
-                gradient_clip_val,
-                accumulate_grad_batches,
-                seed,
-                init,
-                save,
-                checkpoint,
-                resume,
-                log_csv
-            ],
-            [no_shuffle, json, no_progress]
-        ))
+        let file: Opts = toml::from_str(&text).map_err(|e| {
+            // Name the line and the key, which toml's message alone does not.
+            let place = e.span().map_or(String::new(), |span| {
+                let line = text[..span.start].matches('\n').count() + 1;
+                let row = text.lines().nth(line - 1).unwrap_or("");
+                match row.split_once('=') {
+                    Some((key, _)) => format!(", line {line}, key '{}'", key.trim()),
+                    None => format!(", line {line}"),
+                }
+            });
+            Error::InvalidData(format!("config '{shown}'{place}: {}", e.message().trim()))
+        })?;
+        if file.config.is_some() {
+            return Err(Error::InvalidData(format!(
+                "config '{shown}' sets 'config': a config file cannot name another; merge them into one"
+            )));
+        }
+        Ok(self.over(file))
     }
 }
 
@@ -192,9 +273,6 @@ fn invalid(name: &'static str, value: impl ToString, expected: &'static str) -> 
 }
 
 fn parse_hidden(text: &str) -> Result<Vec<usize>, Error> {
-    if text.trim().is_empty() {
-        return Ok(vec![]);
-    }
     text.split(',')
         .map(|w| w.trim().parse::<usize>().ok().filter(|&w| w > 0))
         .collect::<Option<Vec<_>>>()
@@ -228,6 +306,55 @@ fn check_writable(flag: &'static str, path: &Path) -> Result<(), Error> {
     }
 }
 
+/// Where `path` is, resolved through links and `..` (for a file not yet written, its folder).
+fn resolved(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        match (dir.canonicalize(), path.file_name()) {
+            (Ok(d), Some(name)) => d.join(name),
+            _ => path.to_owned(),
+        }
+    })
+}
+
+/// Refuses, before anything is read or written, an output that would overwrite an input or
+/// another output. Resuming from the file that --checkpoint keeps writing is the one overlap
+/// allowed: it is how a run continues.
+fn check_paths(o: &Opts) -> Result<(), Error> {
+    let inputs = [
+        ("--data", &o.data),
+        ("--val-data", &o.val_data),
+        ("--init", &o.init),
+        ("--resume", &o.resume),
+        ("--config", &o.config),
+    ];
+    let outputs = [
+        ("--save", &o.save),
+        ("--log-csv", &o.log_csv),
+        ("--checkpoint", &o.checkpoint),
+    ];
+    for (i, (out, out_path)) in outputs.iter().enumerate() {
+        let Some(out_path) = out_path else { continue };
+        let here = resolved(out_path);
+        let others = outputs[i + 1..].iter().chain(inputs.iter());
+        for (other, other_path) in others {
+            let Some(other_path) = other_path else { continue };
+            if (*out, *other) == ("--checkpoint", "--resume") || resolved(other_path) != here {
+                continue;
+            }
+            return Err(Error::InvalidData(format!(
+                "{out} and {other} both name '{}': writing {out} would overwrite it; give {out} \
+                 another path",
+                out_path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Everything resolved from the options before the precision and device are known.
 struct Plan {
     command: &'static str,
@@ -238,6 +365,53 @@ struct Plan {
     sizes: Vec<usize>,
     optimization: Optimization,
     batch_size: usize,
+}
+
+/// The rows to train on and to validate on, as fit chooses them; validate chooses the same
+/// validation rows, so it reproduces fit's validation metrics.
+fn held_out(
+    opts: &Opts,
+    data: Dataset,
+    data_path: &Path,
+    task: Task,
+) -> Result<(Dataset, Option<Dataset>), Error> {
+    match (&opts.val_data, opts.val_split) {
+        (Some(_), Some(f)) => Err(invalid("--val-split", f, "not used together with --val-data")),
+        (Some(p), None) => {
+            let v = Dataset::read_csv(p, task)?;
+            if v.num_features() != data.num_features() {
+                return Err(Error::InvalidData(format!(
+                    "'{}' has {} feature columns but '{}' has {}",
+                    p.display(),
+                    v.num_features(),
+                    data_path.display(),
+                    data.num_features()
+                )));
+            }
+            Ok((data, Some(v)))
+        }
+        (None, Some(f)) if f > 0.0 => {
+            let rows = data.len();
+            let (t, v) = data.split(f, opts.seed.unwrap_or(0))?;
+            if t.is_empty() {
+                return Err(invalid(
+                    "--val-split",
+                    f,
+                    "a fraction that leaves rows to train on",
+                ));
+            }
+            if v.is_empty() {
+                return Err(Error::InvalidData(format!(
+                    "--val-split = {f} holds out no row of the {rows} in '{}' (it rounds to 0); use \
+                     at least {}, or leave --val-split out to validate on nothing",
+                    data_path.display(),
+                    (0.5 / rows as f64 * 1e6).ceil() / 1e6
+                )));
+            }
+            Ok((t, Some(v)))
+        }
+        (None, _) => Ok((data, None)),
+    }
 }
 
 fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
@@ -256,6 +430,8 @@ fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
         b if b >= 1 => b as usize,
         b => return Err(invalid("--batch-size", b, "at least 1")),
     };
+    let hidden = opts.hidden.as_deref().map(parse_hidden).transpose()?;
+    check_paths(&opts)?;
     for (flag, p) in [
         ("--save", &opts.save),
         ("--log-csv", &opts.log_csv),
@@ -265,60 +441,27 @@ fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
             check_writable(flag, p)?;
         }
     }
-    let (mut train, mut val) = (None, None);
-    let features;
-    if command == "predict" {
-        let d = Dataset::read_csv_features(&data_path)?;
-        features = d.num_features();
-        train = Some(d);
+    let (train, val) = if command == "predict" {
+        (Dataset::read_csv_features(&data_path)?, None)
     } else {
-        let d = Dataset::read_csv(&data_path, task)?;
-        features = d.num_features();
-        if command == "validate" {
-            val = Some(d);
-        } else {
-            match (&opts.val_data, opts.val_split) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        "--val-split",
-                        opts.val_split.unwrap_or(0.0),
-                        "not used together with --val-data",
-                    ));
-                }
-                (Some(p), None) => {
-                    let v = Dataset::read_csv(p, task)?;
-                    if v.num_features() != features {
-                        return Err(Error::InvalidData(format!(
-                            "'{}' has {} feature columns but '{}' has {features}",
-                            p.display(),
-                            v.num_features(),
-                            data_path.display()
-                        )));
-                    }
-                    val = Some(v);
-                }
-                (None, Some(f)) => {
-                    let (t, v) = d.split(f, opts.seed.unwrap_or(0))?;
-                    if t.is_empty() {
-                        return Err(invalid(
-                            "--val-split",
-                            f,
-                            "a fraction that leaves rows to train on",
-                        ));
-                    }
-                    val = Some(v).filter(|v| !v.is_empty());
-                    train = Some(t);
-                }
-                (None, None) => {}
-            }
-            if train.is_none() {
-                train = Some(d);
-            }
-        }
-    }
-    let sizes = match (&opts.init, command) {
-        // validate and predict take the architecture from the weights.
-        (Some(init), "validate" | "predict") => {
+        held_out(&opts, Dataset::read_csv(&data_path, task)?, &data_path, task)?
+    };
+    let features = train.num_features();
+    let (train, val) = match command {
+        // validate scores the held-out rows, or all of --data when none are held out.
+        "validate" => (None, Some(val.unwrap_or(train))),
+        _ => (Some(train), val),
+    };
+    let seen_classes = [&train, &val]
+        .into_iter()
+        .flatten()
+        .map(Dataset::num_classes)
+        .max()
+        .unwrap_or(0);
+    // The architecture: from --init (validate and predict always, fit unless --hidden is given),
+    // or from the data and --hidden.
+    let sizes = match (&opts.init, hidden) {
+        (Some(init), None) => {
             let s = nbit::mlp_sizes(init)?;
             if s[0] != features {
                 return Err(Error::InvalidData(format!(
@@ -328,37 +471,38 @@ fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
                     data_path.display()
                 )));
             }
+            let outputs = s[s.len() - 1];
+            if task == Task::Classification && seen_classes > outputs {
+                return Err(Error::InvalidData(format!(
+                    "'{}' has labels up to {} but the weights in '{}' have {outputs} outputs",
+                    data_path.display(),
+                    seen_classes - 1,
+                    init.display()
+                )));
+            }
             s
         }
-        (None, "validate" | "predict") => {
+        (None, _) if command != "fit" => {
             return Err(invalid(
                 "--init",
                 "(missing)",
                 "the weights file to evaluate (written by --save or PyTorch)",
             ));
         }
-        _ => {
+        (_, hidden) => {
             let outputs = match task {
                 Task::Regression => 1,
-                Task::Classification => {
-                    let seen = [&train, &val]
-                        .into_iter()
-                        .flatten()
-                        .map(Dataset::num_classes)
-                        .max()
-                        .unwrap_or(0);
-                    match opts.classes {
-                        Some(c) if c < seen => {
-                            return Err(invalid("--classes", c, "more than the largest label in the data"));
-                        }
-                        Some(0) => return Err(invalid("--classes", 0, "at least 1")),
-                        Some(c) => c,
-                        None => seen,
+                Task::Classification => match opts.classes {
+                    Some(c) if c < seen_classes => {
+                        return Err(invalid("--classes", c, "more than the largest label in the data"));
                     }
-                }
+                    Some(0) => return Err(invalid("--classes", 0, "at least 1")),
+                    Some(c) => c,
+                    None => seen_classes,
+                },
             };
             let mut s = vec![features];
-            s.extend(parse_hidden(opts.hidden.as_deref().unwrap_or("128"))?);
+            s.extend(hidden.unwrap_or_else(|| vec![128]));
             s.push(outputs);
             s
         }
@@ -404,6 +548,9 @@ struct Report {
     parameter_bytes: usize,
     optimizer_state_bytes: usize,
     notes: Vec<String>,
+    /// Training stopped on Ctrl-C after this many steps in total.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interrupted_at_step: Option<u64>,
 }
 
 struct Run(Plan);
@@ -441,7 +588,36 @@ impl<P: Precision, D: Supports<P>> BackendJob<D> for OnBackend<P> {
         if let Some(c) = &o.checkpoint {
             b = b.checkpoint_path(c.clone());
         }
+        if let Some(l) = &o.log_csv {
+            b = b.log_csv(l.clone());
+        }
         let trainer = b.build()?;
+        if plan.command == "fit" {
+            let batch = plan.batch_size.min(plan.train.as_ref().map_or(0, Dataset::len));
+            nbit::nn::check_memory(
+                || {
+                    format!(
+                        "training an MLP {} under {} with {} and batch size {batch}",
+                        plan.sizes
+                            .iter()
+                            .map(usize::to_string)
+                            .collect::<Vec<_>>()
+                            .join("-"),
+                        P::NAME,
+                        plan.optimization.optimizer.name()
+                    )
+                },
+                nbit::nn::mlp_training_bytes::<P>(&plan.sizes, &plan.optimization.optimizer, batch),
+            )?;
+            // Ctrl-C stops after the step in progress (the log and checkpoint written so far stay);
+            // a second Ctrl-C quits at once. Without a handler (one already set), Ctrl-C kills.
+            let stop = trainer.stop_handle();
+            let _ = ctrlc::set_handler(move || {
+                if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+            });
+        }
         let mut model =
             trainer.init_module(|ctx| MlpModel::new(ctx, &plan.sizes, plan.task, plan.optimization))?;
         let mut report = Report {
@@ -480,27 +656,10 @@ impl<P: Precision, D: Supports<P>> BackendJob<D> for OnBackend<P> {
                     report.val_loss = Some(m.loss());
                     report.val_accuracy = (plan.task == Task::Classification).then(|| m.accuracy());
                 }
-                if let Some(path) = &o.log_csv {
-                    let mut csv = String::from("step,epoch,loss,scale,skipped,lr\n");
-                    for s in &fit.history {
-                        // The loss in the dtype it was computed in, written exactly (16-bit) or
-                        // with round-trip digits; a mean over micro-batches is written as f64.
-                        let l = P::Full::from_f64(s.loss);
-                        let loss = if l.as_f64() == s.loss {
-                            nbit::fmt::exact(l)
-                        } else {
-                            nbit::fmt::exact(s.loss)
-                        };
-                        csv.push_str(&format!(
-                            "{},{},{loss},{},{},{}\n",
-                            s.step,
-                            s.epoch,
-                            s.scale,
-                            u8::from(s.skipped),
-                            s.lr
-                        ));
-                    }
-                    nbit::write_atomic(path, csv.as_bytes())?;
+                if fit.interrupted {
+                    // As Lightning on KeyboardInterrupt: what follows fit (--save) does not run.
+                    report.interrupted_at_step = Some(fit.global_step);
+                    return Ok(report);
                 }
                 if let Some(path) = &o.save {
                     trainer.save_weights(&model, path)?;
@@ -585,12 +744,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error in nbit ({info}); please report it");
     }));
-    let cli = Cli::parse();
-    let (command, opts) = match cli.command {
-        Command::Fit(o) => ("fit", o),
-        Command::Validate(o) => ("validate", o),
-        Command::Predict(o) => ("predict", o),
-    };
+    let (command, opts) = Cli::parse().command.into_opts();
     let result = (|| {
         let plan = plan(command, opts)?;
         let sel = Selection::parse(
@@ -600,14 +754,37 @@ fn main() -> ExitCode {
         if let Some(n) = sel.notice() {
             eprintln!("note: {n}");
         }
-        let json = plan.opts.json;
+        let outputs = (
+            plan.opts.json,
+            plan.opts.log_csv.clone(),
+            plan.opts.checkpoint.clone(),
+        );
         let report = sel.run(Run(plan))??;
-        Ok::<_, Error>((report, json))
+        Ok::<_, Error>((report, outputs))
     })();
     match result {
-        Ok((report, json)) => {
+        Ok((report, (json, log, checkpoint))) => {
             print_report(&report, json);
-            ExitCode::SUCCESS
+            let Some(step) = report.interrupted_at_step else {
+                return ExitCode::SUCCESS;
+            };
+            let mut kept = Vec::new();
+            if let Some(l) = log {
+                kept.push(format!("the loss log of {step} steps is in '{}'", l.display()));
+            }
+            if let Some(c) = checkpoint {
+                kept.push(format!(
+                    "'{}' resumes from step {step} with --resume",
+                    c.display()
+                ));
+            }
+            let kept = if kept.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", kept.join("; "))
+            };
+            eprintln!("interrupted: training stopped on Ctrl-C after step {step}, weights not saved{kept}");
+            ExitCode::from(130)
         }
         Err(e) => {
             eprintln!("error: {e}");

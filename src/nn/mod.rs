@@ -9,7 +9,7 @@ use core::marker::PhantomData;
 use crate::autocast::Autocast;
 use crate::backend::{Backend, uniform};
 use crate::device::Cpu;
-use crate::dtype::{ComplexElement, Float};
+use crate::dtype::{ComplexElement, Element, Float};
 use crate::error::Error;
 use crate::precision::Precision;
 use crate::tensor::Tensor;
@@ -175,7 +175,9 @@ impl<P: Precision, D: Backend> Mlp<P, D> {
         Self::try_new(ctx, sizes, task).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Like [`Mlp::new`], with bad sizes as an error.
+    /// Like [`Mlp::new`], with bad sizes as an error, and sizes whose parameters and gradients
+    /// would not fit in the memory available as [`Error::OutOfMemory`] (checked before anything
+    /// is allocated).
     pub fn try_new(ctx: &mut InitCtx<P, D>, sizes: &[usize], task: Task) -> Result<Self, Error> {
         if sizes.len() < 2 || sizes.contains(&0) {
             return Err(Error::InvalidArgument {
@@ -184,6 +186,12 @@ impl<P: Precision, D: Backend> Mlp<P, D> {
                 expected: "at least [inputs, outputs], every size at least 1",
             });
         }
+        let bytes =
+            mlp_parameter_count(sizes).and_then(|n| n.checked_mul(2 * P::Param::DTYPE.size_bytes() as u64));
+        check_memory(
+            || format!("an MLP {} under {}", sizes_text(sizes), P::NAME),
+            bytes,
+        )?;
         let layers = sizes
             .windows(2)
             .enumerate()
@@ -247,6 +255,68 @@ pub fn argmax(values: impl IntoIterator<Item = f64>) -> usize {
     best.map_or(0, |(i, _)| i)
 }
 
+/// The parameters of an MLP with layer widths `sizes` (weights and biases), or `None` when the
+/// count overflows 64 bits.
+pub fn mlp_parameter_count(sizes: &[usize]) -> Option<u64> {
+    sizes.windows(2).try_fold(0u64, |n, w| {
+        let (i, o) = (w[0] as u64, w[1] as u64);
+        n.checked_add(i.checked_mul(o)?.checked_add(o)?)
+    })
+}
+
+/// Bytes a training run of an MLP with widths `sizes` under `P` needs, estimated before anything
+/// is allocated: parameters, their gradient and its accumulation buffer, the compute-dtype weight
+/// copies and their gradients under mixed precision, `optimizer`'s state, and the activations of
+/// a batch of `batch_size` rows (kept for backward, in a few copies). `None` on overflow.
+pub fn mlp_training_bytes<P: Precision>(
+    sizes: &[usize],
+    optimizer: &crate::optim::Optimizer,
+    batch_size: usize,
+) -> Option<u64> {
+    let n = mlp_parameter_count(sizes)?;
+    let (param, compute, moment) = (
+        P::Param::DTYPE.size_bytes() as u64,
+        P::Compute::DTYPE.size_bytes() as u64,
+        <<P::Param as Float>::Moment as Element>::DTYPE.size_bytes() as u64,
+    );
+    let copies = if P::Param::DTYPE == P::Compute::DTYPE {
+        0
+    } else {
+        2 * compute
+    };
+    let state = match optimizer {
+        crate::optim::Optimizer::AdamW(_) => param + moment,
+        crate::optim::Optimizer::Sgd(o) if o.momentum != 0.0 => param,
+        crate::optim::Optimizer::Sgd(_) => 0,
+    };
+    let per_parameter = 3 * param + copies + state;
+    let widths = sizes.iter().try_fold(0u64, |a, &w| a.checked_add(w as u64))?;
+    // Each layer's input and output in the compute and full dtypes, and their gradients.
+    let activations = (batch_size as u64).checked_mul(widths)?.checked_mul(4 * 8)?;
+    n.checked_mul(per_parameter)?.checked_add(activations)
+}
+
+/// `Ok` when `needed` bytes fit in the memory available now ([`crate::device::available_memory`];
+/// always when the system does not say), otherwise [`Error::OutOfMemory`] naming `what`. `None`
+/// (a size that overflows 64 bits) never fits.
+pub fn check_memory(what: impl FnOnce() -> String, needed: Option<u64>) -> Result<(), Error> {
+    let available = crate::device::available_memory();
+    match (needed, available) {
+        (Some(n), Some(a)) if n <= a => Ok(()),
+        (Some(_), None) => Ok(()),
+        (needed, available) => Err(Error::OutOfMemory {
+            what: what(),
+            needed,
+            available,
+        }),
+    }
+}
+
+/// `64-128-10`.
+pub(crate) fn sizes_text(sizes: &[usize]) -> String {
+    sizes.iter().map(usize::to_string).collect::<Vec<_>>().join("-")
+}
+
 /// Bytes the parameters occupy in storage.
 pub fn parameter_bytes<E: Float, D: Backend>(params: &[&Parameter<E, D>]) -> usize {
     params.iter().map(|p| p.numel() * E::DTYPE.size_bytes()).sum()
@@ -255,7 +325,7 @@ pub fn parameter_bytes<E: Float, D: Backend>(params: &[&Parameter<E, D>]) -> usi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DType, Element, F16, F64, True};
+    use crate::{DType, F16, F64, True};
 
     #[test]
     fn parameters_are_born_in_the_storage_dtype() {
@@ -289,5 +359,37 @@ mod tests {
         let mut ctx = InitCtx::<True<F64>>::new(0);
         assert!(Mlp::try_new(&mut ctx, &[4], Task::Regression).is_err());
         assert!(Mlp::try_new(&mut ctx, &[4, 0, 2], Task::Regression).is_err());
+    }
+
+    #[test]
+    fn sizes_that_cannot_fit_are_refused_before_allocating() {
+        // 64-100000-100000-10 has 1.0e10 parameters: 80 GB of f32 values and gradients, more
+        // than any machine this runs on has available; allocating it aborts the process.
+        let mut ctx = InitCtx::<True<crate::F32>>::new(0);
+        let err = Mlp::try_new(&mut ctx, &[64, 100_000, 100_000, 10], Task::Classification).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(
+                err,
+                Error::OutOfMemory {
+                    needed: Some(80_060_800_080),
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("64-100000-100000-10 under 32-true needs about 80.1 GB"),
+            "{msg}"
+        );
+        // A count that overflows 64 bits.
+        let msg = Mlp::try_new(&mut ctx, &[usize::MAX, usize::MAX], Task::Regression)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("more than 2^64 bytes"), "{msg}");
+        assert_eq!(
+            mlp_parameter_count(&[64, 128, 10]),
+            Some(64 * 128 + 128 + 128 * 10 + 10)
+        );
     }
 }

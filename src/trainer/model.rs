@@ -109,13 +109,27 @@ pub struct MlpModel<P: Precision, D: Backend = Cpu> {
 }
 
 impl<P: Precision, D: Backend> MlpModel<P, D> {
-    /// A model of layer widths `sizes` for `task`, optimised by `optimization`.
+    /// A model of layer widths `sizes` for `task`, optimised by `optimization`. Sizes whose
+    /// training state (parameters, gradients, optimizer state) would not fit in the memory
+    /// available are [`Error::OutOfMemory`], before anything is allocated.
     pub fn new(
         ctx: &mut InitCtx<P, D>,
         sizes: &[usize],
         task: Task,
         optimization: Optimization,
     ) -> Result<Self, Error> {
+        let opt = &optimization.optimizer;
+        crate::nn::check_memory(
+            || {
+                format!(
+                    "training an MLP {} under {} with {}",
+                    crate::nn::sizes_text(sizes),
+                    P::NAME,
+                    opt.name()
+                )
+            },
+            crate::nn::mlp_training_bytes::<P>(sizes, opt, 0),
+        )?;
         Ok(MlpModel {
             net: Mlp::try_new(ctx, sizes, task)?,
             optimization,
