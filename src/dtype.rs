@@ -140,7 +140,7 @@ pub trait Float: Element + num_traits::Float + LeBytes {
     type Acc: Acc;
     /// How Adam's second moment (`~0.001 g²`) is stored for parameters of this type: f32 for f16
     /// (whose range loses it to underflow for |g| < 8e-3), the type itself otherwise.
-    type Moment: Float;
+    type Moment: Float<Acc = Self::Acc>;
     /// Widens to the compute type (exact).
     fn to_acc(self) -> Self::Acc;
     /// Rounds from the compute type to nearest even.

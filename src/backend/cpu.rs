@@ -704,87 +704,119 @@ impl Backend for Cpu {
         exp_avg_sq: &mut ArrayD<E::Moment>,
         hp: &AdamWStep,
     ) {
-        let c = <E::Acc as Acc>::c;
-        // Python's `beta ** step` (C pow on a float step), not repeated multiplication.
-        let t = hp.step as f64;
-        let bias1 = 1.0 - hp.beta1.powf(t);
-        let bias2_sqrt = (1.0 - hp.beta2.powf(t)).sqrt();
-        // `1 - beta` in f64, then rounded: PyTorch passes it as a Python float.
-        let (b2, one_minus_b1, one_minus_b2) = (c(hp.beta2), c(1.0 - hp.beta1), c(1.0 - hp.beta2));
-        let decay = c(1.0 - hp.lr * hp.weight_decay);
-        let (step_size, b2s, eps) = (c(hp.lr / bias1), c(bias2_sqrt), c(hp.eps));
-        // PyTorch's single-tensor AdamW, one tensor op after another, each rounding to the dtype
-        // of the tensor it writes:
-        //   param.mul_(1 - lr * wd)
-        //   exp_avg.lerp_(grad, 1 - beta1)                       (fused)
-        //   exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)   (addcmul fused)
-        //   denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        //   param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-        // The second moment and `denom` are tensors of `E::Moment`, so they round there.
-        // PyTorch's vectorised `lerp_` and `addcmul_` fuse their multiply-add (one rounding), and
-        // `lerp_` takes the other form for weights >= 0.5, so these do too (`mul_add` is IEEE's
-        // fused multiply-add on every target).
-        let decayed = |p: E::Acc| p * decay;
-        let first = |m: E::Acc, g: E::Acc| {
-            if one_minus_b1 < c(0.5) {
-                one_minus_b1.mul_add(g - m, m)
-            } else {
-                (m - g).mul_add(c(1.0) - one_minus_b1, g)
-            }
-        };
-        let moment = |v: E::Acc| <E::Moment as Float>::from_f64(v.f64());
-        let widen = |v: E::Moment| c(v.as_f64());
-        let in_moment = |v: E::Acc| widen(moment(v));
-        let second =
-            |v: &E::Moment, g: E::Acc| moment((one_minus_b2 * g).mul_add(g, in_moment(widen(*v) * b2)));
-        let denom = |v: &E::Moment| in_moment(in_moment(in_moment(widen(*v).sqrt()) / b2s) + eps);
-        let updated = |p: E::Acc, m: E::Acc, d: E::Acc| p - step_size * m / d;
-        let (p, m, v) = (
-            standard_mut(param),
-            standard_mut(exp_avg),
-            standard_mut(exp_avg_sq),
-        );
-        let g = grad.as_standard_layout();
-        let g = &g.as_slice().expect("standard layout")[..p.len()];
-        let (m, v) = (&mut m[..p.len()], &mut v[..p.len()]);
-        if !E::SLICE_CONVERSIONS {
-            for (((p, g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-                let g = g.to_acc();
-                let pa = E::from_acc(decayed(p.to_acc())).to_acc();
-                *m = E::from_acc(first(m.to_acc(), g));
-                *v = second(v, g);
-                *p = E::from_acc(updated(pa, m.to_acc(), denom(v)));
-            }
+        // The update fuses multiply-adds as PyTorch does; compiled for FMA where the CPU has it,
+        // so `mul_add` is one instruction rather than a call into libm.
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports FMA, checked just above.
+            unsafe { adamw_step_fma(param, grad, exp_avg, exp_avg_sq, hp) };
             return;
         }
-        // A chunk at a time, widening and rounding with the slice conversions (see `zip_map`).
-        let zero = c(0.0);
-        let (mut wp, mut wg, mut wm, mut t) = ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
-        for start in (0..p.len()).step_by(CHUNK) {
-            let r = start..(start + CHUNK).min(p.len());
-            let n = r.len();
-            let (p, g, m, v) = (&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r]);
-            let (wp, wg, wm, t) = (&mut wp[..n], &mut wg[..n], &mut wm[..n], &mut t[..n]);
-            E::widen_slice(p, wp);
-            wp.iter_mut().for_each(|p| *p = decayed(*p));
-            store(wp, p);
-            E::widen_slice(g, wg);
-            E::widen_slice(m, wm);
-            for (m, g) in wm.iter_mut().zip(wg.iter()) {
-                *m = first(*m, *g);
-            }
-            store(wm, m);
-            for (((t, v), g), (p, m)) in t
-                .iter_mut()
-                .zip(v.iter_mut())
-                .zip(wg.iter())
-                .zip(wp.iter().zip(wm.iter()))
-            {
-                *v = second(v, *g);
-                *t = updated(*p, *m, denom(v));
-            }
-            E::round_slice(t, p);
+        adamw_step_body(param, grad, exp_avg, exp_avg_sq, hp);
+    }
+}
+
+/// [`adamw_step_body`] compiled with FMA enabled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn adamw_step_fma<E: Float>(
+    param: &mut ArrayD<E>,
+    grad: &ArrayD<E>,
+    exp_avg: &mut ArrayD<E>,
+    exp_avg_sq: &mut ArrayD<E::Moment>,
+    hp: &AdamWStep,
+) {
+    adamw_step_body(param, grad, exp_avg, exp_avg_sq, hp);
+}
+
+/// One AdamW update as PyTorch's single-tensor implementation takes it (see the comments inside).
+#[inline(always)]
+fn adamw_step_body<E: Float>(
+    param: &mut ArrayD<E>,
+    grad: &ArrayD<E>,
+    exp_avg: &mut ArrayD<E>,
+    exp_avg_sq: &mut ArrayD<E::Moment>,
+    hp: &AdamWStep,
+) {
+    let c = <E::Acc as Acc>::c;
+    // Python's `beta ** step` (C pow on a float step), not repeated multiplication.
+    let t = hp.step as f64;
+    let bias1 = 1.0 - hp.beta1.powf(t);
+    let bias2_sqrt = (1.0 - hp.beta2.powf(t)).sqrt();
+    // `1 - beta` in f64, then rounded: PyTorch passes it as a Python float.
+    let (b2, one_minus_b1, one_minus_b2) = (c(hp.beta2), c(1.0 - hp.beta1), c(1.0 - hp.beta2));
+    let decay = c(1.0 - hp.lr * hp.weight_decay);
+    let (step_size, b2s, eps) = (c(hp.lr / bias1), c(bias2_sqrt), c(hp.eps));
+    // PyTorch's single-tensor AdamW, one tensor op after another, each rounding to the dtype
+    // of the tensor it writes:
+    //   param.mul_(1 - lr * wd)
+    //   exp_avg.lerp_(grad, 1 - beta1)                       (fused)
+    //   exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)   (addcmul fused)
+    //   denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    //   param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    // The second moment and `denom` are tensors of `E::Moment`, so they round there.
+    // PyTorch's vectorised `lerp_` and `addcmul_` fuse their multiply-add (one rounding), and
+    // `lerp_` takes the other form for weights >= 0.5, so these do too (`mul_add` is IEEE's
+    // fused multiply-add on every target).
+    let decayed = |p: E::Acc| p * decay;
+    let first = |m: E::Acc, g: E::Acc| {
+        if one_minus_b1 < c(0.5) {
+            one_minus_b1.mul_add(g - m, m)
+        } else {
+            (m - g).mul_add(c(1.0) - one_minus_b1, g)
         }
+    };
+    let moment = |v: E::Acc| <E::Moment as Float>::from_acc(v);
+    let widen = |v: E::Moment| v.to_acc();
+    let in_moment = |v: E::Acc| widen(moment(v));
+    let second = |v: &E::Moment, g: E::Acc| moment((one_minus_b2 * g).mul_add(g, in_moment(widen(*v) * b2)));
+    let denom = |v: &E::Moment| in_moment(in_moment(in_moment(widen(*v).sqrt()) / b2s) + eps);
+    let updated = |p: E::Acc, m: E::Acc, d: E::Acc| p - step_size * m / d;
+    let (p, m, v) = (
+        standard_mut(param),
+        standard_mut(exp_avg),
+        standard_mut(exp_avg_sq),
+    );
+    let g = grad.as_standard_layout();
+    let g = &g.as_slice().expect("standard layout")[..p.len()];
+    let (m, v) = (&mut m[..p.len()], &mut v[..p.len()]);
+    if !E::SLICE_CONVERSIONS {
+        for (((p, g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+            let g = g.to_acc();
+            let pa = E::from_acc(decayed(p.to_acc())).to_acc();
+            *m = E::from_acc(first(m.to_acc(), g));
+            *v = second(v, g);
+            *p = E::from_acc(updated(pa, m.to_acc(), denom(v)));
+        }
+        return;
+    }
+    // A chunk at a time, widening and rounding with the slice conversions (see `zip_map`).
+    let zero = c(0.0);
+    let (mut wp, mut wg, mut wm, mut t) = ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
+    for start in (0..p.len()).step_by(CHUNK) {
+        let r = start..(start + CHUNK).min(p.len());
+        let n = r.len();
+        let (p, g, m, v) = (&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r]);
+        let (wp, wg, wm, t) = (&mut wp[..n], &mut wg[..n], &mut wm[..n], &mut t[..n]);
+        E::widen_slice(p, wp);
+        wp.iter_mut().for_each(|p| *p = decayed(*p));
+        store(wp, p);
+        E::widen_slice(g, wg);
+        E::widen_slice(m, wm);
+        for (m, g) in wm.iter_mut().zip(wg.iter()) {
+            *m = first(*m, *g);
+        }
+        store(wm, m);
+        for (((t, v), g), (p, m)) in t
+            .iter_mut()
+            .zip(v.iter_mut())
+            .zip(wg.iter())
+            .zip(wp.iter().zip(wm.iter()))
+        {
+            *v = second(v, *g);
+            *t = updated(*p, *m, denom(v));
+        }
+        E::round_slice(t, p);
     }
 }
 
