@@ -318,6 +318,10 @@ impl Dataset {
     }
 
     /// The rows at `indices`, in that order.
+    ///
+    /// # Panics
+    /// If an index is not below [`Dataset::len`], as slicing does; [`DataLoader::epoch_indices`]
+    /// and [`Dataset::split`] only produce valid ones.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
         let features = self.features.select(Axis(0), indices);
         let targets = match &self.targets {
@@ -504,6 +508,10 @@ impl DataLoader {
     }
 
     /// The rows at `indices` as a batch.
+    ///
+    /// # Panics
+    /// If an index is not a row of the dataset (see [`Dataset::subset`]); the indices of
+    /// [`DataLoader::epoch_indices`] always are.
     pub fn batch(&self, indices: &[usize]) -> Batch {
         Batch {
             data: self.dataset.subset(indices),

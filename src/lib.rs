@@ -134,14 +134,18 @@
 //!   refused). Current Lightning rejects both mixed modes on TPU.
 //! - **There is no TPU runtime yet.** The [`Tpu`] type exists so code can be written and checked
 //!   against its column; building a trainer on it returns [`Error::DeviceUnavailable`].
-//! - **`"auto"` never picks a TPU**, for the same reason; it picks `gpu` when the CUDA driver
-//!   reports a device, else `cpu`.
+//! - **`"auto"` never picks a device nbit cannot run on**: not a TPU, and not a GPU until the
+//!   CUDA backend exists, even where the CUDA driver reports a device; it picks `cpu`.
+//! - **A non-finite loss stops training** under a precision without a gradient scaler
+//!   ([`Error::NonFinite`], naming the step), as Lightning's `EarlyStopping(check_finite=True)`
+//!   would; under 16-mixed the scaler skips such steps instead.
 //!
 //! ## Where nbit's numerics differ from PyTorch's CPU kernels, on purpose
 //!
 //! PyTorch's behaviour is the specification, and nbit follows its kernels' structure where that is
 //! consistent (a linear layer's bias added before its one rounding, log-softmax keeping the row's
-//! exp-sum and its log in the element type, optimizer state rounded as in-place ops round it).
+//! exp-sum and its log in the element type, optimizer state rounded as in-place ops round it,
+//! AdamW's `lerp_` and `addcmul_` fused as PyTorch's vectorised kernels fuse them).
 //! `tools/compare_with_pytorch.py` measures the agreement. Where PyTorch 2.15 rounds more often
 //! or inconsistently, nbit rounds once:
 //!
@@ -153,6 +157,9 @@
 //!   all of them), and once for the rest.
 //! - **f64 to f16/bf16 rounds once**; PyTorch converts through f32 (see [`Float`]).
 //! - **16-true AdamW keeps `exp_avg_sq` in f32** (see [`optim`]): in f16 it underflows.
+//! - **`sqrt` is correctly rounded.** PyTorch's f32 `sqrt` on large CPU tensors goes through MKL's
+//!   vector math, accurate to 1 ulp; f32 AdamW matches `torch.optim.AdamW` bit for bit except
+//!   where that sqrt is off (about 1 element in 100; `tests/pytorch_reference.rs`).
 
 #![warn(missing_docs)]
 

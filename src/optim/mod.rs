@@ -1,8 +1,11 @@
 //! Optimizers and learning-rate schedulers with PyTorch's update formulas and defaults.
 //!
 //! State lives in the parameters' storage dtype: f32 under the mixed precisions (f32 master
-//! weights), `H` under `True<H>`. Every update is computed in f32 (f64 for f64 parameters) and
-//! rounded once into storage, so AdamW's `eps = 1e-8` (0 in f16) cannot make a 16-bit update NaN.
+//! weights), `H` under `True<H>`. Updates are computed in f32 (f64 for f64 parameters) and rounded
+//! where PyTorch's single-tensor implementations round: once per in-place tensor op, into the
+//! dtype of the tensor it writes (`tests/pytorch_reference.rs` compares f32 and bf16 AdamW with
+//! PyTorch's own output bit for bit). A parameter whose gradient is `None` in a step is skipped,
+//! as PyTorch skips one whose `.grad` is None, and AdamW counts steps per parameter.
 //!
 //! One deliberate difference from PyTorch: under `True<F16>`, AdamW's second moment
 //! (`exp_avg_sq`, about `0.001 g²`) is stored in f32 ([`Float::Moment`]). In f16 it underflows
