@@ -256,13 +256,14 @@ fn adamw_matches_reference<E: Float>(round_v: fn(f32) -> f32) {
 }
 
 /// SGD steps as PyTorch's tensor ops take them, element by element in f32, each tensor PyTorch
-/// keeps (the decayed gradient, the momentum buffer, the Nesterov gradient) rounded to `E`.
+/// keeps (the decayed gradient, the momentum buffer, the Nesterov gradient) rounded to `E`, each
+/// `add(x, alpha=a)` fused. (tests/pytorch_reference.rs checks f32 against PyTorch's own numbers.)
 fn sgd_matches_reference<E: Float>(momentum: f64, dampening: f64, nesterov: bool, wd: f64) {
     use nbit::nn::Parameter;
     use nbit::optim::{Optimization, OptimizerState, Sgd};
     let to = |v: Vec<f32>| v.into_iter().map(E::from_f32).collect::<Vec<E>>();
     let r = |x: f32| E::from_f32(x).as_f32();
-    let (lr, mom, damp, wd32) = (0.05f32, momentum as f32, (1.0 - dampening) as f32, wd as f32);
+    let (neg_lr, mom, damp, wd32) = (-0.05f32, momentum as f32, (1.0 - dampening) as f32, wd as f32);
     let mut p = to(spread(41));
     let mut buf = vec![0f32; p.len()];
     let mut param = Parameter::new("w", Tensor::<E>::from_vec(&[1000], p.clone()).unwrap());
@@ -281,18 +282,27 @@ fn sgd_matches_reference<E: Float>(momentum: f64, dampening: f64, nesterov: bool
         .unwrap();
         for i in 0..p.len() {
             let pa = p[i].as_f32();
+            // PyTorch's add(x, alpha=a) is a fused multiply-add.
             let d = if wd != 0.0 {
-                r(g[i].as_f32() + wd32 * pa)
+                r(wd32.mul_add(pa, g[i].as_f32()))
             } else {
                 g[i].as_f32()
             };
             let s = if momentum == 0.0 {
                 d
             } else {
-                buf[i] = if t == 1 { d } else { r(r(mom * buf[i]) + damp * d) };
-                if nesterov { r(d + mom * buf[i]) } else { buf[i] }
+                buf[i] = if t == 1 {
+                    d
+                } else {
+                    r(damp.mul_add(d, r(mom * buf[i])))
+                };
+                if nesterov {
+                    r(mom.mul_add(buf[i], d))
+                } else {
+                    buf[i]
+                }
             };
-            p[i] = E::from_f32(pa - lr * s);
+            p[i] = E::from_f32(neg_lr.mul_add(s, pa));
         }
         let what = format!(
             "{:?} momentum {momentum} nesterov {nesterov} wd {wd}: step {t}",

@@ -130,3 +130,50 @@ fn the_reference_is_the_issue_s_vector_too() {
     }
     assert_eq!(s.scale().to_bits(), 0x4475_0666);
 }
+
+#[test]
+fn sgd_matches_torch_optim_sgd_bit_for_bit_in_f32() {
+    use nbit::optim::Sgd;
+    for case in reference()["sgd"].as_array().unwrap() {
+        let f = |k: &str| case[k].as_f64().unwrap();
+        let vals = |v: &Value| {
+            ints(v)
+                .into_iter()
+                .map(|b| f32::from_bits(b as u32))
+                .collect::<Vec<_>>()
+        };
+        let sgd = Sgd::new(f("lr"))
+            .momentum(f("momentum"))
+            .dampening(f("dampening"))
+            .nesterov(case["nesterov"].as_bool().unwrap())
+            .weight_decay(f("weight_decay"));
+        let init = vals(&case["initial"]);
+        let mut param = Parameter::new("w", Tensor::<f32>::from_vec(&[init.len()], init).unwrap());
+        let mut opt = OptimizerState::new(Optimization::new(sgd), &[&param]).unwrap();
+        let steps = case["grads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["after"].as_array().unwrap());
+        for (t, (g, want)) in steps.enumerate() {
+            let g = vals(g);
+            opt.step(
+                &mut [&mut param],
+                &[Some(Tensor::from_vec(&[g.len()], g).unwrap())],
+            )
+            .unwrap();
+            let got = param.value().to_vec();
+            let differ = got
+                .iter()
+                .zip(vals(want))
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differ,
+                0,
+                "{sgd:?} step {}: {differ} of 1000 differ from PyTorch",
+                t + 1
+            );
+        }
+    }
+}

@@ -13,6 +13,8 @@ Contents (every float stored as its bit pattern, so nothing is lost in JSON):
   `sqrt_inexact` lists, per step, the elements where PyTorch's `exp_avg_sq.sqrt()` is not the
   correctly rounded square root (its CPU sqrt goes through MKL's vector math, accurate to 1 ulp,
   for large float32 tensors); nbit rounds correctly, so those elements may differ by an ulp.
+- `sgd`: `torch.optim.SGD` in float32 on 1000 parameters for 3 steps, in four settings (plain;
+  weight decay; momentum with dampening and weight decay; Nesterov momentum with weight decay).
 """
 import json, os
 import numpy as np
@@ -72,10 +74,31 @@ def adamw(dtype):
                 initial=bits(p0), grads=[bits(x) for x in grads], after=after, sqrt_inexact=inexact)
 
 
+def sgd():
+    cases = []
+    for momentum, dampening, nesterov, wd in [(0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.01),
+                                              (0.9, 0.1, False, 0.01), (0.9, 0.0, True, 0.01)]:
+        g = torch.Generator().manual_seed(99)
+        p0 = torch.randn(1000, generator=g)
+        grads = [torch.randn(1000, generator=g) * 0.25 for _ in range(3)]
+        p = torch.nn.Parameter(p0.clone())
+        opt = torch.optim.SGD([p], lr=0.05, momentum=momentum, dampening=dampening,
+                              nesterov=nesterov, weight_decay=wd)
+        after = []
+        for gr in grads:
+            p.grad = gr.clone()
+            opt.step()
+            after.append(bits(p.detach()))
+        cases.append(dict(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                          weight_decay=wd, initial=bits(p0), grads=[bits(x) for x in grads], after=after))
+    return cases
+
+
 def main():
     ref = dict(torch_version=torch.__version__, made_by='tools/make_pytorch_reference.py',
                scaler=scaler(),
-               adamw=dict(f32=adamw(torch.float32), bf16=adamw(torch.bfloat16)))
+               adamw=dict(f32=adamw(torch.float32), bf16=adamw(torch.bfloat16)),
+               sgd=sgd())
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, 'w') as f:
         json.dump(ref, f, separators=(',', ':'))

@@ -597,104 +597,14 @@ impl Backend for Cpu {
         momentum_buffer: Option<&mut ArrayD<E>>,
         hp: &SgdStep,
     ) {
-        let c = <E::Acc as Acc>::c;
-        let (lr, wd, mom, damp) = (
-            c(hp.lr),
-            c(hp.weight_decay),
-            c(hp.momentum),
-            c(1.0 - hp.dampening),
-        );
-        // Each value PyTorch keeps as a tensor (the decayed gradient, the momentum buffer) is
-        // rounded to the storage dtype before it is used, as PyTorch's tensor ops round it; the
-        // arithmetic itself is in E::Acc. PyTorch:
-        //   grad = grad.add(param, alpha=wd)                       (if wd != 0)
-        //   buf = grad.clone() (first step) | buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-        //   grad = grad.add(buf, alpha=momentum) (nesterov) | buf
-        //   param.add_(grad, alpha=-lr)
-        let decay = hp.weight_decay != 0.0;
-        let decayed = |g: E::Acc, p: E::Acc| g + wd * p;
-        let scaled = |b: E::Acc| mom * b;
-        let accumulated = |sb: E::Acc, d: E::Acc| sb + damp * d;
-        let nesterov = |d: E::Acc, b: E::Acc| d + mom * b;
-        let stepped = |p: E::Acc, s: E::Acc| p - lr * s;
-        let p = standard_mut(param);
-        let g = grad.as_standard_layout();
-        let g = &g.as_slice().expect("standard layout")[..p.len()];
-        let mut buf = momentum_buffer.map(|b| &mut standard_mut(b)[..p.len()]);
-        if !E::SLICE_CONVERSIONS {
-            let round = |x: E::Acc| E::from_acc(x).to_acc();
-            for (i, (p, g)) in p.iter_mut().zip(g).enumerate() {
-                let pa = p.to_acc();
-                let d = if decay {
-                    round(decayed(g.to_acc(), pa))
-                } else {
-                    g.to_acc()
-                };
-                let s = match buf.as_deref_mut() {
-                    None => d,
-                    Some(b) => {
-                        let nb = if hp.first {
-                            d
-                        } else {
-                            round(accumulated(round(scaled(b[i].to_acc())), d))
-                        };
-                        b[i] = E::from_acc(nb);
-                        if hp.nesterov { round(nesterov(d, nb)) } else { nb }
-                    }
-                };
-                *p = E::from_acc(stepped(pa, s));
-            }
+        // Fused multiply-adds, as PyTorch's; compiled for FMA where the CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports FMA, checked just above.
+            unsafe { sgd_step_fma(param, grad, momentum_buffer, hp) };
             return;
         }
-        // A chunk at a time, widening and rounding with the slice conversions (see `zip_map`).
-        let zero = c(0.0);
-        let (mut wp, mut wd, mut wb, mut t) = ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
-        let mut scratch = [E::zero(); CHUNK];
-        // Rounds values to E and back, in place: what keeping them in a tensor does.
-        let mut round = |x: &mut [E::Acc]| store(x, &mut scratch[..x.len()]);
-        for start in (0..p.len()).step_by(CHUNK) {
-            let r = start..(start + CHUNK).min(p.len());
-            let n = r.len();
-            let (wp, wd, wb, t) = (&mut wp[..n], &mut wd[..n], &mut wb[..n], &mut t[..n]);
-            E::widen_slice(&p[r.clone()], wp);
-            E::widen_slice(&g[r.clone()], wd);
-            if decay {
-                for (d, p) in wd.iter_mut().zip(wp.iter()) {
-                    *d = decayed(*d, *p);
-                }
-                round(wd);
-            }
-            let s: &[E::Acc] = match buf.as_deref_mut() {
-                None => wd,
-                Some(b) => {
-                    let b = &mut b[r.clone()];
-                    if hp.first {
-                        wb.copy_from_slice(wd);
-                    } else {
-                        E::widen_slice(b, wb);
-                        wb.iter_mut().for_each(|b| *b = scaled(*b));
-                        round(wb);
-                        for (b, d) in wb.iter_mut().zip(wd.iter()) {
-                            *b = accumulated(*b, *d);
-                        }
-                    }
-                    store(wb, b);
-                    if hp.nesterov {
-                        for ((t, d), b) in t.iter_mut().zip(wd.iter()).zip(wb.iter()) {
-                            *t = nesterov(*d, *b);
-                        }
-                        round(t);
-                        t
-                    } else {
-                        wb
-                    }
-                }
-            };
-            for (p, s) in wp.iter_mut().zip(s) {
-                *p = stepped(*p, *s);
-            }
-            E::round_slice(wp, &mut p[r]);
-        }
+        sgd_step_body(param, grad, momentum_buffer, hp);
     }
 
     fn adamw_step<E: Float>(
@@ -817,6 +727,127 @@ fn adamw_step_body<E: Float>(
             *t = updated(*p, *m, denom(v));
         }
         E::round_slice(t, p);
+    }
+}
+
+/// [`sgd_step_body`] compiled with FMA enabled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn sgd_step_fma<E: Float>(
+    param: &mut ArrayD<E>,
+    grad: &ArrayD<E>,
+    momentum_buffer: Option<&mut ArrayD<E>>,
+    hp: &SgdStep,
+) {
+    sgd_step_body(param, grad, momentum_buffer, hp);
+}
+
+/// One SGD update as PyTorch's single-tensor implementation takes it (see the comments inside).
+#[inline(always)]
+fn sgd_step_body<E: Float>(
+    param: &mut ArrayD<E>,
+    grad: &ArrayD<E>,
+    momentum_buffer: Option<&mut ArrayD<E>>,
+    hp: &SgdStep,
+) {
+    let c = <E::Acc as Acc>::c;
+    let (neg_lr, wd, mom, damp) = (
+        c(-hp.lr),
+        c(hp.weight_decay),
+        c(hp.momentum),
+        c(1.0 - hp.dampening),
+    );
+    // Each value PyTorch keeps as a tensor (the decayed gradient, the momentum buffer) is
+    // rounded to the storage dtype before it is used, as PyTorch's tensor ops round it; the
+    // arithmetic itself is in E::Acc. PyTorch:
+    //   grad = grad.add(param, alpha=wd)                       (if wd != 0)
+    //   buf = grad.clone() (first step) | buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+    //   grad = grad.add(buf, alpha=momentum) (nesterov) | buf
+    //   param.add_(grad, alpha=-lr)
+    // `add(x, alpha=a)` is one fused multiply-add in PyTorch's vectorised kernel, so here too.
+    let decay = hp.weight_decay != 0.0;
+    let decayed = |g: E::Acc, p: E::Acc| wd.mul_add(p, g);
+    let scaled = |b: E::Acc| mom * b;
+    let accumulated = |sb: E::Acc, d: E::Acc| damp.mul_add(d, sb);
+    let nesterov = |d: E::Acc, b: E::Acc| mom.mul_add(b, d);
+    let stepped = |p: E::Acc, s: E::Acc| neg_lr.mul_add(s, p);
+    let p = standard_mut(param);
+    let g = grad.as_standard_layout();
+    let g = &g.as_slice().expect("standard layout")[..p.len()];
+    let mut buf = momentum_buffer.map(|b| &mut standard_mut(b)[..p.len()]);
+    if !E::SLICE_CONVERSIONS {
+        let round = |x: E::Acc| E::from_acc(x).to_acc();
+        for (i, (p, g)) in p.iter_mut().zip(g).enumerate() {
+            let pa = p.to_acc();
+            let d = if decay {
+                round(decayed(g.to_acc(), pa))
+            } else {
+                g.to_acc()
+            };
+            let s = match buf.as_deref_mut() {
+                None => d,
+                Some(b) => {
+                    let nb = if hp.first {
+                        d
+                    } else {
+                        round(accumulated(round(scaled(b[i].to_acc())), d))
+                    };
+                    b[i] = E::from_acc(nb);
+                    if hp.nesterov { round(nesterov(d, nb)) } else { nb }
+                }
+            };
+            *p = E::from_acc(stepped(pa, s));
+        }
+        return;
+    }
+    // A chunk at a time, widening and rounding with the slice conversions (see `zip_map`).
+    let zero = c(0.0);
+    let (mut wp, mut wd, mut wb, mut t) = ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
+    let mut scratch = [E::zero(); CHUNK];
+    // Rounds values to E and back, in place: what keeping them in a tensor does.
+    let mut round = |x: &mut [E::Acc]| store(x, &mut scratch[..x.len()]);
+    for start in (0..p.len()).step_by(CHUNK) {
+        let r = start..(start + CHUNK).min(p.len());
+        let n = r.len();
+        let (wp, wd, wb, t) = (&mut wp[..n], &mut wd[..n], &mut wb[..n], &mut t[..n]);
+        E::widen_slice(&p[r.clone()], wp);
+        E::widen_slice(&g[r.clone()], wd);
+        if decay {
+            for (d, p) in wd.iter_mut().zip(wp.iter()) {
+                *d = decayed(*d, *p);
+            }
+            round(wd);
+        }
+        let s: &[E::Acc] = match buf.as_deref_mut() {
+            None => wd,
+            Some(b) => {
+                let b = &mut b[r.clone()];
+                if hp.first {
+                    wb.copy_from_slice(wd);
+                } else {
+                    E::widen_slice(b, wb);
+                    wb.iter_mut().for_each(|b| *b = scaled(*b));
+                    round(wb);
+                    for (b, d) in wb.iter_mut().zip(wd.iter()) {
+                        *b = accumulated(*b, *d);
+                    }
+                }
+                store(wb, b);
+                if hp.nesterov {
+                    for ((t, d), b) in t.iter_mut().zip(wd.iter()).zip(wb.iter()) {
+                        *t = nesterov(*d, *b);
+                    }
+                    round(t);
+                    t
+                } else {
+                    wb
+                }
+            }
+        };
+        for (p, s) in wp.iter_mut().zip(s) {
+            *p = stepped(*p, *s);
+        }
+        E::round_slice(wp, &mut p[r]);
     }
 }
 
