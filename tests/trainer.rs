@@ -77,12 +77,17 @@ where
     Trainer::<P, Cpu>::builder().enable_progress_bar(false).seed(7)
 }
 
-/// A model that multiplies its loss by 1e30 at chosen global steps (fp16 gradients overflow) and
-/// records the gradient norm its hook sees.
+/// A model around an MLP for probing the loop: it multiplies its loss by 1e30 at chosen global
+/// steps (fp16 gradients overflow) and records the gradient norm its hook sees; optionally it has
+/// an extra parameter `extra` and bends its loss (`odd`): to the wrong shape (`"matrix"`), to a
+/// constant that reaches no parameter (`"constant"`), or plus the square root of `extra` (finite at
+/// 0, with an infinite gradient: `"sqrt"`).
 struct Inject<P: Precision> {
     inner: MlpModel<P>,
     at: Vec<u64>,
     hook_norms: Vec<f64>,
+    extra: Option<nbit::nn::Parameter<P::Param>>,
+    odd: &'static str,
 }
 
 impl<P: Precision> Model<P> for Inject<P> {
@@ -92,11 +97,15 @@ impl<P: Precision> Model<P> for Inject<P> {
         b: &nbit::data::Batch,
         s: &StepInfo,
     ) -> Result<Tensor<P::Full>, Error> {
-        let loss = self.inner.training_step(ac, b, s)?;
-        Ok(if self.at.contains(&s.global_step) {
-            loss.mul_scalar(1e30)
-        } else {
-            loss
+        let mut loss = self.inner.training_step(ac, b, s)?;
+        if self.at.contains(&s.global_step) {
+            loss = loss.mul_scalar(1e30);
+        }
+        Ok(match (self.odd, &self.extra) {
+            ("matrix", _) => loss.add(&Tensor::zeros(&[4, 2]))?,
+            ("constant", _) => Tensor::scalar(loss.item()?),
+            ("sqrt", Some(e)) => loss.add(&e.value().cast::<P::Full>().powf(0.5).sum())?,
+            _ => loss,
         })
     }
     fn validation_step(&mut self, ac: &Autocast<P>, b: &nbit::data::Batch) -> Result<Metrics, Error> {
@@ -117,10 +126,14 @@ impl<P: Precision> Model<P> for Inject<P> {
         self.hook_norms.push(sq.sqrt());
     }
     fn parameters(&self) -> Vec<&nbit::nn::Parameter<P::Param>> {
-        self.inner.parameters()
+        let mut p = self.inner.parameters();
+        p.extend(&self.extra);
+        p
     }
     fn parameters_mut(&mut self) -> Vec<&mut nbit::nn::Parameter<P::Param>> {
-        self.inner.parameters_mut()
+        let mut p = self.inner.parameters_mut();
+        p.extend(&mut self.extra);
+        p
     }
 }
 
@@ -132,6 +145,24 @@ where
         inner: mlp(t, opt),
         at: at.to_vec(),
         hook_norms: vec![],
+        extra: None,
+        odd: "",
+    }
+}
+
+/// [`Inject`] with a 3-element parameter `extra` of value `at` and the loss bent as `odd` says.
+fn odd<P: Precision>(t: &Trainer<P, Cpu>, odd: &'static str, opt: Optimization, at: f64) -> Inject<P>
+where
+    Cpu: Supports<P>,
+{
+    let v = P::Param::from_f64(at);
+    Inject {
+        extra: Some(nbit::nn::Parameter::new(
+            "extra",
+            Tensor::from_vec(&[3], vec![v; 3]).unwrap(),
+        )),
+        odd,
+        ..inject(t, &[], opt)
     }
 }
 
@@ -556,63 +587,6 @@ fn validation_and_prediction() {
     let _: Grads = Tensor::<f32>::scalar(1.0).requires_grad().backward().unwrap();
 }
 
-/// A model around an MLP that can add an unused parameter, return a loss of the wrong shape,
-/// return a loss that reaches no parameter, or take the square root of a zero parameter (a finite
-/// loss with an infinite gradient).
-struct Odd<P: Precision> {
-    inner: MlpModel<P>,
-    unused: nbit::nn::Parameter<P::Param>,
-    kind: &'static str,
-}
-
-impl<P: Precision> Model<P> for Odd<P> {
-    fn training_step(
-        &mut self,
-        ac: &Autocast<P>,
-        b: &nbit::data::Batch,
-        s: &StepInfo,
-    ) -> Result<Tensor<P::Full>, Error> {
-        let loss = self.inner.training_step(ac, b, s)?;
-        Ok(match self.kind {
-            "matrix" => loss.add(&Tensor::zeros(&[4, 2]))?,
-            "constant" => Tensor::scalar(loss.item()?),
-            "sqrt" => loss.add(&self.unused.value().cast::<P::Full>().powf(0.5).sum())?,
-            _ => loss,
-        })
-    }
-    fn validation_step(&mut self, ac: &Autocast<P>, b: &nbit::data::Batch) -> Result<Metrics, Error> {
-        self.inner.validation_step(ac, b)
-    }
-    fn predict_step(&mut self, ac: &Autocast<P>, b: &nbit::data::Batch) -> Result<Tensor<P::Full>, Error> {
-        self.inner.predict_step(ac, b)
-    }
-    fn configure_optimizers(&self) -> Optimization {
-        self.inner.configure_optimizers()
-    }
-    fn parameters(&self) -> Vec<&nbit::nn::Parameter<P::Param>> {
-        let mut p = self.inner.parameters();
-        p.push(&self.unused);
-        p
-    }
-    fn parameters_mut(&mut self) -> Vec<&mut nbit::nn::Parameter<P::Param>> {
-        let mut p = self.inner.parameters_mut();
-        p.push(&mut self.unused);
-        p
-    }
-}
-
-fn odd<P: Precision>(t: &Trainer<P, Cpu>, kind: &'static str, opt: Optimization, at: f64) -> Odd<P>
-where
-    Cpu: Supports<P>,
-{
-    let v = P::Param::from_f64(at);
-    Odd {
-        inner: mlp(t, opt),
-        unused: nbit::nn::Parameter::new("extra", Tensor::from_vec(&[3], vec![v; 3]).unwrap()),
-        kind,
-    }
-}
-
 #[test]
 fn a_clip_value_of_zero_means_no_clipping_as_in_lightning() {
     let run = |clip: Option<f64>| {
@@ -644,7 +618,11 @@ fn a_parameter_without_a_gradient_is_not_touched_by_the_optimizer() {
         let t = quiet::<True<F32>>().max_epochs(2).build().unwrap();
         let mut m = odd(&t, "", opt, 0.75);
         let fit = t.fit(&mut m, &loader(30, 10), None).unwrap();
-        assert_eq!(m.unused.value().to_vec(), vec![0.75f32; 3], "{opt:?}");
+        assert_eq!(
+            m.extra.as_ref().unwrap().value().to_vec(),
+            vec![0.75f32; 3],
+            "{opt:?}"
+        );
         assert!(fit.global_step == 6 && fit.optimizer_state_bytes > 0);
         // Only the MLP's parameters have state: 4*16+16+16*3+3 = 131 values per buffer.
         let per_buffer = 131 * 4;
