@@ -847,3 +847,24 @@ fn the_step_log_streams_to_disk_and_a_stop_request_ends_after_the_current_step()
         "{text}"
     );
 }
+
+#[test]
+fn model_constructors_refuse_sizes_that_cannot_fit_instead_of_aborting() {
+    let t = quiet::<Mixed<BF16>>().build().unwrap();
+    let err = t
+        .init_module(|ctx| {
+            MlpModel::new(
+                ctx,
+                &[64, 100_000, 100_000, 10],
+                Task::Classification,
+                Optimization::new(AdamW::default()),
+            )
+        })
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::OutOfMemory { needed: Some(_), .. }), "{msg}");
+    assert!(
+        msg.contains("training an MLP 64-100000-100000-10 under bf16-mixed with AdamW needs about"),
+        "{msg}"
+    );
+}

@@ -594,21 +594,7 @@ impl<P: Precision, D: Supports<P>> BackendJob<D> for OnBackend<P> {
         let trainer = b.build()?;
         if plan.command == "fit" {
             let batch = plan.batch_size.min(plan.train.as_ref().map_or(0, Dataset::len));
-            nbit::nn::check_memory(
-                || {
-                    format!(
-                        "training an MLP {} under {} with {} and batch size {batch}",
-                        plan.sizes
-                            .iter()
-                            .map(usize::to_string)
-                            .collect::<Vec<_>>()
-                            .join("-"),
-                        P::NAME,
-                        plan.optimization.optimizer.name()
-                    )
-                },
-                nbit::nn::mlp_training_bytes::<P>(&plan.sizes, &plan.optimization.optimizer, batch),
-            )?;
+            nbit::nn::check_mlp_fits::<P>(&plan.sizes, &plan.optimization.optimizer, batch)?;
             // Ctrl-C stops after the step in progress (the log and checkpoint written so far stay);
             // a second Ctrl-C quits at once. Without a handler (one already set), Ctrl-C kills.
             let stop = trainer.stop_handle();

@@ -312,6 +312,30 @@ pub fn check_memory(what: impl FnOnce() -> String, needed: Option<u64>) -> Resul
     }
 }
 
+/// [`check_memory`] for training an MLP of widths `sizes` under `P` with `optimizer` on batches of
+/// `batch_size` rows (0 when not known yet): [`Error::OutOfMemory`] says what was sized.
+pub fn check_mlp_fits<P: Precision>(
+    sizes: &[usize],
+    optimizer: &crate::optim::Optimizer,
+    batch_size: usize,
+) -> Result<(), Error> {
+    check_memory(
+        || {
+            let batch = match batch_size {
+                0 => String::new(),
+                b => format!(" and batch size {b}"),
+            };
+            format!(
+                "training an MLP {} under {} with {}{batch}",
+                sizes_text(sizes),
+                P::NAME,
+                optimizer.name()
+            )
+        },
+        mlp_training_bytes::<P>(sizes, optimizer, batch_size),
+    )
+}
+
 /// `64-128-10`.
 pub(crate) fn sizes_text(sizes: &[usize]) -> String {
     sizes.iter().map(usize::to_string).collect::<Vec<_>>().join("-")

@@ -509,7 +509,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 st.epoch += 1;
                 st.batch_in_epoch = 0;
                 if let Some(v) = val {
-                    report.validation.push(self.validate(model, v)?);
+                    report.validation.push(self.evaluate(model, v)?);
                 }
             }
             if let Some(log) = log.as_deref_mut() {
@@ -590,6 +590,11 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
     /// Mean loss and accuracy of `model` on `data`.
     pub fn validate<M: Model<P, D>>(&self, model: &mut M, data: &DataLoader) -> Result<Metrics, Error> {
         data.dataset().check_representable::<P>()?;
+        self.evaluate(model, data)
+    }
+
+    /// [`Trainer::validate`] on data already checked (by `fit`, once, not every epoch).
+    fn evaluate<M: Model<P, D>>(&self, model: &mut M, data: &DataLoader) -> Result<Metrics, Error> {
         let mut m = Metrics::default();
         for idx in data.epoch_indices(0) {
             let batch = data.batch(&idx);

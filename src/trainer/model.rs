@@ -118,18 +118,7 @@ impl<P: Precision, D: Backend> MlpModel<P, D> {
         task: Task,
         optimization: Optimization,
     ) -> Result<Self, Error> {
-        let opt = &optimization.optimizer;
-        crate::nn::check_memory(
-            || {
-                format!(
-                    "training an MLP {} under {} with {}",
-                    crate::nn::sizes_text(sizes),
-                    P::NAME,
-                    opt.name()
-                )
-            },
-            crate::nn::mlp_training_bytes::<P>(sizes, opt, 0),
-        )?;
+        crate::nn::check_mlp_fits::<P>(sizes, &optimization.optimizer, 0)?;
         Ok(MlpModel {
             net: Mlp::try_new(ctx, sizes, task)?,
             optimization,
