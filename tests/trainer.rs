@@ -786,6 +786,36 @@ fn a_refused_resume_leaves_the_model_exactly_as_it_was() {
         "{msg}"
     );
     assert_eq!(params(&sgd), before);
+    // A checkpoint of a deeper model whose first layers match: its extra layer is named, not
+    // silently dropped.
+    let deep_ckpt = tmp("deep.ckpt");
+    let deep = quiet::<True<F32>>()
+        .max_steps(1)
+        .checkpoint_path(deep_ckpt.clone())
+        .build()
+        .unwrap();
+    let mut m3 = deep
+        .init_module(|ctx| {
+            MlpModel::new(
+                ctx,
+                &[4, 16, 3, 3],
+                Task::Classification,
+                Optimization::new(AdamW::default()),
+            )
+        })
+        .unwrap();
+    deep.fit(&mut m3, &loader(16, 4), None).unwrap();
+    let mut adam = mlp(&t2, Optimization::new(AdamW::default()));
+    let before = params(&adam);
+    let msg = t2
+        .fit_from(&mut adam, &loader(16, 4), None, &deep_ckpt)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("tensors the model does not have: 4.bias, 4.weight"),
+        "{msg}"
+    );
+    assert_eq!(params(&adam), before);
     // The same checkpoint with a counter missing, then one unparsable: errors naming the key.
     for (key, value) in [("epoch", None), ("global_step", Some("three"))] {
         let broken = tmp(&format!("broken-{key}.ckpt"));

@@ -257,14 +257,13 @@ impl Loaded {
         have
     }
 
-    /// Loads every parameter by name, strictly, as PyTorch's `load_state_dict(strict=True)`: a
-    /// missing tensor, or a tensor the model does not have, is an error naming it, and then no
-    /// parameter changes. An nbit checkpoint's optimizer state (`exp_avg.<param>`, ...) is not
-    /// unexpected.
-    pub(crate) fn load_parameters<E: Float, D: Backend>(
+    /// Refuses a file with tensors the model does not have, as PyTorch's
+    /// `load_state_dict(strict=True)` does, naming them. An nbit checkpoint's optimizer state
+    /// (`exp_avg.<param>`, ...) is expected.
+    pub(crate) fn check_no_unexpected<E: Float, D: Backend>(
         &self,
-        params: &mut [&mut Parameter<E, D>],
-    ) -> Result<Vec<String>, Error> {
+        params: &[&Parameter<E, D>],
+    ) -> Result<(), Error> {
         let ours: Vec<&str> = params.iter().map(|p| p.name()).collect();
         let is_checkpoint = self.metadata().get("format").map(String::as_str) == Some(FORMAT);
         let expected = |name: &str| {
@@ -275,16 +274,26 @@ impl Loaded {
                         .any(|prefix| name.strip_prefix(prefix).is_some_and(|n| ours.contains(&n))))
         };
         let unexpected: Vec<String> = self.names().into_iter().filter(|n| !expected(n)).collect();
-        if !unexpected.is_empty() {
-            return Err(self.err(format!(
-                "has tensors the model does not have: {} (the model has: {}); the file holds another \
-                 architecture: match the model to it (the command line reads it from the file when \
-                 --hidden is not given)",
-                unexpected.join(", "),
-                ours.join(", ")
-            )));
+        if unexpected.is_empty() {
+            return Ok(());
         }
+        Err(self.err(format!(
+            "has tensors the model does not have: {} (the model has: {}); the file holds another \
+             architecture: match the model to it (the command line reads it from the file when \
+             --hidden is not given)",
+            unexpected.join(", "),
+            ours.join(", ")
+        )))
+    }
+
+    /// Loads every parameter by name, strictly (see [`Loaded::check_no_unexpected`]): a missing
+    /// or unexpected tensor is an error naming it, and then no parameter changes.
+    pub(crate) fn load_parameters<E: Float, D: Backend>(
+        &self,
+        params: &mut [&mut Parameter<E, D>],
+    ) -> Result<Vec<String>, Error> {
         let shared: Vec<&Parameter<E, D>> = params.iter().map(|p| &**p).collect();
+        self.check_no_unexpected(&shared)?;
         let (loaded, notes) = self.read_parameters(&shared)?;
         for (p, t) in params.iter_mut().zip(loaded) {
             p.set(t)?;

@@ -698,6 +698,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 "not an nbit checkpoint (no training state); use load_weights for a weights file".into(),
             )));
         }
+        file.check_no_unexpected(&model.parameters())?;
         let (values, mut notes) = file.read_parameters(&model.parameters())?;
         let from = meta.get("precision").filter(|p| p.as_str() != P::NAME);
         if let Some(from) = from {
