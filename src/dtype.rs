@@ -174,6 +174,14 @@ pub trait Float: Element + num_traits::Float + LeBytes {
             *d = Self::from_acc(*s);
         }
     }
+    /// Rounds `x` *stochastically* for the 16-bit types: to the neighbour above (in magnitude) with
+    /// probability equal to `x`'s distance from the one below over their gap (to 2^-16), decided
+    /// by `noise`, 16 uniform random bits, so that the expected result is `x` itself. f32 and f64
+    /// round to nearest (their updates are never stochastically rounded).
+    #[inline]
+    fn round_stochastic(x: Self::Acc, _noise: u16) -> Self {
+        Self::from_acc(x)
+    }
 }
 
 /// `x` rounded to f32 *to odd*: exact values stay, others become the neighbour toward zero with
@@ -193,8 +201,45 @@ fn f32_round_to_odd(x: f64) -> f32 {
     f32::from_bits(bits | 1)
 }
 
+/// Stochastic rounding of f32 `x` to f16, whose ulp is not a fixed count of f32 bits: the two
+/// candidates are the neighbours of `x` one magnitude step apart (f16 bits are sign and magnitude,
+/// so a step is +-1 on the bits), and `noise / 2^16` decides between them.
+#[inline]
+fn f16_stochastic(x: f32, noise: u16) -> f16 {
+    let near = f16::from_f32(x);
+    let nv = near.to_f32();
+    if !x.is_finite() || nv == x || !nv.is_finite() {
+        return near;
+    }
+    let bits = near.to_bits();
+    let other = f16::from_bits(if nv.abs() > x.abs() { bits - 1 } else { bits + 1 });
+    let (lo, hi) = if nv.abs() < x.abs() {
+        (near, other)
+    } else {
+        (other, near)
+    };
+    let (lv, hv) = (lo.to_f32().abs() as f64, hi.to_f32().abs() as f64);
+    let up = (x.abs() as f64 - lv) / (hv - lv);
+    if (noise as f64 + 0.5) / 65536.0 < up {
+        hi
+    } else {
+        lo
+    }
+}
+
+/// Stochastic rounding of f32 `x` to bf16: bf16 is f32 without its low 16 bits, so adding 16 random
+/// bits to the magnitude and truncating rounds up with exactly the probability the dropped bits
+/// give (the standard bf16 stochastic rounding).
+#[inline]
+fn bf16_stochastic(x: f32, noise: u16) -> bf16 {
+    if !x.is_finite() {
+        return bf16::from_f32(x);
+    }
+    bf16::from_bits(((x.to_bits() + noise as u32) >> 16) as u16)
+}
+
 macro_rules! real_elements {
-    ($($ty:ty => $dtype:ident, acc $acc:ty, moment $moment:ty, $tacc:expr, $facc:expr, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr $(, slices $widen:expr, $round:expr)?;)*) => {$(
+    ($($ty:ty => $dtype:ident, acc $acc:ty, moment $moment:ty, $tacc:expr, $facc:expr, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr $(, stochastic $stoch:expr)? $(, slices $widen:expr, $round:expr)?;)*) => {$(
         impl sealed::Sealed for $ty {}
         impl Element for $ty {
             const DTYPE: DType = DType::$dtype;
@@ -215,6 +260,10 @@ macro_rules! real_elements {
             #[inline(always)]
             fn as_f64(self) -> f64 { ($tf64)(self) }
             $(
+                #[inline]
+                fn round_stochastic(x: f32, noise: u16) -> Self { ($stoch)(x, noise) }
+            )?
+            $(
                 const SLICE_CONVERSIONS: bool = true;
                 #[inline]
                 fn widen_slice(src: &[Self], dst: &mut [$acc]) { ($widen)(src, dst) }
@@ -228,12 +277,12 @@ macro_rules! real_elements {
 real_elements! {
     f16 => F16, acc f32, moment f32, f16::to_f32, f16::from_f32,
         from_f32 f16::from_f32, to_f32 f16::to_f32, from_f64 |x| f16::from_f32(f32_round_to_odd(x)),
-        to_f64 f16::to_f64,
+        to_f64 f16::to_f64, stochastic f16_stochastic,
         slices |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d),
             |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s);
     bf16 => BF16, acc f32, moment bf16, bf16::to_f32, bf16::from_f32,
         from_f32 bf16::from_f32, to_f32 bf16::to_f32, from_f64 |x| bf16::from_f32(f32_round_to_odd(x)),
-        to_f64 bf16::to_f64;
+        to_f64 bf16::to_f64, stochastic bf16_stochastic;
     f32 => F32, acc f32, moment f32, |x| x, |x| x,
         from_f32 |x| x, to_f32 |x| x, from_f64 |x: f64| x as f32, to_f64 |x: f32| x as f64;
     f64 => F64, acc f64, moment f64, |x| x, |x| x,

@@ -786,3 +786,42 @@ fn auto_trains_on_the_cpu_where_a_cuda_driver_answers_but_nbit_has_no_backend() 
         "{err}"
     );
 }
+
+#[test]
+fn update_rounding_applies_to_16_bit_weights_and_is_refused_elsewhere() {
+    let data = good_csv();
+    fails(
+        &data,
+        &["--update-rounding", "compensated"],
+        &["'compensated' with float32 parameters", "bf16-true and 16-true"],
+    );
+    fails(
+        &data,
+        &["--update-rounding", "stochastic", "--precision", "bf16-mixed"],
+        &["'stochastic' with float32 parameters"],
+    );
+    fails(
+        &data,
+        &["--update-rounding", "kahan"],
+        &["'kahan'", "'nearest', 'compensated' or 'stochastic'"],
+    );
+    for r in ["nearest", "compensated", "stochastic"] {
+        let (code, out, err) = run(&[
+            "fit",
+            "--data",
+            p(&data),
+            "--epochs",
+            "2",
+            "--precision",
+            "bf16-true",
+            "--update-rounding",
+            r,
+            "--json",
+        ]);
+        assert_eq!(code, Some(0), "{r}: {err}");
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        // 3-128-3: 899 parameters; AdamW's two bf16 moments, and a bf16 compensation buffer.
+        let per = if r == "compensated" { 6 } else { 4 };
+        assert_eq!(j["optimizer_state_bytes"], 899 * per, "{r}: {j}");
+    }
+}

@@ -353,13 +353,11 @@ fn training_loss_falls_in_all_five_cpu_precisions() {
     }
 }
 
-fn resume_matches<P: Precision>(tag: &str)
+fn resume_matches<P: Precision>(tag: &str, opt: Optimization)
 where
     Cpu: Supports<P>,
 {
     let data = loader(80, 16); // 5 batches per epoch
-    let opt = Optimization::new(Sgd::new(0.1).momentum(0.9))
-        .with_scheduler(nbit::optim::Scheduler::step_lr(1, 0.7));
     let full = quiet::<P>().max_steps(12).build().unwrap();
     let mut a = mlp(&full, opt);
     let ra = full.fit(&mut a, &data, None).unwrap();
@@ -382,9 +380,22 @@ where
 
 #[test]
 fn resume_continues_bit_for_bit() {
-    resume_matches::<True<F32>>("f32");
-    resume_matches::<True<F64>>("f64");
-    resume_matches::<CpuFp16Amp>("amp");
+    use nbit::optim::{Scheduler, UpdateRounding};
+    let sgd = Optimization::new(Sgd::new(0.1).momentum(0.9)).with_scheduler(Scheduler::step_lr(1, 0.7));
+    resume_matches::<True<F32>>("f32", sgd);
+    resume_matches::<True<F64>>("f64", sgd);
+    resume_matches::<CpuFp16Amp>("amp", sgd);
+    // The update roundings of 16-bit weights: compensation buffers and the stochastic draws'
+    // stream resume exactly too (AdamW: per-parameter steps and moments as well).
+    let adamw = Optimization::new(AdamW::new(0.01));
+    for (tag, r) in [
+        ("comp", UpdateRounding::Compensated),
+        ("stoch", UpdateRounding::Stochastic),
+    ] {
+        resume_matches::<True<BF16>>(&format!("bf16-{tag}-sgd"), sgd.update_rounding(r));
+        resume_matches::<True<BF16>>(&format!("bf16-{tag}-adamw"), adamw.update_rounding(r));
+        resume_matches::<True<F16>>(&format!("f16-{tag}-adamw"), adamw.update_rounding(r));
+    }
 }
 
 #[test]

@@ -8,7 +8,10 @@ use num_traits::Float as _;
 
 use num_complex::Complex;
 
-use super::{AdamWStep, Backend, Binary, ComplexBackend, ComplexUnary, SgdStep, Unary, uniform};
+use super::{
+    AdamWStep, Backend, Binary, ComplexBackend, ComplexUnary, SgdStep, Unary, UpdateRounding, random_bits,
+    uniform,
+};
 use crate::device::Cpu;
 use crate::dtype::{Acc, ComplexElement, Element, Float};
 
@@ -595,16 +598,17 @@ impl Backend for Cpu {
         param: &mut ArrayD<E>,
         grad: &ArrayD<E>,
         momentum_buffer: Option<&mut ArrayD<E>>,
+        compensation: Option<&mut ArrayD<E>>,
         hp: &SgdStep,
     ) {
         // Fused multiply-adds, as PyTorch's; compiled for FMA where the CPU has it.
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports FMA, checked just above.
-            unsafe { sgd_step_fma(param, grad, momentum_buffer, hp) };
+            unsafe { sgd_step_fma(param, grad, momentum_buffer, compensation, hp) };
             return;
         }
-        sgd_step_body(param, grad, momentum_buffer, hp);
+        sgd_step_body(param, grad, momentum_buffer, compensation, hp);
     }
 
     fn adamw_step<E: Float>(
@@ -612,6 +616,7 @@ impl Backend for Cpu {
         grad: &ArrayD<E>,
         exp_avg: &mut ArrayD<E>,
         exp_avg_sq: &mut ArrayD<E::Moment>,
+        compensation: Option<&mut ArrayD<E>>,
         hp: &AdamWStep,
     ) {
         // The update fuses multiply-adds as PyTorch does; compiled for FMA where the CPU has it,
@@ -619,10 +624,10 @@ impl Backend for Cpu {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports FMA, checked just above.
-            unsafe { adamw_step_fma(param, grad, exp_avg, exp_avg_sq, hp) };
+            unsafe { adamw_step_fma(param, grad, exp_avg, exp_avg_sq, compensation, hp) };
             return;
         }
-        adamw_step_body(param, grad, exp_avg, exp_avg_sq, hp);
+        adamw_step_body(param, grad, exp_avg, exp_avg_sq, compensation, hp);
     }
 }
 
@@ -634,9 +639,10 @@ unsafe fn adamw_step_fma<E: Float>(
     grad: &ArrayD<E>,
     exp_avg: &mut ArrayD<E>,
     exp_avg_sq: &mut ArrayD<E::Moment>,
+    compensation: Option<&mut ArrayD<E>>,
     hp: &AdamWStep,
 ) {
-    adamw_step_body(param, grad, exp_avg, exp_avg_sq, hp);
+    adamw_step_body(param, grad, exp_avg, exp_avg_sq, compensation, hp);
 }
 
 /// One AdamW update as PyTorch's single-tensor implementation takes it (see the comments inside).
@@ -646,6 +652,7 @@ fn adamw_step_body<E: Float>(
     grad: &ArrayD<E>,
     exp_avg: &mut ArrayD<E>,
     exp_avg_sq: &mut ArrayD<E::Moment>,
+    compensation: Option<&mut ArrayD<E>>,
     hp: &AdamWStep,
 ) {
     let c = <E::Acc as Acc>::c;
@@ -690,7 +697,12 @@ fn adamw_step_body<E: Float>(
     let g = grad.as_standard_layout();
     let g = &g.as_slice().expect("standard layout")[..p.len()];
     let (m, v) = (&mut m[..p.len()], &mut v[..p.len()]);
-    if !E::SLICE_CONVERSIONS {
+    let mut comp = compensation.map(|c| &mut standard_mut(c)[..p.len()]);
+    // Under nearest rounding the decayed weight is rounded into storage, as `param.mul_` does;
+    // the other roundings carry it unrounded into the one rounding of the new weight.
+    let (rounding, key) = (hp.rounding, hp.noise_key);
+    let nearest = rounding == UpdateRounding::Nearest;
+    if !E::SLICE_CONVERSIONS && nearest {
         for (((p, g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
             let g = g.to_acc();
             let pa = E::from_acc(decayed(p.to_acc())).to_acc();
@@ -700,17 +712,22 @@ fn adamw_step_body<E: Float>(
         }
         return;
     }
-    // A chunk at a time, widening and rounding with the slice conversions (see `zip_map`).
+    // A chunk at a time, widening and rounding with the slice conversions (see `zip_map`); the
+    // other roundings take this path for every type, to round a chunk at a time.
     let zero = c(0.0);
     let (mut wp, mut wg, mut wm, mut t) = ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
     for start in (0..p.len()).step_by(CHUNK) {
         let r = start..(start + CHUNK).min(p.len());
         let n = r.len();
+        let c = comp.as_deref_mut().map(|c| &mut c[r.clone()]);
+        let start = r.start;
         let (p, g, m, v) = (&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r]);
         let (wp, wg, wm, t) = (&mut wp[..n], &mut wg[..n], &mut wm[..n], &mut t[..n]);
         E::widen_slice(p, wp);
         wp.iter_mut().for_each(|p| *p = decayed(*p));
-        store(wp, p);
+        if nearest {
+            store(wp, p);
+        }
         E::widen_slice(g, wg);
         E::widen_slice(m, wm);
         for (m, g) in wm.iter_mut().zip(wg.iter()) {
@@ -726,7 +743,7 @@ fn adamw_step_body<E: Float>(
             *v = second(v, *g);
             *t = updated(*p, *m, denom(v));
         }
-        E::round_slice(t, p);
+        write_update(t, p, c, rounding, key, start);
     }
 }
 
@@ -737,9 +754,10 @@ unsafe fn sgd_step_fma<E: Float>(
     param: &mut ArrayD<E>,
     grad: &ArrayD<E>,
     momentum_buffer: Option<&mut ArrayD<E>>,
+    compensation: Option<&mut ArrayD<E>>,
     hp: &SgdStep,
 ) {
-    sgd_step_body(param, grad, momentum_buffer, hp);
+    sgd_step_body(param, grad, momentum_buffer, compensation, hp);
 }
 
 /// One SGD update as PyTorch's single-tensor implementation takes it (see the comments inside).
@@ -748,6 +766,7 @@ fn sgd_step_body<E: Float>(
     param: &mut ArrayD<E>,
     grad: &ArrayD<E>,
     momentum_buffer: Option<&mut ArrayD<E>>,
+    compensation: Option<&mut ArrayD<E>>,
     hp: &SgdStep,
 ) {
     let c = <E::Acc as Acc>::c;
@@ -775,7 +794,9 @@ fn sgd_step_body<E: Float>(
     let g = grad.as_standard_layout();
     let g = &g.as_slice().expect("standard layout")[..p.len()];
     let mut buf = momentum_buffer.map(|b| &mut standard_mut(b)[..p.len()]);
-    if !E::SLICE_CONVERSIONS {
+    let mut comp = compensation.map(|c| &mut standard_mut(c)[..p.len()]);
+    let (rounding, key) = (hp.rounding, hp.noise_key);
+    if !E::SLICE_CONVERSIONS && rounding == UpdateRounding::Nearest {
         let round = |x: E::Acc| E::from_acc(x).to_acc();
         for (i, (p, g)) in p.iter_mut().zip(g).enumerate() {
             let pa = p.to_acc();
@@ -847,7 +868,42 @@ fn sgd_step_body<E: Float>(
         for (p, s) in wp.iter_mut().zip(s) {
             *p = stepped(*p, *s);
         }
-        E::round_slice(wp, &mut p[r]);
+        let c = comp.as_deref_mut().map(|c| &mut c[r.clone()]);
+        write_update(wp, &mut p[r.clone()], c, rounding, key, r.start);
+    }
+}
+
+/// Writes updated weights `t` (in the compute type) into `p` as `rounding` says: to nearest; with
+/// Kahan compensation, adding the buffer `comp` (the same elements) and keeping in it what this
+/// rounding drops; or stochastically, element `offset + i` taking 16 bits of draw
+/// `(offset + i) / 4` of stream `key`.
+#[inline(always)]
+fn write_update<E: Float>(
+    t: &mut [E::Acc],
+    p: &mut [E],
+    comp: Option<&mut [E]>,
+    rounding: UpdateRounding,
+    key: u64,
+    offset: usize,
+) {
+    match (rounding, comp) {
+        (UpdateRounding::Compensated, Some(comp)) => {
+            for ((t, p), c) in t.iter().zip(p.iter_mut()).zip(comp.iter_mut()) {
+                let target = *t + c.to_acc();
+                *p = E::from_acc(target);
+                *c = E::from_acc(target - p.to_acc());
+            }
+        }
+        (UpdateRounding::Stochastic, _) => {
+            // 16 random bits per element, four elements per draw; `offset` is a multiple of 4.
+            for (g, (t, p)) in t.chunks(4).zip(p.chunks_mut(4)).enumerate() {
+                let bits = random_bits(key, (offset / 4 + g) as u64);
+                for (j, (t, p)) in t.iter().zip(p).enumerate() {
+                    *p = E::round_stochastic(*t, (bits >> (16 * j)) as u16);
+                }
+            }
+        }
+        _ => E::round_slice(t, p),
     }
 }
 

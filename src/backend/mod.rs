@@ -179,20 +179,24 @@ pub trait Backend: Device {
     fn add_in_place<E: Float>(a: &mut Self::Storage<E>, b: &Self::Storage<E>);
 
     /// One SGD update of `param` from `grad`, with the momentum buffer when momentum is used.
-    /// Computed in `E::Acc` (f32 for 16-bit parameters) and rounded once into storage.
+    /// Computed in `E::Acc` (f32 for 16-bit parameters); the new weight is rounded into storage
+    /// as `hp.rounding` says, with `compensation` (same shape as `param`) under
+    /// [`UpdateRounding::Compensated`].
     fn sgd_step<E: Float>(
         param: &mut Self::Storage<E>,
         grad: &Self::Storage<E>,
         momentum_buffer: Option<&mut Self::Storage<E>>,
+        compensation: Option<&mut Self::Storage<E>>,
         hp: &SgdStep,
     );
     /// One AdamW update of `param` and its moment estimates, computed in `E::Acc`; the second
-    /// moment is stored in `E::Moment`.
+    /// moment is stored in `E::Moment`; the new weight is rounded as in [`Backend::sgd_step`].
     fn adamw_step<E: Float>(
         param: &mut Self::Storage<E>,
         grad: &Self::Storage<E>,
         exp_avg: &mut Self::Storage<E>,
         exp_avg_sq: &mut Self::Storage<E::Moment>,
+        compensation: Option<&mut Self::Storage<E>>,
         hp: &AdamWStep,
     );
 }
@@ -250,6 +254,72 @@ pub trait ComplexBackend: Backend {
     fn cabs<C: ComplexElement>(z: &Self::Storage<C>) -> Self::Storage<C::Real>;
 }
 
+/// How an optimizer rounds each updated weight into a 16-bit parameter. A bf16 weight near 1.0
+/// cannot move by less than 2^-8, so with `Nearest` an update below half of that is lost, and small
+/// learning rates stall pure 16-bit training; the other two keep those updates.
+///
+/// f32 and f64 parameters (32-true, 64-true and the mixed precisions' master weights) always round
+/// to nearest: [`OptimizerState::new`](crate::optim::OptimizerState::new) refuses the others there.
+///
+/// ```
+/// use nbit::optim::UpdateRounding;
+/// assert_eq!("compensated".parse::<UpdateRounding>()?, UpdateRounding::Compensated);
+/// assert_eq!(UpdateRounding::default(), UpdateRounding::Nearest);
+/// # Ok::<(), nbit::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum UpdateRounding {
+    /// Round to nearest even, as PyTorch does (the default).
+    #[default]
+    Nearest,
+    /// Kahan summation: a compensation buffer per parameter, in the parameter's dtype, carries
+    /// the part of each update that rounding dropped into the next (as `optimi`'s `kahan_sum`).
+    /// Costs one more 16-bit value per parameter.
+    Compensated,
+    /// Round up or down with probability by distance, so the expected weight is the exact one;
+    /// the draws come from a counter-based generator keyed by the trainer's seed, the parameter
+    /// and the step, so a run (and a resumed run) repeats exactly. No extra memory.
+    Stochastic,
+}
+
+impl UpdateRounding {
+    /// Every option, in the order the command line lists them.
+    pub const ALL: [UpdateRounding; 3] = [
+        UpdateRounding::Nearest,
+        UpdateRounding::Compensated,
+        UpdateRounding::Stochastic,
+    ];
+
+    /// `"nearest"`, `"compensated"` or `"stochastic"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            UpdateRounding::Nearest => "nearest",
+            UpdateRounding::Compensated => "compensated",
+            UpdateRounding::Stochastic => "stochastic",
+        }
+    }
+}
+
+impl core::str::FromStr for UpdateRounding {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| Error::InvalidArgument {
+                name: "update_rounding",
+                value: format!("'{s}'"),
+                expected: "'nearest', 'compensated' or 'stochastic'",
+            })
+    }
+}
+
+impl core::fmt::Display for UpdateRounding {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The scalars of one SGD update (PyTorch's `torch.optim.SGD`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdStep {
@@ -265,6 +335,11 @@ pub struct SgdStep {
     pub weight_decay: f64,
     /// True on the first update, when the buffer is initialised to the gradient.
     pub first: bool,
+    /// How the new weight is rounded into storage.
+    pub rounding: UpdateRounding,
+    /// The key of this update's stochastic-rounding draws (element `i` draws
+    /// `uniform(noise_key, i)`).
+    pub noise_key: u64,
 }
 
 /// The scalars of one AdamW update (PyTorch's `torch.optim.AdamW`).
@@ -282,6 +357,10 @@ pub struct AdamWStep {
     pub weight_decay: f64,
     /// The 1-based step count (bias correction).
     pub step: u64,
+    /// How the new weight is rounded into storage.
+    pub rounding: UpdateRounding,
+    /// The key of this update's stochastic-rounding draws.
+    pub noise_key: u64,
 }
 
 /// The shape two shapes broadcast to (NumPy rules), or an error naming both.
@@ -312,9 +391,20 @@ pub(crate) fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Re
 /// backend (a GPU thread computes its element's draw from its index alone).
 #[inline]
 pub(crate) fn uniform(seed: u64, index: u64) -> f64 {
-    let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    (random_bits(seed, index) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// The 64 random bits of draw `index` of stream `seed` (SplitMix64: `seed + (index + 1) * golden`,
+/// finalised by [`mix64`]).
+#[inline]
+pub(crate) fn random_bits(seed: u64, index: u64) -> u64 {
+    mix64(seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+}
+
+/// SplitMix64's finaliser: 64 well-mixed bits from any 64 bits.
+#[inline]
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    z ^ (z >> 31)
 }

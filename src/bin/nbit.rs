@@ -180,6 +180,10 @@ option_groups! {
         /// Micro-batches per optimizer step [default: 1]
         #[arg(long)]
         accumulate_grad_batches: Option<usize>,
+        /// How updated 16-bit weights are rounded under bf16-true and 16-true: nearest,
+        /// compensated (Kahan summation) or stochastic [default: nearest]
+        #[arg(long)]
+        update_rounding: Option<String>,
         /// Batches are consecutive rows in file order (the last partial batch kept)
         #[arg(long)]
         no_shuffle: bool,
@@ -517,6 +521,10 @@ fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
         "adamw" => Optimization::new(AdamW::new(lr).weight_decay(opts.weight_decay.unwrap_or(1e-2))),
         other => return Err(invalid("--optimizer", format!("'{other}'"), "'sgd' or 'adamw'")),
     };
+    let optimization = match opts.update_rounding.as_deref() {
+        Some(r) => optimization.update_rounding(r.parse()?),
+        None => optimization,
+    };
     optimization.optimizer.validate()?;
     Ok(Plan {
         command,
@@ -594,7 +602,7 @@ impl<P: Precision, D: Supports<P>> BackendJob<D> for OnBackend<P> {
         let trainer = b.build()?;
         if plan.command == "fit" {
             let batch = plan.batch_size.min(plan.train.as_ref().map_or(0, Dataset::len));
-            nbit::nn::check_mlp_fits::<P>(&plan.sizes, &plan.optimization.optimizer, batch)?;
+            nbit::nn::check_mlp_fits::<P>(&plan.sizes, &plan.optimization, batch)?;
             // Ctrl-C stops after the step in progress (the log and checkpoint written so far stay);
             // a second Ctrl-C quits at once. Without a handler (one already set), Ctrl-C kills.
             let stop = trainer.stop_handle();

@@ -266,29 +266,24 @@ pub fn mlp_parameter_count(sizes: &[usize]) -> Option<u64> {
 
 /// Bytes a training run of an MLP with widths `sizes` under `P` needs, estimated before anything
 /// is allocated: parameters, their gradient and its accumulation buffer, the compute-dtype weight
-/// copies and their gradients under mixed precision, `optimizer`'s state, and the activations of
-/// a batch of `batch_size` rows (kept for backward, in a few copies). `None` on overflow.
+/// copies and their gradients under mixed precision, `optimization`'s state, and the activations
+/// of a batch of `batch_size` rows (kept for backward, in a few copies). `None` on overflow.
 pub fn mlp_training_bytes<P: Precision>(
     sizes: &[usize],
-    optimizer: &crate::optim::Optimizer,
+    optimization: &crate::optim::Optimization,
     batch_size: usize,
 ) -> Option<u64> {
     let n = mlp_parameter_count(sizes)?;
-    let (param, compute, moment) = (
+    let (param, compute) = (
         P::Param::DTYPE.size_bytes() as u64,
         P::Compute::DTYPE.size_bytes() as u64,
-        <<P::Param as Float>::Moment as Element>::DTYPE.size_bytes() as u64,
     );
     let copies = if P::Param::DTYPE == P::Compute::DTYPE {
         0
     } else {
         2 * compute
     };
-    let state = match optimizer {
-        crate::optim::Optimizer::AdamW(_) => param + moment,
-        crate::optim::Optimizer::Sgd(o) if o.momentum != 0.0 => param,
-        crate::optim::Optimizer::Sgd(_) => 0,
-    };
+    let state = optimization.state_bytes_per_parameter::<P::Param>() as u64;
     let per_parameter = 3 * param + copies + state;
     let widths = sizes.iter().try_fold(0u64, |a, &w| a.checked_add(w as u64))?;
     // Each layer's input and output in the compute and full dtypes, and their gradients.
@@ -312,11 +307,11 @@ pub fn check_memory(what: impl FnOnce() -> String, needed: Option<u64>) -> Resul
     }
 }
 
-/// [`check_memory`] for training an MLP of widths `sizes` under `P` with `optimizer` on batches of
+/// [`check_memory`] for training an MLP of widths `sizes` under `P` with `optimization` on batches of
 /// `batch_size` rows (0 when not known yet): [`Error::OutOfMemory`] says what was sized.
 pub fn check_mlp_fits<P: Precision>(
     sizes: &[usize],
-    optimizer: &crate::optim::Optimizer,
+    optimization: &crate::optim::Optimization,
     batch_size: usize,
 ) -> Result<(), Error> {
     check_memory(
@@ -329,10 +324,10 @@ pub fn check_mlp_fits<P: Precision>(
                 "training an MLP {} under {} with {}{batch}",
                 sizes_text(sizes),
                 P::NAME,
-                optimizer.name()
+                optimization.optimizer.name()
             )
         },
-        mlp_training_bytes::<P>(sizes, optimizer, batch_size),
+        mlp_training_bytes::<P>(sizes, optimization, batch_size),
     )
 }
 

@@ -22,7 +22,8 @@
 
 use std::collections::HashMap;
 
-use crate::backend::{AdamWStep, Backend, SgdStep};
+pub use crate::backend::UpdateRounding;
+use crate::backend::{AdamWStep, Backend, SgdStep, mix64};
 use crate::dtype::Float;
 use crate::error::Error;
 use crate::nn::Parameter;
@@ -293,14 +294,17 @@ pub struct Optimization {
     pub optimizer: Optimizer,
     /// The learning-rate scheduler, if any.
     pub scheduler: Option<Scheduler>,
+    /// How updated 16-bit weights are rounded (default: to nearest, as PyTorch).
+    pub update_rounding: UpdateRounding,
 }
 
 impl Optimization {
-    /// An optimizer without a scheduler.
+    /// An optimizer without a scheduler, rounding updates to nearest.
     pub fn new(optimizer: impl Into<Optimizer>) -> Self {
         Optimization {
             optimizer: optimizer.into(),
             scheduler: None,
+            update_rounding: UpdateRounding::Nearest,
         }
     }
 
@@ -308,6 +312,34 @@ impl Optimization {
     pub fn with_scheduler(mut self, s: Scheduler) -> Self {
         self.scheduler = Some(s);
         self
+    }
+
+    /// Rounds updated 16-bit weights as `rounding` says (bf16-true and 16-true only).
+    ///
+    /// ```
+    /// use nbit::optim::{AdamW, Optimization, UpdateRounding};
+    /// let o = Optimization::new(AdamW::default()).update_rounding(UpdateRounding::Compensated);
+    /// assert_eq!(o.state_bytes_per_parameter::<half::bf16>(), 6); // exp_avg, exp_avg_sq, compensation
+    /// ```
+    pub fn update_rounding(mut self, rounding: UpdateRounding) -> Self {
+        self.update_rounding = rounding;
+        self
+    }
+
+    /// Bytes of optimizer state per parameter of type `E` once every parameter has stepped:
+    /// AdamW's two moments, SGD's momentum buffer when momentum is used, and the compensation
+    /// buffer under [`UpdateRounding::Compensated`].
+    pub fn state_bytes_per_parameter<E: Float>(&self) -> usize {
+        let (e, moment) = (
+            E::DTYPE.size_bytes(),
+            <E::Moment as crate::Element>::DTYPE.size_bytes(),
+        );
+        let optimizer = match self.optimizer {
+            Optimizer::AdamW(_) => e + moment,
+            Optimizer::Sgd(o) if o.momentum != 0.0 => e,
+            Optimizer::Sgd(_) => 0,
+        };
+        optimizer + e * usize::from(self.update_rounding == UpdateRounding::Compensated)
     }
 }
 
@@ -336,22 +368,46 @@ pub(crate) type Exported<E, D> = (
 pub struct OptimizerState<E: Float, D: Backend> {
     config: Optimization,
     slots: Vec<Slot<E, D>>,
+    /// The compensation buffers of [`UpdateRounding::Compensated`], made at a parameter's first
+    /// update.
+    compensation: Vec<Option<Tensor<E, D>>>,
     names: Vec<String>,
     steps: u64,
     scheduler_steps: u64,
+    seed: u64,
 }
 
 impl<E: Float, D: Backend> OptimizerState<E, D> {
     /// Fresh state for parameters `params`.
+    /// Fresh state for parameters `params`. An update rounding other than nearest on parameters
+    /// that are not 16-bit is an error naming the precisions where it applies.
     pub fn new(config: Optimization, params: &[&Parameter<E, D>]) -> Result<Self, Error> {
         config.optimizer.validate()?;
+        let sixteen_bit = E::DTYPE.size_bytes() == 2;
+        if config.update_rounding != UpdateRounding::Nearest && !sixteen_bit {
+            return Err(Error::InvalidArgument {
+                name: "update_rounding",
+                value: format!("'{}' with {} parameters", config.update_rounding, E::DTYPE),
+                expected: "'nearest': compensated and stochastic rounding apply to 16-bit parameters, \
+                           under bf16-true and 16-true (32-true, 64-true and the mixed precisions keep \
+                           f32 or f64 weights, which need neither)",
+            });
+        }
         Ok(OptimizerState {
             config,
             slots: vec![Slot::Empty; params.len()],
+            compensation: vec![None; params.len()],
             names: params.iter().map(|p| p.name().to_owned()).collect(),
             steps: 0,
             scheduler_steps: 0,
+            seed: 0,
         })
+    }
+
+    /// Seeds the stochastic-rounding draws (the trainer passes its seed).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
     }
 
     /// The configuration.
@@ -384,20 +440,28 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         }
     }
 
-    /// Bytes of optimizer state held.
+    /// Bytes of optimizer state held (compensation buffers included).
     pub fn state_bytes(&self) -> usize {
         let (e, m) = (
             E::DTYPE.size_bytes(),
             <E::Moment as crate::Element>::DTYPE.size_bytes(),
         );
-        self.slots
+        let slots: usize = self
+            .slots
             .iter()
             .map(|s| match s {
                 Slot::Empty => 0,
                 Slot::Momentum(b) => b.numel() * e,
                 Slot::Adam(a, v, _) => a.numel() * e + v.numel() * m,
             })
-            .sum()
+            .sum();
+        slots
+            + self
+                .compensation
+                .iter()
+                .flatten()
+                .map(|c| c.numel() * e)
+                .sum::<usize>()
     }
 
     /// Updates every parameter from its gradient (`grads[i]` for `params[i]`). A parameter whose
@@ -428,9 +492,17 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         }
         let lr = self.lr();
         self.steps += 1;
-        for ((p, g), slot) in params.iter_mut().zip(grads).zip(&mut self.slots) {
+        let rounding = self.config.update_rounding;
+        let slots = self.slots.iter_mut().zip(&mut self.compensation);
+        for (i, ((p, g), (slot, comp))) in params.iter_mut().zip(grads).zip(slots).enumerate() {
             let Some(g) = g else { continue };
             let param = p.value_mut().storage_mut();
+            if rounding == UpdateRounding::Compensated && comp.is_none() {
+                *comp = Some(Tensor::zeros(g.shape()));
+            }
+            let comp = comp.as_mut().map(|c| c.storage_mut());
+            // A key per (seed, parameter, step): the draws repeat across runs and resumes.
+            let noise_key = mix64(self.seed ^ mix64(((i as u64) << 40) ^ self.steps));
             match self.config.optimizer {
                 Optimizer::Sgd(o) => {
                     let first = matches!(slot, Slot::Empty);
@@ -444,12 +516,14 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
                         nesterov: o.nesterov,
                         weight_decay: o.weight_decay,
                         first,
+                        rounding,
+                        noise_key,
                     };
                     let buf = match slot {
                         Slot::Momentum(b) => Some(b.storage_mut()),
                         _ => None,
                     };
-                    D::sgd_step(param, g.storage(), buf, &hp);
+                    D::sgd_step(param, g.storage(), buf, comp, &hp);
                 }
                 Optimizer::AdamW(o) => {
                     if matches!(slot, Slot::Empty) {
@@ -464,8 +538,11 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
                             eps: o.eps,
                             weight_decay: o.weight_decay,
                             step: *step,
+                            rounding,
+                            noise_key,
                         };
-                        D::adamw_step(param, g.storage(), m.storage_mut(), v.storage_mut(), &hp);
+                        let (m, v) = (m.storage_mut(), v.storage_mut());
+                        D::adamw_step(param, g.storage(), m, v, comp, &hp);
                     }
                 }
             }
@@ -476,6 +553,11 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
     /// The state as named tensors (`exp_avg.0.weight`, ...) and scalars, for checkpoints.
     pub(crate) fn export(&self) -> Exported<E, D> {
         let (mut first, mut second, mut steps) = (Vec::new(), Vec::new(), Vec::new());
+        for (name, comp) in self.names.iter().zip(&self.compensation) {
+            if let Some(c) = comp {
+                first.push((format!("{COMPENSATION}{name}"), c.clone()));
+            }
+        }
         for (name, slot) in self.names.iter().zip(&self.slots) {
             match slot {
                 Slot::Empty => {}
@@ -489,6 +571,10 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         }
         let mut meta: HashMap<String, String> = steps.into_iter().collect();
         meta.insert("optimizer".into(), self.config.optimizer.name().into());
+        meta.insert(
+            "update_rounding".into(),
+            self.config.update_rounding.name().into(),
+        );
         meta.insert("optimizer_steps".into(), self.steps.to_string());
         meta.insert("scheduler_steps".into(), self.scheduler_steps.to_string());
         (first, second, meta)
@@ -525,6 +611,15 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         let mut out = self.clone();
         out.steps = meta_value(meta, "optimizer_steps")?;
         out.scheduler_steps = meta_value(meta, "scheduler_steps")?;
+        // Compensation buffers resume with compensated rounding; a checkpoint without them (saved
+        // under another rounding) starts them at zero.
+        let compensated = out.config.update_rounding == UpdateRounding::Compensated;
+        for ((name, comp), shape) in out.names.iter().zip(&mut out.compensation).zip(shapes) {
+            *comp = match compensated {
+                true => first(&format!("{COMPENSATION}{name}"), shape)?,
+                false => None,
+            };
+        }
         for ((name, slot), shape) in out.names.iter().zip(&mut out.slots).zip(shapes) {
             *slot = match out.config.optimizer {
                 Optimizer::Sgd(_) => match first(&format!("momentum_buffer.{name}"), shape)? {
@@ -560,6 +655,9 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         Ok(out)
     }
 }
+
+/// The checkpoint name prefix of a parameter's compensation buffer.
+pub(crate) const COMPENSATION: &str = "kahan_comp.";
 
 /// Metadata entry `key` parsed as `T`; a missing or unparsable entry is an error naming it.
 pub(crate) fn meta_value<T: core::str::FromStr>(

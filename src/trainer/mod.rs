@@ -370,7 +370,8 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         }
         let mut ctx = InitCtx::new(self.cfg.seed);
         model.configure_model(&mut ctx)?;
-        let optimizer = OptimizerState::new(model.configure_optimizers(), &model.parameters())?;
+        let optimizer =
+            OptimizerState::new(model.configure_optimizers(), &model.parameters())?.with_seed(self.cfg.seed);
         let mut st = LoopState::<P, D> {
             epoch: 0,
             batch_in_epoch: 0,
@@ -623,9 +624,14 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         ndarray::Array2::from_shape_vec((n, cols), rows).map_err(|e| Error::InvalidData(e.to_string()))
     }
 
-    /// A summary of `model`'s parameters (Lightning's `ModelSummary`).
+    /// A summary of `model`'s parameters (Lightning's `ModelSummary`), with the optimizer state
+    /// its `configure_optimizers` will hold.
     pub fn summary<M: Model<P, D>>(&self, model: &M) -> Summary {
-        Summary::new::<P, D>(&model.parameters())
+        let mut s = Summary::new::<P, D>(&model.parameters());
+        let o = model.configure_optimizers();
+        s.optimizer_state_bytes = s.total * o.state_bytes_per_parameter::<P::Param>();
+        s.optimizer = format!("{}, {} rounding", o.optimizer.name(), o.update_rounding);
+        s
     }
 
     /// Writes the parameters as a safetensors file with PyTorch's `state_dict` names, in their
@@ -891,6 +897,11 @@ pub struct Summary {
     pub size_mb: f64,
     /// The precision's name.
     pub precision: &'static str,
+    /// Bytes of optimizer state once every parameter has stepped (moments, momentum,
+    /// compensation buffers); 0 when made without an optimizer.
+    pub optimizer_state_bytes: usize,
+    /// The optimizer and its update rounding, e.g. `"AdamW, compensated rounding"`.
+    pub optimizer: String,
 }
 
 impl Summary {
@@ -909,6 +920,8 @@ impl Summary {
             total,
             size_mb: total as f64 * P::MODEL_BITS as f64 / 8.0 / 1e6,
             precision: P::NAME,
+            optimizer_state_bytes: 0,
+            optimizer: String::new(),
         }
     }
 }
@@ -924,7 +937,16 @@ impl core::fmt::Display for Summary {
             f,
             "{:.3} Total estimated model params size (MB) under {}",
             self.size_mb, self.precision
-        )
+        )?;
+        if !self.optimizer.is_empty() {
+            write!(
+                f,
+                "\n{:.3} Optimizer state size (MB) ({})",
+                self.optimizer_state_bytes as f64 / 1e6,
+                self.optimizer
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -118,7 +118,7 @@ impl<P: Precision, D: Backend> MlpModel<P, D> {
         task: Task,
         optimization: Optimization,
     ) -> Result<Self, Error> {
-        crate::nn::check_mlp_fits::<P>(sizes, &optimization.optimizer, 0)?;
+        crate::nn::check_mlp_fits::<P>(sizes, &optimization, 0)?;
         Ok(MlpModel {
             net: Mlp::try_new(ctx, sizes, task)?,
             optimization,
