@@ -720,7 +720,6 @@ fn adamw_step_body<E: Float>(
         let r = start..(start + CHUNK).min(p.len());
         let n = r.len();
         let c = comp.as_deref_mut().map(|c| &mut c[r.clone()]);
-        let start = r.start;
         let (p, g, m, v) = (&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r]);
         let (wp, wg, wm, t) = (&mut wp[..n], &mut wg[..n], &mut wm[..n], &mut t[..n]);
         E::widen_slice(p, wp);
