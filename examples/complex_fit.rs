@@ -45,11 +45,11 @@ impl<P: Precision> Residues<P>
 where
     P::Complex: ComplexElement<Real = P::Param>,
 {
-    fn new(ctx: &mut InitCtx<P>) -> Self {
-        Residues {
-            re: ctx.parameter("residues.re", &[4, 1], 0.1),
-            im: ctx.parameter("residues.im", &[4, 1], 0.1),
-        }
+    fn new(ctx: &mut InitCtx<P>) -> Result<Self, Error> {
+        Ok(Residues {
+            re: ctx.parameter("residues.re", &[4, 1], 0.1)?,
+            im: ctx.parameter("residues.im", &[4, 1], 0.1)?,
+        })
     }
 
     /// Squared error |H_pred - H|^2 per sample, in the precision's real dtype.
@@ -132,7 +132,7 @@ where
         .max_epochs(3000)
         .enable_progress_bar(false)
         .build()?;
-    let mut model = trainer.init_module(Residues::<P>::new);
+    let mut model = trainer.init_module(Residues::<P>::new)?;
     let report = trainer.fit(&mut model, data, None)?;
     println!(
         "{:<10} {:<11} {:>14.3e} {:>14.3e}",

@@ -119,9 +119,11 @@ where
         .max_epochs(200)
         .enable_progress_bar(false)
         .build()?;
-    let mut model = trainer.init_module(|ctx: &mut InitCtx<P>| Linear {
-        u: ctx.parameter("u", &[DEGREE + 1, 1], 0.1),
-    });
+    let mut model = trainer.init_module(|ctx: &mut InitCtx<P>| {
+        Ok::<_, Error>(Linear {
+            u: ctx.parameter("u", &[DEGREE + 1, 1], 0.1)?,
+        })
+    })?;
     trainer.fit(&mut model, &data, None)?;
     let coeffs = solve(&Tensor::from_array(r.into_dyn()), model.u.value())?.to_vec();
     Ok(relative_error(coeffs, reference))

@@ -89,42 +89,56 @@ impl<P: Precision, D: Backend> InitCtx<P, D> {
     }
 
     /// A tensor of `P::Param` with elements uniform in `[-bound, bound)`, each drawn in f64 and
-    /// rounded once into the storage dtype.
-    pub fn uniform(&mut self, shape: &[usize], bound: f64) -> Tensor<P::Param, D> {
-        let n = shape.iter().product();
-        let v: Vec<P::Param> = (0..n)
-            .map(|_| P::Param::from_f64((2.0 * self.draw() - 1.0) * bound))
-            .collect();
-        Tensor::from_vec(shape, v).expect("n elements for the shape")
+    /// rounded once into the storage dtype. A shape too large for memory is
+    /// [`Error::OutOfMemory`], before anything is allocated.
+    pub fn uniform(&mut self, shape: &[usize], bound: f64) -> Result<Tensor<P::Param, D>, Error> {
+        let mut v = reserve::<P::Param>(shape)?;
+        v.extend((0..v.capacity()).map(|_| P::Param::from_f64((2.0 * self.draw() - 1.0) * bound)));
+        Tensor::from_vec(shape, v)
     }
 
-    /// A named parameter, uniform in `[-bound, bound)`.
+    /// A named parameter, uniform in `[-bound, bound)` (see [`InitCtx::uniform`]).
     pub fn parameter(
         &mut self,
         name: impl Into<String>,
         shape: &[usize],
         bound: f64,
-    ) -> Parameter<P::Param, D> {
-        Parameter::new(name, self.uniform(shape, bound))
+    ) -> Result<Parameter<P::Param, D>, Error> {
+        Ok(Parameter::new(name, self.uniform(shape, bound)?))
     }
 
     /// A complex tensor in the precision's complex dtype (complex128 under `True<F64>`), real and
     /// imaginary parts uniform in `[-bound, bound)`. Does not compile under bf16-true, which has no
     /// complex dtype.
-    pub fn complex_uniform(&mut self, shape: &[usize], bound: f64) -> Tensor<P::Complex, D>
+    pub fn complex_uniform(&mut self, shape: &[usize], bound: f64) -> Result<Tensor<P::Complex, D>, Error>
     where
         P::Complex: ComplexElement,
     {
-        let n = shape.iter().product();
-        let v: Vec<P::Complex> = (0..n)
-            .map(|_| {
-                let re = (2.0 * self.draw() - 1.0) * bound;
-                let im = (2.0 * self.draw() - 1.0) * bound;
-                P::Complex::from_parts(re, im)
-            })
-            .collect();
-        Tensor::from_vec(shape, v).expect("n elements for the shape")
+        let mut v = reserve::<P::Complex>(shape)?;
+        v.extend((0..v.capacity()).map(|_| {
+            let re = (2.0 * self.draw() - 1.0) * bound;
+            let im = (2.0 * self.draw() - 1.0) * bound;
+            P::Complex::from_parts(re, im)
+        }));
+        Tensor::from_vec(shape, v)
     }
+}
+
+/// An empty vector with room for exactly the elements of `shape`, or [`Error::OutOfMemory`] when
+/// their count overflows, exceeds the memory available, or the allocator refuses it.
+fn reserve<E: Element>(shape: &[usize]) -> Result<Vec<E>, Error> {
+    let what = || format!("a tensor of shape {shape:?} and dtype {}", E::DTYPE);
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let bytes = n.and_then(|n| (n as u64).checked_mul(E::DTYPE.size_bytes() as u64));
+    check_memory(what, bytes)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n.unwrap_or(usize::MAX))
+        .map_err(|_| Error::OutOfMemory {
+            what: what(),
+            needed: bytes,
+            available: crate::device::available_memory(),
+        })?;
+    Ok(v)
 }
 
 /// `torch.nn.Linear`: `y = x W^T + b`, `W` `[out, in]`, both initialised uniform in
@@ -138,13 +152,14 @@ pub struct Linear<P: Precision, D: Backend = Cpu> {
 }
 
 impl<P: Precision, D: Backend> Linear<P, D> {
-    /// A layer named `prefix` (`prefix.weight`, `prefix.bias`).
-    pub fn new(ctx: &mut InitCtx<P, D>, prefix: &str, inputs: usize, outputs: usize) -> Self {
+    /// A layer named `prefix` (`prefix.weight`, `prefix.bias`); sizes too large for memory are
+    /// [`Error::OutOfMemory`].
+    pub fn new(ctx: &mut InitCtx<P, D>, prefix: &str, inputs: usize, outputs: usize) -> Result<Self, Error> {
         let bound = 1.0 / (inputs.max(1) as f64).sqrt();
-        Linear {
-            weight: ctx.parameter(format!("{prefix}.weight"), &[outputs, inputs], bound),
-            bias: ctx.parameter(format!("{prefix}.bias"), &[outputs], bound),
-        }
+        Ok(Linear {
+            weight: ctx.parameter(format!("{prefix}.weight"), &[outputs, inputs], bound)?,
+            bias: ctx.parameter(format!("{prefix}.bias"), &[outputs], bound)?,
+        })
     }
 
     /// `x W^T + b` in the compute dtype.
@@ -196,7 +211,7 @@ impl<P: Precision, D: Backend> Mlp<P, D> {
             .windows(2)
             .enumerate()
             .map(|(i, w)| Linear::new(ctx, &(2 * i).to_string(), w[0], w[1]))
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Mlp { layers, task })
     }
 
@@ -367,9 +382,13 @@ mod tests {
 
     #[test]
     fn complex_parameters_follow_the_precision() {
-        let z = InitCtx::<True<F64>>::new(1).complex_uniform(&[2, 2], 1.0);
+        let z = InitCtx::<True<F64>>::new(1)
+            .complex_uniform(&[2, 2], 1.0)
+            .unwrap();
         assert_eq!(z.dtype(), DType::C128);
-        let z = InitCtx::<crate::Mixed<crate::BF16>>::new(1).complex_uniform(&[2], 1.0);
+        let z = InitCtx::<crate::Mixed<crate::BF16>>::new(1)
+            .complex_uniform(&[2], 1.0)
+            .unwrap();
         assert_eq!(<num_complex::Complex<f32> as Element>::DTYPE, z.dtype());
     }
 
@@ -410,5 +429,16 @@ mod tests {
             mlp_parameter_count(&[64, 128, 10]),
             Some(64 * 128 + 128 + 128 * 10 + 10)
         );
+        // The building blocks refuse too: a layer, and a tensor whose count overflows.
+        let mut ctx = InitCtx::<True<crate::F32>>::new(0);
+        let msg = Linear::new(&mut ctx, "0", 1 << 20, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("shape [1048576, 1048576] and dtype float32 needs about 4.4 TB"),
+            "{msg}"
+        );
+        let msg = ctx.uniform(&[usize::MAX, 2], 1.0).unwrap_err().to_string();
+        assert!(msg.contains("more than 2^64 bytes"), "{msg}");
     }
 }
