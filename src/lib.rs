@@ -216,12 +216,31 @@ pub use trainer::{
     TrainerConfig, mlp_sizes, write_atomic,
 };
 
-/// The names most programs need: `use nbit::prelude::*;`.
+/// The names most programs need: `use nbit::prelude::*;`. The `ndarray` and `half` that nbit's
+/// API uses are re-exported as `nbit::ndarray` and `nbit::half`, so a program needs neither as a
+/// dependency of its own (and cannot end up with a second version of either):
+///
+/// ```
+/// use nbit::prelude::*;
+/// use nbit::ndarray::array;
+///
+/// let ds = nbit::data::Dataset::classification(array![[0.5, -1.0], [2.0, 0.25]], vec![0, 1])?;
+/// let x: Tensor<nbit::half::bf16> = nbit::data::Batch::from(ds).features();
+/// assert_eq!(x.to_vec()[0].as_f64(), 0.5); // `Float` is in the prelude
+/// # Ok::<(), nbit::Error>(())
+/// ```
 pub mod prelude {
     pub use crate::autocast::Autocast;
     pub use crate::tensor::{ComplexOps, Tensor};
     pub use crate::{
-        BF16, ComplexOf, ComputeOf, Cpu, DType, Device, Element, Error, F16, F32, F64, Gpu, Job, Mixed,
-        MlpModel, Model, ParamOf, Precision, Supports, Tpu, Trainer, True,
+        BF16, ComplexOf, ComputeOf, Cpu, DType, Device, Element, Error, F16, F32, F64, Float, Gpu, Job,
+        Mixed, MlpModel, Model, ParamOf, Precision, Supports, Tpu, Trainer, True,
     };
 }
+
+/// The `ndarray` nbit's API takes and returns (`Array2`, `ArrayD`): use `nbit::ndarray` rather than
+/// a dependency of your own, so the versions always agree.
+pub use ndarray;
+
+/// The `half` crate whose `f16` and `bf16` are nbit's 16-bit element types.
+pub use half;
