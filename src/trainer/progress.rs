@@ -12,9 +12,19 @@ impl Bar {
             return Bar(None);
         }
         let bar = ProgressBar::with_draw_target(Some(batches), ProgressDrawTarget::stderr());
+        // Batches per second as a whole number (indicatif's {per_sec} prints 10,257.8925/s), and a
+        // line that fits 80 columns, as Lightning's TQDM bar does.
         let style = ProgressStyle::with_template(
-            "Epoch {prefix}: {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+            "Epoch {prefix}: {bar:20} {pos}/{len} [{elapsed}<{eta}, {rate}] {msg}",
         )
+        .map(|s| {
+            s.with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0} it/s", state.per_sec());
+                },
+            )
+        })
         .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         bar.set_prefix(epoch.to_string());
@@ -33,7 +43,10 @@ impl Bar {
 
     pub(crate) fn message(&self, loss: f64, skipped: u64) {
         if let Some(b) = &self.0 {
-            b.set_message(format!("loss={loss:.4} skipped={skipped}"));
+            b.set_message(match skipped {
+                0 => format!("loss={loss:.4}"),
+                n => format!("loss={loss:.4} skipped={n}"),
+            });
         }
     }
 
