@@ -561,10 +561,10 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         for (name, slot) in self.names.iter().zip(&self.slots) {
             match slot {
                 Slot::Empty => {}
-                Slot::Momentum(b) => first.push((format!("momentum_buffer.{name}"), b.clone())),
+                Slot::Momentum(b) => first.push((format!("{MOMENTUM}{name}"), b.clone())),
                 Slot::Adam(m, v, step) => {
-                    first.push((format!("exp_avg.{name}"), m.clone()));
-                    second.push((format!("exp_avg_sq.{name}"), v.clone()));
+                    first.push((format!("{EXP_AVG}{name}"), m.clone()));
+                    second.push((format!("{EXP_AVG_SQ}{name}"), v.clone()));
                     steps.push((format!("step.{name}"), step.to_string()));
                 }
             }
@@ -622,14 +622,14 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         }
         for ((name, slot), shape) in out.names.iter().zip(&mut out.slots).zip(shapes) {
             *slot = match out.config.optimizer {
-                Optimizer::Sgd(_) => match first(&format!("momentum_buffer.{name}"), shape)? {
+                Optimizer::Sgd(_) => match first(&format!("{MOMENTUM}{name}"), shape)? {
                     Some(b) => Slot::Momentum(b),
                     None => Slot::Empty,
                 },
                 Optimizer::AdamW(_) => {
                     let (m, v) = (
-                        first(&format!("exp_avg.{name}"), shape)?,
-                        second(&format!("exp_avg_sq.{name}"), shape)?,
+                        first(&format!("{EXP_AVG}{name}"), shape)?,
+                        second(&format!("{EXP_AVG_SQ}{name}"), shape)?,
                     );
                     match (m, v) {
                         (Some(m), Some(v)) => {
@@ -645,7 +645,7 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
                         (None, None) => Slot::Empty,
                         _ => {
                             return Err(Error::InvalidData(format!(
-                                "the checkpoint has only one of 'exp_avg.{name}' and 'exp_avg_sq.{name}'"
+                                "the checkpoint has only one of '{EXP_AVG}{name}' and '{EXP_AVG_SQ}{name}'"
                             )));
                         }
                     }
@@ -656,8 +656,16 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
     }
 }
 
-/// The checkpoint name prefix of a parameter's compensation buffer.
+/// The checkpoint names of optimizer state: a prefix, then the parameter's name.
+pub(crate) const MOMENTUM: &str = "momentum_buffer.";
+/// AdamW's first moment.
+pub(crate) const EXP_AVG: &str = "exp_avg.";
+/// AdamW's second moment.
+pub(crate) const EXP_AVG_SQ: &str = "exp_avg_sq.";
+/// The compensation buffer of [`UpdateRounding::Compensated`].
 pub(crate) const COMPENSATION: &str = "kahan_comp.";
+/// Every prefix above: the tensors a checkpoint may hold beside the parameters.
+pub(crate) const STATE_PREFIXES: [&str; 4] = [MOMENTUM, EXP_AVG, EXP_AVG_SQ, COMPENSATION];
 
 /// Metadata entry `key` parsed as `T`; a missing or unparsable entry is an error naming it.
 pub(crate) fn meta_value<T: core::str::FromStr>(

@@ -269,14 +269,9 @@ impl Loaded {
         let expected = |name: &str| {
             ours.contains(&name)
                 || (is_checkpoint
-                    && [
-                        "exp_avg.",
-                        "exp_avg_sq.",
-                        "momentum_buffer.",
-                        crate::optim::COMPENSATION,
-                    ]
-                    .iter()
-                    .any(|prefix| name.strip_prefix(prefix).is_some_and(|n| ours.contains(&n))))
+                    && crate::optim::STATE_PREFIXES
+                        .iter()
+                        .any(|prefix| name.strip_prefix(prefix).is_some_and(|n| ours.contains(&n))))
         };
         let unexpected: Vec<String> = self.names().into_iter().filter(|n| !expected(n)).collect();
         if unexpected.is_empty() {

@@ -30,7 +30,7 @@ use crate::device::DeviceKind;
 use crate::dtype::Float;
 use crate::error::Error;
 use crate::nn::{InitCtx, Parameter};
-use crate::optim::{Interval, OptimizerState, meta_value};
+use crate::optim::{Interval, Optimization, OptimizerState, meta_value};
 use crate::precision::Precision;
 use crate::scaler::{GradScaler, ScalerState};
 use crate::tensor::Tensor;
@@ -271,6 +271,15 @@ pub struct FitReport {
     pub interrupted: bool,
 }
 
+/// A checkpoint's metadata keys for [`ScalerState`]'s fields, in their order.
+const SCALER_KEYS: [&str; 5] = [
+    "scaler.scale",
+    "scaler.growth_factor",
+    "scaler.backoff_factor",
+    "scaler.growth_interval",
+    "scaler.growth_tracker",
+];
+
 /// Where a fit is: everything a checkpoint must restore for an exact resume.
 struct LoopState<P: Precision, D: Backend> {
     epoch: u64,
@@ -399,7 +408,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         };
         let result = self.epochs(model, train, val, &mut st, &mut report, log.as_mut());
         // The rows logged so far reach the disk whether training finished, failed or stopped.
-        let flushed = log.map_or(Ok(()), StepCsv::finish);
+        let flushed = log.as_mut().map_or(Ok(()), StepCsv::flush);
         result?;
         flushed?;
         report.epochs = st.epoch;
@@ -627,11 +636,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
     /// A summary of `model`'s parameters (Lightning's `ModelSummary`), with the optimizer state
     /// its `configure_optimizers` will hold.
     pub fn summary<M: Model<P, D>>(&self, model: &M) -> Summary {
-        let mut s = Summary::new::<P, D>(&model.parameters());
-        let o = model.configure_optimizers();
-        s.optimizer_state_bytes = s.total * o.state_bytes_per_parameter::<P::Param>();
-        s.optimizer = format!("{}, {} rounding", o.optimizer.name(), o.update_rounding);
-        s
+        Summary::new::<P, D>(&model.parameters(), &model.configure_optimizers())
     }
 
     /// Writes the parameters as a safetensors file with PyTorch's `state_dict` names, in their
@@ -675,11 +680,14 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         meta.insert("global_step".into(), st.global_step.to_string());
         meta.insert("skipped_steps".into(), st.skipped.to_string());
         if let Some(s) = st.scaler.state() {
-            meta.insert("scaler.scale".into(), s.scale.to_string());
-            meta.insert("scaler.growth_factor".into(), s.growth_factor.to_string());
-            meta.insert("scaler.backoff_factor".into(), s.backoff_factor.to_string());
-            meta.insert("scaler.growth_interval".into(), s.growth_interval.to_string());
-            meta.insert("scaler.growth_tracker".into(), s.growth_tracker.to_string());
+            let values = [
+                s.scale.to_string(),
+                s.growth_factor.to_string(),
+                s.backoff_factor.to_string(),
+                s.growth_interval.to_string(),
+                s.growth_tracker.to_string(),
+            ];
+            meta.extend(SCALER_KEYS.iter().map(|k| k.to_string()).zip(values));
         }
         checkpoint::write_atomic(path, &checkpoint::to_bytes(&tensors, meta)?)
     }
@@ -739,20 +747,13 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         let batch_in_epoch = meta_value::<usize>(&meta, "batch_in_epoch").map_err(bad)?;
         let mut scaler = st.scaler.clone();
         if scaler.state().is_some() {
-            const KEYS: [&str; 5] = [
-                "scaler.scale",
-                "scaler.growth_factor",
-                "scaler.backoff_factor",
-                "scaler.growth_interval",
-                "scaler.growth_tracker",
-            ];
-            if KEYS.iter().any(|k| meta.contains_key(*k)) || from.is_none() {
+            if SCALER_KEYS.iter().any(|k| meta.contains_key(*k)) || from.is_none() {
                 let state = ScalerState {
-                    scale: meta_value(&meta, KEYS[0]).map_err(bad)?,
-                    growth_factor: meta_value(&meta, KEYS[1]).map_err(bad)?,
-                    backoff_factor: meta_value(&meta, KEYS[2]).map_err(bad)?,
-                    growth_interval: meta_value(&meta, KEYS[3]).map_err(bad)?,
-                    growth_tracker: meta_value(&meta, KEYS[4]).map_err(bad)?,
+                    scale: meta_value(&meta, SCALER_KEYS[0]).map_err(bad)?,
+                    growth_factor: meta_value(&meta, SCALER_KEYS[1]).map_err(bad)?,
+                    backoff_factor: meta_value(&meta, SCALER_KEYS[2]).map_err(bad)?,
+                    growth_interval: meta_value(&meta, SCALER_KEYS[3]).map_err(bad)?,
+                    growth_tracker: meta_value(&meta, SCALER_KEYS[4]).map_err(bad)?,
                 };
                 scaler.load_state(&state);
             } else {
@@ -842,10 +843,6 @@ impl StepCsv {
     fn flush(&mut self) -> Result<(), Error> {
         self.out.flush().map_err(|e| Self::io(&self.path, e))
     }
-
-    fn finish(mut self) -> Result<(), Error> {
-        self.flush()
-    }
 }
 
 /// Clips gradients in place, by value or by total L2 norm (computed in f64 over all gradients,
@@ -898,14 +895,17 @@ pub struct Summary {
     /// The precision's name.
     pub precision: &'static str,
     /// Bytes of optimizer state once every parameter has stepped (moments, momentum,
-    /// compensation buffers); 0 when made without an optimizer.
+    /// compensation buffers).
     pub optimizer_state_bytes: usize,
     /// The optimizer and its update rounding, e.g. `"AdamW, compensated rounding"`.
     pub optimizer: String,
 }
 
 impl Summary {
-    fn new<P: Precision, D: Backend>(params: &[&Parameter<P::Param, D>]) -> Self {
+    fn new<P: Precision, D: Backend>(
+        params: &[&Parameter<P::Param, D>],
+        optimization: &Optimization,
+    ) -> Self {
         let mut layers: Vec<(String, usize)> = Vec::new();
         for p in params {
             let layer = p.name().rsplit_once('.').map_or(p.name(), |(l, _)| l).to_owned();
@@ -920,8 +920,12 @@ impl Summary {
             total,
             size_mb: total as f64 * P::MODEL_BITS as f64 / 8.0 / 1e6,
             precision: P::NAME,
-            optimizer_state_bytes: 0,
-            optimizer: String::new(),
+            optimizer_state_bytes: total * optimization.state_bytes_per_parameter::<P::Param>(),
+            optimizer: format!(
+                "{}, {} rounding",
+                optimization.optimizer.name(),
+                optimization.update_rounding
+            ),
         }
     }
 }
@@ -938,15 +942,12 @@ impl core::fmt::Display for Summary {
             "{:.3} Total estimated model params size (MB) under {}",
             self.size_mb, self.precision
         )?;
-        if !self.optimizer.is_empty() {
-            write!(
-                f,
-                "\n{:.3} Optimizer state size (MB) ({})",
-                self.optimizer_state_bytes as f64 / 1e6,
-                self.optimizer
-            )?;
-        }
-        Ok(())
+        write!(
+            f,
+            "\n{:.3} Optimizer state size (MB) ({})",
+            self.optimizer_state_bytes as f64 / 1e6,
+            self.optimizer
+        )
     }
 }
 
