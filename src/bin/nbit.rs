@@ -653,9 +653,7 @@ impl<P: Precision, D: Supports<P>> BackendJob<D> for OnBackend<P> {
                 if fit.interrupted {
                     // As Lightning on KeyboardInterrupt: what follows fit (--save) does not run.
                     report.interrupted_at_step = Some(fit.global_step);
-                    return Ok(report);
-                }
-                if let Some(path) = &o.save {
+                } else if let Some(path) = &o.save {
                     trainer.save_weights(&model, path)?;
                 }
             }
