@@ -40,7 +40,7 @@ fn nbit_secs<E: Float>(n: usize) -> f64 {
 fn main() {
     println!(
         "GEMM throughput, GFLOP/s (ratio to ndarray f32 .dot() in the same run); threads: {}",
-        nbit::backend::gemm_f32_threads()
+        nbit::backend::num_threads()
     );
     println!(
         "{:>6} {:>16} {:>16} {:>16} {:>16} {:>16}",

@@ -104,10 +104,10 @@ impl<P: Precision, D: Backend> Autocast<P, D> {
 
     /// Parameter `w` in the compute dtype, cast at most once per `Autocast` (autocast's cache).
     pub fn weight(&self, w: &Tensor<P::Param, D>) -> Compute<P, D> {
-        if let Some(hit) = self.cache.borrow().get(&w.id()) {
-            if let Some(t) = hit.downcast_ref::<Compute<P, D>>() {
-                return t.clone();
-            }
+        if let Some(hit) = self.cache.borrow().get(&w.id())
+            && let Some(t) = hit.downcast_ref::<Compute<P, D>>()
+        {
+            return t.clone();
         }
         let cast = w.cast::<P::Compute>();
         self.cache.borrow_mut().insert(w.id(), Box::new(cast.clone()));

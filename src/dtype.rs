@@ -238,6 +238,25 @@ fn bf16_stochastic(x: f32, noise: u16) -> bf16 {
     bf16::from_bits(((x.to_bits() + noise as u32) >> 16) as u16)
 }
 
+/// bf16 to f32: the bf16 bits are the f32's high half (exact), a NaN made quiet, bit for bit
+/// `bf16::to_f32`; a shift and a select, so loops of it vectorise.
+#[inline(always)]
+fn bf16_widen(x: bf16) -> f32 {
+    let h = x.to_bits() as u32;
+    let quiet = if (h & 0x7fff) > 0x7f80 { 0x0040 } else { 0 };
+    f32::from_bits((h | quiet) << 16)
+}
+
+/// f32 to bf16, to nearest even, bit for bit `bf16::from_f32` (NaN keeps its sign and high
+/// payload and becomes quiet) but without branches, so loops of it vectorise.
+#[inline(always)]
+fn bf16_round(x: f32) -> bf16 {
+    let b = x.to_bits();
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    bf16::from_bits(if nan { (b >> 16) | 0x0040 } else { rounded } as u16)
+}
+
 macro_rules! real_elements {
     ($($ty:ty => $dtype:ident, acc $acc:ty, moment $moment:ty, $tacc:expr, $facc:expr, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr $(, stochastic $stoch:expr)? $(, slices $widen:expr, $round:expr)?;)*) => {$(
         impl sealed::Sealed for $ty {}
@@ -280,8 +299,8 @@ real_elements! {
         to_f64 f16::to_f64, stochastic f16_stochastic,
         slices |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d),
             |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s);
-    bf16 => BF16, acc f32, moment bf16, bf16::to_f32, bf16::from_f32,
-        from_f32 bf16::from_f32, to_f32 bf16::to_f32, from_f64 |x| bf16::from_f32(f32_round_to_odd(x)),
+    bf16 => BF16, acc f32, moment bf16, bf16_widen, bf16_round,
+        from_f32 bf16_round, to_f32 bf16_widen, from_f64 |x| bf16_round(f32_round_to_odd(x)),
         to_f64 bf16::to_f64, stochastic bf16_stochastic;
     f32 => F32, acc f32, moment f32, |x| x, |x| x,
         from_f32 |x| x, to_f32 |x| x, from_f64 |x: f64| x as f32, to_f64 |x: f32| x as f64;
@@ -424,6 +443,35 @@ promote! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_branch_free_bf16_conversions_agree_with_the_half_crate_bit_for_bit() {
+        // Every 2^-11th f32 bit pattern (2 million, all exponents and signs, NaNs with several
+        // payloads), plus the rounding boundaries around each bf16 value of a sample.
+        let mut bits: Vec<u32> = (0..=u32::MAX).step_by(2047).collect();
+        for h in (0..=u16::MAX as u32).step_by(7) {
+            for low in [0u32, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                bits.push(h << 16 | low);
+            }
+        }
+        bits.extend([
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f7f_ffff,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0xffff_ffff,
+            0x8000_0000,
+        ]);
+        for b in bits {
+            let x = f32::from_bits(b);
+            assert_eq!(bf16_round(x).to_bits(), bf16::from_f32(x).to_bits(), "{b:#010x}");
+        }
+        for h in 0..=u16::MAX {
+            let v = bf16::from_bits(h);
+            assert_eq!(bf16_widen(v).to_bits(), v.to_f32().to_bits(), "{h:#06x}");
+        }
+    }
 
     #[test]
     fn element_tags_match_pytorch_names_and_sizes() {

@@ -105,6 +105,52 @@ fn bad_files_name_the_problem() {
 }
 
 #[test]
+fn a_bad_thread_count_in_the_environment_names_the_variable() {
+    let data = good_csv();
+    let out = Command::new(env!("CARGO_BIN_EXE_nbit"))
+        .args([
+            "fit",
+            "--data",
+            p(&data),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--accelerator",
+            "cpu",
+        ])
+        .env("NBIT_NUM_THREADS", "lots")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("NBIT_NUM_THREADS = lots") && err.contains("at least 1"),
+        "{err}"
+    );
+    // A valid count trains.
+    let out = Command::new(env!("CARGO_BIN_EXE_nbit"))
+        .args([
+            "fit",
+            "--data",
+            p(&data),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--accelerator",
+            "cpu",
+        ])
+        .env("NBIT_NUM_THREADS", "3")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn bad_options_name_the_value_and_the_fix() {
     let data = good_csv();
     fails(
@@ -142,6 +188,11 @@ fn bad_options_name_the_value_and_the_fix() {
     );
     fails(&data, &["--accelerator", "tpu"], &["no TPU runtime"]);
     fails(&data, &["--batch-size", "0"], &["--batch-size = 0", "at least 1"]);
+    fails(
+        &data,
+        &["--num-threads", "-3"],
+        &["--num-threads = -3", "at least 1"],
+    );
     fails(&data, &["--lr", "-0.1"], &["lr = -0.1"]);
     fails(&data, &["--hidden", "12,x"], &["--hidden", "'12,x'", "128,128"]);
     fails(&data, &["--hidden", "0"], &["--hidden"]);

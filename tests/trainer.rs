@@ -909,3 +909,58 @@ fn model_constructors_refuse_sizes_that_cannot_fit_instead_of_aborting() {
         "{msg}"
     );
 }
+
+/// Trains an MLP large enough that its products and element-wise kernels split across threads,
+/// on `threads` threads; returns every final weight's bits.
+fn weights_after_training_on<P: Precision>(threads: usize) -> Vec<Vec<u64>>
+where
+    Cpu: Supports<P>,
+{
+    let n = 512;
+    let x = ndarray::Array2::from_shape_fn((n, 64), |(i, j)| ((i * 37 + j * 11) % 97) as f64 / 48.5 - 1.0);
+    let y = (0..n).map(|i| i % 10).collect();
+    let data = DataLoader::new(Dataset::classification(x, y).unwrap(), 256).unwrap();
+    let trainer = Trainer::<P, Cpu>::builder()
+        .max_epochs(1)
+        .enable_progress_bar(false)
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let opt = Optimization::new(Sgd::new(0.05).momentum(0.9));
+    let mut model = trainer
+        .init_module(|ctx| MlpModel::new(ctx, &[64, 256, 256, 10], Task::Classification, opt))
+        .unwrap();
+    trainer.fit(&mut model, &data, None).unwrap();
+    model
+        .parameters()
+        .iter()
+        .map(|p| p.value().to_vec().iter().map(|v| v.as_f64().to_bits()).collect())
+        .collect()
+}
+
+#[test]
+fn the_thread_count_does_not_change_a_single_bit_of_training() {
+    // Each output of a product is summed by one thread in one order, and element-wise kernels
+    // are element-wise, so any thread count gives the same bits (as a reproducible run needs).
+    assert_eq!(
+        weights_after_training_on::<True<F32>>(1),
+        weights_after_training_on::<True<F32>>(3)
+    );
+    assert_eq!(
+        weights_after_training_on::<Mixed<BF16>>(1),
+        weights_after_training_on::<Mixed<BF16>>(2)
+    );
+    assert_eq!(
+        weights_after_training_on::<True<BF16>>(1),
+        weights_after_training_on::<True<BF16>>(4)
+    );
+}
+
+#[test]
+fn a_thread_count_of_zero_is_refused() {
+    let err = Trainer::<True<F32>, Cpu>::builder()
+        .num_threads(0)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("num_threads = 0"), "{err}");
+}

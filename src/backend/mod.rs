@@ -15,7 +15,7 @@ use crate::device::Device;
 use crate::dtype::{ComplexElement, Element, Float};
 use crate::error::Error;
 
-pub use cpu::gemm_f32_threads;
+pub use cpu::{THREADS_ENV, kernel_name, num_threads, set_num_threads, threads_from_env};
 
 /// A one-input element-wise operation.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -133,6 +133,9 @@ option_groups! {
         /// Print a machine-readable JSON summary instead of the table
         #[arg(long)]
         json: bool,
+        /// Threads of the CPU kernels [default: NBIT_NUM_THREADS, else every core]
+        #[arg(long, allow_hyphen_values = true)]
+        num_threads: Option<i64>,
     }
 
     /// Which rows are held out for validation (fit and validate split alike).
@@ -421,10 +424,10 @@ fn held_out(
 fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
     let opts = opts.with_config()?;
     let task: Task = opts.task.as_deref().unwrap_or("classification").parse()?;
-    if let Some(f) = opts.val_split {
-        if !(0.0..1.0).contains(&f) {
-            return Err(invalid("--val-split", f, "a fraction in [0, 1)"));
-        }
+    if let Some(f) = opts.val_split
+        && !(0.0..1.0).contains(&f)
+    {
+        return Err(invalid("--val-split", f, "a fraction in [0, 1)"));
     }
     let data_path = opts
         .data
@@ -598,6 +601,17 @@ impl<P: Precision, D: Supports<P>> BackendJob<D> for OnBackend<P> {
         }
         if let Some(l) = &o.log_csv {
             b = b.log_csv(l.clone());
+        }
+        if let Some(t) = o.num_threads {
+            let n = usize::try_from(t)
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| Error::InvalidArgument {
+                    name: "--num-threads",
+                    value: t.to_string(),
+                    expected: "a whole number of threads of at least 1",
+                })?;
+            b = b.num_threads(n);
         }
         let trainer = b.build()?;
         if plan.command == "fit" {

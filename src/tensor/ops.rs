@@ -135,15 +135,15 @@ impl<E: Float, D: Backend> Tensor<E, D> {
             ));
         }
         let n = if tb { sb[0] } else { sb[1] };
-        if let Some(bias) = bias {
-            if bias.shape() != [n] {
-                return Err(mismatch(
-                    "matmul bias",
-                    &[n],
-                    bias.shape(),
-                    "the bias must have one value per output column",
-                ));
-            }
+        if let Some(bias) = bias
+            && bias.shape() != [n]
+        {
+            return Err(mismatch(
+                "matmul bias",
+                &[n],
+                bias.shape(),
+                "the bias must have one value per output column",
+            ));
         }
         let data = D::matmul(self.storage(), other.storage(), ta, tb, bias.map(Tensor::storage));
         let (a, b, c) = (self.clone(), other.clone(), bias.cloned());
@@ -190,15 +190,15 @@ impl<E: Float, D: Backend> Tensor<E, D> {
             ));
         }
         let out = ws[0];
-        if let Some(b) = bias {
-            if b.shape() != [out] {
-                return Err(mismatch(
-                    "linear",
-                    ws,
-                    b.shape(),
-                    "bias must be [out] for weight [out, in]",
-                ));
-            }
+        if let Some(b) = bias
+            && b.shape() != [out]
+        {
+            return Err(mismatch(
+                "linear",
+                ws,
+                b.shape(),
+                "bias must be [out] for weight [out, in]",
+            ));
         }
         let rows = shape.iter().product::<usize>() / input.max(1);
         let x2 = if shape.len() == 2 {
@@ -217,15 +217,15 @@ impl<E: Float, D: Backend> Tensor<E, D> {
 
     fn reduce(&self, axis: Option<usize>, keepdim: bool, mean: bool) -> Result<Self, Error> {
         let shape = self.shape().to_vec();
-        if let Some(ax) = axis {
-            if ax >= shape.len() {
-                return Err(mismatch(
-                    "sum",
-                    &shape,
-                    &[ax],
-                    "the axis must be less than the number of dimensions",
-                ));
-            }
+        if let Some(ax) = axis
+            && ax >= shape.len()
+        {
+            return Err(mismatch(
+                "sum",
+                &shape,
+                &[ax],
+                "the axis must be less than the number of dimensions",
+            ));
         }
         let count = axis.map_or(self.numel(), |ax| shape[ax]);
         let scale = if mean { 1.0 / count.max(1) as f64 } else { 1.0 };
@@ -433,15 +433,15 @@ impl<E: Float, D: Backend> Tensor<E, D> {
             if x.is_tracked() {
                 g.accumulate::<E, D>(x.id(), dx);
             }
-            if let (Some(w), Some(dw)) = (&w, dw) {
-                if w.is_tracked() {
-                    g.accumulate::<E, D>(w.id(), dw);
-                }
+            if let (Some(w), Some(dw)) = (&w, dw)
+                && w.is_tracked()
+            {
+                g.accumulate::<E, D>(w.id(), dw);
             }
-            if let (Some(b), Some(db)) = (&b, db) {
-                if b.is_tracked() {
-                    g.accumulate::<E, D>(b.id(), db);
-                }
+            if let (Some(b), Some(db)) = (&b, db)
+                && b.is_tracked()
+            {
+                g.accumulate::<E, D>(b.id(), db);
             }
         }))
     }

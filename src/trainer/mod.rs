@@ -90,6 +90,9 @@ pub struct TrainerConfig {
     /// Stream one CSV row per optimizer step here as training runs (`step,epoch,loss,scale,
     /// skipped,lr`); the rows written so far survive an error or an interruption.
     pub log_csv: Option<PathBuf>,
+    /// Threads of the CPU kernels, set process-wide when training starts, as
+    /// `torch.set_num_threads` (default: `NBIT_NUM_THREADS`, else every core available).
+    pub num_threads: Option<usize>,
 }
 
 impl Default for TrainerConfig {
@@ -106,6 +109,7 @@ impl Default for TrainerConfig {
             default_root_dir: PathBuf::from("."),
             checkpoint_path: None,
             log_csv: None,
+            num_threads: None,
         }
     }
 }
@@ -155,6 +159,9 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
         checkpoint_path: PathBuf => checkpoint_path wrap Some;
         /// Stream the per-step log to this CSV file as training runs.
         log_csv: PathBuf => log_csv wrap Some;
+        /// Threads of the CPU kernels (process-wide, as `torch.set_num_threads`; default
+        /// `NBIT_NUM_THREADS`, else every core).
+        num_threads: usize => num_threads wrap Some;
     }
 
     /// Uses `scaler` instead of `P::Scaler::default()` (e.g. a `DynamicScaler` with other
@@ -178,14 +185,18 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
         if c.accumulate_grad_batches == 0 {
             return bad("accumulate_grad_batches", "0".into(), "at least 1");
         }
-        if let Some(v) = c.gradient_clip_val {
-            if !(v.is_finite() && v >= 0.0) {
-                return bad("gradient_clip_val", v.to_string(), "a finite value >= 0");
-            }
+        if let Some(v) = c.gradient_clip_val
+            && !(v.is_finite() && v >= 0.0)
+        {
+            return bad("gradient_clip_val", v.to_string(), "a finite value >= 0");
         }
         if c.log_every_n_steps == 0 {
             return bad("log_every_n_steps", "0".into(), "at least 1");
         }
+        if c.num_threads == Some(0) {
+            return bad("num_threads", "0".into(), "at least 1");
+        }
+        crate::backend::threads_from_env()?;
         D::probe()?;
         Ok(Trainer {
             cfg: self.cfg,
@@ -377,6 +388,9 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         for data in [Some(train), val].into_iter().flatten() {
             data.dataset().check_representable::<P>()?;
         }
+        if let Some(n) = self.cfg.num_threads {
+            crate::backend::set_num_threads(n);
+        }
         let mut ctx = InitCtx::new(self.cfg.seed);
         model.configure_model(&mut ctx)?;
         let optimizer =
@@ -500,7 +514,9 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 }
                 report.history.push(step);
                 (micro, loss_sum) = (0, 0.0);
-                if st.global_step % self.cfg.log_every_n_steps as u64 == 0 || report.history.len() == 1 {
+                if st.global_step.is_multiple_of(self.cfg.log_every_n_steps as u64)
+                    || report.history.len() == 1
+                {
                     bar.message(step.loss, st.skipped);
                 }
                 if self.cfg.max_steps.is_some_and(|m| st.global_step >= m) {
@@ -571,10 +587,10 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         // Lightning: a clip value of 0 (or less) means no clipping.
         if let Some(limit) = self.cfg.gradient_clip_val.filter(|&v| v > 0.0) {
             let norm = clip(&mut grads, limit, self.cfg.gradient_clip_algorithm);
-            if let Some(norm) = norm.filter(|n| !n.is_finite()) {
-                if !<P::Scaler as GradScaler>::ENABLED {
-                    return Err(self.non_finite("gradient norm", norm, st));
-                }
+            if let Some(norm) = norm.filter(|n| !n.is_finite())
+                && !<P::Scaler as GradScaler>::ENABLED
+            {
+                return Err(self.non_finite("gradient norm", norm, st));
             }
         }
         let lr = st.optimizer.lr();

@@ -13,15 +13,15 @@ use super::{
     uniform,
 };
 use crate::device::Cpu;
-use crate::dtype::{Acc, ComplexElement, Element, Float};
 
-/// Threads the CPU GEMM uses: all available cores (2 on the development machine). Asked of the
-/// operating system once: on Linux the answer reads cgroup files, which cost more than a small
-/// product.
-pub fn gemm_f32_threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
+mod gemm;
+mod parallel;
+
+use parallel::{Disjoint, PARALLEL_MIN_ELEMENTS, for_ranges, par_parts};
+
+use crate::dtype::{Acc, ComplexElement, Element, Float};
+pub use gemm::kernel_name;
+pub use parallel::{THREADS_ENV, num_threads, set_num_threads, threads_from_env};
 
 /// Products smaller than this many multiply-adds run on one thread: spawning costs more.
 const PARALLEL_MIN_FLOPS: usize = 1 << 18;
@@ -69,14 +69,14 @@ fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
         return dst;
     }
     let threads = if m * n * k >= PARALLEL_MIN_FLOPS {
-        gemm_f32_threads()
+        num_threads()
     } else {
         1
     };
     let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+        ::gemm::Parallelism::Rayon(threads)
     } else {
-        gemm::Parallelism::None
+        ::gemm::Parallelism::None
     };
     let (ars, acs) = (a.strides()[0], a.strides()[1]);
     let (brs, bcs) = (b.strides()[0], b.strides()[1]);
@@ -84,7 +84,7 @@ fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
     // SAFETY: the pointers and strides describe live arrays of the stated dimensions; `dst` is
     // a fresh row-major (m, n) array not aliased by the inputs.
     unsafe {
-        gemm::gemm(
+        ::gemm::gemm(
             m,
             n,
             k,
@@ -115,6 +115,11 @@ fn as_2d<T>(s: &ArrayD<T>, t: bool) -> ArrayView2<'_, T> {
         .into_dimensionality::<Ix2>()
         .expect("matmul operands are 2-D (checked by caller)");
     if t { v.reversed_axes() } else { v }
+}
+
+/// Whether `A` and `B` are one type (decided at compile time).
+fn same_type<A: 'static, B: 'static>() -> bool {
+    core::any::TypeId::of::<A>() == core::any::TypeId::of::<B>()
 }
 
 fn downcast<T: 'static, U: 'static>(x: T) -> U {
@@ -154,12 +159,39 @@ fn zip_map<E: Float, const N: usize>(inputs: [&[E]; N], out: &mut [E], f: impl F
 }
 
 /// [`zip_map`] over arrays of one shape.
-fn map_n<E: Float, const N: usize>(xs: [&ArrayD<E>; N], f: impl Fn([E::Acc; N]) -> E::Acc) -> ArrayD<E> {
+/// Split across threads above [`PARALLEL_MIN_ELEMENTS`].
+fn map_n<E: Float, const N: usize>(
+    xs: [&ArrayD<E>; N],
+    f: impl Fn([E::Acc; N]) -> E::Acc + Sync,
+) -> ArrayD<E> {
     let shape = xs[0].shape().to_vec();
     let data = xs.map(standard);
     let mut out = vec![E::zero(); data[0].len()];
-    zip_map(data.each_ref().map(|d| &**d), &mut out, f);
+    par_parts(&mut out, PARALLEL_MIN_ELEMENTS, CHUNK, |lo, part| {
+        zip_map(data.each_ref().map(|d| &d[lo..lo + part.len()]), part, &f)
+    });
     from_vec(&shape, out)
+}
+
+/// `dst[i] = src[i]` converted, rounding to nearest even once; 16-bit conversions a chunk at a
+/// time through the slice conversions (vectorised).
+fn cast_slice<A: Float, B: Float>(src: &[A], dst: &mut [B]) {
+    if A::DTYPE.bits() == 64 || B::DTYPE.bits() == 64 {
+        // Through f64 when either side is f64 (an exact widening).
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = B::from_f64(s.as_f64());
+        }
+        return;
+    }
+    // Otherwise both compute types are f32, and every value widens to it exactly.
+    let mut wide = [<A::Acc as Acc>::c(0.0); CHUNK];
+    for (s, d) in src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)) {
+        A::widen_slice(s, &mut wide[..s.len()]);
+        let same: &[B::Acc; CHUNK] = (&wide as &dyn Any)
+            .downcast_ref()
+            .expect("types of at most 32 bits compute in f32");
+        B::round_slice(&same[..s.len()], d);
+    }
 }
 
 impl Backend for Cpu {
@@ -202,11 +234,12 @@ impl Backend for Cpu {
         if A::DTYPE == B::DTYPE {
             return downcast(s.clone());
         }
-        match (A::DTYPE.bits(), B::DTYPE.bits()) {
-            // Through f64 when either side is f64, otherwise through f32: both exact widenings.
-            (64, _) | (_, 64) => s.mapv(|v| B::from_f64(v.as_f64())),
-            _ => s.mapv(|v| B::from_f32(v.as_f32())),
-        }
+        let src = standard(s);
+        let mut out = vec![B::zero(); src.len()];
+        par_parts(&mut out, PARALLEL_MIN_ELEMENTS, CHUNK, |lo, part| {
+            cast_slice(&src[lo..lo + part.len()], part)
+        });
+        from_vec(s.shape(), out)
     }
 
     fn unary<E: Float>(op: Unary, x: &ArrayD<E>) -> ArrayD<E> {
@@ -352,54 +385,10 @@ impl Backend for Cpu {
         tb: bool,
         bias: Option<&ArrayD<E>>,
     ) -> ArrayD<E> {
-        /// The product on the native kernel of `T`, when `E` is `T`.
-        fn native<T: Element + num_traits::Zero + num_traits::One, E: 'static>(
-            a: &ArrayD<E>,
-            b: &ArrayD<E>,
-            (ta, tb): (bool, bool),
-            bias: Option<&ArrayD<E>>,
-        ) -> ArrayD<E> {
-            fn same<X: 'static, Y: 'static>(x: &X) -> &Y {
-                (x as &dyn Any)
-                    .downcast_ref()
-                    .expect("element type checked by DTYPE")
-            }
-            let out: ArrayD<T> = gemm_into(
-                as_2d(same(a), ta),
-                as_2d(same(b), tb),
-                bias.map(same),
-                (false, false),
-            )
-            .into_dyn();
-            downcast(out)
-        }
-        let out = match E::DTYPE {
-            crate::DType::F64 => native::<f64, E>(a, b, (ta, tb), bias),
-            crate::DType::F32 => native::<f32, E>(a, b, (ta, tb), bias),
-            // 16-bit operands: widen (exactly) to f32, multiply-accumulate in f32 onto the
-            // widened bias, round once (as PyTorch's addmm for half types).
-            _ => {
-                let wide = |x: &ArrayD<E>| {
-                    let data = standard(x);
-                    let mut w = vec![<E::Acc as Acc>::c(0.0); data.len()];
-                    E::widen_slice(&data, &mut w);
-                    from_vec(x.shape(), w)
-                };
-                let wb = bias.map(wide);
-                let out = gemm_into(
-                    as_2d(&wide(a), ta),
-                    as_2d(&wide(b), tb),
-                    wb.as_ref(),
-                    (false, false),
-                );
-                let mut r = vec![E::zero(); out.len()];
-                E::round_slice(
-                    out.as_slice().expect("gemm_into returns a standard array"),
-                    &mut r,
-                );
-                from_vec(out.shape(), r)
-            }
-        };
+        let bias = bias.map(|v| standard(v));
+        let (a, b) = (as_2d(a, ta), as_2d(b, tb));
+        let (m, n) = (a.nrows(), b.ncols());
+        let out = from_vec(&[m, n], gemm::gemm(a, b, bias.as_deref()));
         Self::from_array(out)
     }
 
@@ -601,14 +590,35 @@ impl Backend for Cpu {
         compensation: Option<&mut ArrayD<E>>,
         hp: &SgdStep,
     ) {
-        // Fused multiply-adds, as PyTorch's; compiled for FMA where the CPU has it.
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports FMA, checked just above.
-            unsafe { sgd_step_fma(param, grad, momentum_buffer, compensation, hp) };
-            return;
-        }
-        sgd_step_body(param, grad, momentum_buffer, compensation, hp);
+        let p = standard_mut(param);
+        let n = p.len();
+        let g = standard(grad);
+        let (p, buf, comp) = (
+            Disjoint::new(p),
+            momentum_buffer.map(|b| Disjoint::new(&mut standard_mut(b)[..n])),
+            compensation.map(|c| Disjoint::new(&mut standard_mut(c)[..n])),
+        );
+        // Element-wise, so split across threads; ranges start at multiples of CHUNK (which
+        // keeps the stochastic-rounding draws of an element the same for any thread count).
+        for_ranges(n, PARALLEL_MIN_ELEMENTS, CHUNK, |lo, hi| {
+            // SAFETY: `for_ranges` passes disjoint ranges.
+            let (p, b, c) = unsafe {
+                (
+                    p.range(lo, hi),
+                    buf.as_ref().map(|b| b.range(lo, hi)),
+                    comp.as_ref().map(|c| c.range(lo, hi)),
+                )
+            };
+            let g = &g[lo..hi];
+            // Fused multiply-adds, as PyTorch's; compiled for FMA where the CPU has it.
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports FMA, checked just above.
+                unsafe { sgd_step_fma(p, g, b, c, hp, lo) };
+                return;
+            }
+            sgd_step_body(p, g, b, c, hp, lo);
+        });
     }
 
     fn adamw_step<E: Float>(
@@ -619,15 +629,37 @@ impl Backend for Cpu {
         compensation: Option<&mut ArrayD<E>>,
         hp: &AdamWStep,
     ) {
-        // The update fuses multiply-adds as PyTorch does; compiled for FMA where the CPU has it,
-        // so `mul_add` is one instruction rather than a call into libm.
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports FMA, checked just above.
-            unsafe { adamw_step_fma(param, grad, exp_avg, exp_avg_sq, compensation, hp) };
-            return;
-        }
-        adamw_step_body(param, grad, exp_avg, exp_avg_sq, compensation, hp);
+        let p = standard_mut(param);
+        let n = p.len();
+        let g = standard(grad);
+        let (p, m, v, comp) = (
+            Disjoint::new(p),
+            Disjoint::new(&mut standard_mut(exp_avg)[..n]),
+            Disjoint::new(&mut standard_mut(exp_avg_sq)[..n]),
+            compensation.map(|c| Disjoint::new(&mut standard_mut(c)[..n])),
+        );
+        // Split across threads as `sgd_step` is.
+        for_ranges(n, PARALLEL_MIN_ELEMENTS, CHUNK, |lo, hi| {
+            // SAFETY: `for_ranges` passes disjoint ranges.
+            let (p, m, v, c) = unsafe {
+                (
+                    p.range(lo, hi),
+                    m.range(lo, hi),
+                    v.range(lo, hi),
+                    comp.as_ref().map(|c| c.range(lo, hi)),
+                )
+            };
+            let g = &g[lo..hi];
+            // The update fuses multiply-adds as PyTorch does; compiled for FMA where the CPU
+            // has it, so `mul_add` is one instruction rather than a call into libm.
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports FMA, checked just above.
+                unsafe { adamw_step_fma(p, g, m, v, c, hp, lo) };
+                return;
+            }
+            adamw_step_body(p, g, m, v, c, hp, lo);
+        });
     }
 }
 
@@ -635,25 +667,28 @@ impl Backend for Cpu {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
 unsafe fn adamw_step_fma<E: Float>(
-    param: &mut ArrayD<E>,
-    grad: &ArrayD<E>,
-    exp_avg: &mut ArrayD<E>,
-    exp_avg_sq: &mut ArrayD<E::Moment>,
-    compensation: Option<&mut ArrayD<E>>,
+    p: &mut [E],
+    g: &[E],
+    m: &mut [E],
+    v: &mut [E::Moment],
+    comp: Option<&mut [E]>,
     hp: &AdamWStep,
+    offset: usize,
 ) {
-    adamw_step_body(param, grad, exp_avg, exp_avg_sq, compensation, hp);
+    adamw_step_body(p, g, m, v, comp, hp, offset);
 }
 
-/// One AdamW update as PyTorch's single-tensor implementation takes it (see the comments inside).
+/// One AdamW update as PyTorch's single-tensor implementation takes it (see the comments inside),
+/// over elements `offset..offset + p.len()` of the parameter.
 #[inline(always)]
 fn adamw_step_body<E: Float>(
-    param: &mut ArrayD<E>,
-    grad: &ArrayD<E>,
-    exp_avg: &mut ArrayD<E>,
-    exp_avg_sq: &mut ArrayD<E::Moment>,
-    compensation: Option<&mut ArrayD<E>>,
+    p: &mut [E],
+    g: &[E],
+    m: &mut [E],
+    v: &mut [E::Moment],
+    mut comp: Option<&mut [E]>,
     hp: &AdamWStep,
+    offset: usize,
 ) {
     let c = <E::Acc as Acc>::c;
     // Python's `beta ** step` (C pow on a float step), not repeated multiplication.
@@ -689,20 +724,13 @@ fn adamw_step_body<E: Float>(
     let second = |v: &E::Moment, g: E::Acc| moment((one_minus_b2 * g).mul_add(g, in_moment(widen(*v) * b2)));
     let denom = |v: &E::Moment| in_moment(in_moment(in_moment(widen(*v).sqrt()) / b2s) + eps);
     let updated = |p: E::Acc, m: E::Acc, d: E::Acc| p - step_size * m / d;
-    let (p, m, v) = (
-        standard_mut(param),
-        standard_mut(exp_avg),
-        standard_mut(exp_avg_sq),
-    );
-    let g = grad.as_standard_layout();
-    let g = &g.as_slice().expect("standard layout")[..p.len()];
-    let (m, v) = (&mut m[..p.len()], &mut v[..p.len()]);
-    let mut comp = compensation.map(|c| &mut standard_mut(c)[..p.len()]);
     // Under nearest rounding the decayed weight is rounded into storage, as `param.mul_` does;
     // the other roundings carry it unrounded into the one rounding of the new weight.
     let (rounding, key) = (hp.rounding, hp.noise_key);
     let nearest = rounding == UpdateRounding::Nearest;
-    if !E::SLICE_CONVERSIONS && nearest {
+    // One element at a time where nothing is rounded between steps (f32, f64); 16-bit types a
+    // chunk at a time, so each conversion is a vectorised loop.
+    if same_type::<E, E::Acc>() && nearest {
         for (((p, g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
             let g = g.to_acc();
             let pa = E::from_acc(decayed(p.to_acc())).to_acc();
@@ -742,7 +770,7 @@ fn adamw_step_body<E: Float>(
             *v = second(v, *g);
             *t = updated(*p, *m, denom(v));
         }
-        write_update(t, p, c, rounding, key, start);
+        write_update(t, p, c, rounding, key, offset + start);
     }
 }
 
@@ -750,23 +778,25 @@ fn adamw_step_body<E: Float>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
 unsafe fn sgd_step_fma<E: Float>(
-    param: &mut ArrayD<E>,
-    grad: &ArrayD<E>,
-    momentum_buffer: Option<&mut ArrayD<E>>,
-    compensation: Option<&mut ArrayD<E>>,
+    p: &mut [E],
+    g: &[E],
+    buf: Option<&mut [E]>,
+    comp: Option<&mut [E]>,
     hp: &SgdStep,
+    offset: usize,
 ) {
-    sgd_step_body(param, grad, momentum_buffer, compensation, hp);
+    sgd_step_body(p, g, buf, comp, hp, offset);
 }
 
 /// One SGD update as PyTorch's single-tensor implementation takes it (see the comments inside).
 #[inline(always)]
 fn sgd_step_body<E: Float>(
-    param: &mut ArrayD<E>,
-    grad: &ArrayD<E>,
-    momentum_buffer: Option<&mut ArrayD<E>>,
-    compensation: Option<&mut ArrayD<E>>,
+    p: &mut [E],
+    g: &[E],
+    mut buf: Option<&mut [E]>,
+    mut comp: Option<&mut [E]>,
     hp: &SgdStep,
+    offset: usize,
 ) {
     let c = <E::Acc as Acc>::c;
     let (neg_lr, wd, mom, damp) = (
@@ -789,13 +819,9 @@ fn sgd_step_body<E: Float>(
     let accumulated = |sb: E::Acc, d: E::Acc| damp.mul_add(d, sb);
     let nesterov = |d: E::Acc, b: E::Acc| mom.mul_add(b, d);
     let stepped = |p: E::Acc, s: E::Acc| neg_lr.mul_add(s, p);
-    let p = standard_mut(param);
-    let g = grad.as_standard_layout();
-    let g = &g.as_slice().expect("standard layout")[..p.len()];
-    let mut buf = momentum_buffer.map(|b| &mut standard_mut(b)[..p.len()]);
-    let mut comp = compensation.map(|c| &mut standard_mut(c)[..p.len()]);
     let (rounding, key) = (hp.rounding, hp.noise_key);
-    if !E::SLICE_CONVERSIONS && rounding == UpdateRounding::Nearest {
+    // As in `adamw_step_body`: element by element for f32 and f64, by chunks for 16-bit types.
+    if same_type::<E, E::Acc>() && rounding == UpdateRounding::Nearest {
         let round = |x: E::Acc| E::from_acc(x).to_acc();
         for (i, (p, g)) in p.iter_mut().zip(g).enumerate() {
             let pa = p.to_acc();
@@ -868,7 +894,7 @@ fn sgd_step_body<E: Float>(
             *p = stepped(*p, *s);
         }
         let c = comp.as_deref_mut().map(|c| &mut c[r.clone()]);
-        write_update(wp, &mut p[r.clone()], c, rounding, key, r.start);
+        write_update(wp, &mut p[r.clone()], c, rounding, key, offset + r.start);
     }
 }
 

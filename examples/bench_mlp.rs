@@ -1,0 +1,143 @@
+//! Training throughput of an MLP (ReLU, cross-entropy, SGD with momentum) through the Trainer.
+//!
+//! ```text
+//! cargo run --release --example bench_mlp -- --precision bf16-mixed --inputs 784 --hidden 1024,1024 \
+//!     --classes 10 --batch-size 256 --samples 8192 --epochs 3 --threads 2
+//! ```
+//!
+//! Data are seeded synthetic features and labels. Each epoch is one `fit`, timed alone; the
+//! first is a warm-up when there are several, and the figure is the median of the rest. The last
+//! line is
+//! `samples_per_sec=<number>`; `tools/bench_mlp_vs_pytorch.py` runs the same configurations in
+//! plain PyTorch and prints the ratio table.
+
+use std::time::Instant;
+
+use nbit::data::{DataLoader, Dataset};
+use nbit::nn::Task;
+use nbit::optim::{Optimization, Sgd};
+use nbit::prelude::*;
+
+struct Args {
+    precision: String,
+    inputs: usize,
+    hidden: Vec<usize>,
+    classes: usize,
+    batch: usize,
+    samples: usize,
+    epochs: u64,
+    threads: Option<usize>,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        precision: "32-true".into(),
+        inputs: 784,
+        hidden: vec![1024, 1024],
+        classes: 10,
+        batch: 256,
+        samples: 8192,
+        epochs: 3,
+        threads: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
+        match flag.as_str() {
+            "--precision" => a.precision = value,
+            "--inputs" => a.inputs = num(&value)?,
+            "--hidden" => a.hidden = value.split(',').map(num).collect::<Result<_, _>>()?,
+            "--classes" => a.classes = num(&value)?,
+            "--batch-size" => a.batch = num(&value)?,
+            "--samples" => a.samples = num(&value)?,
+            "--epochs" => a.epochs = num(&value)? as u64,
+            "--threads" => a.threads = Some(num(&value)?),
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    Ok(a)
+}
+
+fn run<P: Precision>(a: &Args) -> Result<f64, Error>
+where
+    Cpu: Supports<P>,
+{
+    let mut s = 7u64;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let x = ndarray::Array2::from_shape_fn((a.samples, a.inputs), |_| next() * 2.0 - 1.0);
+    let y = (0..a.samples)
+        .map(|_| (next() * a.classes as f64) as usize % a.classes)
+        .collect();
+    let data = DataLoader::new(Dataset::classification(x, y)?, a.batch)?;
+    let mut builder = Trainer::<P, Cpu>::builder().enable_progress_bar(false).seed(1);
+    if let Some(t) = a.threads {
+        builder = builder.num_threads(t);
+    }
+    let trainer = builder.max_epochs(1).build()?;
+    let mut sizes = vec![a.inputs];
+    sizes.extend(&a.hidden);
+    sizes.push(a.classes);
+    let opt = Optimization::new(Sgd::new(0.01).momentum(0.9));
+    let mut model = trainer.init_module(|ctx| MlpModel::new(ctx, &sizes, Task::Classification, opt))?;
+    // One `fit` of one epoch at a time, timed separately; the first is a warm-up when there
+    // is more than one (kernel choice, first allocations), and the median of the rest is the
+    // figure (robust to a noisy neighbour on a shared machine).
+    let mut rates = Vec::new();
+    let mut last = f64::NAN;
+    for _ in 0..a.epochs {
+        let start = Instant::now();
+        let r = trainer.fit(&mut model, &data, None)?;
+        rates.push(a.samples as f64 / start.elapsed().as_secs_f64());
+        last = r.history.last().map_or(f64::NAN, |s| s.loss);
+    }
+    if rates.len() > 1 {
+        rates.remove(0);
+    }
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    println!(
+        "{} {:?} batch {} threads {}: median of {} epochs {median:.0} samples/s, last loss {last:.4}",
+        P::NAME,
+        sizes,
+        a.batch,
+        nbit::backend::num_threads(),
+        rates.len(),
+    );
+    Ok(median)
+}
+
+fn main() {
+    let a = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let r = match a.precision.as_str() {
+        "32-true" | "32" => run::<True<F32>>(&a),
+        "64-true" | "64" => run::<True<F64>>(&a),
+        "bf16-mixed" | "bf16" => run::<Mixed<BF16>>(&a),
+        "bf16-true" => run::<True<BF16>>(&a),
+        "16-true" => run::<True<F16>>(&a),
+        other => {
+            eprintln!(
+                "error: precision {other:?} does not run on the CPU; use 32-true, 64-true, bf16-mixed, bf16-true or 16-true"
+            );
+            std::process::exit(2);
+        }
+    };
+    match r {
+        Ok(sps) => println!("samples_per_sec={sps:.1}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}

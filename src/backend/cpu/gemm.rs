@@ -1,0 +1,1058 @@
+//! nbit's CPU GEMM: `C = op(A) op(B) (+ bias)` for f32, f64, bf16 and f16 operands.
+//!
+//! The classic blocked design (Goto; BLIS): operands are copied ("packed") into panels that fit
+//! the caches, and a register-blocked micro-kernel computes one `MR x NR` tile of C from an
+//! `MR x kc` panel of A and a `kc x NR` panel of B. Packing reads any strides, so transposed and
+//! strided operands cost nothing extra, and it is where 16-bit operands are widened to f32
+//! (exactly: every bf16 and f16 value is an f32). The micro-kernel then runs f32 FMAs, and the
+//! tile is rounded to the 16-bit type once, at the end (PyTorch's `addmm` numerics for half
+//! types: f32 accumulation, one rounding). f64 runs the same code with f64 panels.
+//!
+//! Micro-kernels per instruction set, chosen once at run time: AVX-512F (12 x 32 f32, 12 x 16
+//! f64), AVX2 with FMA (6 x 16, 6 x 8), and a portable one the compiler vectorises for the
+//! baseline target. The packing buffers live per thread and are reused, so a steady training
+//! loop allocates only its outputs.
+
+use std::any::{Any, TypeId};
+use std::cell::RefCell;
+
+use ndarray::ArrayView2;
+
+use super::parallel::{for_ranges_with, num_threads};
+use crate::dtype::{Acc, Float};
+
+/// Rows of the packed A block (a multiple of every kernel's `mr`): A's block stays in L2.
+const MC: usize = 192;
+/// Depth of one packed block: the `kc x NR` panel of B stays in L1 while A panels stream by.
+const KC: usize = 256;
+/// Columns of the packed B block: `KC x NC` lanes stay in L2.
+const NC: usize = 1024;
+/// Products with fewer multiply-adds than this run on the calling thread only.
+const PARALLEL_MIN_FMAS: usize = 1 << 19;
+
+/// One micro-kernel: `C[0..mr, 0..nr] += A_panel * B_panel`.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernel<T> {
+    /// For reports and tests, e.g. `"avx512f 12x32"`.
+    pub name: &'static str,
+    pub mr: usize,
+    pub nr: usize,
+    /// Operands packed as pairs of bf16 (`k` and `k + 1` in one 32-bit slot) for a dot-product
+    /// instruction; the kernel then takes `kc.div_ceil(2)` steps. Only for bf16 operands.
+    pub pairs: bool,
+    /// `f(kc, a, b, c, ldc)`. Safety: `a` is readable for `kc * mr` values laid out `[p][i]`,
+    /// `b` for `kc * nr` laid out `[p][j]`, and `c` readable and writable at `i * ldc + j` for
+    /// `i < mr`, `j < nr`, not aliased by `a` or `b`; the CPU has the kernel's instruction set.
+    pub f: unsafe fn(usize, *const T, *const T, *mut T, usize),
+}
+
+/// The portable micro-kernel: plain loops over register-sized arrays, vectorised by the compiler
+/// for the baseline target (SSE2 on x86-64, NEON on aarch64).
+///
+/// # Safety
+/// As [`Kernel::f`] with `mr = MR`, `nr = NR`.
+unsafe fn portable<T: Acc, const MR: usize, const NR: usize>(
+    kc: usize,
+    a: *const T,
+    b: *const T,
+    c: *mut T,
+    ldc: usize,
+) {
+    let mut acc = [[T::zero(); NR]; MR];
+    // SAFETY: the caller guarantees `kc * MR` values at `a` and `kc * NR` at `b`.
+    let (a, b) = unsafe {
+        (
+            core::slice::from_raw_parts(a, kc * MR),
+            core::slice::from_raw_parts(b, kc * NR),
+        )
+    };
+    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] = acc[i][j] + ap[i] * bp[j];
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            // SAFETY: i < MR, j < NR: inside the tile the caller guarantees.
+            unsafe { *c.add(i * ldc + j) = *c.add(i * ldc + j) + *v };
+        }
+    }
+}
+
+/// An x86 micro-kernel of `$mr` rows by `$nv` vectors of `$w` lanes: `$mr * $nv` accumulators
+/// live in registers; each step of `k` loads `$nv` vectors of B and broadcasts `$mr` values of A.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_kernel {
+    ($name:ident, $feat:literal, $t:ty, $mr:literal, $nv:literal, $w:literal,
+     $zero:ident, $load:ident, $set1:ident, $fma:ident, $add:ident, $store:ident) => {
+        /// # Safety
+        /// As [`Kernel::f`]; the CPU has the features in the attribute.
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(kc: usize, a: *const $t, b: *const $t, c: *mut $t, ldc: usize) {
+            use core::arch::x86_64::*;
+            // Fetch the C tile now: its cache misses then overlap the k loop.
+            for i in 0..$mr {
+                for v in 0..($nv * $w * size_of::<$t>()).div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + v * 64 / size_of::<$t>()).cast());
+                }
+            }
+            let mut acc = [[$zero(); $nv]; $mr];
+            let (mut a, mut b) = (a, b);
+            for _ in 0..kc {
+                // SAFETY: `kc` steps of `$mr` values of A and `$nv * $w` of B are readable.
+                unsafe {
+                    let mut bv = [$zero(); $nv];
+                    for (v, x) in bv.iter_mut().enumerate() {
+                        *x = $load(b.add(v * $w));
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let ai = $set1(*a.add(i));
+                        for (x, bx) in row.iter_mut().zip(&bv) {
+                            *x = $fma(ai, *bx, *x);
+                        }
+                    }
+                    a = a.add($mr);
+                    b = b.add($nv * $w);
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (v, x) in row.iter().enumerate() {
+                    // SAFETY: row i < $mr, lanes v * $w.. < $nv * $w: inside the tile.
+                    unsafe {
+                        let p = c.add(i * ldc + v * $w);
+                        $store(p, $add($load(p), *x));
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Kernel;
+    x86_kernel!(
+        avx512_f32,
+        "avx512f",
+        f32,
+        12,
+        2,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps,
+        _mm512_storeu_ps
+    );
+    x86_kernel!(
+        avx512_f64,
+        "avx512f",
+        f64,
+        12,
+        2,
+        8,
+        _mm512_setzero_pd,
+        _mm512_loadu_pd,
+        _mm512_set1_pd,
+        _mm512_fmadd_pd,
+        _mm512_add_pd,
+        _mm512_storeu_pd
+    );
+    x86_kernel!(
+        avx2_f32,
+        "avx2,fma",
+        f32,
+        6,
+        2,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps,
+        _mm256_storeu_ps
+    );
+    x86_kernel!(
+        avx2_f64,
+        "avx2,fma",
+        f64,
+        6,
+        2,
+        4,
+        _mm256_setzero_pd,
+        _mm256_loadu_pd,
+        _mm256_set1_pd,
+        _mm256_fmadd_pd,
+        _mm256_add_pd,
+        _mm256_storeu_pd
+    );
+
+    /// Loads up to 16 values of one row as f32 (zero past `n`): f32 as is, bf16 by a shift,
+    /// f16 by `vcvtph2ps`; all exact.
+    macro_rules! load16 {
+        (f32, $p:expr, $mask:expr) => {
+            _mm512_maskz_loadu_ps($mask, $p.cast::<f32>())
+        };
+        (bf16, $p:expr, $mask:expr) => {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_maskz_loadu_epi16($mask, $p.cast::<i16>()),
+            )))
+        };
+        (f16, $p:expr, $mask:expr) => {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16($mask, $p.cast::<i16>()))
+        };
+    }
+
+    /// Packs `rows` (at most 16) rows whose elements are contiguous (`src + i * rs + p`) into
+    /// `dst[p * w + off + i]` for `p < kc`: 16 x 16 blocks transposed in registers.
+    macro_rules! transpose_pack {
+        ($name:ident, $kind:tt, $t:ty) => {
+            /// # Safety
+            /// Rows `i < rows <= 16` are readable for `kc` values from `src + i * rs`; `dst`
+            /// is writable at `p * w + off + i` for `p < kc`, `i < rows`; the CPU has
+            /// AVX-512F and AVX-512BW.
+            #[target_feature(enable = "avx512f,avx512bw")]
+            pub(super) unsafe fn $name(
+                src: *const $t,
+                rs: isize,
+                rows: usize,
+                kc: usize,
+                dst: *mut f32,
+                w: usize,
+                off: usize,
+            ) {
+                use core::arch::x86_64::*;
+                let rowmask: __mmask16 = if rows >= 16 {
+                    0xffff
+                } else {
+                    (1u16 << rows) - 1
+                };
+                let mut p = 0;
+                while p < kc {
+                    let cols = (kc - p).min(16);
+                    let colmask: __mmask16 = if cols >= 16 {
+                        0xffff
+                    } else {
+                        (1u16 << cols) - 1
+                    };
+                    let mut r = [_mm512_setzero_ps(); 16];
+                    for (i, v) in r.iter_mut().enumerate().take(rows) {
+                        // SAFETY: row i < rows, values p..p + cols < kc (masked): readable.
+                        *v = unsafe { load16!($kind, src.offset(i as isize * rs + p as isize), colmask) };
+                    }
+                    let mut t = [_mm512_setzero_ps(); 16];
+                    for k in 0..8 {
+                        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+                        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+                    }
+                    let mut u = [_mm512_setzero_ps(); 16];
+                    for k in 0..4 {
+                        let pd = |x: __m512| _mm512_castps_pd(x);
+                        let (t0, t1, t2, t3) = (
+                            pd(t[4 * k]),
+                            pd(t[4 * k + 1]),
+                            pd(t[4 * k + 2]),
+                            pd(t[4 * k + 3]),
+                        );
+                        u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+                        u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+                        u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+                        u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+                    }
+                    // u[4g + q], 128-bit lane l: rows 4g..4g+3 of column 4l + q.
+                    for q in 0..4 {
+                        let v0 = _mm512_shuffle_f32x4::<0x88>(u[q], u[4 + q]);
+                        let v1 = _mm512_shuffle_f32x4::<0xdd>(u[q], u[4 + q]);
+                        let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + q], u[12 + q]);
+                        let w1 = _mm512_shuffle_f32x4::<0xdd>(u[8 + q], u[12 + q]);
+                        let out = [
+                            (q, _mm512_shuffle_f32x4::<0x88>(v0, w0)),
+                            (4 + q, _mm512_shuffle_f32x4::<0x88>(v1, w1)),
+                            (8 + q, _mm512_shuffle_f32x4::<0xdd>(v0, w0)),
+                            (12 + q, _mm512_shuffle_f32x4::<0xdd>(v1, w1)),
+                        ];
+                        for (col, v) in out {
+                            if col < cols {
+                                // SAFETY: step p + col < kc, rows under `rowmask` < rows.
+                                unsafe { _mm512_mask_storeu_ps(dst.add((p + col) * w + off), rowmask, v) };
+                            }
+                        }
+                    }
+                    p += 16;
+                }
+            }
+        };
+    }
+    transpose_pack!(transpose_pack_f32, f32, f32);
+    transpose_pack!(transpose_pack_bf16, bf16, half::bf16);
+    transpose_pack!(transpose_pack_f16, f16, half::f16);
+
+    /// The bf16 dot-product kernel (`vdpbf16ps`), 12 x 32: each step multiplies two bf16 pairs
+    /// per lane and adds both products to f32 accumulators. The instruction treats subnormal
+    /// inputs as zero and flushes subnormal results to zero, whatever MXCSR says.
+    ///
+    /// # Safety
+    /// As [`Kernel::f`] with `a`, `b` holding bf16 pairs; the CPU has AVX-512F and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn avx512_bf16_pairs(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+        use core::arch::x86_64::*;
+        // SAFETY (transmutes): `__m512i` and `__m512bh` are both 64 bytes of plain bits.
+        let bh = |x: __m512i| unsafe { core::mem::transmute::<__m512i, __m512bh>(x) };
+        for i in 0..12 {
+            for v in 0..2 {
+                _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + v * 16).cast());
+            }
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+        let (mut a, mut b) = (a.cast::<i32>(), b.cast::<i32>());
+        for _ in 0..steps {
+            // SAFETY: `steps` steps of 12 pairs of A and 32 of B are readable.
+            unsafe {
+                let b0 = bh(_mm512_loadu_si512(b.cast()));
+                let b1 = bh(_mm512_loadu_si512(b.add(16).cast()));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = bh(_mm512_set1_epi32(*a.add(i)));
+                    row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
+                    row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
+                }
+                a = a.add(12);
+                b = b.add(32);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                // SAFETY: inside the 12 x 32 tile.
+                unsafe {
+                    let p = c.add(i * ldc + v * 16);
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *x));
+                }
+            }
+        }
+    }
+
+    pub(super) const AVX512_BF16_PAIRS: Kernel<f32> = Kernel {
+        name: "avx512_bf16 vdpbf16ps 12x32",
+        mr: 12,
+        nr: 32,
+        pairs: true,
+        f: avx512_bf16_pairs,
+    };
+
+    pub(super) const AVX512_F32: Kernel<f32> = Kernel {
+        name: "avx512f 12x32",
+        mr: 12,
+        nr: 32,
+        pairs: false,
+        f: avx512_f32,
+    };
+    pub(super) const AVX512_F64: Kernel<f64> = Kernel {
+        name: "avx512f 12x16",
+        mr: 12,
+        nr: 16,
+        pairs: false,
+        f: avx512_f64,
+    };
+    pub(super) const AVX2_F32: Kernel<f32> = Kernel {
+        name: "avx2+fma 6x16",
+        mr: 6,
+        nr: 16,
+        pairs: false,
+        f: avx2_f32,
+    };
+    pub(super) const AVX2_F64: Kernel<f64> = Kernel {
+        name: "avx2+fma 6x8",
+        mr: 6,
+        nr: 8,
+        pairs: false,
+        f: avx2_f64,
+    };
+}
+
+const PORTABLE_F32: Kernel<f32> = Kernel {
+    name: "portable 4x16",
+    mr: 4,
+    nr: 16,
+    pairs: false,
+    f: portable::<f32, 4, 16>,
+};
+const PORTABLE_F64: Kernel<f64> = Kernel {
+    name: "portable 4x8",
+    mr: 4,
+    nr: 8,
+    pairs: false,
+    f: portable::<f64, 4, 8>,
+};
+
+/// Every micro-kernel this CPU can run for lanes of `T`, fastest first.
+pub(crate) fn kernels<T: Acc>() -> Vec<Kernel<T>> {
+    let mut f32s = Vec::new();
+    let mut f64s = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            f32s.push(x86::AVX512_F32);
+            f64s.push(x86::AVX512_F64);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            f32s.push(x86::AVX2_F32);
+            f64s.push(x86::AVX2_F64);
+        }
+    }
+    f32s.push(PORTABLE_F32);
+    f64s.push(PORTABLE_F64);
+    let any: Box<dyn Any> = if TypeId::of::<T>() == TypeId::of::<f32>() {
+        Box::new(f32s)
+    } else {
+        Box::new(f64s)
+    };
+    *any.downcast::<Vec<Kernel<T>>>()
+        .expect("the compute type of a float is f32 or f64")
+}
+
+/// The kernel this process uses for lanes of `T`: the first of [`kernels`], chosen once.
+fn kernel<T: Acc>() -> Kernel<T> {
+    use std::sync::OnceLock;
+    static F32: OnceLock<Kernel<f32>> = OnceLock::new();
+    static F64: OnceLock<Kernel<f64>> = OnceLock::new();
+    let any: &dyn Any = if TypeId::of::<T>() == TypeId::of::<f32>() {
+        F32.get_or_init(|| kernels::<f32>()[0])
+    } else {
+        F64.get_or_init(|| kernels::<f64>()[0])
+    };
+    *any.downcast_ref::<Kernel<T>>()
+        .expect("the compute type of a float is f32 or f64")
+}
+
+/// The kernels that can multiply bf16 operands on this CPU: the f32 kernels (operands widened
+/// while packing) and, where the CPU has AVX-512 BF16, the `vdpbf16ps` kernel.
+pub(crate) fn bf16_kernels() -> Vec<Kernel<f32>> {
+    let mut ks = kernels::<f32>();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
+        ks.insert(0, x86::AVX512_BF16_PAIRS);
+    }
+    ks
+}
+
+/// The kernel for products of `E`. For bf16, where two kernels compete (widening to f32 FMA,
+/// and the bf16 dot-product instruction, whose speed relative to FMA differs between CPUs:
+/// twice the FMA rate on AMD Zen 4, half on Intel Xeon with AVX512-FP16), a 192 x 256 x 256
+/// product on each decides at first use, once per process.
+fn kernel_for<E: Float>() -> Kernel<E::Acc> {
+    if E::DTYPE != crate::DType::BF16 {
+        return kernel::<E::Acc>();
+    }
+    use std::sync::OnceLock;
+    static BF16: OnceLock<Kernel<f32>> = OnceLock::new();
+    let chosen = BF16.get_or_init(|| {
+        let widen = kernel::<f32>();
+        let Some(pairs) = bf16_kernels().into_iter().find(|k| k.pairs) else {
+            return widen;
+        };
+        let v = |rows: usize, cols: usize| {
+            ndarray::Array2::from_shape_fn((rows, cols), |(i, j)| {
+                half::bf16::from_f32(((i * 31 + j * 17) % 64) as f32 / 32.0 - 1.0)
+            })
+        };
+        let (a, b) = (v(192, 256), v(256, 256));
+        let secs = |k: Kernel<f32>| {
+            (0..3)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(gemm_with(k, 1, a.view(), b.view(), None));
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        if secs(pairs) < secs(widen) { pairs } else { widen }
+    });
+    *(chosen as &dyn Any)
+        .downcast_ref::<Kernel<E::Acc>>()
+        .expect("bf16 computes in f32")
+}
+
+/// The name of the micro-kernel used for `E`'s products, e.g. `"avx512f 12x32"`; for bf16, the
+/// one the first-use measurement chose.
+pub fn kernel_name<E: Float>() -> &'static str {
+    kernel_for::<E>().name
+}
+
+/// A raw view of an operand: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct Operand<E> {
+    ptr: *const E,
+    rs: isize,
+    cs: isize,
+}
+
+// SAFETY: an `Operand` is only built from a borrowed array view that outlives every thread that
+// reads it (the threads are joined inside `gemm`), and it is only read.
+unsafe impl<E: Sync> Send for Operand<E> {}
+unsafe impl<E: Sync> Sync for Operand<E> {}
+
+/// The output, shared by threads that write disjoint tiles: element `(i, j)` at
+/// `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct Out<T> {
+    ptr: *mut T,
+    rs: usize,
+    cs: usize,
+}
+// SAFETY: threads write disjoint column or row ranges of the output (see `gemm`).
+unsafe impl<T: Send> Send for Out<T> {}
+unsafe impl<T: Send> Sync for Out<T> {}
+
+thread_local! {
+    /// Packing space of this thread, kept between calls (8-byte words, carved at 64-byte
+    /// alignment).
+    static ARENA: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `words` 8-byte words of this thread's packing space (a fresh buffer when the
+/// thread's own is in use, as when a product runs inside another's work).
+fn with_arena<R>(words: usize, f: impl FnOnce(*mut u64) -> R) -> R {
+    ARENA.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < words {
+                *v = vec![0u64; words];
+            }
+            f(v.as_mut_ptr())
+        }
+        Err(_) => f(vec![0u64; words].as_mut_ptr()),
+    })
+}
+
+/// Space for `n` values of `T`, in 8-byte words, with room to align the start to 64 bytes.
+fn words_for<T>(n: usize) -> usize {
+    (n * size_of::<T>()).div_ceil(8) + 8
+}
+
+/// `p` advanced to the next 64-byte boundary.
+fn align64<T>(p: *mut u64) -> *mut T {
+    let off = p.align_offset(64);
+    p.wrapping_add(off / 8).cast()
+}
+
+/// `C = op(A) op(B) (+ bias)` as a row-major `m x n` vector, `A` `m x k`, `B` `k x n` (views carry
+/// any transposition as strides). 16-bit operands are widened to f32 while packing, the products
+/// accumulate in f32 onto the bias, and each output is rounded once.
+pub(crate) fn gemm<E: Float>(a: ArrayView2<E>, b: ArrayView2<E>, bias: Option<&[E]>) -> Vec<E> {
+    gemm_with(kernel_for::<E>(), num_threads(), a, b, bias)
+}
+
+/// [`gemm`] with a given micro-kernel and thread count (tests run every kernel).
+pub(crate) fn gemm_with<E: Float>(
+    kern: Kernel<E::Acc>,
+    threads: usize,
+    a: ArrayView2<E>,
+    b: ArrayView2<E>,
+    bias: Option<&[E]>,
+) -> Vec<E> {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    debug_assert_eq!(b.nrows(), k);
+    let zero = <E::Acc as Acc>::c(0.0);
+    // The accumulator starts as the bias (or zero): `a @ b + bias` is rounded once. Written
+    // rather than allocated zeroed: the kernels read C before writing it, and reading fresh
+    // zeroed pages then writing them costs a copy-on-write fault per page.
+    let mut c: Vec<E::Acc> = Vec::with_capacity(m * n);
+    match bias {
+        Some(v) => {
+            debug_assert_eq!(v.len(), n);
+            let mut row = vec![zero; n];
+            E::widen_slice(v, &mut row);
+            for _ in 0..m {
+                c.extend_from_slice(&row);
+            }
+        }
+        None => c.resize(m * n, zero),
+    }
+    if m > 0 && n > 0 && k > 0 {
+        let (mr, nr) = (kern.mr, kern.nr);
+        // Fraction of the kernels' multiply-adds that land inside C, for C and for C^T.
+        let used = |m: usize, n: usize| (m * n) as f64 / (m.div_ceil(mr) * mr * n.div_ceil(nr) * nr) as f64;
+        // A narrow C (a classifier's 10 outputs against 32-wide tiles) wastes most of each tile:
+        // compute C^T = B^T A^T instead, written through C's strides.
+        let (a, b, m, n, out) = if used(n, m) > 1.25 * used(m, n) {
+            let out = Out {
+                ptr: c.as_mut_ptr(),
+                rs: 1,
+                cs: n,
+            };
+            (b.reversed_axes(), a.reversed_axes(), n, m, out)
+        } else {
+            (
+                a,
+                b,
+                m,
+                n,
+                Out {
+                    ptr: c.as_mut_ptr(),
+                    rs: n,
+                    cs: 1,
+                },
+            )
+        };
+        let (opa, opb) = (
+            Operand {
+                ptr: a.as_ptr(),
+                rs: a.strides()[0],
+                cs: a.strides()[1],
+            },
+            Operand {
+                ptr: b.as_ptr(),
+                rs: b.strides()[0],
+                cs: b.strides()[1],
+            },
+        );
+        let fmas = m.saturating_mul(n).saturating_mul(k);
+        let threads = if fmas < PARALLEL_MIN_FMAS { 1 } else { threads };
+        // Split the dimension with more tiles, on tile boundaries, so threads write disjoint
+        // parts of C and each packs only what it reads.
+        let by_cols = n.div_ceil(nr) >= m.div_ceil(mr);
+        let (len, align) = if by_cols { (n, nr) } else { (m, mr) };
+        let run = |lo: usize, hi: usize| {
+            let (rows, cols) = if by_cols {
+                ((0, m), (lo, hi))
+            } else {
+                ((lo, hi), (0, n))
+            };
+            // SAFETY: `opa`/`opb` describe the live views `a`, `b`; `out` is `c` seen as
+            // `m x n`, and this call writes only rows `rows` x columns `cols` of it, disjoint
+            // from other calls.
+            unsafe { block(kern, opa, opb, out, k, rows, cols) };
+        };
+        if threads <= 1 {
+            run(0, len);
+        } else {
+            for_ranges_with(threads, len, 0, align, run);
+        }
+    }
+    if TypeId::of::<E>() == TypeId::of::<E::Acc>() {
+        let any: Box<dyn Any> = Box::new(c);
+        *any.downcast::<Vec<E>>().expect("E is its own compute type")
+    } else {
+        let mut r = vec![E::zero(); c.len()];
+        super::parallel::par_parts(&mut r, super::parallel::PARALLEL_MIN_ELEMENTS, 64, |lo, part| {
+            E::round_slice(&c[lo..lo + part.len()], part)
+        });
+        r
+    }
+}
+
+/// A packing routine that transposes 16 x 16 blocks in registers, for operands contiguous along
+/// `k`: `f(src, row_stride, rows, kc, dst, w, offset)` (see `x86::transpose_pack_f32`).
+type Transposer<E> = unsafe fn(*const E, isize, usize, usize, *mut f32, usize, usize);
+
+/// The register-transposing packer for `E` on this CPU (AVX-512 with BW), if any.
+fn transposer<E: Float>() -> Option<Transposer<E>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static OK: OnceLock<bool> = OnceLock::new();
+        let ok = *OK.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
+        });
+        static F32: Transposer<f32> = x86::transpose_pack_f32;
+        static BF16: Transposer<half::bf16> = x86::transpose_pack_bf16;
+        static F16: Transposer<half::f16> = x86::transpose_pack_f16;
+        if ok {
+            let f: &dyn Any = match E::DTYPE {
+                crate::DType::F32 => &F32,
+                crate::DType::BF16 => &BF16,
+                crate::DType::F16 => &F16,
+                _ => return None,
+            };
+            return f.downcast_ref::<Transposer<E>>().copied();
+        }
+    }
+    None
+}
+
+/// Packs `kc` steps of `rows` rows of an operand, starting at (`r0`, `p0`), into panels of
+/// `w` rows laid out `[panel][p][i]`, widened to the compute type, zero past `rows`. `E` values
+/// are gathered into `scratch` first when the type widens fastest by slices (f16: F16C).
+///
+/// # Safety
+/// `(r0 + i, p0 + p)` is inside the operand for `i < rows`, `p < kc`; `dst` has
+/// `rows.div_ceil(w) * w * kc` values and `scratch` `w * kc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack<E: Float>(
+    x: Operand<E>,
+    r0: usize,
+    p0: usize,
+    rows: usize,
+    kc: usize,
+    w: usize,
+    dst: *mut E::Acc,
+    scratch: *mut E,
+) {
+    let zero = <E::Acc as Acc>::c(0.0);
+    let transpose = if x.cs == 1 && x.rs != 1 {
+        transposer::<E>()
+    } else {
+        None
+    };
+    for panel in 0..rows.div_ceil(w) {
+        let live = w.min(rows - panel * w);
+        // SAFETY (all pointer arithmetic below): `base` is element (r0 + panel * w, p0); with
+        // i < live and p < kc every read stays inside the operand, and every write inside the
+        // panel's `w * kc` values of `dst` (or of `scratch`), as the caller guarantees.
+        let base = x
+            .ptr
+            .wrapping_offset((r0 + panel * w) as isize * x.rs + p0 as isize * x.cs);
+        let d = dst.wrapping_add(panel * w * kc);
+        {
+            if let Some(t) = transpose {
+                if live < w {
+                    for p in 0..kc {
+                        for i in live..w {
+                            unsafe { *d.add(p * w + i) = zero };
+                        }
+                    }
+                }
+                for off in (0..live).step_by(16) {
+                    let rows = (live - off).min(16);
+                    // SAFETY: rows off..off + rows < live of the panel, `kc` contiguous values
+                    // each; `d` is this panel, and E's compute type is f32 (`transposer`).
+                    unsafe {
+                        t(
+                            base.wrapping_offset(off as isize * x.rs),
+                            x.rs,
+                            rows,
+                            kc,
+                            d.cast(),
+                            w,
+                            off,
+                        )
+                    };
+                }
+                continue;
+            }
+        }
+        if E::SLICE_CONVERSIONS {
+            for p in 0..kc {
+                let src = base.wrapping_offset(p as isize * x.cs);
+                for i in 0..w {
+                    let v = if i < live {
+                        unsafe { *src.offset(i as isize * x.rs) }
+                    } else {
+                        E::zero()
+                    };
+                    unsafe { *scratch.add(p * w + i) = v };
+                }
+            }
+            let (s, d) = unsafe {
+                (
+                    core::slice::from_raw_parts(scratch, w * kc),
+                    core::slice::from_raw_parts_mut(d, w * kc),
+                )
+            };
+            E::widen_slice(s, d);
+        } else if x.rs == 1 {
+            // The panel's rows are adjacent in memory (B of `A @ B` row-major, or a transposed
+            // A): every step of `p` copies one contiguous run, a vectorised loop.
+            for p in 0..kc {
+                let (src, drow) = unsafe {
+                    (
+                        core::slice::from_raw_parts(base.wrapping_offset(p as isize * x.cs), live),
+                        core::slice::from_raw_parts_mut(d.wrapping_add(p * w), w),
+                    )
+                };
+                for (o, v) in drow.iter_mut().zip(src) {
+                    *o = v.to_acc();
+                }
+                drow[live..].fill(zero);
+            }
+        } else {
+            if live < w {
+                for p in 0..kc {
+                    for i in live..w {
+                        unsafe { *d.add(p * w + i) = zero };
+                    }
+                }
+            }
+            // Each row read along its length (contiguous when `cs` is 1), written every `w`.
+            for i in 0..live {
+                let src = base.wrapping_offset(i as isize * x.rs);
+                for p in 0..kc {
+                    unsafe { *d.add(p * w + i) = (*src.offset(p as isize * x.cs)).to_acc() };
+                }
+            }
+        }
+    }
+}
+
+/// Packs like [`pack`], for a [`Kernel::pairs`] kernel: values `k` and `k + 1` of a row share a
+/// 32-bit slot (bf16 bits, `k` in the low half), laid out `[panel][k / 2][i]`, zero past `rows`
+/// and past `kc`.
+///
+/// # Safety
+/// As [`pack`], with `dst` holding `rows.div_ceil(w) * w * kc.div_ceil(2)` slots; `E` is bf16.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_pairs<E: Float>(
+    x: Operand<E>,
+    r0: usize,
+    p0: usize,
+    rows: usize,
+    kc: usize,
+    w: usize,
+    dst: *mut u32,
+) {
+    debug_assert_eq!(E::DTYPE, crate::DType::BF16);
+    let steps = kc.div_ceil(2);
+    // bf16 bits: the high half of the (exact) f32 value.
+    let bits = |v: E| v.as_f32().to_bits() >> 16;
+    for panel in 0..rows.div_ceil(w) {
+        let live = w.min(rows - panel * w);
+        let base = x
+            .ptr
+            .wrapping_offset((r0 + panel * w) as isize * x.rs + p0 as isize * x.cs);
+        let d = dst.wrapping_add(panel * w * steps);
+        for s in 0..steps {
+            for i in 0..w {
+                let at = |p: usize| {
+                    if i < live && p < kc {
+                        // SAFETY: row i < live, step p < kc: inside the operand (caller).
+                        bits(unsafe { *base.offset(i as isize * x.rs + p as isize * x.cs) })
+                    } else {
+                        0
+                    }
+                };
+                // SAFETY: slot (s, i) of this panel is inside `dst` (caller).
+                unsafe { *d.add(s * w + i) = at(2 * s) | at(2 * s + 1) << 16 };
+            }
+        }
+    }
+}
+
+/// The blocked product for output rows `rows.0..rows.1` and columns `cols.0..cols.1`.
+///
+/// # Safety
+/// `a` is `m x k` and `b` `k x n` for an `m` covering `rows` and an `n` covering `cols`; `c`
+/// is a live `m x n` output that no other thread reads or writes in this block.
+unsafe fn block<E: Float>(
+    kern: Kernel<E::Acc>,
+    a: Operand<E>,
+    b: Operand<E>,
+    c: Out<E::Acc>,
+    k: usize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    let mc_max = MC.div_ceil(mr) * mr;
+    let nc_max = NC.div_ceil(nr) * nr;
+    let kc_max = KC.min(k);
+    let a_len = mc_max * kc_max;
+    let b_len = nc_max * kc_max;
+    let s_len = mr.max(nr) * kc_max;
+    let words = words_for::<E::Acc>(a_len) + words_for::<E::Acc>(b_len) + words_for::<E>(s_len);
+    // B transposed for the packing routine: its "rows" are C's columns.
+    let bt = Operand {
+        ptr: b.ptr,
+        rs: b.cs,
+        cs: b.rs,
+    };
+    with_arena(words, |arena| {
+        let abuf: *mut E::Acc = align64(arena);
+        let bbuf: *mut E::Acc = align64(arena.wrapping_add(words_for::<E::Acc>(a_len)));
+        let scratch: *mut E =
+            align64(arena.wrapping_add(words_for::<E::Acc>(a_len) + words_for::<E::Acc>(b_len)));
+        let zero = <E::Acc as Acc>::c(0.0);
+        // The largest tile of any kernel (12 x 32), on the stack.
+        let mut tile = [zero; 384];
+        debug_assert!(mr * nr <= tile.len());
+        for jc in (cols.0..cols.1).step_by(nc_max) {
+            let nc = nc_max.min(cols.1 - jc);
+            for pc in (0..k).step_by(kc_max) {
+                let kc = kc_max.min(k - pc);
+                // SAFETY: columns jc..jc+nc of B over depth pc..pc+kc are inside B, and
+                // `bbuf` holds `nc_max * kc_max` values.
+                // SAFETY (pairs): as above; a pairs kernel only ever gets bf16 operands.
+                let steps = if kern.pairs { kc.div_ceil(2) } else { kc };
+                unsafe {
+                    if kern.pairs {
+                        pack_pairs(bt, jc, pc, nc, kc, nr, bbuf.cast())
+                    } else {
+                        pack(bt, jc, pc, nc, kc, nr, bbuf, scratch)
+                    }
+                };
+                for ic in (rows.0..rows.1).step_by(mc_max) {
+                    let mc = mc_max.min(rows.1 - ic);
+                    // SAFETY: rows ic..ic+mc of A over depth pc..pc+kc are inside A.
+                    unsafe {
+                        if kern.pairs {
+                            pack_pairs(a, ic, pc, mc, kc, mr, abuf.cast())
+                        } else {
+                            pack(a, ic, pc, mc, kc, mr, abuf, scratch)
+                        }
+                    };
+                    for ir in (0..mc).step_by(mr) {
+                        let ap = abuf.wrapping_add(ir * steps);
+                        let mlive = mr.min(mc - ir);
+                        for jr in (0..nc).step_by(nr) {
+                            let bp = bbuf.wrapping_add(jr * steps);
+                            let nlive = nr.min(nc - jr);
+                            let dst = c.ptr.wrapping_add((ic + ir) * c.rs + (jc + jr) * c.cs);
+                            if mlive == mr && nlive == nr && c.cs == 1 {
+                                // SAFETY: a full tile inside C with unit column stride; the
+                                // panels hold `kc` steps; the CPU has the kernel's features.
+                                unsafe { (kern.f)(steps, ap, bp, dst, c.rs) };
+                            } else {
+                                tile[..mr * nr].fill(zero);
+                                // SAFETY: `tile` is a private `mr x nr` buffer.
+                                unsafe { (kern.f)(steps, ap, bp, tile.as_mut_ptr(), nr) };
+                                for i in 0..mlive {
+                                    for j in 0..nlive {
+                                        // SAFETY: (ic+ir+i, jc+jr+j) is inside this block of C.
+                                        unsafe {
+                                            let o = dst.add(i * c.rs + j * c.cs);
+                                            *o = *o + tile[i * nr + j];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+    use ndarray::{Array2, ShapeBuilder, s};
+
+    /// Values in [-1, 1) from a counter, rounded to `E`.
+    fn values<E: Float>(rows: usize, cols: usize, seed: u64) -> Array2<E> {
+        Array2::from_shape_fn((rows, cols), |(i, j)| {
+            let h = crate::backend::mix64(seed ^ ((i as u64) << 32 | j as u64));
+            E::from_f64((h >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
+        })
+    }
+
+    /// Checks `gemm_with` against an f64 product of the same (exactly widened) values: every
+    /// element within one rounding to `E` plus f32/f64 accumulation error.
+    fn check<E: Float>(
+        kern: Kernel<E::Acc>,
+        threads: usize,
+        a: ArrayView2<E>,
+        b: ArrayView2<E>,
+        bias: Option<&[E]>,
+    ) {
+        let ((m, k), n) = (a.dim(), b.ncols());
+        let got = gemm_with(kern, threads, a, b, bias);
+        assert_eq!(got.len(), m * n);
+        let eps_acc = if size_of::<E::Acc>() == 4 {
+            f32::EPSILON as f64
+        } else {
+            f64::EPSILON
+        };
+        let eps_e = match E::DTYPE {
+            crate::DType::BF16 => 2f64.powi(-8),
+            crate::DType::F16 => 2f64.powi(-11),
+            _ => eps_acc,
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let (mut sum, mut mag) = (
+                    bias.map_or(0.0, |v| v[j].as_f64()),
+                    bias.map_or(0.0, |v| v[j].as_f64().abs()),
+                );
+                for p in 0..k {
+                    let t = a[(i, p)].as_f64() * b[(p, j)].as_f64();
+                    sum += t;
+                    mag += t.abs();
+                }
+                let g = got[i * n + j].as_f64();
+                let tol = sum.abs() * eps_e + (k as f64 + 2.0) * eps_acc * mag + 1e-30;
+                assert!(
+                    (g - sum).abs() <= tol,
+                    "{} {:?} m{m} k{k} n{n} threads {threads}: C[{i},{j}] = {g}, f64 reference {sum} (tolerance {tol})",
+                    kern.name,
+                    E::DTYPE
+                );
+            }
+        }
+    }
+
+    /// Awkward shapes (one, prime, past a tile, past a cache block), each with B plain,
+    /// transposed and strided, with and without a bias, on one and three threads.
+    fn every_shape<E: Float>(kern: Kernel<E::Acc>) {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (7, 33, 5),
+            (33, 7, 257),
+            (257, 33, 7),
+            (12, 256, 32),
+            (13, 300, 33),
+            (2, 600, 70),
+            (64, 1, 10),
+            (0, 5, 3),
+            (5, 0, 3),
+            (3, 5, 0),
+        ] {
+            let a = values::<E>(m, k, 1);
+            let b = values::<E>(k, n, 2);
+            let bt = values::<E>(n, k, 3);
+            let a_col = Array2::from_shape_vec((m, k).f(), a.t().iter().copied().collect()).unwrap();
+            let wide = values::<E>(m, 2 * k, 4);
+            let bias = values::<E>(1, n, 5).into_raw_vec_and_offset().0;
+            for threads in [1, 3] {
+                check(kern, threads, a.view(), b.view(), None);
+                check(kern, threads, a_col.view(), bt.t(), Some(&bias));
+                check(kern, threads, wide.slice(s![.., ..;2]), b.view(), Some(&bias));
+                check(kern, threads, a.view(), bt.t(), None);
+            }
+        }
+    }
+
+    #[test]
+    fn every_f32_lane_kernel_matches_an_f64_reference_in_f32_bf16_and_f16() {
+        let ks = kernels::<f32>();
+        assert!(ks.iter().any(|k| k.name.starts_with("portable")));
+        for kern in ks {
+            every_shape::<f32>(kern);
+            every_shape::<f16>(kern);
+        }
+        for kern in bf16_kernels() {
+            every_shape::<bf16>(kern);
+        }
+    }
+
+    #[test]
+    fn every_f64_kernel_matches_an_f64_reference() {
+        for kern in kernels::<f64>() {
+            every_shape::<f64>(kern);
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_products_are_rounded_once_from_the_f32_accumulator() {
+        // 1 + 3 x 2^-9 with bf16's ulp at 1 being 2^-7: accumulated in bf16, each addition
+        // rounds back to 1; accumulated in f32 the sum is 1 + 0.75 ulp, rounded once to 1 + ulp.
+        let one = bf16::from_f32(1.0);
+        let tiny = bf16::from_f32(2f32.powi(-9));
+        let a = Array2::from_shape_vec((1, 4), vec![one, tiny, tiny, tiny]).unwrap();
+        let b = Array2::from_shape_vec((4, 1), vec![one; 4]).unwrap();
+        let c = gemm(a.view(), b.view(), None);
+        assert_eq!(c[0].to_f32(), 1.0 + 2f32.powi(-7));
+    }
+
+    #[test]
+    fn the_kernel_in_use_is_named_for_its_instruction_set() {
+        let name = kernel_name::<f32>();
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            assert!(name.starts_with("avx512f"), "{name}");
+        }
+        assert_eq!(kernel_name::<f16>(), name, "f16 products widen to the f32 kernel");
+        assert!(bf16_kernels().iter().any(|k| k.name == kernel_name::<bf16>()));
+    }
+}
