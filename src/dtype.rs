@@ -257,6 +257,82 @@ fn bf16_round(x: f32) -> bf16 {
     bf16::from_bits(if nan { (b >> 16) | 0x0040 } else { rounded } as u16)
 }
 
+/// f16 to f32 over slices: 16 at a time with AVX-512F where the CPU has it, else the `half`
+/// crate's F16C (or software) path. Exact either way.
+#[inline]
+fn f16_widen_slice(src: &[f16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if avx512f() {
+        // SAFETY: the CPU has AVX-512F (checked); both slices hold `n` values.
+        done = unsafe { x86_f16::widen(&src[..n], &mut dst[..n]) };
+    }
+    src[done..n].convert_to_f32_slice(&mut dst[done..n]);
+}
+
+/// f32 to f16 over slices, to nearest even (as `f16::from_f32`, NaN kept quiet): AVX-512F 16 at
+/// a time where available, else the `half` crate's path.
+#[inline]
+fn f16_round_slice(src: &[f32], dst: &mut [f16]) {
+    let n = src.len().min(dst.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if avx512f() {
+        // SAFETY: as in `f16_widen_slice`.
+        done = unsafe { x86_f16::round(&src[..n], &mut dst[..n]) };
+    }
+    dst[done..n].convert_from_f32_slice(&src[done..n]);
+}
+
+/// Whether the CPU has AVX-512F (asked once).
+#[cfg(target_arch = "x86_64")]
+fn avx512f() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_f16 {
+    use core::arch::x86_64::*;
+    use half::f16;
+
+    /// Widens whole groups of 16; returns how many values it converted.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `dst` is at least as long as `src`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widen(src: &[f16], dst: &mut [f32]) -> usize {
+        let whole = src.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            // SAFETY: values i..i + 16 exist in both slices.
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(i).cast());
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            }
+        }
+        whole
+    }
+
+    /// Rounds whole groups of 16 to nearest even; returns how many values it converted.
+    ///
+    /// # Safety
+    /// As [`widen`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn round(src: &[f32], dst: &mut [f16]) -> usize {
+        let whole = src.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            // SAFETY: values i..i + 16 exist in both slices.
+            unsafe {
+                let x = _mm512_loadu_ps(src.as_ptr().add(i));
+                let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), h);
+            }
+        }
+        whole
+    }
+}
+
 macro_rules! real_elements {
     ($($ty:ty => $dtype:ident, acc $acc:ty, moment $moment:ty, $tacc:expr, $facc:expr, from_f32 $ff32:expr, to_f32 $tf32:expr, from_f64 $ff64:expr, to_f64 $tf64:expr $(, stochastic $stoch:expr)? $(, slices $widen:expr, $round:expr)?;)*) => {$(
         impl sealed::Sealed for $ty {}
@@ -297,11 +373,10 @@ real_elements! {
     f16 => F16, acc f32, moment f32, f16::to_f32, f16::from_f32,
         from_f32 f16::from_f32, to_f32 f16::to_f32, from_f64 |x| f16::from_f32(f32_round_to_odd(x)),
         to_f64 f16::to_f64, stochastic f16_stochastic,
-        slices |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d),
-            |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s);
+        slices f16_widen_slice, f16_round_slice;
     bf16 => BF16, acc f32, moment bf16, bf16_widen, bf16_round,
         from_f32 bf16_round, to_f32 bf16_widen, from_f64 |x| bf16_round(f32_round_to_odd(x)),
-        to_f64 bf16::to_f64, stochastic bf16_stochastic;
+        to_f64 |x| bf16_widen(x) as f64, stochastic bf16_stochastic;
     f32 => F32, acc f32, moment f32, |x| x, |x| x,
         from_f32 |x| x, to_f32 |x| x, from_f64 |x: f64| x as f32, to_f64 |x: f32| x as f64;
     f64 => F64, acc f64, moment f64, |x| x, |x| x,
@@ -443,6 +518,38 @@ promote! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_f16_slice_conversions_agree_with_the_half_crate_bit_for_bit() {
+        // Every f16 value widened, in slices of awkward lengths (vector groups and tails).
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let mut wide = vec![0.0f32; all.len()];
+        for len in [1usize, 15, 16, 17, 33, all.len()] {
+            f16_widen_slice(&all[..len], &mut wide[..len]);
+            for (h, w) in all[..len].iter().zip(&wide) {
+                assert_eq!(w.to_bits(), h.to_f32().to_bits(), "{:#06x}", h.to_bits());
+            }
+        }
+        // Every 2^-9th f32 bit pattern, and the rounding boundaries between f16 neighbours.
+        let mut xs: Vec<f32> = (0..=u32::MAX).step_by(511).map(f32::from_bits).collect();
+        for h in (0..=u16::MAX).step_by(3) {
+            let v = f16::from_bits(h).to_f32() as f64;
+            let next = f16::from_bits(h.wrapping_add(1)).to_f32() as f64;
+            if v.is_finite() && next.is_finite() {
+                xs.push(((v + next) / 2.0) as f32);
+            }
+        }
+        let mut narrow = vec![f16::ZERO; xs.len()];
+        f16_round_slice(&xs, &mut narrow);
+        for (x, h) in xs.iter().zip(&narrow) {
+            let want = f16::from_f32(*x);
+            if want.is_nan() {
+                assert!(h.is_nan(), "{:#010x}", x.to_bits());
+            } else {
+                assert_eq!(h.to_bits(), want.to_bits(), "{:#010x}", x.to_bits());
+            }
+        }
+    }
 
     #[test]
     fn the_branch_free_bf16_conversions_agree_with_the_half_crate_bit_for_bit() {

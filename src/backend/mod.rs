@@ -15,7 +15,9 @@ use crate::device::Device;
 use crate::dtype::{ComplexElement, Element, Float};
 use crate::error::Error;
 
-pub use cpu::{THREADS_ENV, kernel_name, num_threads, set_num_threads, threads_from_env};
+pub use cpu::{
+    THREADS_ENV, kernel_name, num_threads, retain_freed_memory, set_num_threads, threads_from_env,
+};
 
 /// A one-input element-wise operation.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -93,6 +93,9 @@ pub struct TrainerConfig {
     /// Threads of the CPU kernels, set process-wide when training starts, as
     /// `torch.set_num_threads` (default: `NBIT_NUM_THREADS`, else every core available).
     pub num_threads: Option<usize>,
+    /// Keep memory freed by one training step for the next rather than returning it to the
+    /// operating system ([`crate::backend::retain_freed_memory`]; glibc on Linux; default true).
+    pub retain_freed_memory: bool,
 }
 
 impl Default for TrainerConfig {
@@ -110,6 +113,7 @@ impl Default for TrainerConfig {
             checkpoint_path: None,
             log_csv: None,
             num_threads: None,
+            retain_freed_memory: true,
         }
     }
 }
@@ -162,6 +166,9 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
         /// Threads of the CPU kernels (process-wide, as `torch.set_num_threads`; default
         /// `NBIT_NUM_THREADS`, else every core).
         num_threads: usize => num_threads wrap Some;
+        /// Keep memory a step frees for the next step (default true; see
+        /// [`crate::backend::retain_freed_memory`]).
+        retain_freed_memory: bool => retain_freed_memory;
     }
 
     /// Uses `scaler` instead of `P::Scaler::default()` (e.g. a `DynamicScaler` with other
@@ -391,6 +398,9 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         if let Some(n) = self.cfg.num_threads {
             crate::backend::set_num_threads(n);
         }
+        if self.cfg.retain_freed_memory {
+            crate::backend::retain_freed_memory();
+        }
         let mut ctx = InitCtx::new(self.cfg.seed);
         model.configure_model(&mut ctx)?;
         let optimizer =
@@ -493,6 +503,11 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                         None => *buf = Some(g.detach()),
                     }
                 }
+                // Release the graph's other gradients and autocast's weight copies now: while
+                // they live, the optimizer's in-place update would copy every weight first
+                // (copy-on-write), and they hold memory the next step needs.
+                drop(grads);
+                drop(ac);
                 if !reached {
                     return Err(Error::InvalidModel(
                         "training_step returned a loss that depends on no parameter of the model \

@@ -40,10 +40,11 @@ pub(crate) struct Kernel<T> {
     /// Operands packed as pairs of bf16 (`k` and `k + 1` in one 32-bit slot) for a dot-product
     /// instruction; the kernel then takes `kc.div_ceil(2)` steps. Only for bf16 operands.
     pub pairs: bool,
-    /// `f(kc, a, b, c, ldc)`. Safety: `a` is readable for `kc * mr` values laid out `[p][i]`,
+    /// `f(kc, a, b, c, ldc, overwrite)`: with `overwrite`, C's tile is written without being
+    /// read (the first block of `k` when C starts at zero). Safety: `a` is readable for `kc * mr` values laid out `[p][i]`,
     /// `b` for `kc * nr` laid out `[p][j]`, and `c` readable and writable at `i * ldc + j` for
     /// `i < mr`, `j < nr`, not aliased by `a` or `b`; the CPU has the kernel's instruction set.
-    pub f: unsafe fn(usize, *const T, *const T, *mut T, usize),
+    pub f: unsafe fn(usize, *const T, *const T, *mut T, usize, bool),
 }
 
 /// The portable micro-kernel: plain loops over register-sized arrays, vectorised by the compiler
@@ -57,6 +58,7 @@ unsafe fn portable<T: Acc, const MR: usize, const NR: usize>(
     b: *const T,
     c: *mut T,
     ldc: usize,
+    overwrite: bool,
 ) {
     let mut acc = [[T::zero(); NR]; MR];
     // SAFETY: the caller guarantees `kc * MR` values at `a` and `kc * NR` at `b`.
@@ -76,7 +78,10 @@ unsafe fn portable<T: Acc, const MR: usize, const NR: usize>(
     for (i, row) in acc.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
             // SAFETY: i < MR, j < NR: inside the tile the caller guarantees.
-            unsafe { *c.add(i * ldc + j) = *c.add(i * ldc + j) + *v };
+            unsafe {
+                let o = c.add(i * ldc + j);
+                *o = if overwrite { *v } else { *o + *v };
+            }
         }
     }
 }
@@ -90,7 +95,7 @@ macro_rules! x86_kernel {
         /// # Safety
         /// As [`Kernel::f`]; the CPU has the features in the attribute.
         #[target_feature(enable = $feat)]
-        unsafe fn $name(kc: usize, a: *const $t, b: *const $t, c: *mut $t, ldc: usize) {
+        unsafe fn $name(kc: usize, a: *const $t, b: *const $t, c: *mut $t, ldc: usize, overwrite: bool) {
             use core::arch::x86_64::*;
             // Fetch the C tile now: its cache misses then overlap the k loop.
             for i in 0..$mr {
@@ -122,7 +127,7 @@ macro_rules! x86_kernel {
                     // SAFETY: row i < $mr, lanes v * $w.. < $nv * $w: inside the tile.
                     unsafe {
                         let p = c.add(i * ldc + v * $w);
-                        $store(p, $add($load(p), *x));
+                        $store(p, if overwrite { *x } else { $add($load(p), *x) });
                     }
                 }
             }
@@ -213,8 +218,8 @@ mod x86 {
             /// # Safety
             /// Rows `i < rows <= 16` are readable for `kc` values from `src + i * rs`; `dst`
             /// is writable at `p * w + off + i` for `p < kc`, `i < rows`; the CPU has
-            /// AVX-512F and AVX-512BW.
-            #[target_feature(enable = "avx512f,avx512bw")]
+            /// AVX-512F, BW and VL.
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
             pub(super) unsafe fn $name(
                 src: *const $t,
                 rs: isize,
@@ -297,7 +302,14 @@ mod x86 {
     /// # Safety
     /// As [`Kernel::f`] with `a`, `b` holding bf16 pairs; the CPU has AVX-512F and AVX-512 BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn avx512_bf16_pairs(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+    unsafe fn avx512_bf16_pairs(
+        steps: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        overwrite: bool,
+    ) {
         use core::arch::x86_64::*;
         // SAFETY (transmutes): `__m512i` and `__m512bh` are both 64 bytes of plain bits.
         let bh = |x: __m512i| unsafe { core::mem::transmute::<__m512i, __m512bh>(x) };
@@ -327,7 +339,14 @@ mod x86 {
                 // SAFETY: inside the 12 x 32 tile.
                 unsafe {
                     let p = c.add(i * ldc + v * 16);
-                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *x));
+                    _mm512_storeu_ps(
+                        p,
+                        if overwrite {
+                            *x
+                        } else {
+                            _mm512_add_ps(_mm512_loadu_ps(p), *x)
+                        },
+                    );
                 }
             }
         }
@@ -551,13 +570,58 @@ pub(crate) fn gemm_with<E: Float>(
     b: ArrayView2<E>,
     bias: Option<&[E]>,
 ) -> Vec<E> {
+    if same::<E, E::Acc>() {
+        // f32, f64: the accumulator is the result.
+        let mut c = Vec::new();
+        accumulate(kern, threads, a, b, bias, &mut c);
+        let any: Box<dyn Any> = Box::new(c);
+        return *any.downcast::<Vec<E>>().expect("E is its own compute type");
+    }
+    // 16-bit: the f32 accumulator is scratch, kept per thread (a fresh one when in use), so
+    // a training loop does not map and fault in a new one for every product.
+    thread_local! {
+        static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    let round = |c: &mut Vec<E::Acc>| {
+        accumulate(kern, threads, a, b, bias, c);
+        let mut r = vec![E::zero(); c.len()];
+        super::parallel::par_parts(&mut r, super::parallel::PARALLEL_MIN_ELEMENTS, 64, |lo, part| {
+            E::round_slice(&c[lo..lo + part.len()], part)
+        });
+        r
+    };
+    ACC.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => match (&mut *v as &mut dyn Any).downcast_mut::<Vec<E::Acc>>() {
+            Some(c) => round(c),
+            None => round(&mut Vec::new()),
+        },
+        Err(_) => round(&mut Vec::new()),
+    })
+}
+
+/// Whether `A` and `B` are one type.
+fn same<A: 'static, B: 'static>() -> bool {
+    TypeId::of::<A>() == TypeId::of::<B>()
+}
+
+/// `c = op(A) op(B) (+ bias)` in the compute type, `c` resized to `m x n` (its capacity reused).
+fn accumulate<E: Float>(
+    kern: Kernel<E::Acc>,
+    threads: usize,
+    a: ArrayView2<E>,
+    b: ArrayView2<E>,
+    bias: Option<&[E]>,
+    c: &mut Vec<E::Acc>,
+) {
     let ((m, k), n) = (a.dim(), b.ncols());
     debug_assert_eq!(b.nrows(), k);
     let zero = <E::Acc as Acc>::c(0.0);
-    // The accumulator starts as the bias (or zero): `a @ b + bias` is rounded once. Written
-    // rather than allocated zeroed: the kernels read C before writing it, and reading fresh
-    // zeroed pages then writing them costs a copy-on-write fault per page.
-    let mut c: Vec<E::Acc> = Vec::with_capacity(m * n);
+    c.clear();
+    c.reserve(m * n);
+    // The accumulator starts as the bias, so `a @ b + bias` is rounded once. Without a bias the
+    // first block of `k` writes C without reading it, so C is never zeroed first (and its
+    // fresh pages are never read before written, which would cost a copy-on-write fault each).
+    let overwrite_first = bias.is_none() && m > 0 && n > 0 && k > 0;
     match bias {
         Some(v) => {
             debug_assert_eq!(v.len(), n);
@@ -567,7 +631,8 @@ pub(crate) fn gemm_with<E: Float>(
                 c.extend_from_slice(&row);
             }
         }
-        None => c.resize(m * n, zero),
+        None if !overwrite_first => c.resize(m * n, zero),
+        None => {}
     }
     if m > 0 && n > 0 && k > 0 {
         let (mr, nr) = (kern.mr, kern.nr);
@@ -622,23 +687,18 @@ pub(crate) fn gemm_with<E: Float>(
             // SAFETY: `opa`/`opb` describe the live views `a`, `b`; `out` is `c` seen as
             // `m x n`, and this call writes only rows `rows` x columns `cols` of it, disjoint
             // from other calls.
-            unsafe { block(kern, opa, opb, out, k, rows, cols) };
+            unsafe { block(kern, opa, opb, out, k, rows, cols, overwrite_first) };
         };
         if threads <= 1 {
             run(0, len);
         } else {
             for_ranges_with(threads, len, 0, align, run);
         }
-    }
-    if TypeId::of::<E>() == TypeId::of::<E::Acc>() {
-        let any: Box<dyn Any> = Box::new(c);
-        *any.downcast::<Vec<E>>().expect("E is its own compute type")
-    } else {
-        let mut r = vec![E::zero(); c.len()];
-        super::parallel::par_parts(&mut r, super::parallel::PARALLEL_MIN_ELEMENTS, 64, |lo, part| {
-            E::round_slice(&c[lo..lo + part.len()], part)
-        });
-        r
+        if overwrite_first {
+            // SAFETY: the first block of `k` wrote every element of the `m x n` C (each tile
+            // of each thread's range, whole or through the edge tile) through `out`.
+            unsafe { c.set_len(m * n) };
+        }
     }
 }
 
@@ -653,7 +713,9 @@ fn transposer<E: Float>() -> Option<Transposer<E>> {
         use std::sync::OnceLock;
         static OK: OnceLock<bool> = OnceLock::new();
         let ok = *OK.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
         });
         static F32: Transposer<f32> = x86::transpose_pack_f32;
         static BF16: Transposer<half::bf16> = x86::transpose_pack_bf16;
@@ -833,6 +895,7 @@ unsafe fn pack_pairs<E: Float>(
 /// # Safety
 /// `a` is `m x k` and `b` `k x n` for an `m` covering `rows` and an `n` covering `cols`; `c`
 /// is a live `m x n` output that no other thread reads or writes in this block.
+#[allow(clippy::too_many_arguments)]
 unsafe fn block<E: Float>(
     kern: Kernel<E::Acc>,
     a: Operand<E>,
@@ -841,6 +904,7 @@ unsafe fn block<E: Float>(
     k: usize,
     rows: (usize, usize),
     cols: (usize, usize),
+    overwrite_first: bool,
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
     let mc_max = MC.div_ceil(mr) * mr;
@@ -869,6 +933,7 @@ unsafe fn block<E: Float>(
             let nc = nc_max.min(cols.1 - jc);
             for pc in (0..k).step_by(kc_max) {
                 let kc = kc_max.min(k - pc);
+                let overwrite = overwrite_first && pc == 0;
                 // SAFETY: columns jc..jc+nc of B over depth pc..pc+kc are inside B, and
                 // `bbuf` holds `nc_max * kc_max` values.
                 // SAFETY (pairs): as above; a pairs kernel only ever gets bf16 operands.
@@ -900,17 +965,17 @@ unsafe fn block<E: Float>(
                             if mlive == mr && nlive == nr && c.cs == 1 {
                                 // SAFETY: a full tile inside C with unit column stride; the
                                 // panels hold `kc` steps; the CPU has the kernel's features.
-                                unsafe { (kern.f)(steps, ap, bp, dst, c.rs) };
+                                unsafe { (kern.f)(steps, ap, bp, dst, c.rs, overwrite) };
                             } else {
-                                tile[..mr * nr].fill(zero);
                                 // SAFETY: `tile` is a private `mr x nr` buffer.
-                                unsafe { (kern.f)(steps, ap, bp, tile.as_mut_ptr(), nr) };
+                                unsafe { (kern.f)(steps, ap, bp, tile.as_mut_ptr(), nr, true) };
                                 for i in 0..mlive {
                                     for j in 0..nlive {
                                         // SAFETY: (ic+ir+i, jc+jr+j) is inside this block of C.
                                         unsafe {
                                             let o = dst.add(i * c.rs + j * c.cs);
-                                            *o = *o + tile[i * nr + j];
+                                            let t = tile[i * nr + j];
+                                            *o = if overwrite { t } else { *o + t };
                                         }
                                     }
                                 }

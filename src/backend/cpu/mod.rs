@@ -21,7 +21,67 @@ use parallel::{Disjoint, PARALLEL_MIN_ELEMENTS, for_ranges, par_parts};
 
 use crate::dtype::{Acc, ComplexElement, Element, Float};
 pub use gemm::kernel_name;
-pub use parallel::{THREADS_ENV, num_threads, set_num_threads, threads_from_env};
+pub use parallel::{THREADS_ENV, num_threads, retain_freed_memory, set_num_threads, threads_from_env};
+
+/// The instruction sets the element-wise kernels are compiled for, best first; detected once.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Isa {
+    /// AVX-512 F/BW/VL with AVX2 and FMA: 16 f32 lanes.
+    Avx512,
+    /// AVX2 and FMA: 8 f32 lanes, fused multiply-add in one instruction.
+    Avx2,
+    /// The build's baseline (`mul_add` may be a library call).
+    Baseline,
+}
+
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx2") && has!("fma") {
+                return Isa::Avx512;
+            }
+            if has!("avx2") && has!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Baseline
+    })
+}
+
+/// `fn $name` runs `$body` compiled for the best [`isa`] of this CPU: the same source and the same
+/// arithmetic (`mul_add` is a fused multiply-add everywhere), wider vectors.
+macro_rules! isa_dispatch {
+    ($(#[$m:meta])* fn $name:ident<$($g:ident: $bound:path),+>($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name<$($g: $bound),+>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512<$($g: $bound),+>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2<$($g: $bound),+>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                match isa() {
+                    // SAFETY: `isa` detected these features on this CPU.
+                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    Isa::Baseline => {}
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
 
 /// Products smaller than this many multiply-adds run on one thread: spawning costs more.
 const PARALLEL_MIN_FLOPS: usize = 1 << 18;
@@ -173,9 +233,15 @@ fn map_n<E: Float, const N: usize>(
     from_vec(&shape, out)
 }
 
+isa_dispatch! {
+    /// [`cast_slice_body`] for the best instruction set.
+    fn cast_slice<A: Float, B: Float>(src: &[A], dst: &mut [B]) => cast_slice_body
+}
+
 /// `dst[i] = src[i]` converted, rounding to nearest even once; 16-bit conversions a chunk at a
 /// time through the slice conversions (vectorised).
-fn cast_slice<A: Float, B: Float>(src: &[A], dst: &mut [B]) {
+#[inline(always)]
+fn cast_slice_body<A: Float, B: Float>(src: &[A], dst: &mut [B]) {
     if A::DTYPE.bits() == 64 || B::DTYPE.bits() == 64 {
         // Through f64 when either side is f64 (an exact widening).
         for (d, s) in dst.iter_mut().zip(src) {
@@ -337,8 +403,21 @@ impl Backend for Cpu {
         if s.shape() == shape {
             return s.clone();
         }
-        let mut acc: ArrayD<f64> = s.mapv(|v| v.as_f64());
         let lead = s.ndim() - shape.len();
+        if s.shape()[lead..] == *shape {
+            // Summing whole leading axes (a bias gradient from `[batch, out]`): rows added into
+            // one f64 row, no widened copy of the input.
+            let cols = shape.iter().product::<usize>().max(1);
+            let data = standard(s);
+            let mut acc = vec![0.0f64; cols];
+            for row in data.chunks_exact(cols) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.as_f64();
+                }
+            }
+            return from_vec(shape, acc.into_iter().map(E::from_f64).collect());
+        }
+        let mut acc: ArrayD<f64> = s.mapv(|v| v.as_f64());
         for _ in 0..lead {
             acc = acc.sum_axis(Axis(0));
         }
@@ -609,15 +688,7 @@ impl Backend for Cpu {
                     comp.as_ref().map(|c| c.range(lo, hi)),
                 )
             };
-            let g = &g[lo..hi];
-            // Fused multiply-adds, as PyTorch's; compiled for FMA where the CPU has it.
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports FMA, checked just above.
-                unsafe { sgd_step_fma(p, g, b, c, hp, lo) };
-                return;
-            }
-            sgd_step_body(p, g, b, c, hp, lo);
+            sgd_step_isa(p, &g[lo..hi], b, c, hp, lo);
         });
     }
 
@@ -649,33 +720,19 @@ impl Backend for Cpu {
                     comp.as_ref().map(|c| c.range(lo, hi)),
                 )
             };
-            let g = &g[lo..hi];
-            // The update fuses multiply-adds as PyTorch does; compiled for FMA where the CPU
-            // has it, so `mul_add` is one instruction rather than a call into libm.
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports FMA, checked just above.
-                unsafe { adamw_step_fma(p, g, m, v, c, hp, lo) };
-                return;
-            }
-            adamw_step_body(p, g, m, v, c, hp, lo);
+            adamw_step_isa(p, &g[lo..hi], m, v, c, hp, lo);
         });
     }
 }
 
-/// [`adamw_step_body`] compiled with FMA enabled.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-unsafe fn adamw_step_fma<E: Float>(
-    p: &mut [E],
-    g: &[E],
-    m: &mut [E],
-    v: &mut [E::Moment],
-    comp: Option<&mut [E]>,
-    hp: &AdamWStep,
-    offset: usize,
-) {
-    adamw_step_body(p, g, m, v, comp, hp, offset);
+isa_dispatch! {
+    /// [`adamw_step_body`] for the best instruction set.
+    fn adamw_step_isa<E: Float>(p: &mut [E], g: &[E], m: &mut [E], v: &mut [E::Moment], comp: Option<&mut [E]>, hp: &AdamWStep, offset: usize) => adamw_step_body
+}
+
+isa_dispatch! {
+    /// [`sgd_step_body`] for the best instruction set.
+    fn sgd_step_isa<E: Float>(p: &mut [E], g: &[E], buf: Option<&mut [E]>, comp: Option<&mut [E]>, hp: &SgdStep, offset: usize) => sgd_step_body
 }
 
 /// One AdamW update as PyTorch's single-tensor implementation takes it (see the comments inside),
@@ -772,20 +829,6 @@ fn adamw_step_body<E: Float>(
         }
         write_update(t, p, c, rounding, key, offset + start);
     }
-}
-
-/// [`sgd_step_body`] compiled with FMA enabled.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-unsafe fn sgd_step_fma<E: Float>(
-    p: &mut [E],
-    g: &[E],
-    buf: Option<&mut [E]>,
-    comp: Option<&mut [E]>,
-    hp: &SgdStep,
-    offset: usize,
-) {
-    sgd_step_body(p, g, buf, comp, hp, offset);
 }
 
 /// One SGD update as PyTorch's single-tensor implementation takes it (see the comments inside).
