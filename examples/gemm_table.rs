@@ -38,9 +38,32 @@ fn nbit_secs<E: Float>(n: usize) -> f64 {
 }
 
 fn main() {
+    // `--csv`: one `n,dtype,gflops` line per cell (what tools/bench_mlp_vs_pytorch.py --gemm reads).
+    if std::env::args().any(|a| a == "--csv") {
+        println!("n,dtype,gflops");
+        for n in [512usize, 1024, 2048] {
+            let flops = 2.0 * (n as f64).powi(3);
+            for (name, secs) in [
+                ("f32", nbit_secs::<f32>(n)),
+                ("f64", nbit_secs::<f64>(n)),
+                ("bf16", nbit_secs::<bf16>(n)),
+                ("f16", nbit_secs::<f16>(n)),
+            ] {
+                println!("{n},{name},{:.1}", flops / secs / 1e9);
+            }
+        }
+        return;
+    }
     println!(
         "GEMM throughput, GFLOP/s (ratio to ndarray f32 .dot() in the same run); threads: {}",
         nbit::backend::num_threads()
+    );
+    println!(
+        "micro-kernels: f32 {}, f64 {}, bf16 {}, f16 {}",
+        nbit::backend::kernel_name::<f32>(),
+        nbit::backend::kernel_name::<f64>(),
+        nbit::backend::kernel_name::<bf16>(),
+        nbit::backend::kernel_name::<f16>(),
     );
     println!(
         "{:>6} {:>16} {:>16} {:>16} {:>16} {:>16}",

@@ -3,8 +3,9 @@
 Not part of the build or CI (nbit never depends on PyTorch). Needs torch in the Python that runs
 it. Run from the project root:
 
-    cargo build --release --example bench_mlp
+    cargo build --release --example bench_mlp --example gemm_table
     python3 tools/bench_mlp_vs_pytorch.py [--threads 2] [--repeats 3] [--only big|small]
+    python3 tools/bench_mlp_vs_pytorch.py --gemm     # square GEMM per dtype instead
 
 Each case runs the same model (Linear/ReLU stack, cross-entropy, SGD lr 0.01 momentum 0.9), batch
 size, sample count and epoch count in both. In both, the first epoch is a warm-up and the figure
@@ -70,21 +71,64 @@ def nbit_rate(precision, c, threads):
     return float(last.split('=')[1])
 
 
+def print_cpu(torch, a):
+    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?')
+    flags = next((l.split(':', 1)[1].split() for l in open('/proc/cpuinfo') if l.startswith('flags')), [])
+    isa = [f for f in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_fp16', 'amx_bf16') if f in flags]
+    what = 'best of each' if a.gemm else 'best of alternating runs, each the median epoch after a warm-up'
+    print(f'CPU: {cpu} ({" ".join(isa)}); torch {torch.__version__}; threads {a.threads}; '
+          f'{a.repeats} repeats, {what}')
+
+
+def gemm_table(torch, threads, repeats):
+    """Square GEMM GFLOP/s per dtype: nbit (examples/gemm_table --csv) against torch.mm. The
+    ratio is to PyTorch in that dtype, and for 16-bit types to the faster of that and PyTorch in
+    f32 (a 16-bit product can always be computed by widening to f32)."""
+    torch.set_num_threads(threads)
+    exe = os.path.join(ROOT, 'target', 'release', 'examples', 'gemm_table')
+    if not os.path.exists(exe):
+        sys.exit('build first: cargo build --release --example gemm_table')
+    nb = {}
+    for _ in range(repeats):
+        env = dict(os.environ, NBIT_NUM_THREADS=str(threads))
+        out = subprocess.run([exe, '--csv'], capture_output=True, text=True, env=env, check=True)
+        for line in out.stdout.strip().splitlines()[1:]:
+            n, dt, g = line.split(',')
+            nb[(int(n), dt)] = max(nb.get((int(n), dt), 0.0), float(g))
+    dts = {'f32': torch.float32, 'f64': torch.float64, 'bf16': torch.bfloat16, 'f16': torch.float16}
+    pt = {}
+    for n in sorted({k[0] for k in nb}):
+        for name, dt in dts.items():
+            a, b = torch.rand(n, n, dtype=dt), torch.rand(n, n, dtype=dt)
+            best, total, runs = 1e9, 0.0, 0
+            while runs < 3 or (total < 0.5 and runs < 20):
+                s = time.perf_counter(); torch.mm(a, b); t = time.perf_counter() - s
+                best, total, runs = min(best, t), total + t, runs + 1
+            pt[(n, name)] = 2 * n ** 3 / best / 1e9
+    print('| n | dtype | nbit GFLOP/s | PyTorch GFLOP/s | PyTorch f32 | nbit / reference |')
+    print('|---|---|---|---|---|---|')
+    for (n, name), g in sorted(nb.items()):
+        ref = max(pt[(n, name)], pt[(n, 'f32')]) if name in ('bf16', 'f16') else pt[(n, name)]
+        print(f'| {n} | {name} | {g:.0f} | {pt[(n, name)]:.0f} | {pt[(n, "f32")]:.0f} | {g / ref:.2f} |')
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--only', choices=list(CASES))
     ap.add_argument('--precision', choices=PRECISIONS, action='append')
+    ap.add_argument('--gemm', action='store_true', help='square GEMM per dtype instead of training')
     a = ap.parse_args()
+    if a.gemm:
+        import torch
+        print_cpu(torch, a)
+        gemm_table(torch, a.threads, a.repeats)
+        return
     if not os.path.exists(BIN):
         sys.exit('build first: cargo build --release --example bench_mlp')
     import torch
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?')
-    flags = next((l.split(':', 1)[1].split() for l in open('/proc/cpuinfo') if l.startswith('flags')), [])
-    isa = [f for f in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_fp16', 'amx_bf16') if f in flags]
-    print(f'CPU: {cpu} ({" ".join(isa)}); torch {torch.__version__}; threads {a.threads}; '
-          f'best of {a.repeats} alternating runs, each the median epoch after a warm-up')
+    print_cpu(torch, a)
     print(f'| case | precision | nbit samples/s | PyTorch samples/s | nbit / PyTorch |')
     print(f'|---|---|---|---|---|')
     for name, c in CASES.items():

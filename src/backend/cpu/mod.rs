@@ -464,10 +464,47 @@ impl Backend for Cpu {
         tb: bool,
         bias: Option<&ArrayD<E>>,
     ) -> ArrayD<E> {
-        let bias = bias.map(|v| standard(v));
-        let (a, b) = (as_2d(a, ta), as_2d(b, tb));
-        let (m, n) = (a.nrows(), b.ncols());
-        let out = from_vec(&[m, n], gemm::gemm(a, b, bias.as_deref()));
+        let (av, bv) = (as_2d(a, ta), as_2d(b, tb));
+        // f64, and f32 with both operands row-major: the `gemm` crate, measured faster there
+        // (f64 1024: 110-125 against 73-86 GFLOP/s; f32 row-major 10-20% faster). Everything
+        // else (16-bit operands, transposed or strided f32, narrow outputs): nbit's own GEMM.
+        let crate_gemm = match E::DTYPE {
+            crate::DType::F64 => true,
+            crate::DType::F32 => av.strides()[1] == 1 && bv.strides()[1] == 1,
+            _ => false,
+        };
+        let out = if crate_gemm {
+            /// The product on the `gemm` crate's kernel for `T`, when `E` is `T`.
+            fn on<T: Element + num_traits::Zero + num_traits::One, E: 'static>(
+                a: &ArrayD<E>,
+                b: &ArrayD<E>,
+                (ta, tb): (bool, bool),
+                bias: Option<&ArrayD<E>>,
+            ) -> ArrayD<E> {
+                fn same<X: 'static, Y: 'static>(x: &X) -> &Y {
+                    (x as &dyn Any)
+                        .downcast_ref()
+                        .expect("element type checked by DTYPE")
+                }
+                let out: ArrayD<T> = gemm_into(
+                    as_2d(same(a), ta),
+                    as_2d(same(b), tb),
+                    bias.map(same),
+                    (false, false),
+                )
+                .into_dyn();
+                downcast(out)
+            }
+            if E::DTYPE == crate::DType::F64 {
+                on::<f64, E>(a, b, (ta, tb), bias)
+            } else {
+                on::<f32, E>(a, b, (ta, tb), bias)
+            }
+        } else {
+            let bias = bias.map(|v| standard(v));
+            let (m, n) = (av.nrows(), bv.ncols());
+            from_vec(&[m, n], gemm::gemm(av, bv, bias.as_deref()))
+        };
         Self::from_array(out)
     }
 
