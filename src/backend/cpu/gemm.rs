@@ -18,7 +18,7 @@ use std::cell::RefCell;
 
 use ndarray::ArrayView2;
 
-use super::parallel::{for_ranges_with, num_threads};
+use super::parallel::{PARALLEL_MIN_FMAS, for_ranges_with, num_threads};
 use crate::dtype::{Acc, Float};
 
 /// Rows of the packed A block (a multiple of every kernel's `mr`): A's block stays in L2.
@@ -27,8 +27,6 @@ const MC: usize = 192;
 const KC: usize = 256;
 /// Columns of the packed B block: `KC x NC` lanes stay in L2.
 const NC: usize = 1024;
-/// Products with fewer multiply-adds than this run on the calling thread only.
-const PARALLEL_MIN_FMAS: usize = 1 << 19;
 
 /// One micro-kernel: `C[0..mr, 0..nr] += A_panel * B_panel`.
 #[derive(Clone, Copy)]
@@ -1095,6 +1093,19 @@ mod tests {
     fn every_f64_kernel_matches_an_f64_reference() {
         for kern in kernels::<f64>() {
             every_shape::<f64>(kern);
+        }
+    }
+
+    #[test]
+    fn a_product_has_the_same_bits_on_any_number_of_threads() {
+        // Large enough to split (above PARALLEL_MIN_FMAS), by columns and by rows.
+        for (m, k, n) in [(64, 300, 300), (300, 300, 64)] {
+            let (a, b) = (values::<bf16>(m, k, 7), values::<bf16>(k, n, 8));
+            let one = gemm_with(kernel_for::<bf16>(), 1, a.view(), b.view(), None);
+            for threads in [2, 3, 5] {
+                let many = gemm_with(kernel_for::<bf16>(), threads, a.view(), b.view(), None);
+                assert!(one.iter().zip(&many).all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use crate::device::Cpu;
 mod gemm;
 mod parallel;
 
-use parallel::{Disjoint, PARALLEL_MIN_ELEMENTS, for_ranges, par_parts};
+use parallel::{Disjoint, PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_FMAS, for_ranges, par_parts};
 
 use crate::dtype::{Acc, ComplexElement, Element, Float};
 pub use gemm::kernel_name;
@@ -83,9 +83,6 @@ macro_rules! isa_dispatch {
     };
 }
 
-/// Products smaller than this many multiply-adds run on one thread: spawning costs more.
-const PARALLEL_MIN_FLOPS: usize = 1 << 18;
-
 /// Row-major contiguous copy (no copy when already so).
 fn standard<E: Element>(s: &ArrayD<E>) -> std::borrow::Cow<'_, [E]> {
     match s.as_slice() {
@@ -128,7 +125,7 @@ fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
     if m == 0 || n == 0 {
         return dst;
     }
-    let threads = if m * n * k >= PARALLEL_MIN_FLOPS {
+    let threads = if m * n * k >= PARALLEL_MIN_FMAS {
         num_threads()
     } else {
         1
@@ -1108,5 +1105,53 @@ impl ComplexBackend for Cpu {
 
     fn cabs<C: ComplexElement>(z: &ArrayD<C>) -> ArrayD<C::Real> {
         z.mapv(|v| C::Real::from_f64(v.to_c64().norm()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mix64;
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn element_wise_kernels_give_the_same_bits_on_any_number_of_threads() {
+        // Above PARALLEL_MIN_ELEMENTS, so the work splits; stochastic rounding included, whose
+        // draws depend on the element's index, not on the thread that rounds it.
+        let n = PARALLEL_MIN_ELEMENTS + 1000;
+        let v = |seed: u64| {
+            ArrayD::from_shape_fn(IxDyn(&[n]), |i| {
+                bf16::from_f64(((mix64(seed ^ i[0] as u64) >> 11) as f64 / (1u64 << 53) as f64) - 0.5)
+            })
+        };
+        let run = |threads: usize, rounding: UpdateRounding| {
+            set_num_threads(threads);
+            let (mut p, g, mut buf) = (v(1), v(2), v(3));
+            let hp = SgdStep {
+                lr: 0.1,
+                momentum: 0.9,
+                dampening: 0.0,
+                nesterov: false,
+                weight_decay: 0.01,
+                first: false,
+                rounding,
+                noise_key: 42,
+            };
+            <Cpu as Backend>::sgd_step(&mut p, &g, Some(&mut buf), None, &hp);
+            let cast: ArrayD<f32> = <Cpu as Backend>::cast(&p);
+            let rows = g
+                .clone()
+                .into_shape_with_order(IxDyn(&[n / 8, 8]))
+                .expect("n is a multiple of 8");
+            let sum = <Cpu as Backend>::sum_to_shape(&rows, &[8]);
+            (p, buf, cast, sum)
+        };
+        for rounding in [UpdateRounding::Nearest, UpdateRounding::Stochastic] {
+            let one = run(1, rounding);
+            for threads in [2, 3] {
+                assert_eq!(run(threads, rounding), one, "{threads} threads, {rounding:?}");
+            }
+        }
+        set_num_threads(0);
     }
 }
