@@ -93,7 +93,26 @@
 //!
 //! Numerics follow PyTorch's kernels: element-wise ops widen 16-bit inputs to f32 and round once;
 //! sums, means, softmax denominators, losses and norms accumulate in f64; 16-bit GEMMs accumulate
-//! in f32 (operands widened exactly, then the f32 kernel of the `gemm` crate).
+//! in f32 and round each output once.
+//!
+//! ## CPU kernels and threads
+//!
+//! Matrix products run on nbit's own blocked GEMM (packed panels, a register-blocked micro-kernel
+//! for AVX-512, AVX2+FMA or a portable one, chosen at run time), or on the `gemm` crate for f64 and
+//! row-major f32, where it measured faster. bf16 and f16 operands are widened exactly to f32 while
+//! they are packed, so a 16-bit product runs at f32 speed with f32 accumulation. Where the CPU has
+//! AVX-512 BF16, a `vdpbf16ps` kernel competes with widening and a short measurement at first use
+//! picks the faster (widening on Intel Xeon with AVX512-FP16, where the bf16 dot product runs at half
+//! the FMA rate). That instruction treats subnormal bf16 inputs as zero and flushes subnormal
+//! results to zero whatever MXCSR says; [`backend::kernel_name`] tells which kernel a dtype uses.
+//!
+//! Products, element-wise kernels, casts and optimizer steps above a size threshold split across
+//! threads: `NBIT_NUM_THREADS`, [`TrainerBuilder::num_threads`] or `nbit --num-threads` set how many
+//! (default: every core available). Every output is computed by one thread in one order, so any
+//! thread count gives the same bits. A training step frees and allocates the same large buffers
+//! every time; [`TrainerConfig::retain_freed_memory`] (default on) keeps glibc from returning them
+//! to the operating system between steps. `examples/bench_mlp.rs` measures training throughput and
+//! `tools/bench_mlp_vs_pytorch.py` compares it with PyTorch (README, "Speed on the CPU").
 //!
 //! ## The precisions
 //!

@@ -8,6 +8,10 @@
 //! - element-wise kernels widen to [`Float::Acc`] (f32 for 16-bit types), compute, and round once;
 //! - reductions (sums, means, softmax denominators, losses, norms) accumulate in f64;
 //! - GEMMs on 16-bit operands accumulate in f32 (never in the 16-bit type).
+//!
+//! The CPU backend (`cpu/`): `cpu/mod.rs` implements the trait over ndarray arrays, `cpu/gemm.rs`
+//! is the blocked GEMM and its micro-kernels, `cpu/parallel.rs` the thread count and the one way
+//! work is split across threads.
 
 mod cpu;
 

@@ -584,7 +584,7 @@ pub(crate) fn gemm_with<E: Float>(
         accumulate(kern, threads, a, b, bias, c);
         let mut r = vec![E::zero(); c.len()];
         super::parallel::par_parts(&mut r, super::parallel::PARALLEL_MIN_ELEMENTS, 64, |lo, part| {
-            E::round_slice(&c[lo..lo + part.len()], part)
+            round_out(&c[lo..lo + part.len()], part)
         });
         r
     };
@@ -595,6 +595,16 @@ pub(crate) fn gemm_with<E: Float>(
         },
         Err(_) => round(&mut Vec::new()),
     })
+}
+
+isa_dispatch! {
+    /// Rounds the f32 accumulator into the 16-bit output, compiled for the best instruction set.
+    fn round_out<E: Float>(src: &[E::Acc], dst: &mut [E]) => round_out_body
+}
+
+#[inline(always)]
+fn round_out_body<E: Float>(src: &[E::Acc], dst: &mut [E]) {
+    E::round_slice(src, dst)
 }
 
 /// Whether `A` and `B` are one type.
@@ -792,7 +802,21 @@ unsafe fn pack<E: Float>(
                 continue;
             }
         }
-        if E::SLICE_CONVERSIONS {
+        if x.rs == 1 {
+            // The panel's rows are adjacent in memory (B of `A @ B` row-major, or a transposed
+            // A): every step of `p` converts one contiguous run with the slice conversion (a
+            // vectorised loop; F16C or AVX-512 for f16).
+            for p in 0..kc {
+                let (src, drow) = unsafe {
+                    (
+                        core::slice::from_raw_parts(base.wrapping_offset(p as isize * x.cs), live),
+                        core::slice::from_raw_parts_mut(d.wrapping_add(p * w), w),
+                    )
+                };
+                E::widen_slice(src, &mut drow[..live]);
+                drow[live..].fill(zero);
+            }
+        } else if E::SLICE_CONVERSIONS {
             for p in 0..kc {
                 let src = base.wrapping_offset(p as isize * x.cs);
                 for i in 0..w {
@@ -811,21 +835,6 @@ unsafe fn pack<E: Float>(
                 )
             };
             E::widen_slice(s, d);
-        } else if x.rs == 1 {
-            // The panel's rows are adjacent in memory (B of `A @ B` row-major, or a transposed
-            // A): every step of `p` copies one contiguous run, a vectorised loop.
-            for p in 0..kc {
-                let (src, drow) = unsafe {
-                    (
-                        core::slice::from_raw_parts(base.wrapping_offset(p as isize * x.cs), live),
-                        core::slice::from_raw_parts_mut(d.wrapping_add(p * w), w),
-                    )
-                };
-                for (o, v) in drow.iter_mut().zip(src) {
-                    *o = v.to_acc();
-                }
-                drow[live..].fill(zero);
-            }
         } else {
             if live < w {
                 for p in 0..kc {

@@ -14,18 +14,9 @@ use super::{
 };
 use crate::device::Cpu;
 
-mod gemm;
-mod parallel;
-
-use parallel::{Disjoint, PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_FMAS, for_ranges, par_parts};
-
-use crate::dtype::{Acc, ComplexElement, Element, Float};
-pub use gemm::kernel_name;
-pub use parallel::{THREADS_ENV, num_threads, retain_freed_memory, set_num_threads, threads_from_env};
-
 /// The instruction sets the element-wise kernels are compiled for, best first; detected once.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
+pub(crate) enum Isa {
     /// AVX-512 F/BW/VL with AVX2 and FMA: 16 f32 lanes.
     Avx512,
     /// AVX2 and FMA: 8 f32 lanes, fused multiply-add in one instruction.
@@ -34,7 +25,7 @@ enum Isa {
     Baseline,
 }
 
-fn isa() -> Isa {
+pub(crate) fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -70,12 +61,12 @@ macro_rules! isa_dispatch {
                 unsafe fn avx2<$($g: $bound),+>($($arg: $ty),*) {
                     $body($($arg),*)
                 }
-                match isa() {
+                match $crate::backend::cpu::isa() {
                     // SAFETY: `isa` detected these features on this CPU.
-                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::backend::cpu::Isa::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
-                    Isa::Baseline => {}
+                    $crate::backend::cpu::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::backend::cpu::Isa::Baseline => {}
                 }
             }
             $body($($arg),*)
@@ -758,6 +749,15 @@ impl Backend for Cpu {
         });
     }
 }
+
+mod gemm;
+mod parallel;
+
+use parallel::{Disjoint, PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_FMAS, for_ranges, par_parts};
+
+use crate::dtype::{Acc, ComplexElement, Element, Float};
+pub use gemm::kernel_name;
+pub use parallel::{THREADS_ENV, num_threads, retain_freed_memory, set_num_threads, threads_from_env};
 
 isa_dispatch! {
     /// [`adamw_step_body`] for the best instruction set.
