@@ -11,12 +11,50 @@
 //! `samples_per_sec=<number>`; `tools/bench_mlp_vs_pytorch.py` runs the same configurations in
 //! plain PyTorch and prints the ratio table.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use nbit::data::{DataLoader, Dataset};
 use nbit::nn::Task;
 use nbit::optim::{Optimization, Sgd};
 use nbit::prelude::*;
+
+/// The system allocator, counting calls and bytes: the report gives heap allocations per
+/// training step (the steady state, after the warm-up epoch).
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded to `System` unchanged; the counters are only statistics.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract is System's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 struct Args {
     precision: String,
@@ -90,11 +128,18 @@ where
     // figure (robust to a noisy neighbour on a shared machine).
     let mut rates = Vec::new();
     let mut last = f64::NAN;
-    for _ in 0..a.epochs {
+    let (mut allocs, mut bytes, mut steps) = (0u64, 0u64, 0u64);
+    for epoch in 0..a.epochs {
+        let (a0, b0) = (ALLOCS.load(Ordering::Relaxed), BYTES.load(Ordering::Relaxed));
         let start = Instant::now();
         let r = trainer.fit(&mut model, &data, None)?;
         rates.push(a.samples as f64 / start.elapsed().as_secs_f64());
         last = r.history.last().map_or(f64::NAN, |s| s.loss);
+        if epoch > 0 || a.epochs == 1 {
+            allocs += ALLOCS.load(Ordering::Relaxed) - a0;
+            bytes += BYTES.load(Ordering::Relaxed) - b0;
+            steps += r.history.len() as u64;
+        }
     }
     if rates.len() > 1 {
         rates.remove(0);
@@ -108,6 +153,12 @@ where
         a.batch,
         nbit::backend::num_threads(),
         rates.len(),
+    );
+    let steps = steps.max(1);
+    println!(
+        "heap allocations per step: {} ({:.1} MB; timed fits, their set-up included)",
+        allocs / steps,
+        bytes as f64 / steps as f64 / 1e6
     );
     Ok(median)
 }
