@@ -197,3 +197,38 @@ fn a_weight_used_twice_is_cast_once_and_gets_both_gradients() {
     // First use: dL/dh = column sums of W = [4, 6], dL/dW_kj = (dL/dh)_k x_j -> [[4, 4], [6, 6]].
     assert_eq!(g.to_vec(), vec![7.0, 11.0, 9.0, 13.0]);
 }
+
+/// Generic over the precision: autocast's binary ops combine a precision's own types without
+/// naming a promotion (issue 13, friction 4: `ac.mul(w, w)` on `P::Param` used to need a
+/// `Promote` bound the caller could not write).
+fn weight_penalty_and_gate<P: Precision>(
+    ac: &Autocast<P>,
+    w: &Tensor<P::Param>,
+    x: &Tensor<P::Compute>,
+) -> Result<(Tensor<P::Param>, DType), Error> {
+    let squared = ac.mul(w, w)?; // Param x Param -> Param
+    let gated = ac.mul(w, x)?; // Param x Compute -> their promotion
+    Ok((squared, gated.dtype()))
+}
+
+#[test]
+fn autocast_binary_ops_work_in_generic_code_over_any_precision() {
+    fn run<P: Precision>(expect_gate: DType) {
+        let w = Tensor::<P::Param>::from_vec(&[2], vec![P::Param::from_f64(1.5), P::Param::from_f64(-2.0)])
+            .unwrap();
+        let x =
+            Tensor::<P::Compute>::from_vec(&[2], vec![P::Compute::from_f64(2.0), P::Compute::from_f64(0.5)])
+                .unwrap();
+        let ac = Autocast::<P>::new();
+        let (sq, gate) = weight_penalty_and_gate(&ac, &w, &x).unwrap();
+        assert_eq!(
+            sq.to_vec().iter().map(|v| v.as_f64()).collect::<Vec<_>>(),
+            vec![2.25, 4.0]
+        );
+        assert_eq!(gate, expect_gate, "{}", P::NAME);
+    }
+    run::<Mixed<BF16>>(DType::F32); // f32 master weight x bf16 activation -> f32
+    run::<True<BF16>>(DType::BF16);
+    run::<True<F16>>(DType::F16);
+    run::<True<F64>>(DType::F64);
+}

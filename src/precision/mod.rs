@@ -23,7 +23,7 @@ use core::marker::PhantomData;
 use half::{bf16, f16};
 use num_complex::Complex;
 
-use crate::dtype::{BF16, Dtype, Element, F16, F32, F64, Float, HalfDtype};
+use crate::dtype::{BF16, Dtype, Element, F16, F32, F64, Float, HalfDtype, Promote};
 use crate::scaler::{DynamicScaler, GradScaler, NoScaler};
 
 pub use parse::{Parsed, PrecisionInput, parse_precision};
@@ -74,11 +74,24 @@ pub enum NoComplex {}
 /// ```
 pub trait Precision: Copy + Default + Debug + Send + Sync + 'static {
     /// How parameters are stored (f32 master weights under mixed precision).
-    type Param: Float;
+    ///
+    /// The [`Promote`] bounds on the three float types hold for every float nbit has; they let
+    /// generic code combine any two of a precision's types (`ac.mul(&w, &w)` on `P::Param`, or a
+    /// parameter with a compute-dtype activation) without naming the promotion itself.
+    type Param: Float
+        + Promote<Self::Param, Output = Self::Param>
+        + Promote<Self::Compute>
+        + Promote<Self::Full>;
     /// The dtype of matmul-class ops (matmul, linear, attention).
-    type Compute: Float;
+    type Compute: Float
+        + Promote<Self::Compute, Output = Self::Compute>
+        + Promote<Self::Param>
+        + Promote<Self::Full>;
     /// The dtype of fp32-class ops (softmax, losses, norms, reductions).
-    type Full: Float;
+    type Full: Float
+        + Promote<Self::Full, Output = Self::Full>
+        + Promote<Self::Param>
+        + Promote<Self::Compute>;
     /// The dtype of complex parameters created under this precision.
     type Complex: Copy + Debug + Send + Sync + 'static;
     /// The gradient scaler ([`DynamicScaler`] only for fp16 mixed precision).
