@@ -162,6 +162,16 @@ impl<P: Precision, D: Backend> Linear<P, D> {
         })
     }
 
+    /// The weight and the bias, in that order.
+    pub fn parameters(&self) -> Vec<&Parameter<P::Param, D>> {
+        vec![&self.weight, &self.bias]
+    }
+
+    /// The weight and the bias, mutably, in the same order.
+    pub fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
+        vec![&mut self.weight, &mut self.bias]
+    }
+
     /// `x W^T + b` in the compute dtype.
     pub fn forward<X: Float>(
         &self,

@@ -62,6 +62,40 @@ impl Metrics {
 }
 
 /// A trainable model, as a `LightningModule`: its parameters, its steps and its optimizer.
+///
+/// Two methods are required: the parameters (listed once for reading and once for updating).
+/// Give [`Model::forward`] and every step has a default: training minimises [`Model::loss`]
+/// (cross-entropy against class labels, mean squared error against target values), validation
+/// reports that loss and, for class labels, top-1 accuracy, and prediction returns the outputs.
+/// Override [`Model::loss`] for another loss, or any step for full control.
+///
+/// ```
+/// use nbit::prelude::*;
+/// use nbit::data::{Batch, DataLoader, Dataset};
+/// use nbit::nn::{Linear, Parameter};
+/// use nbit::optim::{Optimization, Sgd};
+///
+/// /// Logistic regression: one Linear layer, cross-entropy from the defaults.
+/// struct Logistic<P: Precision> { layer: Linear<P> }
+///
+/// impl<P: Precision> Model<P> for Logistic<P> {
+///     fn forward(&mut self, ac: &Autocast<P>, batch: &Batch) -> Result<Tensor<P::Full>, Error> {
+///         Ok(self.layer.forward(ac, &batch.features::<P::Param, Cpu>())?.cast())
+///     }
+///     fn parameters(&self) -> Vec<&Parameter<P::Param>> { self.layer.parameters() }
+///     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> { self.layer.parameters_mut() }
+///     fn configure_optimizers(&self) -> Optimization { Optimization::new(Sgd::new(0.5)) }
+/// }
+///
+/// let x = nbit::ndarray::Array2::from_shape_fn((64, 2), |(i, j)| ((i * 7 + j * 3) % 11) as f64 / 11.0 - 0.5);
+/// let y: Vec<usize> = x.rows().into_iter().map(|r| usize::from(r[0] + r[1] > 0.0)).collect();
+/// let data = DataLoader::new(Dataset::classification(x, y)?, 16)?;
+/// let trainer = Trainer::<Mixed<BF16>, Cpu>::builder().max_epochs(40).enable_progress_bar(false).build()?;
+/// let mut model = trainer.init_module(|ctx| Linear::new(ctx, "0", 2, 2).map(|layer| Logistic { layer }))?;
+/// trainer.fit(&mut model, &data, None)?;
+/// assert!(trainer.validate(&mut model, &data)?.accuracy() > 0.9);
+/// # Ok::<(), nbit::Error>(())
+/// ```
 pub trait Model<P: Precision, D: Backend = Cpu> {
     /// Creates parameters that should be made under the trainer's precision and device (called
     /// once by [`Trainer::fit`](crate::Trainer::fit) before training; must be idempotent).
@@ -69,19 +103,65 @@ pub trait Model<P: Precision, D: Backend = Cpu> {
         Ok(())
     }
 
-    /// The loss of one batch (already reduced to one element).
+    /// The model's outputs on one batch, `[rows, outputs]` in `P::Full`: logits for
+    /// classification, predictions for regression. The default steps are built on it; a model
+    /// that writes its own steps need not give it.
+    fn forward(&mut self, _ac: &Autocast<P, D>, _batch: &Batch) -> Result<Tensor<P::Full, D>, Error> {
+        Err(Error::InvalidModel(
+            "this model has no forward(): implement Model::forward, or training_step, \
+             validation_step and predict_step"
+                .into(),
+        ))
+    }
+
+    /// The loss of `outputs` (from [`Model::forward`]) on `batch`, one element. Default:
+    /// cross-entropy against the batch's class labels, or mean squared error against its target
+    /// values, as `torch.nn.functional` computes them.
+    fn loss(
+        &mut self,
+        ac: &Autocast<P, D>,
+        outputs: &Tensor<P::Full, D>,
+        batch: &Batch,
+    ) -> Result<Tensor<P::Full, D>, Error> {
+        match batch.classes() {
+            Some(classes) => ac.cross_entropy(outputs, classes),
+            None => {
+                let target = batch.values::<P::Full, D>().ok_or_else(|| {
+                    Error::InvalidData("the batch has neither class labels nor target values".into())
+                })?;
+                ac.mse_loss(outputs, &target)
+            }
+        }
+    }
+
+    /// The loss of one batch (already reduced to one element). Default: [`Model::loss`] of
+    /// [`Model::forward`].
     fn training_step(
         &mut self,
         ac: &Autocast<P, D>,
         batch: &Batch,
-        step: &StepInfo,
-    ) -> Result<Tensor<P::Full, D>, Error>;
+        _step: &StepInfo,
+    ) -> Result<Tensor<P::Full, D>, Error> {
+        let outputs = self.forward(ac, batch)?;
+        self.loss(ac, &outputs, batch)
+    }
 
-    /// Loss sums and correct counts on one batch.
-    fn validation_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Metrics, Error>;
+    /// Loss sums and correct counts on one batch. Default: [`Model::loss`] of
+    /// [`Model::forward`], and top-1 accuracy where the batch has class labels.
+    fn validation_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Metrics, Error> {
+        let outputs = self.forward(ac, batch)?;
+        let loss = self.loss(ac, &outputs, batch)?;
+        Ok(Metrics {
+            loss_sum: loss.item()?.as_f64() * batch.len() as f64,
+            correct: batch.classes().map_or(0, |c| correct_predictions(&outputs, c)),
+            count: batch.len(),
+        })
+    }
 
-    /// The model's outputs on one batch, in `P::Full`.
-    fn predict_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error>;
+    /// The model's outputs on one batch, in `P::Full`. Default: [`Model::forward`].
+    fn predict_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error> {
+        self.forward(ac, batch)
+    }
 
     /// The optimizer and scheduler (Lightning's `configure_optimizers`). Default: AdamW, PyTorch's
     /// defaults.
@@ -97,6 +177,17 @@ pub trait Model<P: Precision, D: Backend = Cpu> {
 
     /// The same parameters, mutably, in the same order.
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>>;
+}
+
+/// Rows whose largest output (first on ties) is at the row's class: top-1 accuracy's numerator.
+fn correct_predictions<E: Float, D: Backend>(outputs: &Tensor<E, D>, classes: &[usize]) -> usize {
+    let out = outputs.to_array();
+    let cols = out.shape().last().copied().unwrap_or(1).max(1);
+    let flat: Vec<f64> = out.iter().map(|v| v.as_f64()).collect();
+    flat.chunks(cols)
+        .zip(classes)
+        .filter(|&(row, &y)| crate::nn::argmax(row.iter().copied()) == y)
+        .count()
 }
 
 /// An [`Mlp`] with its loss and optimizer: the model the command line and the quickstart train.
@@ -127,7 +218,7 @@ impl<P: Precision, D: Backend> MlpModel<P, D> {
 
     /// The loss (in `P::Full`) and the raw outputs (in `P::Compute`).
     #[allow(clippy::type_complexity)]
-    fn loss(
+    fn task_loss(
         &self,
         ac: &Autocast<P, D>,
         batch: &Batch,
@@ -162,24 +253,13 @@ impl<P: Precision, D: Backend> Model<P, D> for MlpModel<P, D> {
         batch: &Batch,
         _: &StepInfo,
     ) -> Result<Tensor<P::Full, D>, Error> {
-        Ok(self.loss(ac, batch)?.0)
+        Ok(self.task_loss(ac, batch)?.0)
     }
 
     fn validation_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Metrics, Error> {
-        let (loss, out) = self.loss(ac, batch)?;
+        let (loss, out) = self.task_loss(ac, batch)?;
         let n = batch.len();
-        let correct = match batch.classes() {
-            Some(classes) => {
-                let logits = out.to_array();
-                let cols = logits.shape()[1];
-                let flat: Vec<f64> = logits.iter().map(|v| v.as_f64()).collect();
-                flat.chunks(cols)
-                    .zip(classes)
-                    .filter(|&(row, &y)| crate::nn::argmax(row.iter().copied()) == y)
-                    .count()
-            }
-            None => 0,
-        };
+        let correct = batch.classes().map_or(0, |c| correct_predictions(&out, c));
         Ok(Metrics {
             loss_sum: loss.item()?.as_f64() * n as f64,
             correct,

@@ -1,0 +1,152 @@
+//! A model written outside the crate from the `Model` trait's defaults: forward and parameters
+//! only (issue 13, friction 2), with a custom loss, under two precisions.
+
+use nbit::data::{Batch, DataLoader, Dataset};
+use nbit::nn::{Linear, Parameter};
+use nbit::optim::{Optimization, Sgd};
+use nbit::prelude::*;
+
+/// Two inputs, two classes split by the line x0 + x1 = 0.
+fn separable() -> DataLoader {
+    let x =
+        nbit::ndarray::Array2::from_shape_fn((96, 2), |(i, j)| ((i * 7 + j * 5) % 13) as f64 / 13.0 - 0.5);
+    let y: Vec<usize> = x
+        .rows()
+        .into_iter()
+        .map(|r| usize::from(r[0] + r[1] > 0.0))
+        .collect();
+    DataLoader::new(Dataset::classification(x, y).unwrap(), 16).unwrap()
+}
+
+/// A linear classifier: forward and parameters, everything else from the defaults.
+struct Linear2<P: Precision> {
+    layer: Linear<P>,
+}
+
+impl<P: Precision> Model<P> for Linear2<P> {
+    fn forward(&mut self, ac: &Autocast<P>, batch: &Batch) -> Result<Tensor<P::Full>, Error> {
+        Ok(self.layer.forward(ac, &batch.features::<P::Param, Cpu>())?.cast())
+    }
+    fn parameters(&self) -> Vec<&Parameter<P::Param>> {
+        self.layer.parameters()
+    }
+    fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> {
+        self.layer.parameters_mut()
+    }
+    fn configure_optimizers(&self) -> Optimization {
+        Optimization::new(Sgd::new(0.5).momentum(0.9))
+    }
+}
+
+/// The same model with its own loss: cross-entropy plus an L2 penalty on the weight.
+struct Penalised<P: Precision> {
+    inner: Linear2<P>,
+    penalty: f64,
+}
+
+impl<P: Precision> Model<P> for Penalised<P> {
+    fn forward(&mut self, ac: &Autocast<P>, batch: &Batch) -> Result<Tensor<P::Full>, Error> {
+        self.inner.forward(ac, batch)
+    }
+    fn loss(
+        &mut self,
+        ac: &Autocast<P>,
+        outputs: &Tensor<P::Full>,
+        batch: &Batch,
+    ) -> Result<Tensor<P::Full>, Error> {
+        let w = self.inner.layer.weight.value();
+        let l2 = ac.sum(&ac.mul(w, w)?).mul_scalar(self.penalty);
+        ac.cross_entropy(outputs, batch.classes().unwrap())?.add(&l2)
+    }
+    fn parameters(&self) -> Vec<&Parameter<P::Param>> {
+        self.inner.parameters()
+    }
+    fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> {
+        self.inner.parameters_mut()
+    }
+    fn configure_optimizers(&self) -> Optimization {
+        self.inner.configure_optimizers()
+    }
+}
+
+fn train<P: Precision>(penalty: Option<f64>) -> (f64, f64, f64, Vec<usize>)
+where
+    Cpu: Supports<P>,
+{
+    let data = separable();
+    let trainer = Trainer::<P, Cpu>::builder()
+        .max_epochs(30)
+        .enable_progress_bar(false)
+        .build()
+        .unwrap();
+    let layer = trainer.init_module(|ctx| Linear::new(ctx, "0", 2, 2)).unwrap();
+    let inner = Linear2 { layer };
+    let (report, metrics, outputs) = match penalty {
+        None => {
+            let mut m = inner;
+            let r = trainer.fit(&mut m, &data, None).unwrap();
+            let v = trainer.validate(&mut m, &data).unwrap();
+            let p = trainer.predict(&mut m, &data).unwrap();
+            (r, v, p)
+        }
+        Some(penalty) => {
+            let mut m = Penalised { inner, penalty };
+            let r = trainer.fit(&mut m, &data, None).unwrap();
+            let v = trainer.validate(&mut m, &data).unwrap();
+            let p = trainer.predict(&mut m, &data).unwrap();
+            (r, v, p)
+        }
+    };
+    let first = report.history[0].loss;
+    (
+        first,
+        metrics.loss(),
+        metrics.accuracy(),
+        outputs.shape().to_vec(),
+    )
+}
+
+#[test]
+fn forward_and_parameters_are_a_whole_model_under_bf16_mixed_and_64_true() {
+    for (first, val_loss, acc, shape) in [train::<Mixed<BF16>>(None), train::<True<F64>>(None)] {
+        assert!(
+            val_loss < 0.5 * first,
+            "validation loss {val_loss} against first {first}"
+        );
+        assert!(acc >= 0.95, "accuracy {acc}");
+        assert_eq!(
+            shape,
+            vec![96, 2],
+            "predict returns forward's outputs for every row"
+        );
+    }
+}
+
+#[test]
+fn a_custom_loss_is_what_training_and_validation_use() {
+    let (_, plain, ..) = train::<True<F64>>(None);
+    let (_, penalised, acc, _) = train::<True<F64>>(Some(0.005));
+    // The penalty is in the validation loss (and held the weights smaller while training).
+    assert!(penalised > plain, "penalised {penalised}, plain {plain}");
+    assert!(acc >= 0.9, "accuracy {acc}");
+}
+
+#[test]
+fn a_model_without_forward_or_steps_is_an_error_naming_the_fix() {
+    struct Empty;
+    impl Model<True<F32>> for Empty {
+        fn parameters(&self) -> Vec<&Parameter<f32>> {
+            Vec::new()
+        }
+        fn parameters_mut(&mut self) -> Vec<&mut Parameter<f32>> {
+            Vec::new()
+        }
+    }
+    let trainer = Trainer::<True<F32>, Cpu>::builder()
+        .max_epochs(1)
+        .enable_progress_bar(false)
+        .build()
+        .unwrap();
+    let err = trainer.fit(&mut Empty, &separable(), None).unwrap_err();
+    assert!(err.to_string().contains("implement Model::forward"), "{err}");
+}
