@@ -1,7 +1,8 @@
 //! Prints GEMM GFLOP/s per dtype at n = 256..2048 and the ratio to a baseline measured in the
 //! same run: ndarray's own f32 `.dot()` (the matrixmultiply crate).
 //!
-//! Run with `cargo run --release --example gemm_table`. Each figure is the best of several runs.
+//! Run with `cargo run --release --example gemm_table` (or `cargo bench`, which runs this same
+//! table). Each figure is the best of several runs.
 
 use std::time::Instant;
 
@@ -37,7 +38,7 @@ fn nbit_secs<E: Float>(n: usize) -> f64 {
     })
 }
 
-fn main() {
+pub fn main() {
     // `--csv`: one `n,dtype,gflops` line per cell (what tools/bench_mlp_vs_pytorch.py --gemm reads).
     if std::env::args().any(|a| a == "--csv") {
         println!("n,dtype,gflops");
