@@ -4,9 +4,9 @@
 //! | op class | runs in | ops |
 //! |---|---|---|
 //! | lower precision | `P::Compute` | matmul, linear (bias add included) |
-//! | fp32 | `P::Full` (inputs cast up) | softmax, log_softmax, cross_entropy, nll_loss, mse_loss, sum, mean, exp, log, pow, layer_norm |
+//! | fp32 | `P::Full` (inputs cast up) | softmax, log_softmax, cross_entropy, nll_loss, mse_loss, l1_loss, huber_loss, smooth_l1_loss, binary_cross_entropy_with_logits, sum, mean, exp, log, pow, layer_norm |
 //! | promote | the wider input dtype ([`Promote`]) | add, sub, mul, div on different dtypes |
-//! | everything else | its input dtype | relu, gelu, tanh, sigmoid, dropout, reshape, transpose (call the tensor method) |
+//! | everything else | its input dtype | relu, gelu, tanh, abs, sigmoid, dropout, reshape, transpose (call the tensor method) |
 //!
 //! Parameters stay in `P::Param` (f32 under the mixed precisions). [`Autocast::weight`] casts a
 //! parameter to `P::Compute` once per forward pass and reuses the copy, as autocast's weight cache
@@ -172,6 +172,47 @@ impl<P: Precision, D: Backend> Autocast<P, D> {
         target: &Tensor<T, D>,
     ) -> Result<Full<P, D>, Error> {
         x.cast::<P::Full>().mse_loss(&target.cast::<P::Full>())
+    }
+
+    /// Mean absolute error, in `P::Full`.
+    pub fn l1_loss<X: Float, T: Float>(
+        &self,
+        x: &Tensor<X, D>,
+        target: &Tensor<T, D>,
+    ) -> Result<Full<P, D>, Error> {
+        x.cast::<P::Full>().l1_loss(&target.cast::<P::Full>())
+    }
+
+    /// Huber loss with threshold `delta`, in `P::Full`.
+    pub fn huber_loss<X: Float, T: Float>(
+        &self,
+        x: &Tensor<X, D>,
+        target: &Tensor<T, D>,
+        delta: f64,
+    ) -> Result<Full<P, D>, Error> {
+        x.cast::<P::Full>().huber_loss(&target.cast::<P::Full>(), delta)
+    }
+
+    /// Smooth L1 loss with threshold `beta`, in `P::Full`.
+    pub fn smooth_l1_loss<X: Float, T: Float>(
+        &self,
+        x: &Tensor<X, D>,
+        target: &Tensor<T, D>,
+        beta: f64,
+    ) -> Result<Full<P, D>, Error> {
+        x.cast::<P::Full>()
+            .smooth_l1_loss(&target.cast::<P::Full>(), beta)
+    }
+
+    /// Binary cross-entropy of logits against targets in [0, 1], in `P::Full`.
+    pub fn binary_cross_entropy_with_logits<X: Float, T: Float>(
+        &self,
+        logits: &Tensor<X, D>,
+        target: &Tensor<T, D>,
+    ) -> Result<Full<P, D>, Error> {
+        logits
+            .cast::<P::Full>()
+            .binary_cross_entropy_with_logits(&target.cast::<P::Full>())
     }
 
     /// Layer normalisation over the last axis, in `P::Full`, with parameters in `P::Param`.

@@ -232,3 +232,24 @@ fn autocast_binary_ops_work_in_generic_code_over_any_precision() {
     run::<True<F16>>(DType::F16);
     run::<True<F64>>(DType::F64);
 }
+
+#[test]
+fn the_regression_and_binary_losses_are_fp32_class() {
+    // PyTorch's autocast runs these in float32; under bf16-mixed nbit computes them in P::Full.
+    let ac = Autocast::<Mixed<BF16>>::new();
+    let h = |v: Vec<f64>| {
+        Tensor::<half::bf16>::from_vec(&[2, 2], v.into_iter().map(half::bf16::from_f64).collect()).unwrap()
+    };
+    let (x, y) = (h(vec![0.5, -1.5, 2.0, 0.0]), h(vec![1.0, 0.0, 1.0, 0.5]));
+    for loss in [
+        ac.l1_loss(&x, &y).unwrap(),
+        ac.huber_loss(&x, &y, 1.0).unwrap(),
+        ac.smooth_l1_loss(&x, &y, 1.0).unwrap(),
+        ac.binary_cross_entropy_with_logits(&x, &y).unwrap(),
+    ] {
+        assert_eq!(loss.dtype(), DType::F32);
+    }
+    // Under bf16-true, P::Full is bf16.
+    let ac = Autocast::<True<BF16>>::new();
+    assert_eq!(ac.l1_loss(&x, &y).unwrap().dtype(), DType::BF16);
+}

@@ -100,6 +100,64 @@ fn softmax_family_and_losses() {
     check("mse_loss", vec![v(&[3, 2], 38), v(&[3, 2], 39)], |t| {
         t[0].mse_loss(&t[1])
     });
+    // Differences kept away from the kink of |d| at 0.
+    let small = |s: &[usize], seed| values(s, seed, -0.05, 0.05);
+    check("abs", vec![away_from_zero(&[3, 4], 60)], |t| Ok(t[0].abs()));
+    check(
+        "l1_loss",
+        vec![away_from_zero(&[3, 2], 61), small(&[3, 2], 62)],
+        |t| t[0].l1_loss(&t[1]),
+    );
+    let wide = |s: &[usize], seed| values(s, seed, -2.0, 2.0);
+    check("huber_loss", vec![wide(&[4, 3], 63), v(&[4, 3], 64)], |t| {
+        t[0].huber_loss(&t[1], 0.5)
+    });
+    check("smooth_l1_loss", vec![wide(&[4, 3], 65), v(&[4, 3], 66)], |t| {
+        t[0].smooth_l1_loss(&t[1], 0.75)
+    });
+    check(
+        "binary_cross_entropy_with_logits",
+        vec![values(&[3, 4], 67, -3.0, 3.0), values(&[3, 4], 68, 0.0, 1.0)],
+        |t| t[0].binary_cross_entropy_with_logits(&t[1]),
+    );
+}
+
+#[test]
+fn the_new_losses_match_torch_nn_functional() {
+    // torch 2.15, float64: F.l1_loss, F.huber_loss(delta=0.5), F.smooth_l1_loss(beta=0.5) and
+    // F.binary_cross_entropy_with_logits of these inputs.
+    let x = T::from_vec(&[2, 3], vec![-2.0, 0.5, 3.0, 0.25, -0.75, 1.5]).unwrap();
+    let t = T::from_vec(&[2, 3], vec![0.0, 1.0, 0.25, 1.0, 0.0, 0.5]).unwrap();
+    let close = |a: T, b: f64| {
+        assert!(
+            (a.item().unwrap() - b).abs() < 1e-15,
+            "{} vs {b}",
+            a.item().unwrap()
+        )
+    };
+    close(x.l1_loss(&t).unwrap(), 1.2916666666666667);
+    close(x.huber_loss(&t, 0.5).unwrap(), 0.5208333333333334);
+    close(x.smooth_l1_loss(&t, 0.5).unwrap(), 1.0416666666666667);
+    close(
+        x.binary_cross_entropy_with_logits(&t).unwrap(),
+        0.8023026751288862,
+    );
+    // beta = 0 is the L1 loss; a bad threshold or a shape mismatch is an error naming it.
+    close(x.smooth_l1_loss(&t, 0.0).unwrap(), 1.2916666666666667);
+    assert!(x.huber_loss(&t, 0.0).unwrap_err().to_string().contains("delta"));
+    assert!(
+        x.smooth_l1_loss(&t, f64::NAN)
+            .unwrap_err()
+            .to_string()
+            .contains("beta")
+    );
+    let other = T::from_vec(&[3, 2], vec![0.0; 6]).unwrap();
+    assert!(
+        x.binary_cross_entropy_with_logits(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("binary_cross_entropy_with_logits")
+    );
 }
 
 #[test]

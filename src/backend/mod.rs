@@ -49,6 +49,11 @@ pub enum Unary {
     Exp,
     /// `ln x`
     Log,
+    /// `|x|` (gradient `sign(x)`, 0 at 0, as PyTorch)
+    Abs,
+    /// Huber's function with threshold `delta`: `x²/2` for `|x| <= delta`, else
+    /// `delta (|x| - delta/2)` (PyTorch's `huber_loss` before the reduction)
+    Huber(f64),
 }
 
 /// A two-input element-wise operation with NumPy broadcasting.

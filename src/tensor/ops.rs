@@ -50,6 +50,10 @@ impl<E: Float, D: Backend> Tensor<E, D> {
     pub fn tanh(&self) -> Self {
         self.unary_op(Unary::Tanh)
     }
+    /// `|x|`; its gradient is `sign(x)` (0 at 0), as PyTorch's.
+    pub fn abs(&self) -> Self {
+        self.unary_op(Unary::Abs)
+    }
     /// The logistic sigmoid.
     pub fn sigmoid(&self) -> Self {
         self.unary_op(Unary::Sigmoid)
@@ -372,6 +376,65 @@ impl<E: Float, D: Backend> Tensor<E, D> {
             ));
         }
         Ok(self.sub(target)?.powf(2.0).mean())
+    }
+
+    /// Mean absolute error against `target` of the same shape (`torch.nn.functional.l1_loss`).
+    pub fn l1_loss(&self, target: &Self) -> Result<Self, Error> {
+        Ok(self.difference("l1_loss", target)?.abs().mean())
+    }
+
+    /// Huber loss against `target` (`torch.nn.functional.huber_loss`): per element `d²/2` where
+    /// `|d| <= delta`, else `delta (|d| - delta/2)`, averaged. `delta` must be positive.
+    pub fn huber_loss(&self, target: &Self, delta: f64) -> Result<Self, Error> {
+        if !(delta.is_finite() && delta > 0.0) {
+            return Err(Error::InvalidArgument {
+                name: "delta",
+                value: delta.to_string(),
+                expected: "a finite value > 0",
+            });
+        }
+        Ok(self
+            .difference("huber_loss", target)?
+            .unary_op(Unary::Huber(delta))
+            .mean())
+    }
+
+    /// Smooth L1 loss against `target` (`torch.nn.functional.smooth_l1_loss`): Huber's with
+    /// threshold `beta`, divided by `beta`; `beta = 0` is the L1 loss, as in PyTorch.
+    pub fn smooth_l1_loss(&self, target: &Self, beta: f64) -> Result<Self, Error> {
+        if beta == 0.0 {
+            return self.l1_loss(target);
+        }
+        if !(beta.is_finite() && beta > 0.0) {
+            return Err(Error::InvalidArgument {
+                name: "beta",
+                value: beta.to_string(),
+                expected: "a finite value >= 0",
+            });
+        }
+        Ok(self.huber_loss(target, beta)?.mul_scalar(1.0 / beta))
+    }
+
+    /// Binary cross-entropy of logits `self` against targets in [0, 1] of the same shape,
+    /// averaged (`torch.nn.functional.binary_cross_entropy_with_logits`), in PyTorch's stable
+    /// form `max(x, 0) - x y + ln(1 + e^-|x|)`.
+    pub fn binary_cross_entropy_with_logits(&self, target: &Self) -> Result<Self, Error> {
+        self.difference("binary_cross_entropy_with_logits", target)?;
+        let softplus = self.abs().neg().exp().add_scalar(1.0).log();
+        Ok(self.relu().sub(&self.mul(target)?)?.add(&softplus)?.mean())
+    }
+
+    /// `self - target` for two tensors that must have one shape (the element-wise losses).
+    fn difference(&self, op: &'static str, target: &Self) -> Result<Self, Error> {
+        if self.shape() != target.shape() {
+            return Err(mismatch(
+                op,
+                self.shape(),
+                target.shape(),
+                "input and target must have one shape",
+            ));
+        }
+        self.sub(target)
     }
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by

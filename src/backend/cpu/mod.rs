@@ -328,6 +328,17 @@ impl Backend for Cpu {
             Unary::Sigmoid => map_n([x], |[a]| one / (one + (-a).exp())),
             Unary::Exp => map_n([x], |[a]| a.exp()),
             Unary::Log => map_n([x], |[a]| a.ln()),
+            Unary::Abs => map_n([x], |[a]| a.abs()),
+            Unary::Huber(d) => {
+                let d = <E::Acc as Acc>::c(d);
+                map_n([x], |[a]| {
+                    if a.abs() <= d {
+                        half * a * a
+                    } else {
+                        d * (a.abs() - half * d)
+                    }
+                })
+            }
         }
     }
 
@@ -367,6 +378,24 @@ impl Backend for Cpu {
             Unary::Sigmoid => grad!(|_, y, g| g * y * (one - y)),
             Unary::Exp => grad!(|_, y, g| g * y),
             Unary::Log => grad!(|x, _, g| g / x),
+            Unary::Abs => grad!(|x, _, g| if x > zero {
+                g
+            } else if x < zero {
+                -g
+            } else {
+                zero
+            }),
+            Unary::Huber(d) => {
+                let d = c(d);
+                // clamp(x, -delta, delta), NaN passed through.
+                grad!(|x, _, g| g * if x < -d {
+                    -d
+                } else if x > d {
+                    d
+                } else {
+                    x
+                })
+            }
         }
     }
 
