@@ -231,8 +231,8 @@ pub use precision::{
     parse_precision,
 };
 pub use trainer::{
-    ClipAlgorithm, FitReport, Metrics, MlpModel, Model, StepInfo, StepLog, Summary, Trainer, TrainerBuilder,
-    TrainerConfig, mlp_sizes, write_atomic,
+    ClipAlgorithm, EarlyStopping, FitReport, Metrics, MlpModel, Mode, Model, ModelCheckpoint, Monitor,
+    StepInfo, StepLog, Summary, Trainer, TrainerBuilder, TrainerConfig, mlp_sizes, write_atomic,
 };
 
 /// The names most programs need: `use nbit::prelude::*;`. The `ndarray` and `half` that nbit's

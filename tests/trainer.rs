@@ -8,7 +8,7 @@ use nbit::nn::Task;
 use nbit::optim::{AdamW, Optimization, Sgd};
 use nbit::prelude::*;
 use nbit::scaler::DynamicScaler;
-use nbit::{Float, Grads, Metrics, StepInfo};
+use nbit::{EarlyStopping, Float, Grads, Metrics, Mode, ModelCheckpoint, Monitor, StepInfo};
 
 /// fp16 compute with f32 master weights and a dynamic scaler, allowed on the CPU: 16-mixed in all
 /// but name, defined outside the crate (which also proves users can add precisions).
@@ -963,4 +963,108 @@ fn a_thread_count_of_zero_is_refused() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("num_threads = 0"), "{err}");
+}
+
+fn callback_data() -> (DataLoader, DataLoader) {
+    let (train, val) = blobs(300).split(0.2, 3).unwrap();
+    (
+        DataLoader::new(train, 30).unwrap().shuffle(true),
+        DataLoader::new(val, 60).unwrap(),
+    )
+}
+
+#[test]
+fn early_stopping_stops_after_patience_epochs_without_improvement() {
+    let (train, val) = callback_data();
+    // A learning rate too small to move the validation loss by min_delta: the first epoch sets
+    // the best, the next two do not improve it, and patience 2 stops there (epoch 3 of 50).
+    let trainer = Trainer::<True<F32>, Cpu>::builder()
+        .max_epochs(50)
+        .enable_progress_bar(false)
+        .early_stopping(EarlyStopping::new(Monitor::ValLoss).patience(2).min_delta(1e-3))
+        .build()
+        .unwrap();
+    let opt = Optimization::new(Sgd::new(1e-9));
+    let mut model = trainer
+        .init_module(|ctx| MlpModel::new(ctx, &[4, 8, 3], Task::Classification, opt))
+        .unwrap();
+    let r = trainer.fit(&mut model, &train, Some(&val)).unwrap();
+    assert_eq!(r.epochs, 3);
+    let why = r.stopped_early.expect("stopped early");
+    assert!(
+        why.contains("val_loss did not improve in the last 2 epochs"),
+        "{why}"
+    );
+    // A model that keeps improving trains to max_epochs.
+    let trainer = Trainer::<True<F32>, Cpu>::builder()
+        .max_epochs(4)
+        .enable_progress_bar(false)
+        .early_stopping(EarlyStopping::new(Monitor::TrainLoss).patience(1))
+        .build()
+        .unwrap();
+    let opt = Optimization::new(Sgd::new(0.1).momentum(0.9));
+    let mut model = trainer
+        .init_module(|ctx| MlpModel::new(ctx, &[4, 8, 3], Task::Classification, opt))
+        .unwrap();
+    let r = trainer.fit(&mut model, &train, None).unwrap();
+    assert_eq!((r.epochs, r.stopped_early), (4, None));
+}
+
+#[test]
+fn model_checkpoint_keeps_the_best_and_the_last_and_the_best_resumes() {
+    let (train, val) = callback_data();
+    let dir = std::env::temp_dir().join(format!("nbit-mc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let trainer = Trainer::<Mixed<BF16>, Cpu>::builder()
+        .max_epochs(6)
+        .enable_progress_bar(false)
+        .model_checkpoint(
+            ModelCheckpoint::new(&dir)
+                .monitor(Some(Monitor::ValAcc))
+                .mode(Mode::Max),
+        )
+        .build()
+        .unwrap();
+    let opt = Optimization::new(Sgd::new(0.05).momentum(0.9));
+    let mut model = trainer
+        .init_module(|ctx| MlpModel::new(ctx, &[4, 8, 3], Task::Classification, opt))
+        .unwrap();
+    let r = trainer.fit(&mut model, &train, Some(&val)).unwrap();
+    let (path, score) = r.best_model.clone().expect("a best checkpoint");
+    assert_eq!(path, dir.join("best.safetensors"));
+    let best_acc = r.validation.iter().map(|m| m.accuracy()).fold(f64::MIN, f64::max);
+    assert_eq!(score, best_acc);
+    assert!(dir.join("last.safetensors").exists());
+    // The best checkpoint resumes like any checkpoint.
+    let trainer2 = Trainer::<Mixed<BF16>, Cpu>::builder()
+        .max_epochs(7)
+        .enable_progress_bar(false)
+        .build()
+        .unwrap();
+    let mut again = trainer2
+        .init_module(|ctx| MlpModel::new(ctx, &[4, 8, 3], Task::Classification, opt))
+        .unwrap();
+    let resumed = trainer2.fit_from(&mut again, &train, Some(&val), &path).unwrap();
+    assert_eq!(resumed.epochs, 7);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_validation_metric_without_validation_data_is_an_error_naming_it() {
+    let (train, _) = callback_data();
+    let trainer = Trainer::<True<F32>, Cpu>::builder()
+        .max_epochs(2)
+        .enable_progress_bar(false)
+        .early_stopping(EarlyStopping::new(Monitor::ValAcc))
+        .build()
+        .unwrap();
+    let opt = Optimization::new(Sgd::new(0.1));
+    let mut model = trainer
+        .init_module(|ctx| MlpModel::new(ctx, &[4, 8, 3], Task::Classification, opt))
+        .unwrap();
+    let err = trainer.fit(&mut model, &train, None).unwrap_err().to_string();
+    assert!(
+        err.contains("monitor = val_acc") && err.contains("pass validation data"),
+        "{err}"
+    );
 }

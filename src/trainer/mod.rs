@@ -11,6 +11,7 @@
 //!    or value; the optimizer step and a per-step scheduler step, both skipped when a gradient was
 //!    non-finite; the scaler's update.
 
+mod callbacks;
 mod checkpoint;
 mod model;
 mod progress;
@@ -35,6 +36,7 @@ use crate::precision::Precision;
 use crate::scaler::{GradScaler, ScalerState};
 use crate::tensor::Tensor;
 
+pub use callbacks::{EarlyStopping, Mode, ModelCheckpoint, Monitor};
 pub use checkpoint::{mlp_sizes, write_atomic};
 pub use model::{Metrics, MlpModel, Model, StepInfo};
 
@@ -96,6 +98,10 @@ pub struct TrainerConfig {
     /// Keep memory freed by one training step for the next rather than returning it to the
     /// operating system ([`crate::backend::retain_freed_memory`]; glibc on Linux; default true).
     pub retain_freed_memory: bool,
+    /// Stop when a metric stops improving (Lightning's `EarlyStopping` callback).
+    pub early_stopping: Option<EarlyStopping>,
+    /// Save the best and the last checkpoint (Lightning's `ModelCheckpoint` callback).
+    pub model_checkpoint: Option<ModelCheckpoint>,
 }
 
 impl Default for TrainerConfig {
@@ -114,6 +120,8 @@ impl Default for TrainerConfig {
             log_csv: None,
             num_threads: None,
             retain_freed_memory: true,
+            early_stopping: None,
+            model_checkpoint: None,
         }
     }
 }
@@ -169,6 +177,10 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
         /// Keep memory a step frees for the next step (default true; see
         /// [`crate::backend::retain_freed_memory`]).
         retain_freed_memory: bool => retain_freed_memory;
+        /// Stop when a metric stops improving (Lightning's `EarlyStopping`).
+        early_stopping: EarlyStopping => early_stopping wrap Some;
+        /// Save the best and the last checkpoint (Lightning's `ModelCheckpoint`).
+        model_checkpoint: ModelCheckpoint => model_checkpoint wrap Some;
     }
 
     /// Uses `scaler` instead of `P::Scaler::default()` (e.g. a `DynamicScaler` with other
@@ -287,6 +299,10 @@ pub struct FitReport {
     pub samples: usize,
     /// Whether training stopped early because [`Trainer::stop_handle`] was set (Ctrl-C).
     pub interrupted: bool,
+    /// Why [`EarlyStopping`] stopped training, if it did.
+    pub stopped_early: Option<String>,
+    /// The best checkpoint [`ModelCheckpoint`] wrote, and its metric's value.
+    pub best_model: Option<(PathBuf, f64)>,
 }
 
 /// A checkpoint's metadata keys for [`ScalerState`]'s fields, in their order.
@@ -401,6 +417,19 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         if self.cfg.retain_freed_memory {
             crate::backend::retain_freed_memory();
         }
+        let monitors = [
+            self.cfg.early_stopping.as_ref().map(|e| e.monitor),
+            self.cfg.model_checkpoint.as_ref().and_then(|m| m.monitor),
+        ];
+        if let Some(m) = monitors.into_iter().flatten().find(|m| m.needs_validation())
+            && val.is_none()
+        {
+            return Err(Error::InvalidArgument {
+                name: "monitor",
+                value: m.name().into(),
+                expected: "a metric fit can compute: pass validation data to fit, or monitor train_loss",
+            });
+        }
         let mut ctx = InitCtx::new(self.cfg.seed);
         model.configure_model(&mut ctx)?;
         let optimizer =
@@ -429,6 +458,8 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             notes,
             samples: 0,
             interrupted: false,
+            stopped_early: None,
+            best_model: None,
         };
         let result = self.epochs(model, train, val, &mut st, &mut report, log.as_mut());
         // The rows logged so far reach the disk whether training finished, failed or stopped.
@@ -460,6 +491,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         };
         let accumulate = self.cfg.accumulate_grad_batches;
         let mut done = self.cfg.max_steps.is_some_and(|m| st.global_step >= m);
+        let (mut watch, mut best) = (callbacks::Watch::default(), callbacks::Best::default());
         while !done && st.epoch < max_epochs {
             let batches = train.epoch_indices(st.epoch);
             let bar = progress::Bar::new(self.cfg.enable_progress_bar, st.epoch, batches.len() as u64);
@@ -552,6 +584,9 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 if let Some(v) = val {
                     report.validation.push(self.evaluate(model, v)?);
                 }
+                if self.epoch_end_callbacks(model, st, report, &mut watch, &mut best)? {
+                    done = true;
+                }
             }
             if let Some(log) = log.as_deref_mut() {
                 log.flush()?;
@@ -561,6 +596,59 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             }
         }
         Ok(())
+    }
+
+    /// After a completed epoch (and its validation): `ModelCheckpoint`, then `EarlyStopping`.
+    /// Returns whether training should stop.
+    fn epoch_end_callbacks<M: Model<P, D>>(
+        &self,
+        model: &M,
+        st: &LoopState<P, D>,
+        report: &mut FitReport,
+        watch: &mut callbacks::Watch,
+        best: &mut callbacks::Best,
+    ) -> Result<bool, Error> {
+        let finished = st.epoch - 1;
+        let value = |m: Monitor| -> f64 {
+            match m {
+                Monitor::ValLoss => report.validation.last().map_or(f64::NAN, Metrics::loss),
+                Monitor::ValAcc => report.validation.last().map_or(f64::NAN, Metrics::accuracy),
+                Monitor::TrainLoss => {
+                    let losses: Vec<f64> = report
+                        .history
+                        .iter()
+                        .filter(|s| s.epoch == finished)
+                        .map(|s| s.loss)
+                        .collect();
+                    losses.iter().sum::<f64>() / losses.len().max(1) as f64
+                }
+            }
+        };
+        if let Some(mc) = &self.cfg.model_checkpoint {
+            std::fs::create_dir_all(&mc.dirpath).map_err(|e| Error::Io {
+                path: mc.dirpath.display().to_string(),
+                action: "create",
+                reason: format!("{e}; ModelCheckpoint needs a folder it can write"),
+            })?;
+            if let Some(m) = mc.monitor {
+                let v = value(m);
+                if best.improves(mc.mode, v) {
+                    let path = mc.dirpath.join("best.safetensors");
+                    self.save_checkpoint(model, st, &path)?;
+                    report.best_model = Some((path, v));
+                }
+            }
+            if mc.save_last {
+                self.save_checkpoint(model, st, &mc.dirpath.join("last.safetensors"))?;
+            }
+        }
+        if let Some(es) = &self.cfg.early_stopping
+            && let Some(why) = watch.update(es, value(es.monitor))
+        {
+            report.stopped_early = Some(why);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn non_finite(&self, what: &'static str, value: f64, st: &LoopState<P, D>) -> Error {
