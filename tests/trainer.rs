@@ -1068,3 +1068,56 @@ fn a_validation_metric_without_validation_data_is_an_error_naming_it() {
         "{err}"
     );
 }
+
+#[test]
+fn the_csv_logger_writes_one_row_per_epoch_in_a_new_version_folder() {
+    let (train, val) = callback_data();
+    let dir = std::env::temp_dir().join(format!("nbit-csvlog-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = || {
+        let trainer = Trainer::<True<F32>, Cpu>::builder()
+            .max_epochs(3)
+            .enable_progress_bar(false)
+            .csv_logger(dir.clone())
+            .build()
+            .unwrap();
+        let opt = Optimization::new(Sgd::new(0.1));
+        let mut model = trainer
+            .init_module(|ctx| MlpModel::new(ctx, &[4, 8, 3], Task::Classification, opt))
+            .unwrap();
+        trainer.fit(&mut model, &train, Some(&val)).unwrap()
+    };
+    let first = run();
+    let path = first.metrics_csv.clone().unwrap();
+    assert_eq!(path, dir.join("version_0").join("metrics.csv"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows[0], "epoch,step,train_loss,val_loss,val_acc");
+    assert_eq!(rows.len(), 4);
+    for (e, row) in rows[1..].iter().enumerate() {
+        let cells: Vec<&str> = row.split(',').collect();
+        assert_eq!(cells[0], e.to_string());
+        assert_eq!(
+            cells[1],
+            ((e + 1) * 8).to_string(),
+            "240 rows / 30 per batch = 8 steps per epoch"
+        );
+        let mean: f64 = first
+            .history
+            .iter()
+            .filter(|s| s.epoch == e as u64)
+            .map(|s| s.loss)
+            .sum::<f64>()
+            / 8.0;
+        assert_eq!(cells[2].parse::<f64>().unwrap(), mean);
+        assert_eq!(cells[3].parse::<f64>().unwrap(), first.validation[e].loss());
+        assert_eq!(cells[4].parse::<f64>().unwrap(), first.validation[e].accuracy());
+    }
+    // A second run does not overwrite the first.
+    assert_eq!(
+        run().metrics_csv.unwrap(),
+        dir.join("version_1").join("metrics.csv")
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

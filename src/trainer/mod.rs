@@ -102,6 +102,9 @@ pub struct TrainerConfig {
     pub early_stopping: Option<EarlyStopping>,
     /// Save the best and the last checkpoint (Lightning's `ModelCheckpoint` callback).
     pub model_checkpoint: Option<ModelCheckpoint>,
+    /// Write epoch metrics to `<dir>/version_<n>/metrics.csv`, `n` the first unused, as
+    /// Lightning's `CSVLogger(save_dir=dir)` does.
+    pub csv_logger: Option<PathBuf>,
 }
 
 impl Default for TrainerConfig {
@@ -122,6 +125,7 @@ impl Default for TrainerConfig {
             retain_freed_memory: true,
             early_stopping: None,
             model_checkpoint: None,
+            csv_logger: None,
         }
     }
 }
@@ -181,6 +185,9 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
         early_stopping: EarlyStopping => early_stopping wrap Some;
         /// Save the best and the last checkpoint (Lightning's `ModelCheckpoint`).
         model_checkpoint: ModelCheckpoint => model_checkpoint wrap Some;
+        /// Write epoch metrics (epoch, step, train_loss, val_loss, val_acc) to
+        /// `<dir>/version_<n>/metrics.csv`, as Lightning's `CSVLogger`.
+        csv_logger: PathBuf => csv_logger wrap Some;
     }
 
     /// Uses `scaler` instead of `P::Scaler::default()` (e.g. a `DynamicScaler` with other
@@ -303,6 +310,8 @@ pub struct FitReport {
     pub stopped_early: Option<String>,
     /// The best checkpoint [`ModelCheckpoint`] wrote, and its metric's value.
     pub best_model: Option<(PathBuf, f64)>,
+    /// The `metrics.csv` the CSV logger wrote, if one was set.
+    pub metrics_csv: Option<PathBuf>,
 }
 
 /// A checkpoint's metadata keys for [`ScalerState`]'s fields, in their order.
@@ -460,6 +469,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             interrupted: false,
             stopped_early: None,
             best_model: None,
+            metrics_csv: None,
         };
         let result = self.epochs(model, train, val, &mut st, &mut report, log.as_mut());
         // The rows logged so far reach the disk whether training finished, failed or stopped.
@@ -584,7 +594,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 if let Some(v) = val {
                     report.validation.push(self.evaluate(model, v)?);
                 }
-                if self.epoch_end_callbacks(model, st, report, &mut watch, &mut best)? {
+                if self.epoch_end_callbacks(model, st, report, val.is_some(), &mut watch, &mut best)? {
                     done = true;
                 }
             }
@@ -605,6 +615,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         model: &M,
         st: &LoopState<P, D>,
         report: &mut FitReport,
+        validated: bool,
         watch: &mut callbacks::Watch,
         best: &mut callbacks::Best,
     ) -> Result<bool, Error> {
@@ -624,6 +635,26 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 }
             }
         };
+        if let Some(dir) = &self.cfg.csv_logger {
+            let path = match &report.metrics_csv {
+                Some(p) => p.clone(),
+                None => {
+                    let p = new_version_dir(dir)?.join("metrics.csv");
+                    append(&p, b"epoch,step,train_loss,val_loss,val_acc\n")?;
+                    report.metrics_csv = Some(p.clone());
+                    p
+                }
+            };
+            let val = report.validation.last().filter(|_| validated);
+            let row = format!(
+                "{finished},{},{},{},{}\n",
+                st.global_step,
+                value(Monitor::TrainLoss),
+                val.map_or(String::new(), |m| m.loss().to_string()),
+                val.map_or(String::new(), |m| m.accuracy().to_string()),
+            );
+            append(&path, row.as_bytes())?;
+        }
         if let Some(mc) = &self.cfg.model_checkpoint {
             std::fs::create_dir_all(&mc.dirpath).map_err(|e| Error::Io {
                 path: mc.dirpath.display().to_string(),
@@ -910,6 +941,42 @@ fn checked_loss<E: Float, D: Backend>(loss: &Tensor<E, D>) -> Result<f64, Error>
 }
 
 /// One CSV row per optimizer step, streamed to a file as training runs.
+/// The first `<dir>/version_<n>` that does not exist yet, created (Lightning's versioning, so a
+/// new run never overwrites an earlier run's metrics).
+fn new_version_dir(dir: &Path) -> Result<PathBuf, Error> {
+    let io = |p: &Path, e: std::io::Error| Error::Io {
+        path: p.display().to_string(),
+        action: "create",
+        reason: format!("{e}; the CSV logger needs a folder it can write"),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    for n in 0u64.. {
+        let v = dir.join(format!("version_{n}"));
+        match std::fs::create_dir(&v) {
+            Ok(()) => return Ok(v),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(&v, e)),
+        }
+    }
+    unreachable!("u64 versions run out")
+}
+
+/// Appends `bytes` to the file at `path` (created if missing) and flushes, so each epoch's row
+/// is on disk when the next epoch starts.
+fn append(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let io = |e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
+        action: "write",
+        reason: e.to_string(),
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)
+}
+
 struct StepCsv {
     path: PathBuf,
     out: std::io::BufWriter<std::fs::File>,
