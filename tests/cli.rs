@@ -107,20 +107,23 @@ fn bad_files_name_the_problem() {
 #[test]
 fn a_bad_thread_count_in_the_environment_names_the_variable() {
     let data = good_csv();
-    let out = Command::new(env!("CARGO_BIN_EXE_nbit"))
-        .args([
-            "fit",
-            "--data",
-            p(&data),
-            "--epochs",
-            "1",
-            "--no-progress",
-            "--accelerator",
-            "cpu",
-        ])
-        .env("NBIT_NUM_THREADS", "lots")
-        .output()
-        .unwrap();
+    let fit_with = |threads: &str| {
+        Command::new(env!("CARGO_BIN_EXE_nbit"))
+            .args([
+                "fit",
+                "--data",
+                p(&data),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--accelerator",
+                "cpu",
+            ])
+            .env("NBIT_NUM_THREADS", threads)
+            .output()
+            .unwrap()
+    };
+    let out = fit_with("lots");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
@@ -128,20 +131,7 @@ fn a_bad_thread_count_in_the_environment_names_the_variable() {
         "{err}"
     );
     // A valid count trains.
-    let out = Command::new(env!("CARGO_BIN_EXE_nbit"))
-        .args([
-            "fit",
-            "--data",
-            p(&data),
-            "--epochs",
-            "1",
-            "--no-progress",
-            "--accelerator",
-            "cpu",
-        ])
-        .env("NBIT_NUM_THREADS", "3")
-        .output()
-        .unwrap();
+    let out = fit_with("3");
     assert_eq!(
         out.status.code(),
         Some(0),
