@@ -150,3 +150,56 @@ fn a_model_without_forward_or_steps_is_an_error_naming_the_fix() {
     let err = trainer.fit(&mut Empty, &separable(), None).unwrap_err();
     assert!(err.to_string().contains("implement Model::forward"), "{err}");
 }
+
+#[test]
+fn epoch_end_hooks_see_each_epochs_train_loss_and_validation_metrics() {
+    struct Recording<P: Precision> {
+        inner: Linear2<P>,
+        train: Vec<(u64, f64)>,
+        val: Vec<(u64, nbit::Metrics)>,
+    }
+    impl<P: Precision> Model<P> for Recording<P> {
+        fn forward(&mut self, ac: &Autocast<P>, batch: &Batch) -> Result<Tensor<P::Full>, Error> {
+            self.inner.forward(ac, batch)
+        }
+        fn parameters(&self) -> Vec<&Parameter<P::Param>> {
+            self.inner.parameters()
+        }
+        fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> {
+            self.inner.parameters_mut()
+        }
+        fn on_train_epoch_end(&mut self, epoch: u64, train_loss: f64) {
+            self.train.push((epoch, train_loss));
+        }
+        fn on_validation_epoch_end(&mut self, epoch: u64, metrics: &nbit::Metrics) {
+            self.val.push((epoch, *metrics));
+        }
+    }
+    let data = separable();
+    let trainer = Trainer::<True<F32>, Cpu>::builder()
+        .max_epochs(3)
+        .enable_progress_bar(false)
+        .build()
+        .unwrap();
+    let layer = trainer.init_module(|ctx| Linear::new(ctx, "0", 2, 2)).unwrap();
+    let mut m = Recording {
+        inner: Linear2 { layer },
+        train: Vec::new(),
+        val: Vec::new(),
+    };
+    let r = trainer.fit(&mut m, &data, Some(&data)).unwrap();
+    for e in 0..3u64 {
+        let steps: Vec<f64> = r
+            .history
+            .iter()
+            .filter(|s| s.epoch == e)
+            .map(|s| s.loss)
+            .collect();
+        assert_eq!(
+            m.train[e as usize],
+            (e, steps.iter().sum::<f64>() / steps.len() as f64)
+        );
+        assert_eq!(m.val[e as usize], (e, r.validation[e as usize]));
+    }
+    assert_eq!((m.train.len(), m.val.len()), (3, 3));
+}

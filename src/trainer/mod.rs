@@ -591,10 +591,28 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 st.optimizer.scheduler_step(Interval::Epoch);
                 st.epoch += 1;
                 st.batch_in_epoch = 0;
+                let finished = st.epoch - 1;
+                let losses = report
+                    .history
+                    .iter()
+                    .filter(|s| s.epoch == finished)
+                    .map(|s| s.loss);
+                let (sum, n) = losses.fold((0.0, 0usize), |(s, n), l| (s + l, n + 1));
+                let train_loss = sum / n.max(1) as f64;
+                model.on_train_epoch_end(finished, train_loss);
                 if let Some(v) = val {
-                    report.validation.push(self.evaluate(model, v)?);
+                    let metrics = self.evaluate(model, v)?;
+                    model.on_validation_epoch_end(finished, &metrics);
+                    report.validation.push(metrics);
                 }
-                if self.epoch_end_callbacks(model, st, report, val.is_some(), &mut watch, &mut best)? {
+                if self.epoch_end_callbacks(
+                    model,
+                    st,
+                    report,
+                    (val.is_some(), train_loss),
+                    &mut watch,
+                    &mut best,
+                )? {
                     done = true;
                 }
             }
@@ -615,7 +633,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         model: &M,
         st: &LoopState<P, D>,
         report: &mut FitReport,
-        validated: bool,
+        (validated, train_loss): (bool, f64),
         watch: &mut callbacks::Watch,
         best: &mut callbacks::Best,
     ) -> Result<bool, Error> {
@@ -624,15 +642,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             match m {
                 Monitor::ValLoss => report.validation.last().map_or(f64::NAN, Metrics::loss),
                 Monitor::ValAcc => report.validation.last().map_or(f64::NAN, Metrics::accuracy),
-                Monitor::TrainLoss => {
-                    let losses: Vec<f64> = report
-                        .history
-                        .iter()
-                        .filter(|s| s.epoch == finished)
-                        .map(|s| s.loss)
-                        .collect();
-                    losses.iter().sum::<f64>() / losses.len().max(1) as f64
-                }
+                Monitor::TrainLoss => train_loss,
             }
         };
         if let Some(dir) = &self.cfg.csv_logger {

@@ -172,6 +172,14 @@ pub trait Model<P: Precision, D: Backend = Cpu> {
     /// Sees the unscaled gradients just before the optimizer step, before clipping.
     fn on_before_optimizer_step(&mut self, _grads: &[(&str, &Tensor<P::Param, D>)]) {}
 
+    /// Called after each training epoch (`epoch` from 0) with the mean of its step losses, before
+    /// validation (Lightning's `on_train_epoch_end`).
+    fn on_train_epoch_end(&mut self, _epoch: u64, _train_loss: f64) {}
+
+    /// Called after each epoch's validation with its metrics (Lightning's
+    /// `on_validation_epoch_end`).
+    fn on_validation_epoch_end(&mut self, _epoch: u64, _metrics: &Metrics) {}
+
     /// The trainable parameters, in a fixed order.
     fn parameters(&self) -> Vec<&Parameter<P::Param, D>>;
 
