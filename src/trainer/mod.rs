@@ -974,11 +974,7 @@ fn new_version_dir(dir: &Path) -> Result<PathBuf, Error> {
 /// Appends `bytes` to the file at `path` (created if missing) and flushes, so each epoch's row
 /// is on disk when the next epoch starts.
 fn append(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let io = |e: std::io::Error| Error::Io {
-        path: path.display().to_string(),
-        action: "write",
-        reason: e.to_string(),
-    };
+    let io = |e| StepCsv::io(path, e);
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -223,23 +223,29 @@ impl<P: Precision, D: Backend> MlpModel<P, D> {
             optimization,
         })
     }
+}
 
-    /// The loss (in `P::Full`) and the raw outputs (in `P::Compute`).
-    #[allow(clippy::type_complexity)]
-    fn task_loss(
-        &self,
+impl<P: Precision, D: Backend> Model<P, D> for MlpModel<P, D> {
+    fn forward(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error> {
+        Ok(self.net.forward(ac, &batch.features::<P::Param, D>())?.cast())
+    }
+
+    /// The network's task decides the loss (cross-entropy or MSE); a batch with the other kind of
+    /// target is an error that says so. Training, validation and prediction are the defaults.
+    fn loss(
+        &mut self,
         ac: &Autocast<P, D>,
+        outputs: &Tensor<P::Full, D>,
         batch: &Batch,
-    ) -> Result<(Tensor<P::Full, D>, Tensor<P::Compute, D>), Error> {
-        let out = self.net.forward(ac, &batch.features::<P::Param, D>())?;
-        let loss = match self.net.task() {
+    ) -> Result<Tensor<P::Full, D>, Error> {
+        match self.net.task() {
             Task::Classification => {
                 let classes = batch.classes().ok_or_else(|| {
                     Error::InvalidData(
                         "classification needs class labels, but the batch has regression targets".into(),
                     )
                 })?;
-                ac.cross_entropy(&out, classes)?
+                ac.cross_entropy(outputs, classes)
             }
             Task::Regression => {
                 let target = batch.values::<P::Full, D>().ok_or_else(|| {
@@ -247,37 +253,9 @@ impl<P: Precision, D: Backend> MlpModel<P, D> {
                         "regression needs target values, but the batch has class labels".into(),
                     )
                 })?;
-                ac.mse_loss(&out, &target)?
+                ac.mse_loss(outputs, &target)
             }
-        };
-        Ok((loss, out))
-    }
-}
-
-impl<P: Precision, D: Backend> Model<P, D> for MlpModel<P, D> {
-    fn training_step(
-        &mut self,
-        ac: &Autocast<P, D>,
-        batch: &Batch,
-        _: &StepInfo,
-    ) -> Result<Tensor<P::Full, D>, Error> {
-        Ok(self.task_loss(ac, batch)?.0)
-    }
-
-    fn validation_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Metrics, Error> {
-        let (loss, out) = self.task_loss(ac, batch)?;
-        let n = batch.len();
-        let correct = batch.classes().map_or(0, |c| correct_predictions(&out, c));
-        Ok(Metrics {
-            loss_sum: loss.item()?.as_f64() * n as f64,
-            correct,
-            count: n,
-        })
-    }
-
-    fn predict_step(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error> {
-        let out = self.net.forward(ac, &batch.features::<P::Param, D>())?;
-        Ok(out.cast::<P::Full>())
+        }
     }
 
     fn configure_optimizers(&self) -> Optimization {
