@@ -115,9 +115,6 @@ where
     fn configure_optimizers(&self) -> Optimization {
         Optimization::new(Sgd::new(0.5).momentum(0.9))
     }
-    fn parameters(&self) -> Vec<&Parameter<P::Param>> {
-        vec![&self.re, &self.im]
-    }
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> {
         vec![&mut self.re, &mut self.im]
     }

@@ -80,9 +80,6 @@ impl<P: Precision> Model<P> for Linear<P> {
         // The loss's Hessian is (2/m) Q^T Q = (2/m) I, so lr = m/4 halves the error every step.
         Optimization::new(Sgd::new(ROWS as f64 / 4.0))
     }
-    fn parameters(&self) -> Vec<&Parameter<P::Param>> {
-        vec![&self.u]
-    }
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> {
         vec![&mut self.u]
     }

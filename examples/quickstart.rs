@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use nbit::data::{DataLoader, Dataset, Task};
 use nbit::optim::{AdamW, Optimization};
-use nbit::{
-    BackendJob, DeviceKind, Error, Job, MlpModel, Precision, PrecisionKind, Selection, Supports, Trainer,
-};
+use nbit::plot::Chart;
+use nbit::{DeviceKind, Error, MlpModel, Precision, PrecisionKind, RunJob, Runs, Selection, Trainer};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/digits.csv");
 const EPOCHS: u64 = 20;
 const BATCH: usize = 32;
+const PLOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/quickstart-loss.svg");
 
 /// One row of the table.
 struct Row {
@@ -23,6 +23,7 @@ struct Row {
     samples_per_sec: f64,
     param_mb: f64,
     skipped: u64,
+    curves: Chart,
 }
 
 /// Trains under whatever precision and device `dispatch` selected.
@@ -31,22 +32,10 @@ struct Train<'a> {
     val: &'a Dataset,
 }
 
-impl Job for Train<'_> {
-    type Output = Result<Row, Error>;
-    fn run<P: Precision, D: Supports<P>>(self) -> Self::Output {
-        D::with_backend(OnDevice::<P>(self, core::marker::PhantomData))?
-    }
-}
-
-struct OnDevice<'a, P>(Train<'a>, core::marker::PhantomData<P>);
-
-impl<P: Precision, D: Supports<P>> BackendJob<D> for OnDevice<'_, P> {
-    type Output = Result<Row, Error>;
-    fn run(self) -> Self::Output
-    where
-        D: nbit::backend::Backend,
-    {
-        let Train { train, val } = self.0;
+impl RunJob for Train<'_> {
+    type Output = Row;
+    fn run<P: Precision, D: Runs<P>>(self) -> Result<Row, Error> {
+        let Train { train, val } = self;
         let trainer = Trainer::<P, D>::builder()
             .max_epochs(EPOCHS)
             .enable_progress_bar(false)
@@ -63,7 +52,7 @@ impl<P: Precision, D: Supports<P>> BackendJob<D> for OnDevice<'_, P> {
         let train_loader = DataLoader::new(train.clone(), BATCH)?.shuffle(true).seed(0);
         let val_loader = DataLoader::new(val.clone(), 256)?;
         let start = Instant::now();
-        let report = trainer.fit(&mut model, &train_loader, None)?;
+        let report = trainer.fit(&mut model, &train_loader, Some(&val_loader))?;
         let secs = start.elapsed().as_secs_f64();
         let last_epoch: Vec<f64> = report
             .history
@@ -76,8 +65,9 @@ impl<P: Precision, D: Supports<P>> BackendJob<D> for OnDevice<'_, P> {
             val_accuracy: trainer.validate(&mut model, &val_loader)?.accuracy(),
             final_loss: last_epoch.iter().sum::<f64>() / last_epoch.len().max(1) as f64,
             samples_per_sec: report.samples as f64 / secs,
-            param_mb: trainer.summary(&model).size_mb,
+            param_mb: trainer.summary(&mut model).size_mb,
             skipped: report.skipped_steps,
+            curves: Chart::from_report(P::NAME, &report),
         })
     }
 }
@@ -95,13 +85,14 @@ fn main() -> Result<(), Error> {
         "{:<12} {:>10} {:>11} {:>10} {:>9} {:>8}",
         "precision", "val acc", "final loss", "samples/s", "param MB", "skipped"
     );
+    let mut charts = Vec::new();
     for kind in PrecisionKind::ALL {
         match Selection::new(kind, DeviceKind::Cpu) {
             Ok(sel) => {
-                let r = sel.run(Train {
+                let r = sel.launch(Train {
                     train: &train,
                     val: &val,
-                })??;
+                })?;
                 println!(
                     "{:<12} {:>9.2}% {:>11.4} {:>10.0} {:>9.4} {:>8}",
                     r.precision,
@@ -111,6 +102,7 @@ fn main() -> Result<(), Error> {
                     r.param_mb,
                     r.skipped
                 );
+                charts.push(r.curves);
             }
             Err(e) => println!("{:<12} refused: {e}", kind.name()),
         }
@@ -120,5 +112,9 @@ fn main() -> Result<(), Error> {
          weights and needs no scaler. In code, Trainer<Mixed<F16>, Cpu> does not compile."
     );
     println!("param MB follows Lightning's rule: parameters x bits (32 for mixed precisions) / 8 / 1e6.");
+    let plot = std::path::Path::new(PLOT);
+    let _ = std::fs::create_dir_all(plot.parent().expect("a folder"));
+    nbit::plot::write_svg(plot, &charts)?;
+    println!("Loss curves of every precision, side by side: {PLOT}");
     Ok(())
 }

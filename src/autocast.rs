@@ -3,14 +3,17 @@
 //!
 //! | op class | runs in | ops |
 //! |---|---|---|
-//! | lower precision | `P::Compute` | matmul, linear (bias add included) |
+//! | lower precision | `P::Compute` | matmul, linear, conv1d, conv2d (bias add included) |
 //! | fp32 | `P::Full` (inputs cast up) | softmax, log_softmax, cross_entropy, nll_loss, mse_loss, l1_loss, huber_loss, smooth_l1_loss, binary_cross_entropy_with_logits, sum, mean, exp, log, pow, layer_norm |
 //! | promote | the wider input dtype ([`Promote`]) | add, sub, mul, div on different dtypes |
 //! | everything else | its input dtype | relu, gelu, tanh, abs, sigmoid, dropout, reshape, transpose (call the tensor method) |
 //!
 //! Parameters stay in `P::Param` (f32 under the mixed precisions). [`Autocast::weight`] casts a
 //! parameter to `P::Compute` once per forward pass and reuses the copy, as autocast's weight cache
-//! does; build one `Autocast` per forward pass. Backward runs each op in its forward dtype and each
+//! does; build one `Autocast` per forward pass. It also says whether the pass is training
+//! ([`Autocast::training`], made by the trainer for `training_step`) or evaluation
+//! ([`Autocast::new`]), which is what [`Dropout`](crate::nn::Dropout) reads, as `model.train()` /
+//! `model.eval()` would in PyTorch. Backward runs each op in its forward dtype and each
 //! cast's backward casts the gradient back, so under `Mixed<H>` parameter gradients are f32 while
 //! activation gradients are 16-bit.
 //!
@@ -31,7 +34,7 @@
 //! ```
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 
@@ -48,6 +51,8 @@ type Full<P, D> = Tensor<<P as Precision>::Full, D>;
 /// The autocast policy of precision `P` for one forward pass, with its weight-cast cache.
 pub struct Autocast<P: Precision, D: Backend = Cpu> {
     cache: RefCell<HashMap<u64, Box<dyn Any>>>,
+    /// While training: the seed of the pass and how many dropout seeds were handed out.
+    training: Option<(u64, Cell<u64>)>,
     _types: PhantomData<(P, D)>,
 }
 
@@ -89,12 +94,36 @@ macro_rules! promoting_binary {
 }
 
 impl<P: Precision, D: Backend> Autocast<P, D> {
-    /// A fresh policy with an empty weight cache (make one per forward pass).
+    /// A fresh policy with an empty weight cache for an evaluation pass (dropout off); make one
+    /// per forward pass.
     pub fn new() -> Self {
         Autocast {
             cache: RefCell::new(HashMap::new()),
+            training: None,
             _types: PhantomData,
         }
+    }
+
+    /// A policy for a training pass (dropout on), whose dropout draws follow from `seed`.
+    pub fn training(seed: u64) -> Self {
+        Autocast {
+            training: Some((seed, Cell::new(0))),
+            ..Self::new()
+        }
+    }
+
+    /// Whether this is a training pass.
+    pub fn is_training(&self) -> bool {
+        self.training.is_some()
+    }
+
+    /// While training, a seed for the next dropout mask: different for every call in the pass,
+    /// the same for the same call in a rerun. `None` when evaluating.
+    pub fn next_seed(&self) -> Option<u64> {
+        self.training.as_ref().map(|(seed, n)| {
+            n.set(n.get() + 1);
+            crate::backend::mix64(seed ^ n.get().wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        })
     }
 
     /// How many parameter casts are cached.
@@ -132,6 +161,34 @@ impl<P: Precision, D: Backend> Autocast<P, D> {
     ) -> Result<Compute<P, D>, Error> {
         let b = bias.map(|b| self.weight(b));
         x.cast::<P::Compute>().linear(&self.weight(weight), b.as_ref())
+    }
+
+    /// 2-D convolution in the compute dtype (matmul class, as in PyTorch's autocast lists), from
+    /// parameters stored in `P::Param`.
+    pub fn conv2d<X: Float>(
+        &self,
+        x: &Tensor<X, D>,
+        weight: &Tensor<P::Param, D>,
+        bias: Option<&Tensor<P::Param, D>>,
+        options: crate::tensor::ConvOptions,
+    ) -> Result<Compute<P, D>, Error> {
+        let b = bias.map(|b| self.weight(b));
+        x.cast::<P::Compute>()
+            .conv2d(&self.weight(weight), b.as_ref(), options)
+    }
+
+    /// 1-D convolution in the compute dtype (matmul class).
+    pub fn conv1d<X: Float>(
+        &self,
+        x: &Tensor<X, D>,
+        weight: &Tensor<P::Param, D>,
+        bias: Option<&Tensor<P::Param, D>>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Compute<P, D>, Error> {
+        let b = bias.map(|b| self.weight(b));
+        x.cast::<P::Compute>()
+            .conv1d(&self.weight(weight), b.as_ref(), stride, padding)
     }
 
     fp32_unary! {

@@ -172,11 +172,11 @@
 //! use nbit::prelude::*;
 //! use nbit::optim::{AdamW, Optimization, UpdateRounding};
 //! let trainer = Trainer::<True<BF16>, Cpu>::new()?;
-//! let model = trainer.init_module(|ctx| {
+//! let mut model = trainer.init_module(|ctx| {
 //!     MlpModel::new(ctx, &[4, 8, 2], nbit::nn::Task::Classification,
 //!         Optimization::new(AdamW::default()).update_rounding(UpdateRounding::Compensated))
 //! })?;
-//! assert!(trainer.summary(&model).to_string().contains("AdamW, compensated rounding"));
+//! assert!(trainer.summary(&mut model).to_string().contains("AdamW, compensated rounding"));
 //! # Ok::<(), nbit::Error>(())
 //! ```
 //!
@@ -216,6 +216,7 @@ pub mod linalg;
 pub mod matrix;
 pub mod nn;
 pub mod optim;
+pub mod plot;
 pub mod precision;
 pub mod scaler;
 pub mod tensor;
@@ -225,7 +226,7 @@ pub use autograd::Grads;
 pub use device::{BackendJob, Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
 pub use dtype::{BF16, DType, Dtype, Element, F16, F32, F64, Float, HalfDtype, Promote};
 pub use error::Error;
-pub use matrix::{Job, Selection, Supports, dispatch};
+pub use matrix::{Job, RunJob, Runs, Selection, Supports, dispatch, launch};
 pub use precision::{
     ComplexOf, ComputeOf, Mixed, NoComplex, ParamOf, Parsed, Precision, PrecisionInput, PrecisionKind, True,
     parse_precision,
@@ -250,10 +251,11 @@ pub use trainer::{
 /// ```
 pub mod prelude {
     pub use crate::autocast::Autocast;
+    pub use crate::backend::Backend;
     pub use crate::tensor::{ComplexOps, Tensor};
     pub use crate::{
         BF16, ComplexOf, ComputeOf, Cpu, DType, Device, Element, Error, F16, F32, F64, Float, Gpu, Job,
-        Mixed, MlpModel, Model, ParamOf, Precision, Supports, Tpu, Trainer, True,
+        Mixed, MlpModel, Model, ParamOf, Precision, RunJob, Runs, Supports, Tpu, Trainer, True,
     };
 }
 

@@ -28,7 +28,8 @@
 //! with an `Err` for strings); and current Lightning rejects both mixed modes on TPU, where nbit
 //! follows the seed documentation's table (bf16-mixed allowed).
 
-use crate::device::{Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
+use crate::backend::Backend;
+use crate::device::{BackendJob, Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
 use crate::dtype::{BF16, F16, F32, F64};
 use crate::precision::{Mixed, PrecisionInput, PrecisionKind, True, parse_precision};
 use crate::{Error, Precision};
@@ -63,6 +64,95 @@ use crate::{Error, Precision};
             the built-in table is in `nbit::matrix`"
 )]
 pub trait Supports<P: Precision>: Device {}
+
+/// `Self` (a device) may train under `P` *and* nbit has its kernels: [`Supports<P>`] plus
+/// [`Backend`]. The one bound generic training code needs:
+///
+/// ```
+/// use nbit::prelude::*;
+/// use nbit::data::{DataLoader, Dataset};
+/// use nbit::nn::Task;
+/// use nbit::optim::{AdamW, Optimization};
+///
+/// fn train<P: Precision, D: Runs<P>>(data: &DataLoader) -> Result<f64, Error> {
+///     let trainer = Trainer::<P, D>::builder().max_epochs(2).enable_progress_bar(false).build()?;
+///     let mut model = trainer.init_module(|ctx| {
+///         MlpModel::new(ctx, &[2, 8, 2], Task::Classification, Optimization::new(AdamW::default()))
+///     })?;
+///     trainer.fit(&mut model, data, None)?;
+///     Ok(trainer.validate(&mut model, data)?.loss())
+/// }
+/// let x = nbit::ndarray::array![[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [1.0, 1.0]];
+/// let data = DataLoader::new(Dataset::classification(x, vec![0, 1, 0, 1])?, 2)?;
+/// assert!(train::<Mixed<BF16>, Cpu>(&data)?.is_finite());
+/// # Ok::<(), nbit::Error>(())
+/// ```
+///
+/// `Supports` is the matrix (what may run where, checked for every device type); `Runs` is what
+/// this build of nbit can run: every allowed cell of `Cpu` today. `Gpu` and `Tpu` have no backend
+/// yet, so `Runs<_>` is not implemented for them; [`launch`] turns a run-time choice of those into
+/// the device's error instead.
+pub trait Runs<P: Precision>: Supports<P> + Backend {}
+
+impl<P: Precision, D: Supports<P> + Backend> Runs<P> for D {}
+
+/// Work that needs a device's kernels (a training run), started by [`launch`] for the precision
+/// and accelerator a user named at run time:
+///
+/// ```
+/// use nbit::prelude::*;
+/// struct Fit;
+/// impl RunJob for Fit {
+///     type Output = String;
+///     fn run<P: Precision, D: Runs<P>>(self) -> Result<String, Error> {
+///         let trainer = Trainer::<P, D>::builder().build()?;
+///         Ok(format!("{} on {}", P::NAME, trainer.device()))
+///     }
+/// }
+/// assert_eq!(nbit::launch("bf16-mixed", "cpu", Fit)?, "bf16-mixed on cpu");
+/// // An allowed cell without a backend in this build is the device's error, not a panic:
+/// assert!(nbit::launch("bf16-mixed", "tpu", Fit).unwrap_err().to_string().contains("tpu"));
+/// # Ok::<(), nbit::Error>(())
+/// ```
+pub trait RunJob {
+    /// What the job returns.
+    type Output;
+    /// Runs the job with the selected types.
+    fn run<P: Precision, D: Runs<P>>(self) -> Result<Self::Output, Error>;
+}
+
+/// Adapts a [`RunJob`] to [`dispatch`]: reaches the device's backend, or its error.
+struct OnBackend<J>(J);
+
+impl<J: RunJob> Job for OnBackend<J> {
+    type Output = Result<J::Output, Error>;
+    fn run<P: Precision, D: Supports<P>>(self) -> Self::Output {
+        D::with_backend(WithPrecision::<J, P>(self.0, core::marker::PhantomData))?
+    }
+}
+
+struct WithPrecision<J, P>(J, core::marker::PhantomData<P>);
+
+impl<J: RunJob, P: Precision, D: Supports<P>> BackendJob<D> for WithPrecision<J, P> {
+    type Output = Result<J::Output, Error>;
+    fn run(self) -> Self::Output
+    where
+        D: Backend,
+    {
+        self.0.run::<P, D>()
+    }
+}
+
+/// Parses a precision and an accelerator as [`dispatch`] does, then runs `job` with the types
+/// and the device's kernels. Errors: an unknown string, a refused cell (with advice), or a device
+/// this build cannot run (no backend, no hardware), each as a value.
+pub fn launch<'a, J: RunJob>(
+    precision: impl Into<PrecisionInput<'a>>,
+    accelerator: &str,
+    job: J,
+) -> Result<J::Output, Error> {
+    Selection::parse(precision, accelerator)?.launch(job)
+}
 
 /// A generic computation over a precision and device, run by [`dispatch`] for the pair a user
 /// named at run time.
@@ -138,6 +228,11 @@ impl Selection {
     /// Runs `job` with the `Trainer<P, D>` types of this selection.
     pub fn run<J: Job>(&self, job: J) -> Result<J::Output, Error> {
         run_cell(self.precision, self.device, job)
+    }
+
+    /// Runs `job` with the types of this selection and the device's kernels (see [`launch`]).
+    pub fn launch<J: RunJob>(&self, job: J) -> Result<J::Output, Error> {
+        self.run(OnBackend(job))?
     }
 }
 

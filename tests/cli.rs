@@ -869,3 +869,56 @@ fn update_rounding_applies_to_16_bit_weights_and_is_refused_elsewhere() {
         assert_eq!(j["optimizer_state_bytes"], 899 * per, "{r}: {j}");
     }
 }
+
+#[test]
+fn plot_draws_training_and_validation_loss() {
+    let data = good_csv();
+    let svg = dir().join("curves.svg");
+    let out = nbit(&[
+        "fit",
+        "--data",
+        p(&data),
+        "--val-split",
+        "0.25",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "9",
+        "--no-progress",
+        "--accelerator",
+        "cpu",
+        "--plot",
+        p(&svg),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    // 45 training rows in batches of 9: 5 steps per epoch, 15 points; 3 validation points.
+    let polylines: Vec<&str> = text.split("<polyline").skip(1).collect();
+    assert_eq!(polylines.len(), 2, "{text}");
+    let points = |s: &str| {
+        s.split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .split(' ')
+            .count()
+    };
+    assert_eq!((points(polylines[0]), points(polylines[1])), (15, 3));
+    assert!(text.contains("MLP 3-128-3 under 32-true") && text.contains("validation loss"));
+
+    let bad = nbit(&[
+        "fit",
+        "--data",
+        p(&data),
+        "--epochs",
+        "1",
+        "--plot",
+        "/no/such/dir/c.svg",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("given to --plot"));
+    let same = nbit(&["fit", "--data", p(&data), "--epochs", "1", "--plot", p(&data)]);
+    assert!(String::from_utf8_lossy(&same.stderr).contains("--plot and --data both name"));
+}

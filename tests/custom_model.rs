@@ -27,9 +27,6 @@ impl<P: Precision> Model<P> for Linear2<P> {
     fn forward(&mut self, ac: &Autocast<P>, batch: &Batch) -> Result<Tensor<P::Full>, Error> {
         Ok(self.layer.forward(ac, &batch.features::<P::Param, Cpu>())?.cast())
     }
-    fn parameters(&self) -> Vec<&Parameter<P::Param>> {
-        self.layer.parameters()
-    }
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> {
         self.layer.parameters_mut()
     }
@@ -57,9 +54,6 @@ impl<P: Precision> Model<P> for Penalised<P> {
         let w = self.inner.layer.weight.value();
         let l2 = ac.sum(&ac.mul(w, w)?).mul_scalar(self.penalty);
         ac.cross_entropy(outputs, batch.classes().unwrap())?.add(&l2)
-    }
-    fn parameters(&self) -> Vec<&Parameter<P::Param>> {
-        self.inner.parameters()
     }
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> {
         self.inner.parameters_mut()
@@ -135,9 +129,6 @@ fn a_custom_loss_is_what_training_and_validation_use() {
 fn a_model_without_forward_or_steps_is_an_error_naming_the_fix() {
     struct Empty;
     impl Model<True<F32>> for Empty {
-        fn parameters(&self) -> Vec<&Parameter<f32>> {
-            Vec::new()
-        }
         fn parameters_mut(&mut self) -> Vec<&mut Parameter<f32>> {
             Vec::new()
         }
@@ -161,9 +152,6 @@ fn epoch_end_hooks_see_each_epochs_train_loss_and_validation_metrics() {
     impl<P: Precision> Model<P> for Recording<P> {
         fn forward(&mut self, ac: &Autocast<P>, batch: &Batch) -> Result<Tensor<P::Full>, Error> {
             self.inner.forward(ac, batch)
-        }
-        fn parameters(&self) -> Vec<&Parameter<P::Param>> {
-            self.inner.parameters()
         }
         fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> {
             self.inner.parameters_mut()
@@ -202,4 +190,46 @@ fn epoch_end_hooks_see_each_epochs_train_loss_and_validation_metrics() {
         assert_eq!(m.val[e as usize], (e, r.validation[e as usize]));
     }
     assert_eq!((m.train.len(), m.val.len()), (3, 3));
+}
+
+/// A convolutional network from `nn` layers in a `Sequential`, trained through a generic
+/// function with the one bound `D: Runs<P>` (issue 13): the 8x8 digits, three epochs.
+fn digits_cnn<P: Precision, D: Runs<P>>() -> Result<f64, Error> {
+    use nbit::nn::{Conv2d, Flatten, Relu, Reshape, Sequential};
+    use nbit::tensor::ConvOptions;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/digits.csv");
+    let data = Dataset::read_csv(std::path::Path::new(path), nbit::data::Task::Classification)?;
+    let nbit::data::Targets::Classes(labels) = data.targets() else {
+        unreachable!("read as classification")
+    };
+    let scaled = Dataset::classification(data.features().mapv(|v| v / 16.0), labels.clone())?;
+    let (train, val) = scaled.split(0.2, 0)?;
+    let trainer = Trainer::<P, D>::builder()
+        .max_epochs(3)
+        .enable_progress_bar(false)
+        .seed(0)
+        .build()?;
+    let same = ConvOptions {
+        padding: (1, 1),
+        ..ConvOptions::default()
+    };
+    let mut model = trainer.init_module(|ctx| {
+        Ok(Sequential::new()
+            .push(Reshape::new(&[1, 8, 8]))
+            .push(Conv2d::new(ctx, "1", 1, 8, (3, 3), same)?)
+            .push(Relu)
+            .push(Flatten)
+            .push(Linear::new(ctx, "4", 8 * 64, 10)?))
+    })?;
+    trainer.fit(&mut model, &DataLoader::new(train, 32)?.shuffle(true), None)?;
+    Ok(trainer
+        .validate(&mut model, &DataLoader::new(val, 256)?)?
+        .accuracy())
+}
+
+#[test]
+fn a_sequential_cnn_trains_through_one_generic_bound() {
+    let bf16 = digits_cnn::<Mixed<BF16>, Cpu>().unwrap();
+    let f32 = digits_cnn::<True<F32>, Cpu>().unwrap();
+    assert!(bf16 > 0.93 && f32 > 0.93, "bf16-mixed {bf16}, 32-true {f32}");
 }

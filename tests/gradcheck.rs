@@ -218,3 +218,65 @@ fn cast_sends_the_gradient_back_in_the_source_dtype() {
     assert_eq!(g.dtype(), nbit::DType::F64);
     assert_eq!(g.to_vec(), vec![3.0; 3]);
 }
+
+#[test]
+fn selection_joining_and_extremes() {
+    check("sqrt", vec![values(&[8], 60, 0.2, 3.0)], |t| Ok(t[0].sqrt()));
+    // Away from the bounds, where the gradient is 1 or 0.
+    let spread = values(&[10], 61, -3.0, 3.0);
+    check("clamp", vec![spread], |t| t[0].clamp(-1.0, 1.5));
+    check("index_select, repeats", vec![v(&[4, 3], 62)], |t| {
+        t[0].index_select(0, &[2, 0, 2, 3])
+    });
+    check("index_select axis 1", vec![v(&[2, 5, 3], 63)], |t| {
+        t[0].index_select(1, &[4, 1])
+    });
+    check("narrow", vec![v(&[3, 6], 64)], |t| t[0].narrow(1, 2, 3));
+    let idx = ndarray::ArrayD::from_shape_vec(vec![3, 2], vec![1, 0, 3, 3, 0, 2]).unwrap();
+    check("gather axis 1", vec![v(&[3, 4], 65)], |t| t[0].gather(1, &idx));
+    let idx0 = ndarray::ArrayD::from_shape_vec(vec![2, 4], vec![0, 2, 1, 0, 2, 2, 0, 1]).unwrap();
+    check("gather axis 0", vec![v(&[3, 4], 66)], |t| t[0].gather(0, &idx0));
+    check(
+        "concat",
+        vec![v(&[2, 3], 67), v(&[2, 1], 68), v(&[2, 2], 69)],
+        |t| Tensor::concat(&[&t[0], &t[1], &t[2]], 1),
+    );
+    check("stack", vec![v(&[2, 3], 70), v(&[2, 3], 71)], |t| {
+        Tensor::stack(&[&t[0], &t[1]], 1)
+    });
+    check("max axis", vec![v(&[3, 5], 72)], |t| {
+        Ok(t[0].max_axis(1, false)?.0)
+    });
+    check("min axis keepdim", vec![v(&[4, 3], 73)], |t| {
+        Ok(t[0].min_axis(0, true)?.0)
+    });
+    check("max", vec![v(&[2, 3], 74)], |t| t[0].max());
+    check("where", vec![v(&[3, 4], 75), v(&[4], 76)], |t| {
+        t[0].gt(&Tensor::scalar(0.0))?.where_cond(&t[0], &t[1])
+    });
+}
+
+#[test]
+fn convolutions() {
+    use nbit::tensor::ConvOptions;
+    check(
+        "conv2d",
+        vec![v(&[2, 3, 5, 4], 80), v(&[4, 3, 3, 2], 81), v(&[4], 82)],
+        |t| t[0].conv2d(&t[1], Some(&t[2]), ConvOptions::default()),
+    );
+    let strided = ConvOptions {
+        stride: (2, 1),
+        padding: (1, 2),
+        dilation: (1, 2),
+    };
+    check(
+        "conv2d strided, padded, dilated",
+        vec![v(&[1, 2, 6, 5], 83), v(&[3, 2, 3, 2], 84)],
+        |t| t[0].conv2d(&t[1], None, strided),
+    );
+    check(
+        "conv1d",
+        vec![v(&[2, 3, 7], 85), v(&[2, 3, 3], 86), v(&[2], 87)],
+        |t| t[0].conv1d(&t[1], Some(&t[2]), 2, 1),
+    );
+}

@@ -55,8 +55,8 @@ fn tmp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-fn params<P: Precision, M: Model<P>>(m: &M) -> Vec<Vec<f64>> {
-    m.parameters()
+fn params<P: Precision, M: Model<P>>(m: &mut M) -> Vec<Vec<f64>> {
+    m.parameters_mut()
         .iter()
         .map(|p| p.value().to_vec().iter().map(|v| v.as_f64()).collect())
         .collect()
@@ -125,11 +125,6 @@ impl<P: Precision> Model<P> for Inject<P> {
             .sum();
         self.hook_norms.push(sq.sqrt());
     }
-    fn parameters(&self) -> Vec<&nbit::nn::Parameter<P::Param>> {
-        let mut p = self.inner.parameters();
-        p.extend(&self.extra);
-        p
-    }
     fn parameters_mut(&mut self) -> Vec<&mut nbit::nn::Parameter<P::Param>> {
         let mut p = self.inner.parameters_mut();
         p.extend(&mut self.extra);
@@ -186,8 +181,8 @@ fn injected_inf_gradients_skip_exactly_those_steps_and_touch_nothing() {
     let mut b = inject(&t3, &[2, 4], opt);
     let rb = t3.fit(&mut b, &data, None).unwrap();
     assert_eq!(
-        params(&a),
-        params(&b),
+        params(&mut a),
+        params(&mut b),
         "a skipped step leaves the weights bit-for-bit untouched"
     );
     let state = |p: &str| {
@@ -261,12 +256,12 @@ fn clipping_happens_after_unscaling() {
         .build()
         .unwrap();
     let mut m = mlp(&t, Optimization::new(Sgd::new(1.0)));
-    let before = params(&m);
+    let before = params(&mut m);
     t.fit(&mut m, &data, None).unwrap();
     let step: f64 = before
         .iter()
         .flatten()
-        .zip(params(&m).iter().flatten())
+        .zip(params(&mut m).iter().flatten())
         .map(|(a, b)| (a - b).powi(2))
         .sum::<f64>()
         .sqrt();
@@ -283,12 +278,12 @@ fn clip_by_value_bounds_every_update() {
         .build()
         .unwrap();
     let mut m = mlp(&t, Optimization::new(Sgd::new(1.0)));
-    let before = params(&m);
+    let before = params(&mut m);
     t.fit(&mut m, &data, None).unwrap();
     let max = before
         .iter()
         .flatten()
-        .zip(params(&m).iter().flatten())
+        .zip(params(&mut m).iter().flatten())
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
     assert!((max - 1e-4).abs() < 1e-12, "largest update {max}");
@@ -374,7 +369,7 @@ where
     let second = quiet::<P>().max_steps(12).build().unwrap();
     let mut c = mlp(&second, opt);
     let rc = second.fit_from(&mut c, &data, None, &ckpt).unwrap();
-    assert_eq!(params(&a), params(&c), "{tag}: resumed weights differ");
+    assert_eq!(params(&mut a), params(&mut c), "{tag}: resumed weights differ");
     assert_eq!(ra.history[7..], rc.history[..], "{tag}: resumed losses differ");
 }
 
@@ -413,14 +408,18 @@ fn accumulation_equals_one_big_batch_in_f64() {
     let u = quiet::<True<F64>>().max_steps(1).build().unwrap();
     let mut b = mlp(&u, opt);
     u.fit(&mut b, &big, None).unwrap();
-    let diff = params(&a)
+    let diff = params(&mut a)
         .iter()
         .flatten()
-        .zip(params(&b).iter().flatten())
+        .zip(params(&mut b).iter().flatten())
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max);
     assert!(diff < 1e-15, "max difference {diff}");
-    assert_ne!(params(&a), params(&mlp(&u, opt)), "the step moved the weights");
+    assert_ne!(
+        params(&mut a),
+        params(&mut mlp(&u, opt)),
+        "the step moved the weights"
+    );
 }
 
 #[test]
@@ -457,7 +456,7 @@ fn bad_checkpoints_are_errors_naming_the_problem() {
     let t = quiet::<True<F32>>().max_steps(1).build().unwrap();
     let mut m = mlp(&t, Optimization::new(AdamW::default()));
     let good = tmp("good.safetensors");
-    t.save_weights(&m, &good).unwrap();
+    t.save_weights(&mut m, &good).unwrap();
     let bytes = std::fs::read(&good).unwrap();
 
     let truncated = tmp("truncated.safetensors");
@@ -479,7 +478,7 @@ fn bad_checkpoints_are_errors_naming_the_problem() {
 
     // A file with a tensor missing, and one with a tensor of the wrong shape.
     let small = quiet::<True<F32>>().build().unwrap();
-    let other = small
+    let mut other = small
         .init_module(|ctx| {
             MlpModel::new(
                 ctx,
@@ -490,7 +489,7 @@ fn bad_checkpoints_are_errors_naming_the_problem() {
         })
         .unwrap();
     let wrong = tmp("wrong.safetensors");
-    small.save_weights(&other, &wrong).unwrap();
+    small.save_weights(&mut other, &wrong).unwrap();
     let msg = t.load_weights(&mut m, &wrong).unwrap_err().to_string();
     assert!(
         msg.contains("'0.weight'") && msg.contains("[8, 4]") && msg.contains("[16, 4]"),
@@ -511,13 +510,13 @@ fn bad_checkpoints_are_errors_naming_the_problem() {
         ),
     ];
     std::fs::write(&partial, safetensors::serialize(views, None).unwrap()).unwrap();
-    let before = params(&m);
+    let before = params(&mut m);
     let msg = t.load_weights(&mut m, &partial).unwrap_err().to_string();
     assert!(
         msg.contains("'2.weight' is missing") && msg.contains("0.bias, 0.weight"),
         "{msg}"
     );
-    assert_eq!(params(&m), before, "a failed load changes nothing");
+    assert_eq!(params(&mut m), before, "a failed load changes nothing");
 
     let missing = tmp("does-not-exist.safetensors");
     assert!(
@@ -537,10 +536,10 @@ fn bad_checkpoints_are_errors_naming_the_problem() {
 #[test]
 fn an_unwritable_path_is_an_error_and_leaves_nothing_behind() {
     let t = quiet::<True<F32>>().build().unwrap();
-    let m = mlp(&t, Optimization::new(AdamW::default()));
+    let mut m = mlp(&t, Optimization::new(AdamW::default()));
     let dir = tmp("no-such-dir").join("deeper");
     let msg = t
-        .save_weights(&m, &dir.join("w.safetensors"))
+        .save_weights(&mut m, &dir.join("w.safetensors"))
         .unwrap_err()
         .to_string();
     assert!(
@@ -552,8 +551,8 @@ fn an_unwritable_path_is_an_error_and_leaves_nothing_behind() {
     let own = tmp("atomic");
     std::fs::create_dir_all(&own).unwrap();
     let path = own.join("atomic.safetensors");
-    t.save_weights(&m, &path).unwrap();
-    t.save_weights(&m, &path).unwrap();
+    t.save_weights(&mut m, &path).unwrap();
+    t.save_weights(&mut m, &path).unwrap();
     let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
         .unwrap()
         .filter_map(|e| e.ok())
@@ -565,8 +564,8 @@ fn an_unwritable_path_is_an_error_and_leaves_nothing_behind() {
 #[test]
 fn summary_counts_parameters_and_sizes_by_lightnings_rule() {
     let t = quiet::<Mixed<BF16>>().build().unwrap();
-    let m = mlp(&t, Optimization::new(AdamW::default()));
-    let s = t.summary(&m);
+    let mut m = mlp(&t, Optimization::new(AdamW::default()));
+    let s = t.summary(&mut m);
     assert_eq!(s.layers, [("0".to_string(), 80), ("2".to_string(), 51)]);
     assert_eq!(s.total, 131);
     assert_eq!(
@@ -576,7 +575,7 @@ fn summary_counts_parameters_and_sizes_by_lightnings_rule() {
     );
     let t16 = quiet::<True<BF16>>().build().unwrap();
     assert_eq!(
-        t16.summary(&mlp(&t16, Optimization::new(AdamW::default())))
+        t16.summary(&mut mlp(&t16, Optimization::new(AdamW::default())))
             .size_mb,
         131.0 * 2.0 / 1e6
     );
@@ -607,9 +606,9 @@ fn a_clip_value_of_zero_means_no_clipping_as_in_lightning() {
         }
         let t = b.build().unwrap();
         let mut m = mlp(&t, Optimization::new(Sgd::new(0.1)));
-        let first = params(&m);
+        let first = params(&mut m);
         let fit = t.fit(&mut m, &loader(60, 10), None).unwrap();
-        (first, params(&m), fit.history.last().unwrap().loss)
+        (first, params(&mut m), fit.history.last().unwrap().loss)
     };
     let (first, unclipped, loss) = run(None);
     let (_, zero, zero_loss) = run(Some(0.0));
@@ -680,7 +679,7 @@ fn a_non_finite_loss_without_a_scaler_stops_naming_the_step_and_keeps_the_last_g
     let t6 = quiet::<True<F16>>().max_steps(6).build().unwrap();
     let mut six = inject(&t6, &[], opt);
     t6.fit(&mut six, &loader(16, 4), None).unwrap();
-    assert_eq!(params(&m16), params(&six));
+    assert_eq!(params(&mut m16), params(&mut six));
     // The checkpoint of epoch 0 (4 steps) is still there, finite, and resumable.
     let again = quiet::<True<F16>>().max_epochs(1).build().unwrap();
     let mut resumed = inject(&again, &[], opt);
@@ -704,7 +703,7 @@ fn an_infinite_gradient_norm_stops_before_the_weights_change() {
         .build()
         .unwrap();
     let mut m = odd(&t, "sqrt", opt, 0.0);
-    let before = params(&m);
+    let before = params(&mut m);
     let err = t.fit(&mut m, &loader(16, 4), None).unwrap_err();
     assert!(
         matches!(
@@ -721,7 +720,7 @@ fn an_infinite_gradient_norm_stops_before_the_weights_change() {
         err.to_string().contains("gradient norm became inf at step 1"),
         "{err}"
     );
-    assert_eq!(params(&m), before, "nothing was applied");
+    assert_eq!(params(&mut m), before, "nothing was applied");
     let t = quiet::<True<F32>>().max_epochs(1).build().unwrap();
     let mut m = odd(&t, "sqrt", opt, 0.0);
     let err = t.fit(&mut m, &loader(16, 4), None).unwrap_err();
@@ -787,7 +786,7 @@ fn a_refused_resume_leaves_the_model_exactly_as_it_was() {
     // An AdamW checkpoint resumed by an SGD model.
     let t2 = quiet::<True<F32>>().max_steps(6).build().unwrap();
     let mut sgd = mlp(&t2, Optimization::new(Sgd::new(0.1)));
-    let before = params(&sgd);
+    let before = params(&mut sgd);
     let msg = t2
         .fit_from(&mut sgd, &loader(16, 4), None, &ckpt)
         .unwrap_err()
@@ -796,7 +795,7 @@ fn a_refused_resume_leaves_the_model_exactly_as_it_was() {
         msg.contains("optimizer AdamW") && msg.contains("SGD") && msg.contains("--optimizer adamw"),
         "{msg}"
     );
-    assert_eq!(params(&sgd), before);
+    assert_eq!(params(&mut sgd), before);
     // A checkpoint of a deeper model whose first layers match: its extra layer is named, not
     // silently dropped.
     let deep_ckpt = tmp("deep.ckpt");
@@ -817,7 +816,7 @@ fn a_refused_resume_leaves_the_model_exactly_as_it_was() {
         .unwrap();
     deep.fit(&mut m3, &loader(16, 4), None).unwrap();
     let mut adam = mlp(&t2, Optimization::new(AdamW::default()));
-    let before = params(&adam);
+    let before = params(&mut adam);
     let msg = t2
         .fit_from(&mut adam, &loader(16, 4), None, &deep_ckpt)
         .unwrap_err()
@@ -826,7 +825,7 @@ fn a_refused_resume_leaves_the_model_exactly_as_it_was() {
         msg.contains("tensors the model does not have: 4.bias, 4.weight"),
         "{msg}"
     );
-    assert_eq!(params(&adam), before);
+    assert_eq!(params(&mut adam), before);
     // The same checkpoint with a counter missing, then one unparsable: errors naming the key.
     for (key, value) in [("epoch", None), ("global_step", Some("three"))] {
         let broken = tmp(&format!("broken-{key}.ckpt"));
@@ -835,13 +834,17 @@ fn a_refused_resume_leaves_the_model_exactly_as_it_was() {
             None => drop(meta.remove(key)),
         });
         let mut adam = mlp(&t2, Optimization::new(AdamW::default()));
-        let before = params(&adam);
+        let before = params(&mut adam);
         let msg = t2
             .fit_from(&mut adam, &loader(16, 4), None, &broken)
             .unwrap_err()
             .to_string();
         assert!(msg.contains(&format!("'{key}'")), "{key}: {msg}");
-        assert_eq!(params(&adam), before, "{key}: a failed resume changes nothing");
+        assert_eq!(
+            params(&mut adam),
+            before,
+            "{key}: a failed resume changes nothing"
+        );
     }
     // 32-true has no scaler, so its checkpoint needs no scaler state; under a precision with a
     // scaler, a missing scaler key is an error.
@@ -858,13 +861,13 @@ fn a_refused_resume_leaves_the_model_exactly_as_it_was() {
     });
     let amp4 = quiet::<CpuFp16Amp>().max_steps(4).build().unwrap();
     let mut m = mlp(&amp4, Optimization::new(AdamW::default()));
-    let before = params(&m);
+    let before = params(&mut m);
     let msg = amp4
         .fit_from(&mut m, &loader(16, 4), None, &amp_ckpt)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("'scaler.growth_tracker'"), "{msg}");
-    assert_eq!(params(&m), before);
+    assert_eq!(params(&mut m), before);
 }
 
 #[test]
@@ -932,7 +935,7 @@ where
         .unwrap();
     trainer.fit(&mut model, &data, None).unwrap();
     model
-        .parameters()
+        .parameters_mut()
         .iter()
         .map(|p| p.value().to_vec().iter().map(|v| v.as_f64().to_bits()).collect())
         .collect()

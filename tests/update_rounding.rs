@@ -148,7 +148,7 @@ fn compensation_is_optimizer_state_counted_in_the_report_and_the_summary() {
             .init_module(|ctx| MlpModel::new(ctx, &[4, 8, 2], nbit::nn::Task::Classification, config))
             .unwrap();
         let report = t.fit(&mut m, &loader, None).unwrap();
-        (report, t.summary(&m))
+        (report, t.summary(&mut m))
     };
     let (nearest, s_nearest) = fit(UpdateRounding::Nearest);
     let (comp, s_comp) = fit(UpdateRounding::Compensated);

@@ -54,6 +54,79 @@ pub enum Unary {
     /// Huber's function with threshold `delta`: `x²/2` for `|x| <= delta`, else
     /// `delta (|x| - delta/2)` (PyTorch's `huber_loss` before the reduction)
     Huber(f64),
+    /// `sqrt(x)`
+    Sqrt,
+    /// `min(max(x, lo), hi)`; the gradient passes where `lo <= x <= hi` (as PyTorch's `clamp`),
+    /// NaN stays NaN
+    Clamp(f64, f64),
+}
+
+/// A comparison, element-wise with broadcasting; the result is 1 where it holds and 0 elsewhere
+/// (NaN compares false except under `Ne`, as IEEE says).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Compare {
+    /// `a == b`
+    Eq,
+    /// `a != b`
+    Ne,
+    /// `a < b`
+    Lt,
+    /// `a <= b`
+    Le,
+    /// `a > b`
+    Gt,
+    /// `a >= b`
+    Ge,
+}
+
+/// The shape of one 2-D convolution (PyTorch's `conv2d` arguments), for the unfold kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dGeometry {
+    /// Batch size.
+    pub batch: usize,
+    /// Input channels.
+    pub channels: usize,
+    /// Input height and width.
+    pub input: (usize, usize),
+    /// Kernel height and width.
+    pub kernel: (usize, usize),
+    /// Stride along height and width.
+    pub stride: (usize, usize),
+    /// Zero padding on each side along height and width.
+    pub padding: (usize, usize),
+    /// Dilation along height and width.
+    pub dilation: (usize, usize),
+}
+
+impl Conv2dGeometry {
+    /// Output height and width: `(in + 2 pad - dilation (k - 1) - 1) / stride + 1`, or `None`
+    /// when the kernel does not fit the padded input or a stride or kernel size is 0.
+    pub fn output(&self) -> Option<(usize, usize)> {
+        let dim = |i: usize, k: usize, s: usize, p: usize, d: usize| {
+            let span = d.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
+            if s == 0 || k == 0 || d == 0 {
+                return None;
+            }
+            Some((i + 2 * p).checked_sub(span)? / s + 1)
+        };
+        Some((
+            dim(
+                self.input.0,
+                self.kernel.0,
+                self.stride.0,
+                self.padding.0,
+                self.dilation.0,
+            )?,
+            dim(
+                self.input.1,
+                self.kernel.1,
+                self.stride.1,
+                self.padding.1,
+                self.dilation.1,
+            )?,
+        ))
+    }
 }
 
 /// A two-input element-wise operation with NumPy broadcasting.
@@ -168,6 +241,61 @@ pub trait Backend: Device {
         Option<Self::Storage<E>>,
         Option<Self::Storage<E>>,
     );
+
+    /// The slices of `s` at `index` along `axis`, in that order (`torch.index_select`); the
+    /// result has `index.len()` at `axis`. Indices are in range (checked above).
+    fn index_select<E: Element>(s: &Self::Storage<E>, axis: usize, index: &[usize]) -> Self::Storage<E>;
+    /// Zeros of `shape` with slice `i` of `src` along `axis` added at `index[i]` (the gradient of
+    /// [`Backend::index_select`], `torch.index_add`), accumulated in f64 and rounded once.
+    fn index_add<E: Float>(
+        shape: &[usize],
+        axis: usize,
+        index: &[usize],
+        src: &Self::Storage<E>,
+    ) -> Self::Storage<E>;
+    /// `out[.., j, ..] = s[.., index[.., j, ..], ..]` along `axis` (`torch.gather`); `index` is
+    /// row-major with shape `index_shape`, which equals `s`'s shape except at `axis`.
+    fn gather<E: Element>(
+        s: &Self::Storage<E>,
+        axis: usize,
+        index: &[usize],
+        index_shape: &[usize],
+    ) -> Self::Storage<E>;
+    /// Zeros of `shape` with `src[.., j, ..]` added at `[.., index[.., j, ..], ..]` (the gradient
+    /// of [`Backend::gather`], `torch.scatter_add`), accumulated in f64 and rounded once.
+    fn scatter_add<E: Float>(
+        shape: &[usize],
+        axis: usize,
+        index: &[usize],
+        src: &Self::Storage<E>,
+    ) -> Self::Storage<E>;
+    /// The parts joined along `axis` (same shapes elsewhere; at least one part).
+    fn concat<E: Element>(parts: &[&Self::Storage<E>], axis: usize) -> Self::Storage<E>;
+    /// Where the largest (or, when `!largest`, smallest) element along `axis` is, for every
+    /// position of the other axes in row-major order: the first on ties, and NaN counts as the
+    /// extreme (as `torch.max(x, dim)`). Returned to the host.
+    fn arg_extreme<E: Float>(s: &Self::Storage<E>, axis: usize, largest: bool) -> Vec<usize>;
+    /// `cond != 0 ? a : b` element-wise with broadcasting to `out_shape` (`torch.where`).
+    fn select<E: Float>(
+        cond: &Self::Storage<E>,
+        a: &Self::Storage<E>,
+        b: &Self::Storage<E>,
+        out_shape: &[usize],
+    ) -> Self::Storage<E>;
+    /// 1 where `op(a, b)` holds, else 0, with broadcasting to `out_shape`.
+    fn compare<E: Float>(
+        op: Compare,
+        a: &Self::Storage<E>,
+        b: &Self::Storage<E>,
+        out_shape: &[usize],
+    ) -> Self::Storage<E>;
+    /// The patches of a `[batch, channels, h, w]` input as rows: `[batch * oh * ow, channels *
+    /// kh * kw]`, columns in `(channel, ky, kx)` order so that a convolution is one product with
+    /// the weight `[out, channels * kh * kw]` (im2col); padding reads as 0.
+    fn unfold2d<E: Float>(x: &Self::Storage<E>, geometry: &Conv2dGeometry) -> Self::Storage<E>;
+    /// The adjoint of [`Backend::unfold2d`] (col2im): every column value added back to the
+    /// input position it came from, accumulated in f64 and rounded once; `[batch, channels, h, w]`.
+    fn fold2d<E: Float>(cols: &Self::Storage<E>, geometry: &Conv2dGeometry) -> Self::Storage<E>;
 
     /// A dropout mask: each element `1 / (1 - p)` with probability `1 - p`, else 0, drawn from a
     /// counter-based generator seeded by `seed` (the same on every backend).

@@ -1,10 +1,21 @@
 //! Layers and parameters. Parameters are created by an [`InitCtx`] directly in the precision's
 //! storage dtype (`P::Param`) on the device: a `True<F16>` model never holds f32 weights.
 //!
+//! Layers ([`Linear`], [`Conv1d`], [`Conv2d`], [`Embedding`], [`LayerNorm`], [`Dropout`], the
+//! activations) are [`Module`]s that chain in a [`Sequential`], which is itself a model the
+//! trainer fits.
+//!
 //! Names follow `torch.nn.Sequential` of `Linear` and `ReLU` layers (`0.weight` `[out, in]`,
 //! `0.bias`, `2.weight`, ...), so weights move between PyTorch and nbit through safetensors.
 
 use core::marker::PhantomData;
+
+mod layers;
+
+pub use layers::{
+    Conv1d, Conv2d, Dropout, Embedding, Flatten, Gelu, GeluTanh, LayerNorm, Module, Relu, Reshape,
+    Sequential, Sigmoid, Tanh,
+};
 
 use crate::autocast::Autocast;
 use crate::backend::{Backend, uniform};
@@ -94,6 +105,18 @@ impl<P: Precision, D: Backend> InitCtx<P, D> {
     pub fn uniform(&mut self, shape: &[usize], bound: f64) -> Result<Tensor<P::Param, D>, Error> {
         let mut v = reserve::<P::Param>(shape)?;
         v.extend((0..v.capacity()).map(|_| P::Param::from_f64((2.0 * self.draw() - 1.0) * bound)));
+        Tensor::from_vec(shape, v)
+    }
+
+    /// A tensor of `P::Param` with elements drawn from N(0, std²) (Box-Muller in f64, rounded
+    /// once), as `torch.nn.init.normal_`.
+    pub fn normal(&mut self, shape: &[usize], std: f64) -> Result<Tensor<P::Param, D>, Error> {
+        let mut v = reserve::<P::Param>(shape)?;
+        v.extend((0..v.capacity()).map(|_| {
+            let (u1, u2) = (1.0 - self.draw(), self.draw());
+            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * core::f64::consts::PI * u2).cos();
+            P::Param::from_f64(z * std)
+        }));
         Tensor::from_vec(shape, v)
     }
 

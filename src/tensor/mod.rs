@@ -20,6 +20,9 @@ mod complex;
 
 pub use complex::ComplexOps;
 mod ops;
+mod select;
+
+pub use select::ConvOptions;
 
 use std::sync::Arc;
 

@@ -10,7 +10,7 @@ use crate::dtype::Float;
 use crate::error::Error;
 
 impl<E: Float, D: Backend> Tensor<E, D> {
-    fn unary_op(&self, op: Unary) -> Self {
+    pub(super) fn unary_op(&self, op: Unary) -> Self {
         let y = Arc::new(D::unary(op, self.storage()));
         let (x, y2) = (self.clone(), y.clone());
         Self::from_op(y, &[self.node()], move |dy, g: &mut Grads| {

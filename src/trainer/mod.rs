@@ -442,7 +442,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         let mut ctx = InitCtx::new(self.cfg.seed);
         model.configure_model(&mut ctx)?;
         let optimizer =
-            OptimizerState::new(model.configure_optimizers(), &model.parameters())?.with_seed(self.cfg.seed);
+            OptimizerState::new(model.configure_optimizers(), &params(model))?.with_seed(self.cfg.seed);
         let mut st = LoopState::<P, D> {
             epoch: 0,
             batch_in_epoch: 0,
@@ -479,7 +479,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         report.epochs = st.epoch;
         report.global_step = st.global_step;
         report.skipped_steps = st.skipped;
-        report.parameter_bytes = crate::nn::parameter_bytes(&model.parameters());
+        report.parameter_bytes = crate::nn::parameter_bytes(&params(model));
         report.optimizer_state_bytes = st.optimizer.state_bytes();
         Ok(report)
     }
@@ -506,7 +506,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             let batches = train.epoch_indices(st.epoch);
             let bar = progress::Bar::new(self.cfg.enable_progress_bar, st.epoch, batches.len() as u64);
             // Gradients are None until the loss reaches a parameter (PyTorch's `.grad is None`).
-            let mut bufs: Vec<Option<Tensor<P::Param, D>>> = vec![None; model.parameters().len()];
+            let mut bufs: Vec<Option<Tensor<P::Param, D>>> = vec![None; model.parameters_mut().len()];
             let (mut micro, mut loss_sum) = (0usize, 0.0f64);
             let start = st.batch_in_epoch;
             bar.advance(start as u64);
@@ -519,7 +519,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                     global_step: st.global_step,
                     seed: self.cfg.seed,
                 };
-                let ac = Autocast::<P, D>::new();
+                let ac = Autocast::<P, D>::training(info.dropout_seed());
                 let loss = model.training_step(&ac, &batch, &info)?;
                 let value = checked_loss(&loss)?;
                 if !<P::Scaler as GradScaler>::ENABLED && !value.is_finite() {
@@ -535,7 +535,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 let mut grads = scaled.backward()?;
                 drop(scaled);
                 let mut reached = false;
-                for (buf, p) in bufs.iter_mut().zip(model.parameters()) {
+                for (buf, p) in bufs.iter_mut().zip(params(model)) {
                     let Some(g) = grads.take(p.value()) else {
                         continue;
                     };
@@ -630,7 +630,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
     /// Returns whether training should stop.
     fn epoch_end_callbacks<M: Model<P, D>>(
         &self,
-        model: &M,
+        model: &mut M,
         st: &LoopState<P, D>,
         report: &mut FitReport,
         (validated, train_loss): (bool, f64),
@@ -720,7 +720,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             }
         }
         {
-            let names: Vec<String> = model.parameters().iter().map(|p| p.name().to_owned()).collect();
+            let names: Vec<String> = params(model).iter().map(|p| p.name().to_owned()).collect();
             let named: Vec<(&str, &Tensor<P::Param, D>)> = names
                 .iter()
                 .zip(&grads)
@@ -795,15 +795,15 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
 
     /// A summary of `model`'s parameters (Lightning's `ModelSummary`), with the optimizer state
     /// its `configure_optimizers` will hold.
-    pub fn summary<M: Model<P, D>>(&self, model: &M) -> Summary {
-        Summary::new::<P, D>(&model.parameters(), &model.configure_optimizers())
+    pub fn summary<M: Model<P, D>>(&self, model: &mut M) -> Summary {
+        let optimization = model.configure_optimizers();
+        Summary::new::<P, D>(&params(model), &optimization)
     }
 
     /// Writes the parameters as a safetensors file with PyTorch's `state_dict` names, in their
     /// stored dtype (atomically).
-    pub fn save_weights<M: Model<P, D>>(&self, model: &M, path: &Path) -> Result<(), Error> {
-        let tensors: Vec<checkpoint::Encoded> = model
-            .parameters()
+    pub fn save_weights<M: Model<P, D>>(&self, model: &mut M, path: &Path) -> Result<(), Error> {
+        let tensors: Vec<checkpoint::Encoded> = params(model)
             .iter()
             .map(|p| checkpoint::encode(p.name(), p.value()))
             .collect();
@@ -821,13 +821,12 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
 
     fn save_checkpoint<M: Model<P, D>>(
         &self,
-        model: &M,
+        model: &mut M,
         st: &LoopState<P, D>,
         path: &Path,
     ) -> Result<(), Error> {
         let (state, second, mut meta) = st.optimizer.export();
-        let mut tensors: Vec<checkpoint::Encoded> = model
-            .parameters()
+        let mut tensors: Vec<checkpoint::Encoded> = params(model)
             .iter()
             .map(|p| checkpoint::encode(p.name(), p.value()))
             .collect();
@@ -872,8 +871,8 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 "not an nbit checkpoint (no training state); use load_weights for a weights file".into(),
             )));
         }
-        file.check_no_unexpected(&model.parameters())?;
-        let (values, mut notes) = file.read_parameters(&model.parameters())?;
+        file.check_no_unexpected(&params(model))?;
+        let (values, mut notes) = file.read_parameters(&params(model))?;
         let from = meta.get("precision").filter(|p| p.as_str() != P::NAME);
         if let Some(from) = from {
             notes.insert(
@@ -881,11 +880,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 format!("checkpoint saved under {from}, loaded under {}", P::NAME),
             );
         }
-        let shapes: Vec<Vec<usize>> = model
-            .parameters()
-            .iter()
-            .map(|p| p.value().shape().to_vec())
-            .collect();
+        let shapes: Vec<Vec<usize>> = params(model).iter().map(|p| p.value().shape().to_vec()).collect();
         let (mut first_notes, mut second_notes) = (Vec::new(), Vec::new());
         let optimizer = st
             .optimizer
@@ -1141,6 +1136,11 @@ impl core::fmt::Display for Summary {
             self.optimizer
         )
     }
+}
+
+/// The model's parameters, read-only (the one list [`Model::parameters_mut`] gives).
+fn params<P: Precision, D: Backend, M: Model<P, D>>(model: &mut M) -> Vec<&Parameter<P::Param, D>> {
+    model.parameters_mut().into_iter().map(|p| &*p).collect()
 }
 
 #[cfg(test)]

@@ -63,7 +63,8 @@ impl Metrics {
 
 /// A trainable model, as a `LightningModule`: its parameters, its steps and its optimizer.
 ///
-/// Two methods are required: the parameters (listed once for reading and once for updating).
+/// One method is required: [`Model::parameters_mut`], which lists the trainable parameters once
+/// (a layer's own `parameters_mut`, or several chained; the trainer reads them through it too).
 /// Give [`Model::forward`] and every step has a default: training minimises [`Model::loss`]
 /// (cross-entropy against class labels, mean squared error against target values), validation
 /// reports that loss and, for class labels, top-1 accuracy, and prediction returns the outputs.
@@ -82,7 +83,6 @@ impl Metrics {
 ///     fn forward(&mut self, ac: &Autocast<P>, batch: &Batch) -> Result<Tensor<P::Full>, Error> {
 ///         Ok(self.layer.forward(ac, &batch.features::<P::Param, Cpu>())?.cast())
 ///     }
-///     fn parameters(&self) -> Vec<&Parameter<P::Param>> { self.layer.parameters() }
 ///     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> { self.layer.parameters_mut() }
 ///     fn configure_optimizers(&self) -> Optimization { Optimization::new(Sgd::new(0.5)) }
 /// }
@@ -180,10 +180,8 @@ pub trait Model<P: Precision, D: Backend = Cpu> {
     /// `on_validation_epoch_end`).
     fn on_validation_epoch_end(&mut self, _epoch: u64, _metrics: &Metrics) {}
 
-    /// The trainable parameters, in a fixed order.
-    fn parameters(&self) -> Vec<&Parameter<P::Param, D>>;
-
-    /// The same parameters, mutably, in the same order.
+    /// The trainable parameters, in a fixed order (their names are the checkpoint's keys). The
+    /// trainer reads and updates them through this one list.
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>>;
 }
 
@@ -260,10 +258,6 @@ impl<P: Precision, D: Backend> Model<P, D> for MlpModel<P, D> {
 
     fn configure_optimizers(&self) -> Optimization {
         self.optimization
-    }
-
-    fn parameters(&self) -> Vec<&Parameter<P::Param, D>> {
-        self.net.parameters()
     }
 
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {

@@ -9,8 +9,8 @@ use num_traits::Float as _;
 use num_complex::Complex;
 
 use super::{
-    AdamWStep, Backend, Binary, ComplexBackend, ComplexUnary, SgdStep, Unary, UpdateRounding, random_bits,
-    uniform,
+    AdamWStep, Backend, Binary, Compare, ComplexBackend, ComplexUnary, Conv2dGeometry, SgdStep, Unary,
+    UpdateRounding, random_bits, uniform,
 };
 use crate::device::Cpu;
 
@@ -339,6 +339,20 @@ impl Backend for Cpu {
                     }
                 })
             }
+            Unary::Sqrt => map_n([x], |[a]| a.sqrt()),
+            Unary::Clamp(lo, hi) => {
+                let (lo, hi) = (<E::Acc as Acc>::c(lo), <E::Acc as Acc>::c(hi));
+                // Comparisons with NaN are false, so NaN passes through.
+                map_n([x], |[a]| {
+                    if a < lo {
+                        lo
+                    } else if a > hi {
+                        hi
+                    } else {
+                        a
+                    }
+                })
+            }
         }
     }
 
@@ -395,6 +409,11 @@ impl Backend for Cpu {
                 } else {
                     x
                 })
+            }
+            Unary::Sqrt => grad!(|_, y, g| g / (c(2.0) * y)),
+            Unary::Clamp(lo, hi) => {
+                let (lo, hi) = (c(lo), c(hi));
+                grad!(|x, _, g| if x >= lo && x <= hi { g } else { zero })
             }
         }
     }
@@ -666,6 +685,46 @@ impl Backend for Cpu {
         )
     }
 
+    fn index_select<E: Element>(s: &ArrayD<E>, axis: usize, index: &[usize]) -> ArrayD<E> {
+        indexing::index_select(s, axis, index)
+    }
+
+    fn index_add<E: Float>(shape: &[usize], axis: usize, index: &[usize], src: &ArrayD<E>) -> ArrayD<E> {
+        indexing::index_add(shape, axis, index, src)
+    }
+
+    fn gather<E: Element>(s: &ArrayD<E>, axis: usize, index: &[usize], index_shape: &[usize]) -> ArrayD<E> {
+        indexing::gather(s, axis, index, index_shape)
+    }
+
+    fn scatter_add<E: Float>(shape: &[usize], axis: usize, index: &[usize], src: &ArrayD<E>) -> ArrayD<E> {
+        indexing::scatter_add(shape, axis, index, src)
+    }
+
+    fn concat<E: Element>(parts: &[&ArrayD<E>], axis: usize) -> ArrayD<E> {
+        indexing::concat(parts, axis)
+    }
+
+    fn arg_extreme<E: Float>(s: &ArrayD<E>, axis: usize, largest: bool) -> Vec<usize> {
+        indexing::arg_extreme(s, axis, largest)
+    }
+
+    fn select<E: Float>(cond: &ArrayD<E>, a: &ArrayD<E>, b: &ArrayD<E>, out_shape: &[usize]) -> ArrayD<E> {
+        indexing::select(cond, a, b, out_shape)
+    }
+
+    fn compare<E: Float>(op: Compare, a: &ArrayD<E>, b: &ArrayD<E>, out_shape: &[usize]) -> ArrayD<E> {
+        indexing::compare(op, a, b, out_shape)
+    }
+
+    fn unfold2d<E: Float>(x: &ArrayD<E>, geometry: &Conv2dGeometry) -> ArrayD<E> {
+        indexing::unfold2d(x, geometry)
+    }
+
+    fn fold2d<E: Float>(cols: &ArrayD<E>, geometry: &Conv2dGeometry) -> ArrayD<E> {
+        indexing::fold2d(cols, geometry)
+    }
+
     fn dropout_mask<E: Float>(shape: &[usize], p: f64, seed: u64) -> ArrayD<E> {
         let n: usize = shape.iter().product();
         let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
@@ -780,6 +839,7 @@ impl Backend for Cpu {
 }
 
 mod gemm;
+mod indexing;
 mod parallel;
 
 use parallel::{Disjoint, PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_FMAS, for_ranges, par_parts};

@@ -1,0 +1,204 @@
+//! The command run with the selected precision and device types, and what it reports.
+
+use std::io::Write;
+
+use nbit::data::{DataLoader, Dataset, Task};
+use nbit::{Error, MlpModel, Precision, RunJob, Runs, Trainer};
+
+use crate::plan::Plan;
+
+/// What a run reports (the table, or --json).
+#[derive(serde::Serialize, Debug, Default)]
+pub(crate) struct Report {
+    pub(crate) command: &'static str,
+    pub(crate) precision: String,
+    pub(crate) accelerator: String,
+    pub(crate) layers: Vec<usize>,
+    pub(crate) epochs: u64,
+    pub(crate) global_step: u64,
+    pub(crate) skipped_steps: u64,
+    pub(crate) final_loss: Option<f64>,
+    pub(crate) val_loss: Option<f64>,
+    pub(crate) val_accuracy: Option<f64>,
+    pub(crate) samples_per_sec: Option<f64>,
+    pub(crate) param_mb: f64,
+    pub(crate) parameter_bytes: usize,
+    pub(crate) optimizer_state_bytes: usize,
+    pub(crate) notes: Vec<String>,
+    /// Training stopped on Ctrl-C after this many steps in total.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) interrupted_at_step: Option<u64>,
+}
+
+pub(crate) struct Run(pub(crate) Plan);
+
+impl RunJob for Run {
+    type Output = Report;
+    fn run<P: Precision, D: Runs<P>>(self) -> Result<Report, Error> {
+        let plan = self.0;
+        let o = &plan.opts;
+        let mut b = Trainer::<P, D>::builder()
+            .seed(o.seed.unwrap_or(0))
+            .enable_progress_bar(!o.no_progress && !o.json)
+            .accumulate_grad_batches(o.accumulate_grad_batches.unwrap_or(1));
+        if let Some(e) = o.epochs {
+            b = b.max_epochs(e);
+        }
+        if let Some(s) = o.max_steps {
+            b = b.max_steps(s);
+        }
+        if let Some(c) = o.gradient_clip_val {
+            b = b.gradient_clip_val(c);
+        }
+        if let Some(c) = &o.checkpoint {
+            b = b.checkpoint_path(c.clone());
+        }
+        if let Some(l) = &o.log_csv {
+            b = b.log_csv(l.clone());
+        }
+        if let Some(t) = o.num_threads {
+            let n = usize::try_from(t)
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| Error::InvalidArgument {
+                    name: "--num-threads",
+                    value: t.to_string(),
+                    expected: "a whole number of threads of at least 1",
+                })?;
+            b = b.num_threads(n);
+        }
+        let trainer = b.build()?;
+        if plan.command == "fit" {
+            let batch = plan.batch_size.min(plan.train.as_ref().map_or(0, Dataset::len));
+            nbit::nn::check_mlp_fits::<P>(&plan.sizes, &plan.optimization, batch)?;
+            // Ctrl-C stops after the step in progress (the log and checkpoint written so far stay);
+            // a second Ctrl-C quits at once. Without a handler (one already set), Ctrl-C kills.
+            let stop = trainer.stop_handle();
+            let _ = ctrlc::set_handler(move || {
+                if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+            });
+        }
+        let mut model =
+            trainer.init_module(|ctx| MlpModel::new(ctx, &plan.sizes, plan.task, plan.optimization))?;
+        let mut report = Report {
+            command: plan.command,
+            precision: P::NAME.into(),
+            accelerator: D::KIND.name().into(),
+            layers: plan.sizes.clone(),
+            ..Report::default()
+        };
+        if let Some(init) = &o.init {
+            report.notes.extend(trainer.load_weights(&mut model, init)?);
+        }
+        let loader = |d: Dataset, shuffle: bool| -> Result<DataLoader, Error> {
+            Ok(DataLoader::new(d, plan.batch_size)?
+                .shuffle(shuffle)
+                .seed(o.seed.unwrap_or(0)))
+        };
+        let val = plan.val.map(|v| loader(v, false)).transpose()?;
+        match plan.command {
+            "fit" => {
+                let train = loader(plan.train.expect("fit has training data"), !o.no_shuffle)?;
+                let start = std::time::Instant::now();
+                let fit = match &o.resume {
+                    Some(ckpt) => trainer.fit_from(&mut model, &train, val.as_ref(), ckpt)?,
+                    None => trainer.fit(&mut model, &train, val.as_ref())?,
+                };
+                let secs = start.elapsed().as_secs_f64();
+                report.samples_per_sec = Some(fit.samples as f64 / secs.max(1e-9));
+                report.final_loss = fit.history.last().map(|s| s.loss);
+                report.epochs = fit.epochs;
+                report.global_step = fit.global_step;
+                report.skipped_steps = fit.skipped_steps;
+                report.optimizer_state_bytes = fit.optimizer_state_bytes;
+                report.notes.extend(fit.notes.iter().cloned());
+                if let Some(m) = fit.validation.last() {
+                    report.val_loss = Some(m.loss());
+                    report.val_accuracy = (plan.task == Task::Classification).then(|| m.accuracy());
+                }
+                if let Some(path) = &o.plot {
+                    let sizes: Vec<String> = plan.sizes.iter().map(usize::to_string).collect();
+                    let title = format!("MLP {} under {}", sizes.join("-"), P::NAME);
+                    nbit::plot::write_svg(path, &[nbit::plot::Chart::from_report(title, &fit)])?;
+                }
+                if fit.interrupted {
+                    // As Lightning on KeyboardInterrupt: what follows fit (--save) does not run.
+                    report.interrupted_at_step = Some(fit.global_step);
+                } else if let Some(path) = &o.save {
+                    trainer.save_weights(&mut model, path)?;
+                }
+            }
+            "validate" => {
+                let m = trainer.validate(&mut model, val.as_ref().expect("validate has data"))?;
+                report.val_loss = Some(m.loss());
+                report.val_accuracy = (plan.task == Task::Classification).then(|| m.accuracy());
+            }
+            _ => {
+                let data = loader(plan.train.expect("predict has data"), false)?;
+                let out = trainer.predict(&mut model, &data)?;
+                let mut text = String::new();
+                let cols = out.ncols();
+                let header: Vec<String> = (0..cols).map(|i| format!("output{i}")).collect();
+                if plan.task == Task::Classification {
+                    text.push_str("prediction,");
+                }
+                text.push_str(&header.join(","));
+                text.push('\n');
+                for row in out.rows() {
+                    if plan.task == Task::Classification {
+                        text.push_str(&format!("{},", nbit::nn::argmax(row.iter().copied())));
+                    }
+                    let vals: Vec<String> = row.iter().map(|v| v.to_string()).collect();
+                    text.push_str(&vals.join(","));
+                    text.push('\n');
+                }
+                let _ = std::io::stdout().write_all(text.as_bytes());
+            }
+        }
+        report.parameter_bytes = nbit::nn::parameter_bytes(&model.net.parameters());
+        report.param_mb = trainer.summary(&mut model).size_mb;
+        Ok(report)
+    }
+}
+
+pub(crate) fn print_report(r: &Report, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+        );
+        return;
+    }
+    if r.command == "predict" {
+        return;
+    }
+    let layers: Vec<String> = r.layers.iter().map(usize::to_string).collect();
+    println!("precision      {}", r.precision);
+    println!("accelerator    {}", r.accelerator);
+    println!("layers         {}", layers.join("-"));
+    if r.command == "fit" {
+        println!("epochs         {}", r.epochs);
+        println!("steps          {} ({} skipped)", r.global_step, r.skipped_steps);
+        if let Some(l) = r.final_loss {
+            println!("final loss     {l:.6}");
+        }
+        if let Some(s) = r.samples_per_sec {
+            println!("samples/s      {s:.0}");
+        }
+    }
+    if let Some(l) = r.val_loss {
+        println!("val loss       {l:.6}");
+    }
+    if let Some(a) = r.val_accuracy {
+        println!("val accuracy   {:.2}%", 100.0 * a);
+    }
+    println!(
+        "params         {} bytes ({:.4} MB by Lightning's rule)",
+        r.parameter_bytes, r.param_mb
+    );
+    for n in &r.notes {
+        println!("note           {n}");
+    }
+}
