@@ -95,6 +95,16 @@
 //! sums, means, softmax denominators, losses and norms accumulate in f64; 16-bit GEMMs accumulate
 //! in f32 and round each output once.
 //!
+//! ## Your own model
+//!
+//! A [`Model`] gives its forward pass and lists its parameters once
+//! ([`Model::parameters_mut`]); training, validation (loss, and accuracy for class labels) and
+//! prediction have defaults. [`nn`] has PyTorch's layers ([`nn::Linear`], [`nn::Conv2d`],
+//! [`nn::Conv1d`], [`nn::Embedding`], [`nn::LayerNorm`], [`nn::Dropout`], the activations), each an
+//! [`nn::Module`], and [`nn::Sequential`] chains them into a model. Code generic over the
+//! precision and device takes one bound, [`Runs<P>`](Runs), and [`launch`] runs it for strings
+//! from a command line. `examples/cnn_digits.rs` and `examples/user-crate/` show both.
+//!
 //! ## CPU kernels and threads
 //!
 //! Matrix products run on nbit's own blocked GEMM (packed panels, a register-blocked micro-kernel

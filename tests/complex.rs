@@ -1,9 +1,7 @@
 //! Complex autodiff by PyTorch's convention, checked by finite differences on the real and
 //! imaginary parts: for a real loss L of z = x + iy the gradient is ∂L/∂x + i ∂L/∂y.
 
-mod common;
-
-use common::{fd_check, values};
+use crate::common::{fd_check, values};
 use nbit::Error;
 use nbit::tensor::{ComplexOps, Tensor};
 use ndarray::ArrayD;

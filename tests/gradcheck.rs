@@ -5,9 +5,7 @@
 //! differences `(L(x+h) - L(x-h)) / 2h`, h = 1e-6. The relative error
 //! `|analytic - numeric| / max(|analytic|, |numeric|, 0.01)` must be at most 1e-6.
 
-mod common;
-
-use common::{fd_check, values, weigh};
+use crate::common::{fd_check, values, weigh};
 use nbit::Error;
 use nbit::tensor::Tensor;
 use ndarray::ArrayD;

@@ -2,9 +2,7 @@
 //! f32/complex64 against f64, and errors for singular, indefinite and rank-deficient input.
 #![cfg(feature = "lapack")]
 
-mod common;
-
-use common::{fd_check, weigh};
+use crate::common::{fd_check, weigh};
 use nbit::Error;
 use nbit::linalg::{cholesky, inverse, lstsq, solve};
 use nbit::tensor::{ComplexOps, Tensor};
@@ -15,7 +13,7 @@ type R = Tensor<f64>;
 type C = Tensor<Complex<f64>>;
 
 fn values(shape: &[usize], seed: u64) -> ArrayD<f64> {
-    common::values(shape, seed, -1.0, 1.0)
+    crate::common::values(shape, seed, -1.0, 1.0)
 }
 
 fn check(name: &str, inputs: Vec<ArrayD<f64>>, loss: impl Fn(&[R]) -> Result<R, Error>) {

@@ -14,7 +14,7 @@ macro_rules! allowed {
     )*};
 }
 
-fn main() {
+pub fn main() {
     allowed! {
         Mixed<BF16>, Cpu => "bf16-mixed";
         Mixed<BF16>, Gpu => "bf16-mixed";

@@ -21,7 +21,7 @@ fn scale_of<P: Precision, D: Supports<P>>(_: &Trainer<P, D>) -> f32 {
     P::Scaler::default().scale()
 }
 
-fn main() {
+pub fn main() {
     let trainer = Trainer::<CpuFp16Amp, Cpu>::new().unwrap();
     assert_eq!(scale_of(&trainer), 65536.0);
     assert_eq!(<CpuFp16Amp as Precision>::MODEL_BITS, 32);

@@ -1,0 +1,21 @@
+//! Every integration test, as one test binary: one link, and nbit's generic code (the trainer for
+//! each precision, the kernels per dtype) compiled once rather than once per file. Each file here
+//! is a module named as the file was; run one with `cargo test --test integration <module>::`.
+
+mod common;
+
+mod autocast;
+#[cfg(feature = "cli")]
+mod cli;
+mod complex;
+mod custom_model;
+mod gradcheck;
+#[cfg(feature = "lapack")]
+mod linalg;
+mod matrix;
+mod numerics;
+mod pytorch_reference;
+mod tensor_ops;
+mod trainer;
+mod ui;
+mod update_rounding;
