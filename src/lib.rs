@@ -108,7 +108,7 @@
 //! ## CPU kernels and threads
 //!
 //! Matrix products run on nbit's own blocked GEMM (packed panels, a register-blocked micro-kernel
-//! for AVX-512, AVX2+FMA or a portable one, chosen at run time), or on the `gemm` crate for f64 and
+//! for AVX-512, AVX2+FMA or a portable one, chosen at run time), or on the `gemm-f64` / `gemm-f32` kernels (of the `gemm` family) for f64 and
 //! row-major f32, where it measured faster. bf16 and f16 operands are widened exactly to f32 while
 //! they are packed, so a 16-bit product runs at f32 speed with f32 accumulation. Where the CPU has
 //! AVX-512 BF16, a `vdpbf16ps` kernel competes with widening and a short measurement at first use

@@ -492,8 +492,8 @@ fn kernel_for<E: Float>() -> Kernel<E::Acc> {
 }
 
 /// The name of the micro-kernel used for `E`'s products, e.g. `"avx512f 12x32"`; for bf16, the
-/// one the first-use measurement chose; for f64, `"gemm crate"` (f32 products whose operands are
-/// both row-major also run on the `gemm` crate, where it measured faster).
+/// one the first-use measurement chose; for f64, `"gemm crate"` (the `gemm-f64` kernels; f32 products whose operands are
+/// both row-major also run on `gemm-f32`, where it measured faster).
 pub fn kernel_name<E: Float>() -> &'static str {
     if E::DTYPE == crate::DType::F64 {
         return "gemm crate";

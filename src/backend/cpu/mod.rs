@@ -1,4 +1,5 @@
-//! The CPU backend: ndarray arrays, the `gemm` crate for matrix products.
+//! The CPU backend: ndarray arrays; matrix products on nbit's own GEMM (`gemm.rs`) or the
+//! `gemm-f32` / `gemm-f64` kernels (the `gemm` family), complex ones as four real products.
 
 use core::any::Any;
 
@@ -92,15 +93,53 @@ fn rows_of(shape: &[usize]) -> (usize, usize) {
     (rows, cols)
 }
 
-/// `dst = op(a) @ op(b) (+ bias)` with the `gemm` crate's f32, f64, c32 and c64 kernels; views
-/// carry any transposition as strides (nothing is copied) and `conj` conjugates `(a, b)` (complex
-/// only).
-fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
-    a: ArrayView2<T>,
-    b: ArrayView2<T>,
-    bias: Option<&ArrayD<T>>,
-    conj: (bool, bool),
-) -> Array2<T> {
+/// The real element types whose products run on the `gemm-f32` / `gemm-f64` crates' kernels.
+trait CrateGemm: Element + num_traits::Zero + num_traits::One {
+    /// The crate's `gemm` for this type: `dst = alpha dst + beta lhs @ rhs` (`alpha` read only
+    /// when `read_dst`), every operand given by a pointer and its column and row strides.
+    ///
+    /// # Safety
+    /// The pointers and strides must describe live arrays of the stated sizes, `dst` not aliased.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        mnk: (usize, usize, usize),
+        dst: (*mut Self, isize, isize),
+        read_dst: bool,
+        lhs: (*const Self, isize, isize),
+        rhs: (*const Self, isize, isize),
+        par: gemm_common::Parallelism,
+    );
+}
+
+macro_rules! crate_gemm {
+    ($t:ty, $kernel:path) => {
+        impl CrateGemm for $t {
+            unsafe fn gemm(
+                (m, n, k): (usize, usize, usize),
+                (dst, dst_cs, dst_rs): (*mut $t, isize, isize),
+                read_dst: bool,
+                (lhs, lhs_cs, lhs_rs): (*const $t, isize, isize),
+                (rhs, rhs_cs, rhs_rs): (*const $t, isize, isize),
+                par: gemm_common::Parallelism,
+            ) {
+                // SAFETY: forwarded from the caller.
+                unsafe {
+                    $kernel()(
+                        m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
+                        1.0, 1.0, false, false, false, par,
+                    )
+                }
+            }
+        }
+    };
+}
+
+crate_gemm!(f32, gemm_f32::gemm::f32::get_gemm_fn);
+crate_gemm!(f64, gemm_f64::gemm::f64::get_gemm_fn);
+
+/// `dst = a @ b (+ bias)` on the `gemm-f32` / `gemm-f64` kernels; views carry any transposition as
+/// strides (nothing is copied).
+fn gemm_into<T: CrateGemm>(a: ArrayView2<T>, b: ArrayView2<T>, bias: Option<&ArrayD<T>>) -> Array2<T> {
     let (m, k) = a.dim();
     let n = b.ncols();
     // With a bias the product is accumulated onto it, so `a @ b + bias` is rounded once.
@@ -116,41 +155,24 @@ fn gemm_into<T: 'static + Copy + num_traits::Zero + num_traits::One>(
     if m == 0 || n == 0 {
         return dst;
     }
-    let threads = if m * n * k >= PARALLEL_MIN_FMAS {
-        num_threads()
+    let par = if m * n * k >= PARALLEL_MIN_FMAS && num_threads() > 1 {
+        gemm_common::Parallelism::Rayon(num_threads())
     } else {
-        1
-    };
-    let par = if threads > 1 {
-        ::gemm::Parallelism::Rayon(threads)
-    } else {
-        ::gemm::Parallelism::None
+        gemm_common::Parallelism::None
     };
     let (ars, acs) = (a.strides()[0], a.strides()[1]);
     let (brs, bcs) = (b.strides()[0], b.strides()[1]);
-    let dst_ptr = dst.as_mut_ptr();
-    // SAFETY: the pointers and strides describe live arrays of the stated dimensions; `dst` is
-    // a fresh row-major (m, n) array not aliased by the inputs.
+    // The kernels prefer a column-major destination: compute the row-major (m, n) result as the
+    // column-major (n, m) product b^T a^T, which is the same memory (as the `gemm` crate does).
+    // SAFETY: the pointers and strides describe live arrays of the stated dimensions; `dst` is a
+    // fresh row-major (m, n) array not aliased by the inputs.
     unsafe {
-        ::gemm::gemm(
-            m,
-            n,
-            k,
-            dst_ptr,
-            1,
-            n as isize,
+        T::gemm(
+            (n, m, k),
+            (dst.as_mut_ptr(), n as isize, 1),
             bias.is_some(),
-            a.as_ptr(),
-            acs,
-            ars,
-            b.as_ptr(),
-            bcs,
-            brs,
-            T::one(),
-            T::one(),
-            false,
-            conj.0,
-            conj.1,
+            (b.as_ptr(), brs, bcs),
+            (a.as_ptr(), ars, acs),
             par,
         );
     }
@@ -501,7 +523,7 @@ impl Backend for Cpu {
         bias: Option<&ArrayD<E>>,
     ) -> ArrayD<E> {
         let (av, bv) = (as_2d(a, ta), as_2d(b, tb));
-        // f64, and f32 with both operands row-major: the `gemm` crate, measured faster there
+        // f64, and f32 with both operands row-major: the `gemm-f64` / `gemm-f32` kernels, measured faster there
         // (f64 1024: 110-125 against 73-86 GFLOP/s; f32 row-major 10-20% faster). Everything
         // else (16-bit operands, transposed or strided f32, narrow outputs): nbit's own GEMM.
         let crate_gemm = match E::DTYPE {
@@ -510,8 +532,8 @@ impl Backend for Cpu {
             _ => false,
         };
         let out = if crate_gemm {
-            /// The product on the `gemm` crate's kernel for `T`, when `E` is `T`.
-            fn on<T: Element + num_traits::Zero + num_traits::One, E: 'static>(
+            /// The product on the `gemm-f32` / `gemm-f64` kernel for `T`, when `E` is `T`.
+            fn on<T: CrateGemm, E: 'static>(
                 a: &ArrayD<E>,
                 b: &ArrayD<E>,
                 (ta, tb): (bool, bool),
@@ -522,13 +544,8 @@ impl Backend for Cpu {
                         .downcast_ref()
                         .expect("element type checked by DTYPE")
                 }
-                let out: ArrayD<T> = gemm_into(
-                    as_2d(same(a), ta),
-                    as_2d(same(b), tb),
-                    bias.map(same),
-                    (false, false),
-                )
-                .into_dyn();
+                let out: ArrayD<T> =
+                    gemm_into(as_2d(same(a), ta), as_2d(same(b), tb), bias.map(same)).into_dyn();
                 downcast(out)
             }
             if E::DTYPE == crate::DType::F64 {
@@ -1126,10 +1143,20 @@ impl ComplexBackend for Cpu {
         tb: bool,
         cb: bool,
     ) -> ArrayD<C> {
-        // Computed in complex128 by the gemm crate (conjugation as its flag), rounded once.
-        let (wa, wb) = (c64_of(a), c64_of(b));
-        gemm_into(as_2d(&wa, ta), as_2d(&wb, tb), None, (ca, cb))
-            .mapv(C::from_c64)
+        // Four f64 products of the parts (conjugation negates an imaginary part):
+        // (ar + i ai)(br + i bi) = (ar br - ai bi) + i (ar bi + ai br), rounded once per part.
+        let parts = |z: &ArrayD<C>, conj: bool| {
+            let sign = if conj { -1.0 } else { 1.0 };
+            (z.mapv(|v| v.to_c64().re), z.mapv(|v| sign * v.to_c64().im))
+        };
+        let ((ar, ai), (br, bi)) = (parts(a, ca), parts(b, cb));
+        let mul = |x: &ArrayD<f64>, y: &ArrayD<f64>| gemm_into(as_2d(x, ta), as_2d(y, tb), None);
+        let (rr, ii, ri, ir) = (mul(&ar, &br), mul(&ai, &bi), mul(&ar, &bi), mul(&ai, &br));
+        Zip::from(&rr)
+            .and(&ii)
+            .and(&ri)
+            .and(&ir)
+            .map_collect(|&rr, &ii, &ri, &ir| C::from_c64(Complex::new(rr - ii, ri + ir)))
             .into_dyn()
     }
 

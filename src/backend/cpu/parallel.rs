@@ -2,7 +2,7 @@
 //!
 //! The count is, in order: the last [`set_num_threads`] (the Trainer's `num_threads` option),
 //! the `NBIT_NUM_THREADS` environment variable, or the cores available to the process. Work runs
-//! on rayon's global pool (the pool the `gemm` crate already uses), so no thread is spawned per
+//! on rayon's global pool (the pool the `gemm-f32` / `gemm-f64` kernels already use), so no thread is spawned per
 //! call.
 
 use std::sync::OnceLock;
