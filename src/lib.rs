@@ -121,7 +121,7 @@
 //! (default: every core available). Every output is computed by one thread in one order, so any
 //! thread count gives the same bits. A training step frees and allocates the same large buffers
 //! every time; [`TrainerConfig::retain_freed_memory`] (default on) keeps glibc from returning them
-//! to the operating system between steps. `examples/bench_mlp.rs` measures training throughput and
+//! to the operating system between steps. `benches/bench_mlp.rs` measures training throughput and
 //! `tools/bench_mlp_vs_pytorch.py` compares it with PyTorch (README, "Speed on the CPU").
 //!
 //! ## The precisions
@@ -174,7 +174,7 @@
 //! Under bf16-true a weight near 1.0 cannot move by less than 2^-8, so updates below half of that
 //! are lost. [`optim::UpdateRounding`] on the optimizer chooses how updated 16-bit weights round:
 //! to nearest (PyTorch's), with Kahan compensation (a 16-bit buffer per parameter), or
-//! stochastically (seeded). The README's table, from `examples/update_rounding.rs`: on the
+//! stochastically (seeded). The README's table, from `benches/update_rounding.rs`: on the
 //! quickstart's setting compensated bf16-true lands 3.4% from 32-true's validation loss where
 //! nearest lands 27% away, in two thirds of bf16-mixed's memory.
 //!

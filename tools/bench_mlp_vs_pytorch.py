@@ -3,7 +3,6 @@
 Not part of the build or CI (nbit never depends on PyTorch). Needs torch in the Python that runs
 it. Run from the project root:
 
-    cargo build --release --example bench_mlp --example gemm_table
     python3 tools/bench_mlp_vs_pytorch.py [--threads 2] [--repeats 3] [--only big|small]
     python3 tools/bench_mlp_vs_pytorch.py --gemm     # square GEMM per dtype instead
 
@@ -13,10 +12,22 @@ is the median samples/s of the epochs after it. nbit and PyTorch alternate, `--r
 the table shows the best figure of each so that noise on a shared machine hurts both alike. The
 ratio is nbit / PyTorch from this one run.
 """
-import argparse, os, statistics, subprocess, sys, time
+import argparse, json, os, statistics, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, 'target', 'release', 'examples', 'bench_mlp')
+
+
+def bench_executable(name):
+    """Builds the bench target `name` (cargo bench --no-run) and returns its executable."""
+    out = subprocess.run(['cargo', 'bench', '--no-run', '--bench', name, '--message-format=json'],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        msg = json.loads(line)
+        if msg.get('reason') == 'compiler-artifact' and msg['target']['name'] == name \
+                and msg.get('executable'):
+            return msg['executable']
+    sys.exit(f'cargo bench --no-run --bench {name} produced no executable')
+
 PRECISIONS = ['32-true', '64-true', 'bf16-mixed', 'bf16-true', '16-true']
 CASES = {
     'big': dict(inputs=784, hidden=[1024, 1024], classes=10, batch=256, samples=4096, epochs=4),
@@ -58,8 +69,8 @@ def torch_rate(torch, precision, c, threads):
     return statistics.median(rates[1:]) if len(rates) > 1 else rates[0]
 
 
-def nbit_rate(precision, c, threads):
-    cmd = [BIN, '--precision', precision, '--inputs', str(c['inputs']),
+def nbit_rate(exe, precision, c, threads):
+    cmd = [exe, '--precision', precision, '--inputs', str(c['inputs']),
            '--hidden', ','.join(map(str, c['hidden'])), '--classes', str(c['classes']),
            '--batch-size', str(c['batch']), '--samples', str(c['samples']),
            '--epochs', str(c['epochs']), '--threads', str(threads)]
@@ -85,9 +96,7 @@ def gemm_table(torch, threads, repeats):
     ratio is to PyTorch in that dtype, and for 16-bit types to the faster of that and PyTorch in
     f32 (a 16-bit product can always be computed by widening to f32)."""
     torch.set_num_threads(threads)
-    exe = os.path.join(ROOT, 'target', 'release', 'examples', 'gemm_table')
-    if not os.path.exists(exe):
-        sys.exit('build first: cargo build --release --example gemm_table')
+    exe = bench_executable('gemm')
     nb = {}
     for _ in range(repeats):
         env = dict(os.environ, NBIT_NUM_THREADS=str(threads))
@@ -125,8 +134,7 @@ def main():
         print_cpu(torch, a)
         gemm_table(torch, a.threads, a.repeats)
         return
-    if not os.path.exists(BIN):
-        sys.exit('build first: cargo build --release --example bench_mlp')
+    exe = bench_executable('bench_mlp')
     import torch
     print_cpu(torch, a)
     print(f'| case | precision | nbit samples/s | PyTorch samples/s | nbit / PyTorch |')
@@ -137,7 +145,7 @@ def main():
         for p in a.precision or PRECISIONS:
             n = t = 0.0
             for _ in range(a.repeats):
-                n = max(n, nbit_rate(p, c, a.threads))
+                n = max(n, nbit_rate(exe, p, c, a.threads))
                 t = max(t, torch_rate(torch, p, c, a.threads))
             desc = f"{name} {'-'.join(map(str, [c['inputs']] + c['hidden'] + [c['classes']]))} b{c['batch']}"
             print(f'| {desc} | {p} | {n:,.0f} | {t:,.0f} | {n / t:.2f} |', flush=True)

@@ -1,6 +1,6 @@
 //! One task, every CPU precision: final loss, parameter and optimizer-state bytes, skipped steps.
 //!
-//! Run with `cargo run --release --example precisions`. The last row is a precision defined in
+//! Run with `cargo bench --bench precisions`. The last row is a precision defined in
 //! this file (fp16 compute, f32 master weights, dynamic loss scaling) to show the scaled
 //! pipeline on the CPU, where the built-in 16-mixed is refused.
 

@@ -1,6 +1,6 @@
 //! bf16-true that trains like f32: how updated 16-bit weights are rounded, side by side.
 //!
-//! Run with `cargo run --release --example update_rounding`. Three tables from one run:
+//! Run with `cargo bench --bench update_rounding`. Three tables from one run:
 //! 1. the quickstart's setting (UCI digits, MLP 64-128-10, AdamW, batch 32, 20 epochs, 20% held out);
 //! 2. a regression where nearest rounding stalls (a linear model, SGD with a small learning rate,
 //!    many steps: most updates are below half a bf16 ulp of the weight);

@@ -1,7 +1,7 @@
 //! Training throughput of an MLP (ReLU, cross-entropy, SGD with momentum) through the Trainer.
 //!
 //! ```text
-//! cargo run --release --example bench_mlp -- --precision bf16-mixed --inputs 784 --hidden 1024,1024 \
+//! cargo bench --bench bench_mlp -- --precision bf16-mixed --inputs 784 --hidden 1024,1024 \
 //!     --classes 10 --batch-size 256 --samples 8192 --epochs 3 --threads 2
 //! ```
 //!
@@ -80,6 +80,9 @@ fn parse() -> Result<Args, String> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--bench" {
+            continue; // added by `cargo bench`
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let num = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
         match flag.as_str() {
