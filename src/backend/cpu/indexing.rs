@@ -17,6 +17,11 @@ fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     (outer, shape[axis], inner)
 }
 
+/// f64 sums rounded once into the element type.
+fn rounded<E: Float>(shape: &[usize], acc: Vec<f64>) -> ArrayD<E> {
+    rounded(shape, acc)
+}
+
 fn with_axis(shape: &[usize], axis: usize, n: usize) -> Vec<usize> {
     let mut out = shape.to_vec();
     out[axis] = n;
@@ -54,7 +59,7 @@ pub(super) fn index_add<E: Float>(
             }
         }
     }
-    from_vec(shape, acc.into_iter().map(E::from_f64).collect())
+    rounded(shape, acc)
 }
 
 pub(super) fn gather<E: Element>(
@@ -91,7 +96,7 @@ pub(super) fn scatter_add<E: Float>(
         let (o, rest) = (flat / (m * inner), flat % inner);
         acc[(o * n + i) * inner + rest] += v.as_f64();
     }
-    from_vec(shape, acc.into_iter().map(E::from_f64).collect())
+    rounded(shape, acc)
 }
 
 pub(super) fn concat<E: Element>(parts: &[&ArrayD<E>], axis: usize) -> ArrayD<E> {
@@ -219,8 +224,5 @@ pub(super) fn fold2d<E: Float>(cols: &ArrayD<E>, g: &Conv2dGeometry) -> ArrayD<E
     let data = standard(cols);
     let mut acc = vec![0.0f64; g.batch * g.channels * g.input.0 * g.input.1];
     for_each_tap(g, |from, to| acc[to] += data[from].as_f64());
-    from_vec(
-        &[g.batch, g.channels, g.input.0, g.input.1],
-        acc.into_iter().map(E::from_f64).collect(),
-    )
+    rounded(&[g.batch, g.channels, g.input.0, g.input.1], acc)
 }
