@@ -19,7 +19,7 @@ fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
 
 /// f64 sums rounded once into the element type.
 fn rounded<E: Float>(shape: &[usize], acc: Vec<f64>) -> ArrayD<E> {
-    rounded(shape, acc)
+    from_vec(shape, acc.into_iter().map(E::from_f64).collect())
 }
 
 fn with_axis(shape: &[usize], axis: usize, n: usize) -> Vec<usize> {
