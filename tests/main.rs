@@ -8,6 +8,8 @@ mod autocast;
 #[cfg(feature = "cli")]
 mod cli;
 mod complex;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 mod custom_model;
 mod gradcheck;
 #[cfg(feature = "lapack")]

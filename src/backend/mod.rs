@@ -14,6 +14,8 @@
 //! work is split across threads.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::device::Device;
 use crate::dtype::{ComplexElement, Element, Float};

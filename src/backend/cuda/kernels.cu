@@ -1,0 +1,348 @@
+// nbit's CUDA kernels: one source, compiled at run time by NVRTC for the device, and compiled for
+// the host by the tests (with host_prelude.h, which emulates a launch) so that this exact text is
+// what the host tests check against the CPU backend.
+//
+// No CUDA headers: 16-bit floats are stored as their bits (unsigned short) and converted with bit
+// operations, so the driver and NVRTC are all a user needs. Every kernel keeps the CPU backend's
+// numerics (src/backend/mod.rs): element-wise ops widen to the compute type (f32 for f16, bf16
+// and f32; f64 for f64), compute, and round once; reductions accumulate in f64; conversions round
+// to nearest even, and f64 to a 16-bit type rounds once (through f32 rounded to odd).
+//
+// Kernels are `extern "C"` and named `<op>_<dtype>`; dtypes are f16, bf16, f32, f64.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+// ---- conversions ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float nbit_bits_f32(u32 b) { return __uint_as_float(b); }
+__device__ __forceinline__ u32 nbit_f32_bits(float f) { return __float_as_uint(f); }
+
+// f32 -> bf16, round to nearest even; NaN stays a quiet NaN with its sign and top payload.
+__device__ __forceinline__ u16 nbit_f32_to_bf16(float f) {
+    u32 x = nbit_f32_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x0040u);
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return (u16)(x >> 16);
+}
+
+__device__ __forceinline__ float nbit_bf16_to_f32(u16 h) { return nbit_bits_f32(((u32)h) << 16); }
+
+// f32 -> f16, round to nearest even (overflow to infinity, underflow through subnormals to zero).
+__device__ __forceinline__ u16 nbit_f32_to_f16(float f) {
+    u32 x = nbit_f32_bits(f);
+    u32 sign = x & 0x80000000u, exp = x & 0x7f800000u, man = x & 0x007fffffu;
+    u32 hsign = sign >> 16;
+    if (exp == 0x7f800000u) {
+        u32 nan_bit = man == 0 ? 0u : 0x0200u;
+        return (u16)(hsign | 0x7c00u | nan_bit | (man >> 13));
+    }
+    int half_exp = (int)(exp >> 23) - 127 + 15;
+    if (half_exp >= 0x1f) return (u16)(hsign | 0x7c00u);
+    if (half_exp <= 0) {
+        if (14 - half_exp > 24) return (u16)hsign;
+        man |= 0x00800000u;
+        u32 half_man = man >> (14 - half_exp);
+        u32 round_bit = 1u << (13 - half_exp);
+        if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) half_man += 1;
+        return (u16)(hsign | half_man);
+    }
+    u32 out = hsign | ((u32)half_exp << 10) | (man >> 13);
+    u32 round_bit = 0x00001000u;
+    if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) out += 1;
+    return (u16)out;
+}
+
+__device__ __forceinline__ float nbit_f16_to_f32(u16 h) {
+    u32 sign = ((u32)h & 0x8000u) << 16, exp = (u32)h & 0x7c00u, man = (u32)h & 0x03ffu;
+    if (exp == 0x7c00u) return nbit_bits_f32(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {
+        // Subnormal (or zero): man * 2^-24, exact in f32.
+        float v = (float)man * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    return nbit_bits_f32(sign | ((exp >> 10) + 112u) << 23 | (man << 13));
+}
+
+// f64 -> f32 rounded to odd: exact when representable, else the neighbour toward zero with its last
+// bit set. Rounding that to a 16-bit type to nearest even equals rounding the f64 once.
+__device__ __forceinline__ float nbit_f64_to_f32_odd(double d) {
+    float f = (float)d;
+    double back = (double)f;
+    if (back == d || d != d) return f;
+    u32 b = nbit_f32_bits(f);
+    if (fabs(back) > fabs(d)) b -= 1u;
+    return nbit_bits_f32(b | 1u);
+}
+
+// Loads widen to the compute type; stores round from it (and from f64, once).
+#define NBIT_DTYPE_f32 float
+#define NBIT_DTYPE_f64 double
+#define NBIT_DTYPE_f16 u16
+#define NBIT_DTYPE_bf16 u16
+
+__device__ __forceinline__ float nbit_load_f32(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ double nbit_load_f64(const double* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float nbit_load_f16(const u16* p, i64 i) { return nbit_f16_to_f32(p[i]); }
+__device__ __forceinline__ float nbit_load_bf16(const u16* p, i64 i) { return nbit_bf16_to_f32(p[i]); }
+
+__device__ __forceinline__ void nbit_store_f32(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void nbit_store_f64(double* p, i64 i, double v) { p[i] = v; }
+__device__ __forceinline__ void nbit_store_f16(u16* p, i64 i, float v) { p[i] = nbit_f32_to_f16(v); }
+__device__ __forceinline__ void nbit_store_bf16(u16* p, i64 i, float v) { p[i] = nbit_f32_to_bf16(v); }
+
+__device__ __forceinline__ void nbit_store64_f32(float* p, i64 i, double v) { p[i] = (float)v; }
+__device__ __forceinline__ void nbit_store64_f64(double* p, i64 i, double v) { p[i] = v; }
+__device__ __forceinline__ void nbit_store64_f16(u16* p, i64 i, double v) {
+    p[i] = nbit_f32_to_f16(nbit_f64_to_f32_odd(v));
+}
+__device__ __forceinline__ void nbit_store64_bf16(u16* p, i64 i, double v) {
+    p[i] = nbit_f32_to_bf16(nbit_f64_to_f32_odd(v));
+}
+
+// ---- element-wise --------------------------------------------------------------------------
+
+// Op codes of `backend::Unary`, in its order.
+#define NBIT_NEG 0
+#define NBIT_ADD_SCALAR 1
+#define NBIT_MUL_SCALAR 2
+#define NBIT_POWF 3
+#define NBIT_RELU 4
+#define NBIT_GELU 5
+#define NBIT_GELU_TANH 6
+#define NBIT_TANH 7
+#define NBIT_SIGMOID 8
+#define NBIT_EXP 9
+#define NBIT_LOG 10
+#define NBIT_ABS 11
+#define NBIT_HUBER 12
+#define NBIT_SQRT 13
+#define NBIT_CLAMP 14
+
+__device__ __forceinline__ float nbit_unary_f(int op, float x, float a, float b) {
+    switch (op) {
+    case NBIT_NEG: return -x;
+    case NBIT_ADD_SCALAR: return x + a;
+    case NBIT_MUL_SCALAR: return x * a;
+    case NBIT_POWF: return powf(x, a);
+    case NBIT_RELU: return x < 0.0f ? 0.0f : x;
+    case NBIT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case NBIT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case NBIT_TANH: return tanhf(x);
+    case NBIT_SIGMOID: return 1.0f / (1.0f + expf(-x));
+    case NBIT_EXP: return expf(x);
+    case NBIT_LOG: return logf(x);
+    case NBIT_ABS: return fabsf(x);
+    case NBIT_HUBER: return fabsf(x) <= a ? 0.5f * x * x : a * (fabsf(x) - 0.5f * a);
+    case NBIT_SQRT: return sqrtf(x);
+    case NBIT_CLAMP: return x < a ? a : (x > b ? b : x);
+    }
+    return x;
+}
+
+__device__ __forceinline__ double nbit_unary_d(int op, double x, double a, double b) {
+    switch (op) {
+    case NBIT_NEG: return -x;
+    case NBIT_ADD_SCALAR: return x + a;
+    case NBIT_MUL_SCALAR: return x * a;
+    case NBIT_POWF: return pow(x, a);
+    case NBIT_RELU: return x < 0.0 ? 0.0 : x;
+    case NBIT_GELU: return 0.5 * x * (1.0 + erf(x * 0.70710678118654752));
+    case NBIT_GELU_TANH: return 0.5 * x * (1.0 + tanh(0.79788456080286536 * (x + 0.044715 * x * x * x)));
+    case NBIT_TANH: return tanh(x);
+    case NBIT_SIGMOID: return 1.0 / (1.0 + exp(-x));
+    case NBIT_EXP: return exp(x);
+    case NBIT_LOG: return log(x);
+    case NBIT_ABS: return fabs(x);
+    case NBIT_HUBER: return fabs(x) <= a ? 0.5 * x * x : a * (fabs(x) - 0.5 * a);
+    case NBIT_SQRT: return sqrt(x);
+    case NBIT_CLAMP: return x < a ? a : (x > b ? b : x);
+    }
+    return x;
+}
+
+#define NBIT_GRID_STRIDE(i, n) \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
+// out[i] = op(x[i]); the scalars are given in f64 and used in the compute type.
+#define NBIT_UNARY(S, FN, ACC)                                                                    \
+    extern "C" __global__ void unary_##S(const NBIT_DTYPE_##S* x, NBIT_DTYPE_##S* out, i64 n, int op, \
+                                          double a, double b) {                                    \
+        NBIT_GRID_STRIDE(i, n) { nbit_store_##S(out, i, FN(op, nbit_load_##S(x, i), (ACC)a, (ACC)b)); } \
+    }
+NBIT_UNARY(f16, nbit_unary_f, float)
+NBIT_UNARY(bf16, nbit_unary_f, float)
+NBIT_UNARY(f32, nbit_unary_f, float)
+NBIT_UNARY(f64, nbit_unary_d, double)
+
+// Broadcasting: the output's shape and each input's element strides (0 along a broadcast axis).
+#define NBIT_MAX_DIMS 8
+struct NbitBroadcast {
+    int ndim;
+    i64 shape[NBIT_MAX_DIMS];
+    i64 stride_a[NBIT_MAX_DIMS];
+    i64 stride_b[NBIT_MAX_DIMS];
+};
+
+// Op codes of `backend::Binary`, in its order.
+#define NBIT_ADD 0
+#define NBIT_SUB 1
+#define NBIT_MUL 2
+#define NBIT_DIV 3
+
+#define NBIT_BINARY(S, ACC)                                                                       \
+    extern "C" __global__ void binary_##S(const NBIT_DTYPE_##S* a, const NBIT_DTYPE_##S* b,       \
+                                           NBIT_DTYPE_##S* out, i64 n, int op, NbitBroadcast g) { \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            i64 rest = i, ia = 0, ib = 0;                                                         \
+            for (int d = g.ndim - 1; d >= 0; --d) {                                               \
+                i64 c = rest % g.shape[d];                                                        \
+                rest /= g.shape[d];                                                               \
+                ia += c * g.stride_a[d];                                                          \
+                ib += c * g.stride_b[d];                                                          \
+            }                                                                                     \
+            ACC x = nbit_load_##S(a, ia), y = nbit_load_##S(b, ib);                               \
+            ACC r = op == NBIT_ADD ? x + y : op == NBIT_SUB ? x - y : op == NBIT_MUL ? x * y : x / y; \
+            nbit_store_##S(out, i, r);                                                            \
+        }                                                                                         \
+    }
+NBIT_BINARY(f16, float)
+NBIT_BINARY(bf16, float)
+NBIT_BINARY(f32, float)
+NBIT_BINARY(f64, double)
+
+// Casts: through f32 when both types compute in f32 (exact widening, one rounding), through f64
+// when either side is f64.
+#define NBIT_CAST32(A, B)                                                                         \
+    extern "C" __global__ void cast_##A##_##B(const NBIT_DTYPE_##A* x, NBIT_DTYPE_##B* out, i64 n) { \
+        NBIT_GRID_STRIDE(i, n) { nbit_store_##B(out, i, nbit_load_##A(x, i)); }                   \
+    }
+#define NBIT_CAST64(A, B)                                                                         \
+    extern "C" __global__ void cast_##A##_##B(const NBIT_DTYPE_##A* x, NBIT_DTYPE_##B* out, i64 n) { \
+        NBIT_GRID_STRIDE(i, n) { nbit_store64_##B(out, i, (double)nbit_load_##A(x, i)); }         \
+    }
+NBIT_CAST32(f16, bf16)
+NBIT_CAST32(f16, f32)
+NBIT_CAST32(bf16, f16)
+NBIT_CAST32(bf16, f32)
+NBIT_CAST32(f32, f16)
+NBIT_CAST32(f32, bf16)
+NBIT_CAST64(f16, f64)
+NBIT_CAST64(bf16, f64)
+NBIT_CAST64(f32, f64)
+NBIT_CAST64(f64, f16)
+NBIT_CAST64(f64, bf16)
+NBIT_CAST64(f64, f32)
+
+// ---- reductions ------------------------------------------------------------------------------
+
+// The block's sum of one f64 per thread (blockDim.x a multiple of 32, at most 1024): warp
+// shuffles, then one value per warp through shared memory. Every thread of the block must call it.
+__device__ double nbit_block_sum(double v) {
+    __shared__ double warp_sums[32];
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    v = threadIdx.x < (unsigned)warps ? warp_sums[threadIdx.x] : 0.0;
+    if (warp == 0) {
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    }
+    __syncthreads();
+    return v;
+}
+
+// Pass one of a full sum: each block's f64 sum of its grid-stride share, in partials[blockIdx.x].
+#define NBIT_SUM(S)                                                                               \
+    extern "C" __global__ void sum_partial_##S(const NBIT_DTYPE_##S* x, i64 n, double* partials) { \
+        double acc = 0.0;                                                                         \
+        NBIT_GRID_STRIDE(i, n) { acc += (double)nbit_load_##S(x, i); }                            \
+        double total = nbit_block_sum(acc);                                                       \
+        if (threadIdx.x == 0) partials[blockIdx.x] = total;                                       \
+    }                                                                                             \
+    /* Pass two, one block: out[0] = scale * the sum of the partials, rounded once. */            \
+    extern "C" __global__ void sum_finish_##S(const double* partials, i64 count, NBIT_DTYPE_##S* out, \
+                                              double scale) {                                     \
+        double acc = 0.0;                                                                         \
+        for (i64 i = threadIdx.x; i < count; i += blockDim.x) acc += partials[i];                 \
+        double total = nbit_block_sum(acc);                                                       \
+        if (threadIdx.x == 0) nbit_store64_##S(out, 0, total * scale);                            \
+    }
+NBIT_SUM(f16)
+NBIT_SUM(bf16)
+NBIT_SUM(f32)
+NBIT_SUM(f64)
+
+// ---- the gradient scaler -------------------------------------------------------------------
+
+__device__ __forceinline__ bool nbit_finite_f(float v) { return v - v == 0.0f; }
+__device__ __forceinline__ bool nbit_finite_d(double v) { return v - v == 0.0; }
+
+// The fused unscale-and-check over every gradient of one dtype in one launch: tensor t =
+// blockIdx.y has lens[t] elements at ptrs[t]; each is multiplied by inv (an f32, as PyTorch's
+// inverse scale) in the compute type and rounded once, and *found is set to 1 if any element was
+// inf or NaN before the multiply.
+#define NBIT_UNSCALE(S, ACC, FINITE)                                                              \
+    extern "C" __global__ void unscale_check_##S(NBIT_DTYPE_##S* const* ptrs, const i64* lens,   \
+                                                 float inv, int* found) {                         \
+        NBIT_DTYPE_##S* p = ptrs[blockIdx.y];                                                     \
+        i64 n = lens[blockIdx.y];                                                                 \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            ACC v = nbit_load_##S(p, i);                                                          \
+            if (!FINITE(v)) atomicExch(found, 1);                                                 \
+            nbit_store_##S(p, i, v * (ACC)inv);                                                   \
+        }                                                                                         \
+    }
+NBIT_UNSCALE(f16, float, nbit_finite_f)
+NBIT_UNSCALE(bf16, float, nbit_finite_f)
+NBIT_UNSCALE(f32, float, nbit_finite_f)
+NBIT_UNSCALE(f64, double, nbit_finite_d)
+
+// PyTorch's `_amp_update_scale_` on the device (one thread), as `DynamicScaler::update`: the f32
+// scale times an f64 factor, rounded once; `min_scale` < 0 means no floor. Reads *found and resets
+// it for the next step, so the host syncs at most once per step (to read the scale for its log).
+extern "C" __global__ void update_scale(float* scale, unsigned* tracker, int* found, double growth,
+                                        double backoff, unsigned interval, float min_scale) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    if (*found) {
+        float s = (float)((double)*scale * backoff);
+        if (min_scale >= 0.0f && s < min_scale) s = min_scale;
+        *scale = s;
+        *tracker = 0;
+    } else {
+        unsigned successful = *tracker + 1;
+        if (successful == interval) {
+            float grown = (float)((double)*scale * growth);
+            if (nbit_finite_f(grown)) *scale = grown;
+            *tracker = 0;
+        } else {
+            *tracker = successful;
+        }
+    }
+    *found = 0;
+}
+
+// ---- dropout -------------------------------------------------------------------------------
+
+// SplitMix64 of seed + (i + 1) * golden: the same draw as the CPU backend's `uniform(seed, i)`, so a
+// seeded run draws the same mask on both.
+__device__ __forceinline__ double nbit_uniform(u64 seed, u64 i) {
+    u64 z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (1.0 / 9007199254740992.0);
+}
+
+#define NBIT_DROPOUT(S)                                                                           \
+    extern "C" __global__ void dropout_mask_##S(NBIT_DTYPE_##S* out, i64 n, double p, u64 seed) { \
+        double keep = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);                                           \
+        NBIT_GRID_STRIDE(i, n) { nbit_store64_##S(out, i, nbit_uniform(seed, (u64)i) >= p ? keep : 0.0); } \
+    }
+NBIT_DROPOUT(f16)
+NBIT_DROPOUT(bf16)
+NBIT_DROPOUT(f32)
+NBIT_DROPOUT(f64)

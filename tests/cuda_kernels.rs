@@ -1,0 +1,541 @@
+//! The CUDA kernels without a GPU (feature `cuda`): `kernels.cu` compiled for the host with the
+//! launch emulation of `host_prelude.h` (g++, or `$CXX`) and compared with the CPU backend element
+//! for element in every dtype; and the same source compiled by NVRTC for sm_80 and sm_90, its PTX
+//! assembled by ptxas. `.ci/run` installs NVRTC and ptxas from NVIDIA's Python packages and runs
+//! `cargo test --features cuda --test integration cuda_kernels`; without NVRTC the NVRTC test fails
+//! and says what to install.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use libloading::{Library, Symbol};
+use nbit::backend::cuda::{self, ARCHS};
+use nbit::backend::{Backend, Binary, Unary};
+use nbit::half::{bf16, f16};
+use nbit::ndarray::{ArrayD, IxDyn};
+use nbit::scaler::{DynamicScaler, GradScaler};
+use nbit::{Cpu, DType, Float};
+
+/// The kernels built for the host, once per test process.
+fn host() -> &'static Library {
+    static LIB: OnceLock<Library> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src/backend/cuda"));
+        let unit = dir.join(format!("nbit_cuda_host_{}.cpp", std::process::id()));
+        let include = |f: &str| format!("#include \"{}\"\n", src.join(f).display());
+        let text = include("host_prelude.h") + &include("kernels.cu") + &include("host_launchers.cpp");
+        std::fs::write(&unit, text).unwrap();
+        let lib = unit.with_extension("so");
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+        let out = std::process::Command::new(&cxx)
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-ffp-contract=off",
+                "-shared",
+                "-fPIC",
+                "-pthread",
+                "-o",
+            ])
+            .arg(&lib)
+            .arg(&unit)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cxx} (a C++20 compiler; set CXX): {e}"));
+        assert!(
+            out.status.success(),
+            "{cxx} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // SAFETY: a library built just now from nbit's own sources, with no initialisers.
+        unsafe { Library::new(&lib) }.unwrap()
+    })
+}
+
+fn sym<T>(name: &str) -> Symbol<'static, T> {
+    // SAFETY: each caller names a launcher of host_launchers.cpp with its exact C signature.
+    unsafe { host().get(name.as_bytes()) }.unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn suffix<E: Float>() -> &'static str {
+    match E::DTYPE {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        other => panic!("no kernels for {other}"),
+    }
+}
+
+/// A total order on the bits: equal values 0 apart, neighbours 1 apart (NaN compares by bits).
+fn ordered<E: Float>(x: E) -> i128 {
+    let (bits, sign): (u64, u64) = match size_of::<E>() {
+        2 => (unsafe { std::mem::transmute_copy::<E, u16>(&x) } as u64, 1 << 15),
+        4 => (unsafe { std::mem::transmute_copy::<E, u32>(&x) } as u64, 1 << 31),
+        _ => (unsafe { std::mem::transmute_copy::<E, u64>(&x) }, 1 << 63),
+    };
+    if bits & sign != 0 {
+        -((bits & !sign) as i128)
+    } else {
+        bits as i128
+    }
+}
+
+/// Asserts `got` equals `want` element for element within `ulps` units in the last place.
+fn assert_close<E: Float>(what: &str, got: &[E], want: &[E], ulps: i128) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let mut worst = (0i128, 0usize);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = if g.is_nan() && w.is_nan() {
+            0
+        } else {
+            (ordered(*g) - ordered(*w)).abs()
+        };
+        if d > worst.0 {
+            worst = (d, i);
+        }
+    }
+    let (d, i) = worst;
+    assert!(
+        d <= ulps,
+        "{what}: element {i} is {:?}, the CPU backend's {:?} ({d} ulps apart)",
+        got[i],
+        want[i]
+    );
+}
+
+fn array<E: Float>(values: &[f64]) -> ArrayD<E> {
+    ArrayD::from_shape_vec(
+        IxDyn(&[values.len()]),
+        values.iter().map(|&v| E::from_f64(v)).collect(),
+    )
+    .unwrap()
+}
+
+/// Awkward lengths (a partial block, several blocks with a grid-stride remainder) and values
+/// that cover the ops' branches: signs, zero, values around 1 and the Huber threshold, large
+/// magnitudes, inf and NaN.
+fn inputs(n: usize) -> Vec<f64> {
+    let special = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        0.5,
+        -2.5,
+        3.0,
+        88.0,
+        -104.0,
+        1e-3,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+    ];
+    (0..n)
+        .map(|i| match special.get(i) {
+            Some(&v) => v,
+            None => ((i as f64 * 0.6180339887).fract() - 0.5) * 8.0,
+        })
+        .collect()
+}
+
+type UnaryFn<E> = extern "C" fn(u32, u32, *const E, *mut E, i64, i32, f64, f64);
+
+fn unary_matches_cpu<E: Float>() {
+    // (op, its code in kernels.cu, scalars, 0 when the result must be bit-identical)
+    let ops: [(Unary, i32, f64, f64, i128); 15] = [
+        (Unary::Neg, 0, 0.0, 0.0, 0),
+        (Unary::AddScalar(0.3), 1, 0.3, 0.0, 0),
+        (Unary::MulScalar(-1.7), 2, -1.7, 0.0, 0),
+        (Unary::Powf(1.5), 3, 1.5, 0.0, 1),
+        (Unary::Relu, 4, 0.0, 0.0, 0),
+        (Unary::Gelu, 5, 0.0, 0.0, 1),
+        (Unary::GeluTanh, 6, 0.0, 0.0, 1),
+        (Unary::Tanh, 7, 0.0, 0.0, 1),
+        (Unary::Sigmoid, 8, 0.0, 0.0, 1),
+        (Unary::Exp, 9, 0.0, 0.0, 1),
+        (Unary::Log, 10, 0.0, 0.0, 1),
+        (Unary::Abs, 11, 0.0, 0.0, 0),
+        (Unary::Huber(1.25), 12, 1.25, 0.0, 0),
+        (Unary::Sqrt, 13, 0.0, 0.0, 0),
+        (Unary::Clamp(-0.75, 2.0), 14, -0.75, 2.0, 0),
+    ];
+    let f: Symbol<UnaryFn<E>> = sym(&format!("host_unary_{}", suffix::<E>()));
+    for n in [1usize, 300, 1000] {
+        let x = array::<E>(&inputs(n));
+        for (op, code, a, b, ulps) in ops {
+            let want = Cpu::unary(op, &x);
+            let mut got = vec![E::zero(); n];
+            f(2, 64, x.as_ptr(), got.as_mut_ptr(), n as i64, code, a, b);
+            let what = format!("{op:?} on {n} {}", suffix::<E>());
+            if ulps == 0 {
+                assert_close(&what, &got, want.as_slice().unwrap(), 0);
+                continue;
+            }
+            // Transcendental functions: glibc's (the host build here; CUDA's libdevice on a GPU)
+            // against the libm the CPU backend calls, each within an ulp or two of the truth. Two
+            // ulps of the result, or, where the formula cancels (GELU's 1 + erf(x) for x < -1),
+            // eight of the compute type at the input's magnitude.
+            let eps = if E::DTYPE == DType::F64 {
+                f64::EPSILON
+            } else {
+                f32::EPSILON as f64
+            };
+            for ((g, w), xi) in got.iter().zip(want.iter()).zip(x.iter()) {
+                let close = (g.is_nan() && w.is_nan())
+                    || (ordered(*g) - ordered(*w)).abs() <= 2
+                    || (g.as_f64() - w.as_f64()).abs() <= 8.0 * eps * xi.as_f64().abs().max(1.0);
+                assert!(close, "{what}: at x = {xi:?} got {g:?}, the CPU backend's {w:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn unary_kernels_match_the_cpu_backend_in_every_dtype() {
+    unary_matches_cpu::<f16>();
+    unary_matches_cpu::<bf16>();
+    unary_matches_cpu::<f32>();
+    unary_matches_cpu::<f64>();
+}
+
+/// `NbitBroadcast` of kernels.cu.
+#[repr(C)]
+struct Broadcast {
+    ndim: i32,
+    shape: [i64; 8],
+    stride_a: [i64; 8],
+    stride_b: [i64; 8],
+}
+
+fn broadcast(out: &[usize], a: &[usize], b: &[usize]) -> Broadcast {
+    let strides = |s: &[usize]| {
+        let mut st = [0i64; 8];
+        let lead = out.len() - s.len();
+        let mut acc = 1i64;
+        for d in (0..s.len()).rev() {
+            st[lead + d] = if s[d] == 1 { 0 } else { acc };
+            acc *= s[d] as i64;
+        }
+        st
+    };
+    let mut shape = [1i64; 8];
+    for (d, &v) in out.iter().enumerate() {
+        shape[d] = v as i64;
+    }
+    Broadcast {
+        ndim: out.len() as i32,
+        shape,
+        stride_a: strides(a),
+        stride_b: strides(b),
+    }
+}
+
+type BinaryFn<E> = extern "C" fn(u32, u32, *const E, *const E, *mut E, i64, i32, *const Broadcast);
+
+fn binary_matches_cpu<E: Float>() {
+    let f: Symbol<BinaryFn<E>> = sym(&format!("host_binary_{}", suffix::<E>()));
+    let cases: [(&[usize], &[usize], &[usize]); 3] = [
+        (&[3, 1, 5], &[4, 1], &[3, 4, 5]),
+        (&[7], &[7], &[7]),
+        (&[2, 1], &[], &[2, 1]),
+    ];
+    for (sa, sb, out) in cases {
+        let na: usize = sa.iter().product();
+        let nb: usize = sb.iter().product();
+        let a = array::<E>(&inputs(na)).into_shape_with_order(IxDyn(sa)).unwrap();
+        let b = array::<E>(&inputs(nb + 3)[3..])
+            .into_shape_with_order(IxDyn(sb))
+            .unwrap();
+        let n: usize = out.iter().product();
+        for (op, code) in [
+            (Binary::Add, 0),
+            (Binary::Sub, 1),
+            (Binary::Mul, 2),
+            (Binary::Div, 3),
+        ] {
+            let want = Cpu::binary(op, &a, &b, out);
+            let mut got = vec![E::zero(); n];
+            let geo = broadcast(out, sa, sb);
+            f(
+                1,
+                32,
+                a.as_ptr(),
+                b.as_ptr(),
+                got.as_mut_ptr(),
+                n as i64,
+                code,
+                &geo,
+            );
+            assert_close(
+                &format!("{op:?} {sa:?} {sb:?} {}", suffix::<E>()),
+                &got,
+                want.as_slice().unwrap(),
+                0,
+            );
+        }
+    }
+}
+
+#[test]
+fn binary_kernels_broadcast_like_the_cpu_backend() {
+    binary_matches_cpu::<f16>();
+    binary_matches_cpu::<bf16>();
+    binary_matches_cpu::<f32>();
+    binary_matches_cpu::<f64>();
+}
+
+type CastFn<A, B> = extern "C" fn(u32, u32, *const A, *mut B, i64);
+
+fn cast_matches_cpu<A: Float, B: Float>(x: &ArrayD<A>) {
+    let name = format!("host_cast_{}_{}", suffix::<A>(), suffix::<B>());
+    let f: Symbol<CastFn<A, B>> = sym(&name);
+    let want = Cpu::cast::<A, B>(x);
+    let mut got = vec![B::zero(); x.len()];
+    f(4, 256, x.as_ptr(), got.as_mut_ptr(), x.len() as i64);
+    assert_close(&name, &got, want.as_slice().unwrap(), 0);
+}
+
+#[test]
+fn casts_round_like_the_cpu_backend_bit_for_bit() {
+    // Every f16 and bf16 pattern, f32 patterns across every exponent (ties, subnormals, NaN
+    // payloads), and f64 values near 16-bit rounding boundaries (the single rounding from f64).
+    let all16: Vec<u16> = (0..=u16::MAX).collect();
+    let halfs = ArrayD::from_shape_vec(
+        IxDyn(&[all16.len()]),
+        all16.iter().map(|&b| f16::from_bits(b)).collect(),
+    )
+    .unwrap();
+    let bhalfs = ArrayD::from_shape_vec(
+        IxDyn(&[all16.len()]),
+        all16.iter().map(|&b| bf16::from_bits(b)).collect(),
+    )
+    .unwrap();
+    let f32s: Vec<f32> = (0..1u64 << 20)
+        .map(|i| f32::from_bits((i * 4093) as u32 ^ (i << 12) as u32))
+        .collect();
+    let f32s = ArrayD::from_shape_vec(IxDyn(&[f32s.len()]), f32s).unwrap();
+    let mut f64s: Vec<f64> = Vec::new();
+    for i in 0..200_000u64 {
+        let base = f32::from_bits((i as u32).wrapping_mul(2_654_435_761)) as f64;
+        // A 16-bit tie nudged by less than an f32 ulp: rounding through f32 to nearest would
+        // land on the tie and round it the wrong way.
+        f64s.push(base * (1.0 + (i % 7) as f64 * 1e-12));
+    }
+    f64s.extend([
+        65504.0,
+        65519.99999,
+        65520.0,
+        1e-8,
+        -6e-8,
+        3.0e38,
+        3.4e38,
+        f64::MAX,
+        1e-320,
+    ]);
+    let f64s = ArrayD::from_shape_vec(IxDyn(&[f64s.len()]), f64s).unwrap();
+
+    cast_matches_cpu::<f16, f32>(&halfs);
+    cast_matches_cpu::<f16, bf16>(&halfs);
+    cast_matches_cpu::<f16, f64>(&halfs);
+    cast_matches_cpu::<bf16, f32>(&bhalfs);
+    cast_matches_cpu::<bf16, f16>(&bhalfs);
+    cast_matches_cpu::<bf16, f64>(&bhalfs);
+    cast_matches_cpu::<f32, f16>(&f32s);
+    cast_matches_cpu::<f32, bf16>(&f32s);
+    cast_matches_cpu::<f32, f64>(&f32s);
+    cast_matches_cpu::<f64, f16>(&f64s);
+    cast_matches_cpu::<f64, bf16>(&f64s);
+    cast_matches_cpu::<f64, f32>(&f64s);
+}
+
+type SumPartial<E> = extern "C" fn(u32, u32, *const E, i64, *mut f64);
+type SumFinish<E> = extern "C" fn(u32, *const f64, i64, *mut E, f64);
+
+/// The kernels' sum of `values` in `E` against the CPU backend's, for a plain and a mean scale:
+/// bit for bit when `exact`, else within the bound of any f64 summation order,
+/// `2 n eps sum |x|`, plus one rounding to `E`.
+fn sum_matches_cpu<E: Float>(values: &[f64], exact: bool) {
+    let s = suffix::<E>();
+    let partial: Symbol<SumPartial<E>> = sym(&format!("host_sum_partial_{s}"));
+    let finish: Symbol<SumFinish<E>> = sym(&format!("host_sum_finish_{s}"));
+    let x = array::<E>(values);
+    for scale in [1.0, 1.0 / values.len() as f64] {
+        let want = Cpu::sum(&x, None, false, scale);
+        let blocks = 3u32;
+        let mut partials = vec![0.0f64; blocks as usize];
+        partial(blocks, 64, x.as_ptr(), x.len() as i64, partials.as_mut_ptr());
+        let mut got = [E::zero()];
+        finish(64, partials.as_ptr(), blocks as i64, got.as_mut_ptr(), scale);
+        let what = format!("sum of {} {s}, scale {scale}", values.len());
+        let want = want.as_slice().unwrap();
+        if exact {
+            assert_close(&what, &got, want, 0);
+        } else {
+            let abs: f64 = x.iter().map(|v| v.as_f64().abs()).sum::<f64>() * scale;
+            let bound = 2.0 * values.len() as f64 * f64::EPSILON * abs;
+            let (g, w) = (got[0].as_f64(), want[0].as_f64());
+            assert!(
+                (g - w).abs() <= bound || (ordered(got[0]) - ordered(want[0])).abs() <= 1,
+                "{what}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sums_accumulate_in_f64_like_the_cpu_backend() {
+    // Multiples of 1/64 below 4 in magnitude: exact in every dtype, and every partial sum exact in
+    // f64, so any summation order gives the CPU backend's bits.
+    for n in [1usize, 63, 1000, 20_011] {
+        let v: Vec<f64> = (0..n).map(|i| ((i * 37 % 511) as f64 - 255.0) / 64.0).collect();
+        sum_matches_cpu::<f16>(&v, true);
+        sum_matches_cpu::<bf16>(&v, true);
+        sum_matches_cpu::<f32>(&v, true);
+        sum_matches_cpu::<f64>(&v, true);
+    }
+    // Arbitrary values that cancel: the order differs from the CPU's, so the last bits may.
+    let v: Vec<f64> = (0..5000).map(|i| (i as f64 * 0.7).sin() * 1e3).collect();
+    sum_matches_cpu::<f64>(&v, false);
+    sum_matches_cpu::<f32>(&v, false);
+}
+
+type UnscaleFn<E> = extern "C" fn(u32, u32, u32, *const *mut E, *const i64, f32, *mut i32);
+
+fn unscale_matches_cpu<E: Float>() {
+    let f: Symbol<UnscaleFn<E>> = sym(&format!("host_unscale_check_{}", suffix::<E>()));
+    for poison in [false, true] {
+        let mut grads: Vec<ArrayD<E>> = [1000usize, 37, 300]
+            .iter()
+            .map(|&n| {
+                array::<E>(
+                    &(0..n)
+                        .map(|i| ((i as f64) * 0.37).sin() * 3e4)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        if poison {
+            grads[1][[5]] = E::from_f64(f64::NAN);
+        }
+        let inv = (1.0f64 / 65536.0) as f32;
+        let mut want = grads.clone();
+        let want_found = want
+            .iter_mut()
+            .fold(false, |acc, g| Cpu::unscale_check(g, inv) | acc);
+        let ptrs: Vec<*mut E> = grads.iter_mut().map(|g| g.as_mut_ptr()).collect();
+        let lens: Vec<i64> = grads.iter().map(|g| g.len() as i64).collect();
+        let mut found = 0i32;
+        f(
+            2,
+            grads.len() as u32,
+            64,
+            ptrs.as_ptr(),
+            lens.as_ptr(),
+            inv,
+            &mut found,
+        );
+        assert_eq!(found != 0, want_found, "{}", suffix::<E>());
+        for (g, w) in grads.iter().zip(&want) {
+            assert_close("unscale", g.as_slice().unwrap(), w.as_slice().unwrap(), 0);
+        }
+    }
+}
+
+#[test]
+fn the_fused_unscale_and_check_matches_the_cpu_backend() {
+    unscale_matches_cpu::<f16>();
+    unscale_matches_cpu::<bf16>();
+    unscale_matches_cpu::<f32>();
+    unscale_matches_cpu::<f64>();
+}
+
+#[test]
+fn the_scale_update_on_the_device_is_pytorchs_bit_for_bit() {
+    type Update = extern "C" fn(*mut f32, *mut u32, *mut i32, f64, f64, u32, f32);
+    let f: Symbol<Update> = sym("host_update_scale");
+    for (init, growth, backoff, interval) in [(65536.0f32, 2.0, 0.5, 3u32), (1000.0, 1.1, 0.9, 2)] {
+        let mut cpu = DynamicScaler::new(init, growth, backoff, interval);
+        let (mut scale, mut tracker) = (init, 0u32);
+        for step in 0..60u32 {
+            let inf = step % 7 == 3 || step % 11 == 0;
+            let mut found = i32::from(inf);
+            f(
+                &mut scale,
+                &mut tracker,
+                &mut found,
+                growth,
+                backoff,
+                interval,
+                -1.0,
+            );
+            cpu.update(inf);
+            assert_eq!(scale.to_bits(), cpu.scale().to_bits(), "step {step}");
+            assert_eq!(tracker, cpu.growth_tracker(), "step {step}");
+            assert_eq!(found, 0, "the flag is reset for the next step");
+        }
+    }
+}
+
+type DropoutFn<E> = extern "C" fn(u32, u32, *mut E, i64, f64, u64);
+
+fn dropout_matches_cpu<E: Float>() {
+    let f: Symbol<DropoutFn<E>> = sym(&format!("host_dropout_mask_{}", suffix::<E>()));
+    for (n, p, seed) in [(1000usize, 0.3, 42u64), (77, 0.9, 7), (10, 1.0, 1)] {
+        let want = Cpu::dropout_mask::<E>(&[n], p, seed);
+        let mut got = vec![E::zero(); n];
+        f(2, 32, got.as_mut_ptr(), n as i64, p, seed);
+        assert_close("dropout mask", &got, want.as_slice().unwrap(), 0);
+    }
+}
+
+#[test]
+fn dropout_draws_the_cpu_backends_mask() {
+    dropout_matches_cpu::<f16>();
+    dropout_matches_cpu::<bf16>();
+    dropout_matches_cpu::<f32>();
+    dropout_matches_cpu::<f64>();
+}
+
+/// NVRTC compiles every kernel for sm_80 and sm_90, and ptxas assembles the PTX for both.
+#[test]
+fn nvrtc_compiles_the_kernels_and_ptxas_assembles_them() {
+    if let Err(e) = cuda::nvrtc_available() {
+        panic!("{e} (.ci/run installs it; this test needs it)");
+    }
+    let ptxas = std::env::var("NBIT_PTXAS").unwrap_or_else(|_| "ptxas".into());
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    for arch in ARCHS {
+        let ptx = cuda::compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
+        for kernel in [
+            "unary_f16",
+            "binary_bf16",
+            "cast_f64_bf16",
+            "sum_partial_f32",
+            "unscale_check_f64",
+            "update_scale",
+            "dropout_mask_f16",
+        ] {
+            assert!(
+                ptx.contains(&format!(".entry {kernel}(")),
+                "{arch}: no {kernel} in the PTX"
+            );
+        }
+        let file = dir.join(format!("nbit_kernels_{arch}.ptx"));
+        std::fs::write(&file, &ptx).unwrap();
+        let out = std::process::Command::new(&ptxas)
+            .arg(format!("-arch={arch}"))
+            .arg("-o")
+            .arg(file.with_extension("cubin"))
+            .arg(&file)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {ptxas} (set NBIT_PTXAS): {e}"));
+        assert!(
+            out.status.success(),
+            "ptxas {arch}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The second call is the process's cache.
+        assert_eq!(cuda::compile_ptx(arch).unwrap(), ptx);
+    }
+}
