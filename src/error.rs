@@ -1,7 +1,6 @@
 //! The one error type of nbit.
 
-use crate::device::{ACCELERATORS, DeviceKind};
-use crate::precision::PrecisionKind;
+use crate::kinds::{ACCELERATORS, DeviceKind, PrecisionKind};
 
 /// Everything that can go wrong in nbit, each with a message that names the bad value and the fix.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +25,10 @@ pub enum Error {
         precision: PrecisionKind,
         /// The device asked for.
         device: DeviceKind,
+        /// Why the matrix refuses the pair.
+        why: String,
+        /// The nearest supported choice.
+        advice: String,
     },
     /// A device that exists as a type but cannot run work in this process.
     DeviceUnavailable {
@@ -134,8 +137,12 @@ impl core::fmt::Display for Error {
                 "accelerator '{value}' is not valid; use one of: {}",
                 ACCELERATORS.join(", ")
             ),
-            Error::Unsupported { precision, device } => {
-                let (why, advice) = crate::matrix::refusal(*precision, *device);
+            Error::Unsupported {
+                precision,
+                device,
+                why,
+                advice,
+            } => {
                 write!(
                     f,
                     "precision '{precision}' is not supported on accelerator '{device}': {why}; {advice}"

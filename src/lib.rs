@@ -221,6 +221,7 @@ pub mod device;
 pub mod dtype;
 mod error;
 pub mod fmt;
+pub mod kinds;
 #[cfg(feature = "lapack")]
 pub mod linalg;
 pub mod matrix;
@@ -233,7 +234,8 @@ pub mod tensor;
 mod trainer;
 
 pub use autograd::Grads;
-pub use device::{BackendJob, Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
+pub use backend::{BackendJob, WithBackend};
+pub use device::{Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
 pub use dtype::{BF16, DType, Dtype, Element, F16, F32, F64, Float, HalfDtype, Promote};
 pub use error::Error;
 pub use matrix::{Job, RunJob, Runs, Selection, Supports, dispatch, launch};

@@ -28,8 +28,8 @@
 //! with an `Err` for strings); and current Lightning rejects both mixed modes on TPU, where nbit
 //! follows the seed documentation's table (bf16-mixed allowed).
 
-use crate::backend::Backend;
-use crate::device::{BackendJob, Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
+use crate::backend::{Backend, BackendJob, WithBackend};
+use crate::device::{Cpu, DeviceKind, Gpu, Tpu, parse_accelerator};
 use crate::dtype::{BF16, F16, F32, F64};
 use crate::precision::{Mixed, PrecisionInput, PrecisionKind, True, parse_precision};
 use crate::{Error, Precision};
@@ -63,7 +63,7 @@ use crate::{Error, Precision};
     note = "a precision runs on a device only where `Supports<{P}>` is implemented for it; \
             the built-in table is in `nbit::matrix`"
 )]
-pub trait Supports<P: Precision>: Device {}
+pub trait Supports<P: Precision>: WithBackend {}
 
 /// `Self` (a device) may train under `P` *and* nbit has its kernels: [`Supports<P>`] plus
 /// [`Backend`]. The one bound generic training code needs:
@@ -196,7 +196,7 @@ impl Selection {
                 notice: None,
             })
         } else {
-            Err(Error::Unsupported { precision, device })
+            Err(unsupported(precision, device))
         }
     }
 
@@ -256,6 +256,17 @@ pub(crate) fn refusal(precision: PrecisionKind, device: DeviceKind) -> (String, 
     (fill(why), fill(advice))
 }
 
+/// The error for a refused cell, with the matrix's explanation and advice.
+fn unsupported(precision: PrecisionKind, device: DeviceKind) -> Error {
+    let (why, advice) = refusal(precision, device);
+    Error::Unsupported {
+        precision,
+        device,
+        why,
+        advice,
+    }
+}
+
 macro_rules! support_matrix {
     ($(
         $(#[$doc:meta])*
@@ -273,13 +284,13 @@ macro_rules! support_matrix {
 
         fn run_cell<J: Job>(precision: PrecisionKind, device: DeviceKind, job: J) -> Result<J::Output, Error> {
             $(support_matrix!(@arms precision, device, job, $kind, $ty, [$($dev),*]);)*
-            Err(Error::Unsupported { precision, device })
+            Err(unsupported(precision, device))
         }
     };
     (@row $(#[$doc:meta])* $ty:ty, [$($dev:ident),*], $gate:ident, $why:literal, $label:literal, $advice:literal) => {
         $(#[$doc])*
         #[diagnostic::on_unimplemented(message = $why, label = $label, note = $advice)]
-        pub trait $gate: Device {}
+        pub trait $gate: WithBackend {}
         $(impl $gate for $dev {})*
         impl<D: $gate> Supports<$ty> for D {}
     };

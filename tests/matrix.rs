@@ -130,7 +130,9 @@ fn dispatch_reaches_the_right_types_for_every_allowed_pair() {
                 assert_eq!((name, device, ty.as_str()), (p.name(), d, p.type_name()));
             } else {
                 match got.unwrap_err() {
-                    Error::Unsupported { precision, device } => assert_eq!((precision, device), (p, d)),
+                    Error::Unsupported {
+                        precision, device, ..
+                    } => assert_eq!((precision, device), (p, d)),
                     other => panic!("{p} on {d}: {other}"),
                 }
             }

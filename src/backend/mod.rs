@@ -17,13 +17,60 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use crate::device::Device;
+use crate::device::{Cpu, Device, Gpu, Tpu};
 use crate::dtype::{ComplexElement, Element, Float};
 use crate::error::Error;
 
 pub use cpu::{
     THREADS_ENV, kernel_name, num_threads, retain_freed_memory, set_num_threads, threads_from_env,
 };
+
+/// Work that needs a device's kernels; see [`WithBackend::with_backend`].
+pub trait BackendJob<D> {
+    /// What the job returns.
+    type Output;
+    /// Runs the job (only called for devices that have a backend).
+    fn run(self) -> Self::Output
+    where
+        D: Backend;
+}
+
+/// Every device: runs a [`BackendJob`] with its kernels where nbit has them, or says why not. Lets
+/// code generic over any `D: Supports<P>` (such as a [`Job`](crate::Job) from
+/// [`dispatch`](crate::dispatch)) reach `Trainer::fit`, which needs a [`Backend`];
+/// [`launch`](crate::launch) is built on it.
+pub trait WithBackend: Device {
+    /// Runs `job` with this device's kernels, or returns why this device cannot run it (no
+    /// backend yet, no hardware).
+    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error>;
+}
+
+impl WithBackend for Cpu {
+    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error> {
+        Ok(job.run())
+    }
+}
+
+/// For devices without a backend: the probe's reason, else that the backend is missing.
+fn no_backend<D: Device, T>(device: &'static str) -> Result<T, Error> {
+    D::probe()?;
+    Err(Error::DeviceUnavailable {
+        device,
+        reason: "nbit has no backend for it yet".into(),
+    })
+}
+
+impl WithBackend for Gpu {
+    fn with_backend<J: BackendJob<Self>>(_job: J) -> Result<J::Output, Error> {
+        no_backend::<Self, _>("gpu")
+    }
+}
+
+impl WithBackend for Tpu {
+    fn with_backend<J: BackendJob<Self>>(_job: J) -> Result<J::Output, Error> {
+        no_backend::<Self, _>("tpu")
+    }
+}
 
 /// A one-input element-wise operation.
 #[derive(Clone, Copy, Debug, PartialEq)]

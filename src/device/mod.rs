@@ -10,6 +10,8 @@ use core::fmt::Debug;
 
 use crate::Error;
 
+pub use crate::kinds::{ACCELERATORS, DeviceKind};
+
 mod sealed {
     pub trait Sealed {}
 }
@@ -22,22 +24,6 @@ pub trait Device: sealed::Sealed + Copy + Default + Debug + Send + Sync + 'stati
     /// `Ok` when this device can run work in this process; otherwise an error that says why and
     /// what to do. Cheap after the first call.
     fn probe() -> Result<(), Error>;
-
-    /// Runs `job` with this device's kernels, or returns why this device cannot run it (no
-    /// backend yet, no hardware). Lets code generic over any `D: Supports<P>` (such as a
-    /// [`Job`](crate::Job) from [`dispatch`](crate::dispatch)) reach `Trainer::fit`, which needs a
-    /// [`Backend`](crate::backend::Backend).
-    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error>;
-}
-
-/// Work that needs a device's kernels; see [`Device::with_backend`].
-pub trait BackendJob<D> {
-    /// What the job returns.
-    type Output;
-    /// Runs the job (only called for devices that have a backend).
-    fn run(self) -> Self::Output
-    where
-        D: crate::backend::Backend;
 }
 
 /// The host CPU (tensors in ndarray arrays). Always available.
@@ -66,25 +52,10 @@ impl Device for Cpu {
     fn probe() -> Result<(), Error> {
         Ok(())
     }
-    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error> {
-        Ok(job.run())
-    }
-}
-
-/// For devices without a backend: the probe's reason.
-fn no_backend<T>(probe: Result<(), Error>, device: &'static str) -> Result<T, Error> {
-    probe?;
-    Err(Error::DeviceUnavailable {
-        device,
-        reason: "nbit has no backend for it yet".into(),
-    })
 }
 
 impl Device for Gpu {
     const KIND: DeviceKind = DeviceKind::Gpu;
-    fn with_backend<J: BackendJob<Self>>(_job: J) -> Result<J::Output, Error> {
-        no_backend(Self::probe(), "gpu")
-    }
     fn probe() -> Result<(), Error> {
         gpu_status(cuda_probe::cuda_device_count())
     }
@@ -109,9 +80,6 @@ fn gpu_status(driver: Result<usize, String>) -> Result<(), Error> {
 
 impl Device for Tpu {
     const KIND: DeviceKind = DeviceKind::Tpu;
-    fn with_backend<J: BackendJob<Self>>(_job: J) -> Result<J::Output, Error> {
-        no_backend(Self::probe(), "tpu")
-    }
     fn probe() -> Result<(), Error> {
         Err(Error::DeviceUnavailable {
             device: "tpu",
@@ -145,39 +113,7 @@ pub fn available_memory() -> Option<u64> {
     Some(cgroup.map_or(kib * 1024, |c| c.min(kib * 1024)))
 }
 
-/// The built-in devices as a run-time value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DeviceKind {
-    /// [`Cpu`].
-    Cpu,
-    /// [`Gpu`].
-    Gpu,
-    /// [`Tpu`].
-    Tpu,
-}
-
 impl DeviceKind {
-    /// Every device, in the order of the seed documentation's columns.
-    pub const ALL: [DeviceKind; 3] = [DeviceKind::Cpu, DeviceKind::Gpu, DeviceKind::Tpu];
-
-    /// Lightning's accelerator name: `"cpu"`, `"gpu"` or `"tpu"`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Gpu => "gpu",
-            DeviceKind::Tpu => "tpu",
-        }
-    }
-
-    /// The Rust type, as written in code: `"Cpu"`, `"Gpu"` or `"Tpu"`.
-    pub const fn type_name(self) -> &'static str {
-        match self {
-            DeviceKind::Cpu => "Cpu",
-            DeviceKind::Gpu => "Gpu",
-            DeviceKind::Tpu => "Tpu",
-        }
-    }
-
     /// [`Device::probe`] of the matching type.
     pub fn probe(self) -> Result<(), Error> {
         match self {
@@ -187,15 +123,6 @@ impl DeviceKind {
         }
     }
 }
-
-impl core::fmt::Display for DeviceKind {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// The accelerator strings accepted, as listed in error messages.
-pub const ACCELERATORS: [&str; 5] = ["cpu", "gpu", "cuda", "tpu", "auto"];
 
 /// Parses Lightning's accelerator strings: `"cpu"`, `"gpu"`, `"cuda"` (= gpu), `"tpu"` and
 /// `"auto"`, which is `gpu` when a CUDA device is usable by nbit (a driver, a device and a

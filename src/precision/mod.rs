@@ -26,6 +26,8 @@ use num_complex::Complex;
 use crate::dtype::{BF16, Dtype, Element, F16, F32, F64, Float, HalfDtype, Promote};
 use crate::scaler::{DynamicScaler, GradScaler, NoScaler};
 
+pub use crate::kinds::PrecisionKind;
+
 pub use parse::{Parsed, PrecisionInput, parse_precision};
 
 /// Mixed precision: f32 master weights, matmul-class ops in the 16-bit dtype `H`, reductions and
@@ -110,27 +112,10 @@ pub type ComputeOf<P> = <P as Precision>::Compute;
 /// Complex parameter type of a precision.
 pub type ComplexOf<P> = <P as Precision>::Complex;
 
-/// The built-in precisions as a run-time value, for configuration files and command lines.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PrecisionKind {
-    /// `"16-mixed"`, the type [`Mixed<F16>`].
-    Mixed16,
-    /// `"bf16-mixed"`, the type [`Mixed<BF16>`].
-    MixedBf16,
-    /// `"16-true"`, the type [`True<F16>`].
-    True16,
-    /// `"bf16-true"`, the type [`True<BF16>`].
-    TrueBf16,
-    /// `"32-true"`, the type [`True<F32>`] (the default).
-    True32,
-    /// `"64-true"`, the type [`True<F64>`].
-    True64,
-}
-
 macro_rules! precisions {
     ($(
         $(#[$doc:meta])*
-        $kind:ident = $ty:ty, $name:literal:
+        $kind:ident = $ty:ty:
             param $param:ty, compute $compute:ty, full $full:ty, complex $complex:ty, scaler $scaler:ty;
     )*) => {
         $(
@@ -141,19 +126,11 @@ macro_rules! precisions {
                 type Full = $full;
                 type Complex = $complex;
                 type Scaler = $scaler;
-                const NAME: &'static str = $name;
+                const NAME: &'static str = PrecisionKind::$kind.name();
             }
         )*
 
         impl PrecisionKind {
-            /// Every built-in precision, in the order of the seed documentation's table.
-            pub const ALL: [PrecisionKind; 6] = [$(PrecisionKind::$kind),*];
-
-            /// Lightning's canonical string, e.g. `"bf16-mixed"`.
-            pub const fn name(self) -> &'static str {
-                match self { $(PrecisionKind::$kind => $name),* }
-            }
-
             /// The Rust type this precision is, as written in code, e.g. `"Mixed<BF16>"`.
             pub const fn type_name(self) -> &'static str {
                 match self { $(PrecisionKind::$kind => stringify!($ty)),* }
@@ -186,22 +163,22 @@ macro_rules! precisions {
 // The table of DESIGN.md section 1, one row per precision.
 precisions! {
     /// fp16 autocast with f32 master weights and dynamic loss scaling.
-    Mixed16 = Mixed<F16>, "16-mixed":
+    Mixed16 = Mixed<F16>:
         param f32, compute f16, full f32, complex Complex<f32>, scaler DynamicScaler;
     /// bf16 autocast with f32 master weights; bf16 has f32's range, so no loss scaling.
-    MixedBf16 = Mixed<BF16>, "bf16-mixed":
+    MixedBf16 = Mixed<BF16>:
         param f32, compute bf16, full f32, complex Complex<f32>, scaler NoScaler;
     /// Everything in f16.
-    True16 = True<F16>, "16-true":
+    True16 = True<F16>:
         param f16, compute f16, full f16, complex Complex<f16>, scaler NoScaler;
     /// Everything in bf16.
-    TrueBf16 = True<BF16>, "bf16-true":
+    TrueBf16 = True<BF16>:
         param bf16, compute bf16, full bf16, complex NoComplex, scaler NoScaler;
     /// Everything in f32: Lightning's default.
-    True32 = True<F32>, "32-true":
+    True32 = True<F32>:
         param f32, compute f32, full f32, complex Complex<f32>, scaler NoScaler;
     /// Everything in f64, complex parameters in complex128.
-    True64 = True<F64>, "64-true":
+    True64 = True<F64>:
         param f64, compute f64, full f64, complex Complex<f64>, scaler NoScaler;
 }
 
@@ -209,12 +186,6 @@ impl Default for PrecisionKind {
     /// `32-true`, as in Lightning.
     fn default() -> Self {
         PrecisionKind::True32
-    }
-}
-
-impl core::fmt::Display for PrecisionKind {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.name())
     }
 }
 
