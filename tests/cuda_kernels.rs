@@ -539,3 +539,73 @@ fn nvrtc_compiles_the_kernels_and_ptxas_assembles_them() {
         assert_eq!(cuda::compile_ptx(arch).unwrap(), ptx);
     }
 }
+
+type SoftmaxFn<E> = extern "C" fn(u32, u32, *const E, *mut E, i64, i64, i32);
+type SoftmaxBackFn<E> = extern "C" fn(u32, u32, *const E, *const E, *mut E, i64, i64, i32);
+
+/// Softmax and log-softmax, forward and backward, against the CPU backend: rows of 1, 10 and 300
+/// columns (a partial warp, several warps with a strided remainder), with -inf (a masked logit),
+/// large magnitudes and a NaN row. The row sums are in f64 in another order, so the outputs may
+/// differ by an ulp of the element type (a few in f64).
+fn softmax_matches_cpu<E: Float>(ulps: i128) {
+    let s = suffix::<E>();
+    let fwd: Symbol<SoftmaxFn<E>> = sym(&format!("host_softmax_{s}"));
+    let back: Symbol<SoftmaxBackFn<E>> = sym(&format!("host_softmax_backward_{s}"));
+    for cols in [1usize, 10, 300] {
+        let rows = 4;
+        let mut v: Vec<f64> = (0..rows * cols)
+            .map(|i| ((i as f64 * 0.37).sin() * 6.0).round() / 2.0)
+            .collect();
+        v[0] = f64::NEG_INFINITY;
+        if cols > 1 {
+            v[cols + 1] = 60.0;
+        }
+        v[3 * cols] = f64::NAN;
+        let x = ArrayD::from_shape_vec(IxDyn(&[rows, cols]), v.iter().map(|&a| E::from_f64(a)).collect())
+            .unwrap();
+        let g = ArrayD::from_shape_vec(
+            IxDyn(&[rows, cols]),
+            (0..rows * cols)
+                .map(|i| E::from_f64(((i * 7 % 11) as f64 - 5.0) / 4.0))
+                .collect(),
+        )
+        .unwrap();
+        for log in [false, true] {
+            let what = format!("{}softmax of {rows}x{cols} {s}", if log { "log_" } else { "" });
+            let want = Cpu::softmax(&x, log);
+            let mut got = vec![E::zero(); rows * cols];
+            fwd(
+                2,
+                64,
+                x.as_ptr(),
+                got.as_mut_ptr(),
+                rows as i64,
+                cols as i64,
+                i32::from(log),
+            );
+            assert_close(&what, &got, want.as_slice().unwrap(), ulps);
+            let y = want;
+            let want = Cpu::softmax_backward(&y, &g, log);
+            let mut got = vec![E::zero(); rows * cols];
+            back(
+                3,
+                96,
+                y.as_ptr(),
+                g.as_ptr(),
+                got.as_mut_ptr(),
+                rows as i64,
+                cols as i64,
+                i32::from(log),
+            );
+            assert_close(&format!("{what}, backward"), &got, want.as_slice().unwrap(), ulps);
+        }
+    }
+}
+
+#[test]
+fn softmax_forward_and_backward_match_the_cpu_backend() {
+    softmax_matches_cpu::<f16>(1);
+    softmax_matches_cpu::<bf16>(1);
+    softmax_matches_cpu::<f32>(1);
+    softmax_matches_cpu::<f64>(8);
+}

@@ -68,3 +68,15 @@ extern "C" void host_update_scale(float* scale, unsigned* tracker, int* found, d
         nbit_launch(g, 1, b, [=] { dropout_mask_##S(out, n, p, seed); });                       \
     }
 NBIT_HOST_DTYPES(NBIT_HOST_DROPOUT)
+
+#define NBIT_HOST_SOFTMAX(S)                                                                     \
+    extern "C" void host_softmax_##S(unsigned g, unsigned b, const NBIT_DTYPE_##S* x,            \
+                                     NBIT_DTYPE_##S* out, i64 rows, i64 cols, int log_) {        \
+        nbit_launch(g, 1, b, [=] { softmax_##S(x, out, rows, cols, log_); });                   \
+    }                                                                                            \
+    extern "C" void host_softmax_backward_##S(unsigned g, unsigned b, const NBIT_DTYPE_##S* y,   \
+                                              const NBIT_DTYPE_##S* dy, NBIT_DTYPE_##S* out,     \
+                                              i64 rows, i64 cols, int log_) {                    \
+        nbit_launch(g, 1, b, [=] { softmax_backward_##S(y, dy, out, rows, cols, log_); });      \
+    }
+NBIT_HOST_DTYPES(NBIT_HOST_SOFTMAX)

@@ -56,6 +56,13 @@ inline unsigned __float_as_uint(float f) {
     return b;
 }
 
+inline double __longlong_as_double(long long b) {
+    double d;
+    std::memcpy(&d, &b, 8);
+    return d;
+}
+using std::fmax;
+
 inline int atomicExch(int* p, int v) { return std::atomic_ref<int>(*p).exchange(v); }
 
 template <class T>

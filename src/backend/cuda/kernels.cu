@@ -276,6 +276,89 @@ NBIT_SUM(bf16)
 NBIT_SUM(f32)
 NBIT_SUM(f64)
 
+// The block's sum (or, when `max`, maximum, ignoring NaN as fmax does) of one f64 per thread,
+// returned to every thread. Every thread of the block must call it.
+__device__ double nbit_block_all(double v, int max) {
+    __shared__ double warp_vals[32];
+    __shared__ double total;
+    for (int off = 16; off > 0; off >>= 1) {
+        double o = __shfl_down_sync(0xffffffffu, v, off);
+        v = max ? fmax(v, o) : v + o;
+    }
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) warp_vals[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        int warps = (blockDim.x + 31) / 32;
+        double neutral = max ? -__longlong_as_double(0x7ff0000000000000ll) : 0.0;
+        v = threadIdx.x < (unsigned)warps ? warp_vals[threadIdx.x] : neutral;
+        for (int off = 16; off > 0; off >>= 1) {
+            double o = __shfl_down_sync(0xffffffffu, v, off);
+            v = max ? fmax(v, o) : v + o;
+        }
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    v = total;
+    __syncthreads();
+    return v;
+}
+
+// A value rounded to the element type and widened back, as `E::from_f64(v).as_f64()`.
+__device__ __forceinline__ double nbit_round_f32(double v) { return (double)(float)v; }
+__device__ __forceinline__ double nbit_round_f64(double v) { return v; }
+__device__ __forceinline__ double nbit_round_f16(double v) {
+    return (double)nbit_f16_to_f32(nbit_f32_to_f16(nbit_f64_to_f32_odd(v)));
+}
+__device__ __forceinline__ double nbit_round_bf16(double v) {
+    return (double)nbit_bf16_to_f32(nbit_f32_to_bf16(nbit_f64_to_f32_odd(v)));
+}
+
+// Softmax (log-softmax when `log_`) over rows of `cols`, one block per row (grid-stride over rows):
+// max-subtracted, the denominator in f64; log-softmax keeps the sum and its log in the element type
+// before the subtraction, as PyTorch's CPU kernel and nbit's CPU backend do.
+#define NBIT_SOFTMAX(S)                                                                           \
+    extern "C" __global__ void softmax_##S(const NBIT_DTYPE_##S* x, NBIT_DTYPE_##S* out, i64 rows, \
+                                           i64 cols, int log_) {                                  \
+        for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {                                      \
+            const NBIT_DTYPE_##S* xr = x + r * cols;                                              \
+            double m = -__longlong_as_double(0x7ff0000000000000ll);                               \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) m = fmax(m, (double)nbit_load_##S(xr, c)); \
+            m = nbit_block_all(m, 1);                                                             \
+            if (!(m - m == 0.0)) m = 0.0;                                                         \
+            double s = 0.0;                                                                       \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) s += exp((double)nbit_load_##S(xr, c) - m); \
+            s = nbit_block_all(s, 0);                                                             \
+            double lse = nbit_round_##S(log(nbit_round_##S(s)));                                  \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {                                \
+                double v = (double)nbit_load_##S(xr, c) - m;                                      \
+                nbit_store64_##S(out, r * cols + c, log_ ? v - lse : exp(v) / s);                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    /* The input gradient from the output y and its gradient g: g - exp(y) sum(g) for log-softmax, \
+       y (g - sum(y g)) for softmax; the sums in f64. */                                          \
+    extern "C" __global__ void softmax_backward_##S(const NBIT_DTYPE_##S* y, const NBIT_DTYPE_##S* g, \
+                                                    NBIT_DTYPE_##S* out, i64 rows, i64 cols, int log_) { \
+        for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {                                      \
+            const NBIT_DTYPE_##S* yr = y + r * cols;                                              \
+            const NBIT_DTYPE_##S* gr = g + r * cols;                                              \
+            double acc = 0.0;                                                                     \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x)                                  \
+                acc += log_ ? (double)nbit_load_##S(gr, c)                                        \
+                            : (double)nbit_load_##S(yr, c) * (double)nbit_load_##S(gr, c);        \
+            acc = nbit_block_all(acc, 0);                                                         \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {                                \
+                double yv = (double)nbit_load_##S(yr, c), gv = (double)nbit_load_##S(gr, c);      \
+                nbit_store64_##S(out, r * cols + c, log_ ? gv - exp(yv) * acc : yv * (gv - acc)); \
+            }                                                                                     \
+        }                                                                                         \
+    }
+NBIT_SOFTMAX(f16)
+NBIT_SOFTMAX(bf16)
+NBIT_SOFTMAX(f32)
+NBIT_SOFTMAX(f64)
+
 // ---- the gradient scaler -------------------------------------------------------------------
 
 __device__ __forceinline__ bool nbit_finite_f(float v) { return v - v == 0.0f; }

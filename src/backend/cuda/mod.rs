@@ -1,8 +1,8 @@
 //! The CUDA backend's kernels (feature `cuda`), the first part of issue 12.
 //!
-//! What exists: the kernel source (`kernels.cu`: element-wise ops, casts, f64-accumulated sums, the
-//! gradient scaler's fused unscale-and-check and its on-device scale update, the counter-based
-//! dropout mask), compiled at run time by NVRTC through cudarc ([`compile_ptx`], once per process
+//! What exists: the kernel source (`kernels.cu`: element-wise ops, casts, f64-accumulated sums,
+//! softmax and log-softmax with their gradients, the gradient scaler's fused unscale-and-check
+//! and its on-device scale update, the counter-based dropout mask), compiled at run time by NVRTC through cudarc ([`compile_ptx`], once per process
 //! and architecture), and a host emulation of a launch (`host_prelude.h`) under which the tests run
 //! that same source on the CPU and compare it with the CPU backend element for element.
 //!
@@ -106,6 +106,8 @@ mod tests {
             "cast_",
             "sum_partial_",
             "sum_finish_",
+            "softmax_",
+            "softmax_backward_",
             "unscale_check_",
             "update_scale",
             "dropout_mask_",
