@@ -238,46 +238,9 @@ NBIT_CAST64(f64, f32)
 
 // ---- reductions ------------------------------------------------------------------------------
 
-// The block's sum of one f64 per thread (blockDim.x a multiple of 32, at most 1024): warp
-// shuffles, then one value per warp through shared memory. Every thread of the block must call it.
-__device__ double nbit_block_sum(double v) {
-    __shared__ double warp_sums[32];
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (lane == 0) warp_sums[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x / 32;
-    v = threadIdx.x < (unsigned)warps ? warp_sums[threadIdx.x] : 0.0;
-    if (warp == 0) {
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-    }
-    __syncthreads();
-    return v;
-}
-
-// Pass one of a full sum: each block's f64 sum of its grid-stride share, in partials[blockIdx.x].
-#define NBIT_SUM(S)                                                                               \
-    extern "C" __global__ void sum_partial_##S(const NBIT_DTYPE_##S* x, i64 n, double* partials) { \
-        double acc = 0.0;                                                                         \
-        NBIT_GRID_STRIDE(i, n) { acc += (double)nbit_load_##S(x, i); }                            \
-        double total = nbit_block_sum(acc);                                                       \
-        if (threadIdx.x == 0) partials[blockIdx.x] = total;                                       \
-    }                                                                                             \
-    /* Pass two, one block: out[0] = scale * the sum of the partials, rounded once. */            \
-    extern "C" __global__ void sum_finish_##S(const double* partials, i64 count, NBIT_DTYPE_##S* out, \
-                                              double scale) {                                     \
-        double acc = 0.0;                                                                         \
-        for (i64 i = threadIdx.x; i < count; i += blockDim.x) acc += partials[i];                 \
-        double total = nbit_block_sum(acc);                                                       \
-        if (threadIdx.x == 0) nbit_store64_##S(out, 0, total * scale);                            \
-    }
-NBIT_SUM(f16)
-NBIT_SUM(bf16)
-NBIT_SUM(f32)
-NBIT_SUM(f64)
-
 // The block's sum (or, when `max`, maximum, ignoring NaN as fmax does) of one f64 per thread,
-// returned to every thread. Every thread of the block must call it.
+// returned to every thread: warp shuffles, then one value per warp through shared memory.
+// blockDim.x must be a multiple of 32 (at most 1024), and every thread of the block must call it.
 __device__ double nbit_block_all(double v, int max) {
     __shared__ double warp_vals[32];
     __shared__ double total;
@@ -303,6 +266,27 @@ __device__ double nbit_block_all(double v, int max) {
     __syncthreads();
     return v;
 }
+
+// Pass one of a full sum: each block's f64 sum of its grid-stride share, in partials[blockIdx.x].
+#define NBIT_SUM(S)                                                                               \
+    extern "C" __global__ void sum_partial_##S(const NBIT_DTYPE_##S* x, i64 n, double* partials) { \
+        double acc = 0.0;                                                                         \
+        NBIT_GRID_STRIDE(i, n) { acc += (double)nbit_load_##S(x, i); }                            \
+        double total = nbit_block_all(acc, 0);                                                    \
+        if (threadIdx.x == 0) partials[blockIdx.x] = total;                                       \
+    }                                                                                             \
+    /* Pass two, one block: out[0] = scale * the sum of the partials, rounded once. */            \
+    extern "C" __global__ void sum_finish_##S(const double* partials, i64 count, NBIT_DTYPE_##S* out, \
+                                              double scale) {                                     \
+        double acc = 0.0;                                                                         \
+        for (i64 i = threadIdx.x; i < count; i += blockDim.x) acc += partials[i];                 \
+        double total = nbit_block_all(acc, 0);                                                    \
+        if (threadIdx.x == 0) nbit_store64_##S(out, 0, total * scale);                            \
+    }
+NBIT_SUM(f16)
+NBIT_SUM(bf16)
+NBIT_SUM(f32)
+NBIT_SUM(f64)
 
 // A value rounded to the element type and widened back, as `E::from_f64(v).as_f64()`.
 __device__ __forceinline__ double nbit_round_f32(double v) { return (double)(float)v; }
