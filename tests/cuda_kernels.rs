@@ -509,6 +509,7 @@ fn nvrtc_compiles_the_kernels_and_ptxas_assembles_them() {
         let ptx = cuda::compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
         for kernel in [
             "unary_f16",
+            "unary_backward_bf16",
             "binary_bf16",
             "cast_f64_bf16",
             "sum_partial_f32",
@@ -608,4 +609,79 @@ fn softmax_forward_and_backward_match_the_cpu_backend() {
     softmax_matches_cpu::<bf16>(1);
     softmax_matches_cpu::<f32>(1);
     softmax_matches_cpu::<f64>(8);
+}
+
+type UnaryBackFn<E> = extern "C" fn(u32, u32, *const E, *const E, *const E, *mut E, i64, i32, f64, f64);
+
+/// Every op's gradient, from the CPU backend's forward output, against its `unary_backward`.
+fn unary_backward_matches_cpu<E: Float>() {
+    let f: Symbol<UnaryBackFn<E>> = sym(&format!("host_unary_backward_{}", suffix::<E>()));
+    let ops: [(Unary, i32, f64, f64, bool); 15] = [
+        (Unary::Neg, 0, 0.0, 0.0, true),
+        (Unary::AddScalar(0.3), 1, 0.3, 0.0, true),
+        (Unary::MulScalar(-1.7), 2, -1.7, 0.0, true),
+        (Unary::Powf(2.5), 3, 2.5, 0.0, false),
+        (Unary::Relu, 4, 0.0, 0.0, true),
+        (Unary::Gelu, 5, 0.0, 0.0, false),
+        (Unary::GeluTanh, 6, 0.0, 0.0, false),
+        (Unary::Tanh, 7, 0.0, 0.0, true),
+        (Unary::Sigmoid, 8, 0.0, 0.0, true),
+        (Unary::Exp, 9, 0.0, 0.0, true),
+        (Unary::Log, 10, 0.0, 0.0, true),
+        (Unary::Abs, 11, 0.0, 0.0, true),
+        (Unary::Huber(1.25), 12, 1.25, 0.0, true),
+        (Unary::Sqrt, 13, 0.0, 0.0, true),
+        (Unary::Clamp(-0.75, 2.0), 14, -0.75, 2.0, true),
+    ];
+    let n = 500;
+    let x = array::<E>(&inputs(n));
+    let dy = array::<E>(
+        &(0..n)
+            .map(|i| ((i * 13 % 17) as f64 - 8.0) / 4.0)
+            .collect::<Vec<_>>(),
+    );
+    for (op, code, a, b, exact) in ops {
+        let y = Cpu::unary(op, &x);
+        let want = Cpu::unary_backward(op, &x, &y, &dy);
+        let mut got = vec![E::zero(); n];
+        f(
+            2,
+            64,
+            x.as_ptr(),
+            y.as_ptr(),
+            dy.as_ptr(),
+            got.as_mut_ptr(),
+            n as i64,
+            code,
+            a,
+            b,
+        );
+        let what = format!("{op:?} backward, {}", suffix::<E>());
+        if exact {
+            // Arithmetic on x, y and dy only: the same operations in the same order.
+            assert_close(&what, &got, want.as_slice().unwrap(), 0);
+        } else {
+            // pow, erf, exp and tanh of x: glibc's against libm's, as in the forward test.
+            let eps = if E::DTYPE == DType::F64 {
+                f64::EPSILON
+            } else {
+                f32::EPSILON as f64
+            };
+            for ((g, w), xi) in got.iter().zip(want.iter()).zip(x.iter()) {
+                let scale = xi.as_f64().abs().max(1.0).powi(2);
+                let close = (g.is_nan() && w.is_nan())
+                    || (ordered(*g) - ordered(*w)).abs() <= 2
+                    || (g.as_f64() - w.as_f64()).abs() <= 16.0 * eps * scale;
+                assert!(close, "{what}: at x = {xi:?} got {g:?}, the CPU backend's {w:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn unary_gradients_match_the_cpu_backend_in_every_dtype() {
+    unary_backward_matches_cpu::<f16>();
+    unary_backward_matches_cpu::<bf16>();
+    unary_backward_matches_cpu::<f32>();
+    unary_backward_matches_cpu::<f64>();
 }

@@ -11,6 +11,14 @@
     }
 NBIT_HOST_DTYPES(NBIT_HOST_UNARY)
 
+#define NBIT_HOST_UNARY_BACKWARD(S)                                                              \
+    extern "C" void host_unary_backward_##S(unsigned g, unsigned b, const NBIT_DTYPE_##S* x,     \
+                                            const NBIT_DTYPE_##S* y, const NBIT_DTYPE_##S* dy,   \
+                                            NBIT_DTYPE_##S* out, i64 n, int op, double p, double q) { \
+        nbit_launch(g, 1, b, [=] { unary_backward_##S(x, y, dy, out, n, op, p, q); });          \
+    }
+NBIT_HOST_DTYPES(NBIT_HOST_UNARY_BACKWARD)
+
 #define NBIT_HOST_BINARY(S)                                                                      \
     extern "C" void host_binary_##S(unsigned g, unsigned b, const NBIT_DTYPE_##S* x,             \
                                     const NBIT_DTYPE_##S* y, NBIT_DTYPE_##S* out, i64 n, int op, \

@@ -163,6 +163,50 @@ __device__ __forceinline__ double nbit_unary_d(int op, double x, double a, doubl
     return x;
 }
 
+// The math functions by precision, so one gradient table serves f32 and f64.
+#define f_pow powf
+#define f_erf erff
+#define f_exp expf
+#define f_tanh tanhf
+#define d_pow pow
+#define d_erf erf
+#define d_exp exp
+#define d_tanh tanh
+
+// dy * op'(x), from the forward input x and output y (`Backend::unary_backward`).
+#define NBIT_UNARY_GRAD(NAME, T, C)                                                               \
+    __device__ __forceinline__ T NAME(int op, T x, T y, T g, T a, T b) {                          \
+        switch (op) {                                                                             \
+        case NBIT_NEG: return -g;                                                                 \
+        case NBIT_ADD_SCALAR: return g;                                                           \
+        case NBIT_MUL_SCALAR: return g * a;                                                       \
+        case NBIT_POWF: return g * a * C##pow(x, b); /* b = p - 1, formed in f64 */               \
+        case NBIT_RELU: return x <= (T)0 ? (T)0 : g;                                              \
+        case NBIT_GELU: {                                                                         \
+            T cdf = (T)0.5 * ((T)1 + C##erf(x * (T)0.70710678118654752));                         \
+            T pdf = C##exp((T)-0.5 * x * x) * (T)0.39894228040143268;                             \
+            return g * (cdf + x * pdf);                                                           \
+        }                                                                                         \
+        case NBIT_GELU_TANH: {                                                                    \
+            T k = (T)0.79788456080286536, c = (T)0.044715;                                        \
+            T t = C##tanh(k * (x + c * x * x * x));                                               \
+            T inner = k * ((T)1 + (T)3 * c * x * x);                                              \
+            return g * ((T)0.5 * ((T)1 + t) + (T)0.5 * x * ((T)1 - t * t) * inner);              \
+        }                                                                                         \
+        case NBIT_TANH: return g * ((T)1 - y * y);                                                \
+        case NBIT_SIGMOID: return g * y * ((T)1 - y);                                             \
+        case NBIT_EXP: return g * y;                                                              \
+        case NBIT_LOG: return g / x;                                                              \
+        case NBIT_ABS: return x > (T)0 ? g : (x < (T)0 ? -g : (T)0);                              \
+        case NBIT_HUBER: return g * (x < -a ? -a : (x > a ? a : x));                              \
+        case NBIT_SQRT: return g / ((T)2 * y);                                                    \
+        case NBIT_CLAMP: return x >= a && x <= b ? g : (T)0;                                      \
+        }                                                                                         \
+        return g;                                                                                 \
+    }
+NBIT_UNARY_GRAD(nbit_unary_grad_f, float, f_)
+NBIT_UNARY_GRAD(nbit_unary_grad_d, double, d_)
+
 #define NBIT_GRID_STRIDE(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
 
@@ -176,6 +220,21 @@ NBIT_UNARY(f16, nbit_unary_f, float)
 NBIT_UNARY(bf16, nbit_unary_f, float)
 NBIT_UNARY(f32, nbit_unary_f, float)
 NBIT_UNARY(f64, nbit_unary_d, double)
+
+// out[i] = dy[i] * op'(x[i]) given the forward output y, in the compute type, rounded once.
+#define NBIT_UNARY_BACKWARD(S, FN, ACC)                                                           \
+    extern "C" __global__ void unary_backward_##S(const NBIT_DTYPE_##S* x, const NBIT_DTYPE_##S* y, \
+                                                   const NBIT_DTYPE_##S* dy, NBIT_DTYPE_##S* out, i64 n, \
+                                                   int op, double a, double b) {                  \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            nbit_store_##S(out, i, FN(op, nbit_load_##S(x, i), nbit_load_##S(y, i), nbit_load_##S(dy, i), \
+                                      (ACC)a, (ACC)(op == NBIT_POWF ? a - 1.0 : b)));             \
+        }                                                                                         \
+    }
+NBIT_UNARY_BACKWARD(f16, nbit_unary_grad_f, float)
+NBIT_UNARY_BACKWARD(bf16, nbit_unary_grad_f, float)
+NBIT_UNARY_BACKWARD(f32, nbit_unary_grad_f, float)
+NBIT_UNARY_BACKWARD(f64, nbit_unary_grad_d, double)
 
 // Broadcasting: the output's shape and each input's element strides (0 along a broadcast axis).
 #define NBIT_MAX_DIMS 8

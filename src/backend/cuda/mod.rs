@@ -1,10 +1,11 @@
 //! The CUDA backend's kernels (feature `cuda`), the first part of issue 12.
 //!
-//! What exists: the kernel source (`kernels.cu`: element-wise ops, casts, f64-accumulated sums,
-//! softmax and log-softmax with their gradients, the gradient scaler's fused unscale-and-check
-//! and its on-device scale update, the counter-based dropout mask), compiled at run time by NVRTC through cudarc ([`compile_ptx`], once per process
-//! and architecture), and a host emulation of a launch (`host_prelude.h`) under which the tests run
-//! that same source on the CPU and compare it with the CPU backend element for element.
+//! What exists: the kernel source (`kernels.cu`: element-wise ops and their gradients, casts,
+//! f64-accumulated sums, softmax and log-softmax with their gradients, the gradient scaler's fused
+//! unscale-and-check and its on-device scale update, the counter-based dropout mask), compiled at
+//! run time by NVRTC through cudarc ([`compile_ptx`], once per process and architecture), and a
+//! host emulation of a launch (`host_prelude.h`) under which the tests run that same source on the
+//! CPU and compare it with the CPU backend element for element.
 //!
 //! What does not exist yet: device storage, launches on a GPU, cuBLAS products and the
 //! [`Backend`](super::Backend) implementation for [`Gpu`](crate::Gpu), so a `Gpu` trainer still
@@ -102,6 +103,7 @@ mod tests {
         // The kernels defined through macros, by their stems.
         for stem in [
             "unary_",
+            "unary_backward_",
             "binary_",
             "cast_",
             "sum_partial_",
