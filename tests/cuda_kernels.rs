@@ -141,51 +141,66 @@ fn inputs(n: usize) -> Vec<f64> {
 
 type UnaryFn<E> = extern "C" fn(u32, u32, *const E, *mut E, i64, i32, f64, f64);
 
+/// Every `Unary` op with its code in kernels.cu and its scalars.
+const OPS: [(Unary, i32, f64, f64); 15] = [
+    (Unary::Neg, 0, 0.0, 0.0),
+    (Unary::AddScalar(0.3), 1, 0.3, 0.0),
+    (Unary::MulScalar(-1.7), 2, -1.7, 0.0),
+    (Unary::Powf(2.5), 3, 2.5, 0.0),
+    (Unary::Relu, 4, 0.0, 0.0),
+    (Unary::Gelu, 5, 0.0, 0.0),
+    (Unary::GeluTanh, 6, 0.0, 0.0),
+    (Unary::Tanh, 7, 0.0, 0.0),
+    (Unary::Sigmoid, 8, 0.0, 0.0),
+    (Unary::Exp, 9, 0.0, 0.0),
+    (Unary::Log, 10, 0.0, 0.0),
+    (Unary::Abs, 11, 0.0, 0.0),
+    (Unary::Huber(1.25), 12, 1.25, 0.0),
+    (Unary::Sqrt, 13, 0.0, 0.0),
+    (Unary::Clamp(-0.75, 2.0), 14, -0.75, 2.0),
+];
+
+/// Whether an op's result involves pow, erf, exp, log or tanh of the input: glibc's (the host
+/// build here; CUDA's libdevice on a GPU) against the libm the CPU backend calls, each within an
+/// ulp or two of the truth. Forward, every such op; backward, those that call one on x (the
+/// others use the forward output y).
+fn calls_libm(op: Unary, backward: bool) -> bool {
+    match op {
+        Unary::Powf(_) | Unary::Gelu | Unary::GeluTanh => true,
+        Unary::Tanh | Unary::Sigmoid | Unary::Exp | Unary::Log => !backward,
+        _ => false,
+    }
+}
+
+/// `got` against `want` for an op that calls libm: two ulps of the result, or, where the formula
+/// cancels (GELU's 1 + erf(x) for x < -1), `factor` ulps of the compute type times
+/// `max(1, |x|)^power`.
+fn assert_libm_close<E: Float>(what: &str, got: &[E], want: &[E], x: &ArrayD<E>, factor: f64, power: i32) {
+    let eps = if E::DTYPE == DType::F64 {
+        f64::EPSILON
+    } else {
+        f32::EPSILON as f64
+    };
+    for ((g, w), xi) in got.iter().zip(want).zip(x.iter()) {
+        let close = (g.is_nan() && w.is_nan())
+            || (ordered(*g) - ordered(*w)).abs() <= 2
+            || (g.as_f64() - w.as_f64()).abs() <= factor * eps * xi.as_f64().abs().max(1.0).powi(power);
+        assert!(close, "{what}: at x = {xi:?} got {g:?}, the CPU backend's {w:?}");
+    }
+}
+
 fn unary_matches_cpu<E: Float>() {
-    // (op, its code in kernels.cu, scalars, 0 when the result must be bit-identical)
-    let ops: [(Unary, i32, f64, f64, i128); 15] = [
-        (Unary::Neg, 0, 0.0, 0.0, 0),
-        (Unary::AddScalar(0.3), 1, 0.3, 0.0, 0),
-        (Unary::MulScalar(-1.7), 2, -1.7, 0.0, 0),
-        (Unary::Powf(1.5), 3, 1.5, 0.0, 1),
-        (Unary::Relu, 4, 0.0, 0.0, 0),
-        (Unary::Gelu, 5, 0.0, 0.0, 1),
-        (Unary::GeluTanh, 6, 0.0, 0.0, 1),
-        (Unary::Tanh, 7, 0.0, 0.0, 1),
-        (Unary::Sigmoid, 8, 0.0, 0.0, 1),
-        (Unary::Exp, 9, 0.0, 0.0, 1),
-        (Unary::Log, 10, 0.0, 0.0, 1),
-        (Unary::Abs, 11, 0.0, 0.0, 0),
-        (Unary::Huber(1.25), 12, 1.25, 0.0, 0),
-        (Unary::Sqrt, 13, 0.0, 0.0, 0),
-        (Unary::Clamp(-0.75, 2.0), 14, -0.75, 2.0, 0),
-    ];
     let f: Symbol<UnaryFn<E>> = sym(&format!("host_unary_{}", suffix::<E>()));
     for n in [1usize, 300, 1000] {
         let x = array::<E>(&inputs(n));
-        for (op, code, a, b, ulps) in ops {
+        for (op, code, a, b) in OPS {
             let want = Cpu::unary(op, &x);
             let mut got = vec![E::zero(); n];
             f(2, 64, x.as_ptr(), got.as_mut_ptr(), n as i64, code, a, b);
             let what = format!("{op:?} on {n} {}", suffix::<E>());
-            if ulps == 0 {
-                assert_close(&what, &got, want.as_slice().unwrap(), 0);
-                continue;
-            }
-            // Transcendental functions: glibc's (the host build here; CUDA's libdevice on a GPU)
-            // against the libm the CPU backend calls, each within an ulp or two of the truth. Two
-            // ulps of the result, or, where the formula cancels (GELU's 1 + erf(x) for x < -1),
-            // eight of the compute type at the input's magnitude.
-            let eps = if E::DTYPE == DType::F64 {
-                f64::EPSILON
-            } else {
-                f32::EPSILON as f64
-            };
-            for ((g, w), xi) in got.iter().zip(want.iter()).zip(x.iter()) {
-                let close = (g.is_nan() && w.is_nan())
-                    || (ordered(*g) - ordered(*w)).abs() <= 2
-                    || (g.as_f64() - w.as_f64()).abs() <= 8.0 * eps * xi.as_f64().abs().max(1.0);
-                assert!(close, "{what}: at x = {xi:?} got {g:?}, the CPU backend's {w:?}");
+            match calls_libm(op, false) {
+                true => assert_libm_close(&what, &got, want.as_slice().unwrap(), &x, 8.0, 1),
+                false => assert_close(&what, &got, want.as_slice().unwrap(), 0),
             }
         }
     }
@@ -613,26 +628,10 @@ fn softmax_forward_and_backward_match_the_cpu_backend() {
 
 type UnaryBackFn<E> = extern "C" fn(u32, u32, *const E, *const E, *const E, *mut E, i64, i32, f64, f64);
 
-/// Every op's gradient, from the CPU backend's forward output, against its `unary_backward`.
+/// Every op's gradient, from the CPU backend's forward output, against its `unary_backward`:
+/// bit for bit where it is arithmetic on x, y and dy (the same operations in the same order).
 fn unary_backward_matches_cpu<E: Float>() {
     let f: Symbol<UnaryBackFn<E>> = sym(&format!("host_unary_backward_{}", suffix::<E>()));
-    let ops: [(Unary, i32, f64, f64, bool); 15] = [
-        (Unary::Neg, 0, 0.0, 0.0, true),
-        (Unary::AddScalar(0.3), 1, 0.3, 0.0, true),
-        (Unary::MulScalar(-1.7), 2, -1.7, 0.0, true),
-        (Unary::Powf(2.5), 3, 2.5, 0.0, false),
-        (Unary::Relu, 4, 0.0, 0.0, true),
-        (Unary::Gelu, 5, 0.0, 0.0, false),
-        (Unary::GeluTanh, 6, 0.0, 0.0, false),
-        (Unary::Tanh, 7, 0.0, 0.0, true),
-        (Unary::Sigmoid, 8, 0.0, 0.0, true),
-        (Unary::Exp, 9, 0.0, 0.0, true),
-        (Unary::Log, 10, 0.0, 0.0, true),
-        (Unary::Abs, 11, 0.0, 0.0, true),
-        (Unary::Huber(1.25), 12, 1.25, 0.0, true),
-        (Unary::Sqrt, 13, 0.0, 0.0, true),
-        (Unary::Clamp(-0.75, 2.0), 14, -0.75, 2.0, true),
-    ];
     let n = 500;
     let x = array::<E>(&inputs(n));
     let dy = array::<E>(
@@ -640,7 +639,7 @@ fn unary_backward_matches_cpu<E: Float>() {
             .map(|i| ((i * 13 % 17) as f64 - 8.0) / 4.0)
             .collect::<Vec<_>>(),
     );
-    for (op, code, a, b, exact) in ops {
+    for (op, code, a, b) in OPS {
         let y = Cpu::unary(op, &x);
         let want = Cpu::unary_backward(op, &x, &y, &dy);
         let mut got = vec![E::zero(); n];
@@ -657,23 +656,9 @@ fn unary_backward_matches_cpu<E: Float>() {
             b,
         );
         let what = format!("{op:?} backward, {}", suffix::<E>());
-        if exact {
-            // Arithmetic on x, y and dy only: the same operations in the same order.
-            assert_close(&what, &got, want.as_slice().unwrap(), 0);
-        } else {
-            // pow, erf, exp and tanh of x: glibc's against libm's, as in the forward test.
-            let eps = if E::DTYPE == DType::F64 {
-                f64::EPSILON
-            } else {
-                f32::EPSILON as f64
-            };
-            for ((g, w), xi) in got.iter().zip(want.iter()).zip(x.iter()) {
-                let scale = xi.as_f64().abs().max(1.0).powi(2);
-                let close = (g.is_nan() && w.is_nan())
-                    || (ordered(*g) - ordered(*w)).abs() <= 2
-                    || (g.as_f64() - w.as_f64()).abs() <= 16.0 * eps * scale;
-                assert!(close, "{what}: at x = {xi:?} got {g:?}, the CPU backend's {w:?}");
-            }
+        match calls_libm(op, true) {
+            true => assert_libm_close(&what, &got, want.as_slice().unwrap(), &x, 16.0, 2),
+            false => assert_close(&what, &got, want.as_slice().unwrap(), 0),
         }
     }
 }
