@@ -37,6 +37,15 @@ pub enum Error {
         /// Why, and what to do instead.
         reason: String,
     },
+    /// A device that started but failed during an operation (out of memory, a failed launch).
+    DeviceFailed {
+        /// `"gpu"`.
+        device: &'static str,
+        /// The operation that failed, e.g. `"matmul"`.
+        op: &'static str,
+        /// The driver's words, and what to do.
+        reason: String,
+    },
     /// Tensor shapes that an operation cannot combine.
     ShapeMismatch {
         /// The operation, e.g. `"matmul"`.
@@ -150,6 +159,9 @@ impl core::fmt::Display for Error {
             }
             Error::DeviceUnavailable { device, reason } => {
                 write!(f, "accelerator '{device}' is not usable here: {reason}")
+            }
+            Error::DeviceFailed { device, op, reason } => {
+                write!(f, "accelerator '{device}' failed during {op}: {reason}")
             }
             Error::ShapeMismatch {
                 op,

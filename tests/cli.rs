@@ -781,9 +781,9 @@ fn ctrl_c_stops_after_the_current_step_keeps_the_log_and_exits_130() {
     assert!(stdout.contains("params         3596 bytes"), "{stdout}");
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(feature = "cuda")))]
 #[test]
-fn auto_trains_on_the_cpu_where_a_cuda_driver_answers_but_nbit_has_no_backend() {
+fn auto_trains_on_the_cpu_where_a_cuda_driver_answers_but_nbit_was_built_without_cuda() {
     // A stand-in for the NVIDIA driver that reports one device, built with the C compiler that
     // links Rust programs here.
     let lib = dir().join("fake-driver");
@@ -826,7 +826,8 @@ fn auto_trains_on_the_cpu_where_a_cuda_driver_answers_but_nbit_has_no_backend() 
     let (code, _, err) = with_driver(&["--accelerator", "gpu"]);
     assert_eq!(code, Some(2));
     assert!(
-        err.contains("no CUDA backend yet (the driver reports 1 device)"),
+        err.contains("built without its `cuda` feature (the driver reports 1 device)")
+            && err.contains("--features cuda"),
         "{err}"
     );
 }
@@ -921,4 +922,52 @@ fn plot_draws_training_and_validation_loss() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("given to --plot"));
     let same = nbit(&["fit", "--data", p(&data), "--epochs", "1", "--plot", p(&data)]);
     assert!(String::from_utf8_lossy(&same.stderr).contains("--plot and --data both name"));
+}
+
+/// With the `cuda` feature, `auto` and `gpu` train on the GPU backend when a device answers: here
+/// the host emulation of its kernels (`NBIT_CUDA_EMULATOR`), which the binary loads as it would
+/// the NVIDIA driver. Without a device, `gpu` is an error that names what is missing.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_auto_and_gpu_train_on_the_gpu_backend_when_one_answers() {
+    let lib = nbit::backend::cuda::emulator::build(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
+    let data = good_csv();
+    let fit = |extra: &[&str], emulate: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nbit"));
+        c.args([
+            "fit",
+            "--data",
+            p(&data),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--json",
+        ])
+        .args(extra)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove(nbit::backend::cuda::EMULATOR_ENV);
+        if emulate {
+            c.env(nbit::backend::cuda::EMULATOR_ENV, &lib);
+        }
+        let out = c.output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    for (precision, accelerator) in [("16-mixed", "auto"), ("bf16-mixed", "gpu"), ("32", "cuda")] {
+        let (code, out, err) = fit(&["--precision", precision, "--accelerator", accelerator], true);
+        assert_eq!(code, Some(0), "{precision} {accelerator}: {err}");
+        assert!(out.contains("\"accelerator\": \"gpu\""), "{out}");
+    }
+    // No device: `auto` is the CPU, `gpu` an error (exit 2) naming the missing driver or device.
+    if <nbit::Gpu as nbit::Device>::probe().is_err() {
+        let (code, out, err) = fit(&["--precision", "bf16-mixed"], false);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(out.contains("\"accelerator\": \"cpu\""), "{out}");
+        let (code, _, err) = fit(&["--precision", "16-mixed", "--accelerator", "gpu"], false);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains("'gpu' is not usable here") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
 }

@@ -5,7 +5,9 @@
 //! `cargo test --features cuda --test integration cuda_kernels`; without NVRTC the NVRTC test fails
 //! and says what to install.
 
-use std::path::PathBuf;
+use std::any::Any;
+use std::ffi::{CString, c_char, c_void};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use libloading::{Library, Symbol};
@@ -16,45 +18,40 @@ use nbit::ndarray::{ArrayD, IxDyn};
 use nbit::scaler::{DynamicScaler, GradScaler};
 use nbit::{Cpu, DType, Float};
 
-/// The kernels built for the host, once per test process.
+/// The kernels built for the host (nbit's emulator), once per test process.
 fn host() -> &'static Library {
     static LIB: OnceLock<Library> = OnceLock::new();
     LIB.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src/backend/cuda"));
-        let unit = dir.join(format!("nbit_cuda_host_{}.cpp", std::process::id()));
-        let include = |f: &str| format!("#include \"{}\"\n", src.join(f).display());
-        let text = include("host_prelude.h") + &include("kernels.cu") + &include("host_launchers.cpp");
-        std::fs::write(&unit, text).unwrap();
-        let lib = unit.with_extension("so");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-        let out = std::process::Command::new(&cxx)
-            .args([
-                "-std=c++20",
-                "-O1",
-                "-ffp-contract=off",
-                "-shared",
-                "-fPIC",
-                "-pthread",
-                "-o",
-            ])
-            .arg(&lib)
-            .arg(&unit)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cxx} (a C++20 compiler; set CXX): {e}"));
-        assert!(
-            out.status.success(),
-            "{cxx} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // SAFETY: a library built just now from nbit's own sources, with no initialisers.
+        let lib =
+            cuda::emulator::build(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap_or_else(|e| panic!("{e}"));
+        // SAFETY: a library built from nbit's own sources, with no initialisers.
         unsafe { Library::new(&lib) }.unwrap()
     })
 }
 
-fn sym<T>(name: &str) -> Symbol<'static, T> {
-    // SAFETY: each caller names a launcher of host_launchers.cpp with its exact C signature.
-    unsafe { host().get(name.as_bytes()) }.unwrap_or_else(|e| panic!("{name}: {e}"))
+type HostLaunch = unsafe extern "C" fn(*const c_char, u32, u32, u32, *mut *mut c_void) -> i32;
+
+/// One emulated launch of kernel `name` with `args` as cuLaunchKernel's `kernelParams`.
+fn host_launch(name: &str, grid: (u32, u32), block: u32, args: &mut [*mut c_void]) {
+    // SAFETY: host_launchers.cpp defines the symbol with this signature.
+    let f: Symbol<HostLaunch> = unsafe { host().get(b"nbit_host_launch\0") }.unwrap();
+    let c = CString::new(name).unwrap();
+    // SAFETY: each caller passes values of the kernel's parameter types, pointers to live memory.
+    assert_eq!(
+        unsafe { f(c.as_ptr(), grid.0, grid.1, block, args.as_mut_ptr()) },
+        0,
+        "no kernel {name}"
+    );
+}
+
+/// `launch!(name, (grid_x, grid_y), block; args...)`: each argument boxed, a pointer to each passed.
+macro_rules! launch {
+    ($name:expr, $grid:expr, $block:expr; $($a:expr),* $(,)?) => {{
+        let keep: Vec<Box<dyn Any>> = vec![$(Box::new($a)),*];
+        let mut ptrs: Vec<*mut c_void> =
+            keep.iter().map(|b| &**b as *const dyn Any as *const () as *mut c_void).collect();
+        host_launch(&$name, $grid, $block, &mut ptrs);
+    }};
 }
 
 fn suffix<E: Float>() -> &'static str {
@@ -139,8 +136,6 @@ fn inputs(n: usize) -> Vec<f64> {
         .collect()
 }
 
-type UnaryFn<E> = extern "C" fn(u32, u32, *const E, *mut E, i64, i32, f64, f64);
-
 /// Every `Unary` op with its code in kernels.cu and its scalars.
 const OPS: [(Unary, i32, f64, f64); 15] = [
     (Unary::Neg, 0, 0.0, 0.0),
@@ -190,13 +185,12 @@ fn assert_libm_close<E: Float>(what: &str, got: &[E], want: &[E], x: &ArrayD<E>,
 }
 
 fn unary_matches_cpu<E: Float>() {
-    let f: Symbol<UnaryFn<E>> = sym(&format!("host_unary_{}", suffix::<E>()));
     for n in [1usize, 300, 1000] {
         let x = array::<E>(&inputs(n));
         for (op, code, a, b) in OPS {
             let want = Cpu::unary(op, &x);
             let mut got = vec![E::zero(); n];
-            f(2, 64, x.as_ptr(), got.as_mut_ptr(), n as i64, code, a, b);
+            launch!(format!("unary_{}", suffix::<E>()), (2, 1), 64; x.as_ptr(), got.as_mut_ptr(), n as i64, code, a, b);
             let what = format!("{op:?} on {n} {}", suffix::<E>());
             match calls_libm(op, false) {
                 true => assert_libm_close(&what, &got, want.as_slice().unwrap(), &x, 8.0, 1),
@@ -246,10 +240,7 @@ fn broadcast(out: &[usize], a: &[usize], b: &[usize]) -> Broadcast {
     }
 }
 
-type BinaryFn<E> = extern "C" fn(u32, u32, *const E, *const E, *mut E, i64, i32, *const Broadcast);
-
 fn binary_matches_cpu<E: Float>() {
-    let f: Symbol<BinaryFn<E>> = sym(&format!("host_binary_{}", suffix::<E>()));
     let cases: [(&[usize], &[usize], &[usize]); 3] = [
         (&[3, 1, 5], &[4, 1], &[3, 4, 5]),
         (&[7], &[7], &[7]),
@@ -272,16 +263,8 @@ fn binary_matches_cpu<E: Float>() {
             let want = Cpu::binary(op, &a, &b, out);
             let mut got = vec![E::zero(); n];
             let geo = broadcast(out, sa, sb);
-            f(
-                1,
-                32,
-                a.as_ptr(),
-                b.as_ptr(),
-                got.as_mut_ptr(),
-                n as i64,
-                code,
-                &geo,
-            );
+            launch!(format!("binary_{}", suffix::<E>()), (1, 1), 32;
+                a.as_ptr(), b.as_ptr(), got.as_mut_ptr(), n as i64, code, geo);
             assert_close(
                 &format!("{op:?} {sa:?} {sb:?} {}", suffix::<E>()),
                 &got,
@@ -300,14 +283,11 @@ fn binary_kernels_broadcast_like_the_cpu_backend() {
     binary_matches_cpu::<f64>();
 }
 
-type CastFn<A, B> = extern "C" fn(u32, u32, *const A, *mut B, i64);
-
 fn cast_matches_cpu<A: Float, B: Float>(x: &ArrayD<A>) {
-    let name = format!("host_cast_{}_{}", suffix::<A>(), suffix::<B>());
-    let f: Symbol<CastFn<A, B>> = sym(&name);
+    let name = format!("cast_{}_{}", suffix::<A>(), suffix::<B>());
     let want = Cpu::cast::<A, B>(x);
     let mut got = vec![B::zero(); x.len()];
-    f(4, 256, x.as_ptr(), got.as_mut_ptr(), x.len() as i64);
+    launch!(name, (4, 1), 256; x.as_ptr(), got.as_mut_ptr(), x.len() as i64);
     assert_close(&name, &got, want.as_slice().unwrap(), 0);
 }
 
@@ -364,24 +344,19 @@ fn casts_round_like_the_cpu_backend_bit_for_bit() {
     cast_matches_cpu::<f64, f32>(&f64s);
 }
 
-type SumPartial<E> = extern "C" fn(u32, u32, *const E, i64, *mut f64);
-type SumFinish<E> = extern "C" fn(u32, *const f64, i64, *mut E, f64);
-
 /// The kernels' sum of `values` in `E` against the CPU backend's, for a plain and a mean scale:
 /// bit for bit when `exact`, else within the bound of any f64 summation order,
 /// `2 n eps sum |x|`, plus one rounding to `E`.
 fn sum_matches_cpu<E: Float>(values: &[f64], exact: bool) {
     let s = suffix::<E>();
-    let partial: Symbol<SumPartial<E>> = sym(&format!("host_sum_partial_{s}"));
-    let finish: Symbol<SumFinish<E>> = sym(&format!("host_sum_finish_{s}"));
     let x = array::<E>(values);
     for scale in [1.0, 1.0 / values.len() as f64] {
         let want = Cpu::sum(&x, None, false, scale);
         let blocks = 3u32;
         let mut partials = vec![0.0f64; blocks as usize];
-        partial(blocks, 64, x.as_ptr(), x.len() as i64, partials.as_mut_ptr());
+        launch!(format!("sum_partial_{s}"), (blocks, 1), 64; x.as_ptr(), x.len() as i64, 0i32, partials.as_mut_ptr());
         let mut got = [E::zero()];
-        finish(64, partials.as_ptr(), blocks as i64, got.as_mut_ptr(), scale);
+        launch!(format!("sum_finish_{s}"), (1, 1), 64; partials.as_ptr(), blocks as i64, got.as_mut_ptr(), scale);
         let what = format!("sum of {} {s}, scale {scale}", values.len());
         let want = want.as_slice().unwrap();
         if exact {
@@ -415,10 +390,7 @@ fn sums_accumulate_in_f64_like_the_cpu_backend() {
     sum_matches_cpu::<f32>(&v, false);
 }
 
-type UnscaleFn<E> = extern "C" fn(u32, u32, u32, *const *mut E, *const i64, f32, *mut i32);
-
 fn unscale_matches_cpu<E: Float>() {
-    let f: Symbol<UnscaleFn<E>> = sym(&format!("host_unscale_check_{}", suffix::<E>()));
     for poison in [false, true] {
         let mut grads: Vec<ArrayD<E>> = [1000usize, 37, 300]
             .iter()
@@ -441,15 +413,8 @@ fn unscale_matches_cpu<E: Float>() {
         let ptrs: Vec<*mut E> = grads.iter_mut().map(|g| g.as_mut_ptr()).collect();
         let lens: Vec<i64> = grads.iter().map(|g| g.len() as i64).collect();
         let mut found = 0i32;
-        f(
-            2,
-            grads.len() as u32,
-            64,
-            ptrs.as_ptr(),
-            lens.as_ptr(),
-            inv,
-            &mut found,
-        );
+        launch!(format!("unscale_check_{}", suffix::<E>()), (2, grads.len() as u32), 64;
+            ptrs.as_ptr(), lens.as_ptr(), inv, &mut found as *mut i32);
         assert_eq!(found != 0, want_found, "{}", suffix::<E>());
         for (g, w) in grads.iter().zip(&want) {
             assert_close("unscale", g.as_slice().unwrap(), w.as_slice().unwrap(), 0);
@@ -467,23 +432,15 @@ fn the_fused_unscale_and_check_matches_the_cpu_backend() {
 
 #[test]
 fn the_scale_update_on_the_device_is_pytorchs_bit_for_bit() {
-    type Update = extern "C" fn(*mut f32, *mut u32, *mut i32, f64, f64, u32, f32);
-    let f: Symbol<Update> = sym("host_update_scale");
     for (init, growth, backoff, interval) in [(65536.0f32, 2.0, 0.5, 3u32), (1000.0, 1.1, 0.9, 2)] {
         let mut cpu = DynamicScaler::new(init, growth, backoff, interval);
         let (mut scale, mut tracker) = (init, 0u32);
         for step in 0..60u32 {
             let inf = step % 7 == 3 || step % 11 == 0;
             let mut found = i32::from(inf);
-            f(
-                &mut scale,
-                &mut tracker,
-                &mut found,
-                growth,
-                backoff,
-                interval,
-                -1.0,
-            );
+            launch!("update_scale", (1, 1), 32;
+                &mut scale as *mut f32, &mut tracker as *mut u32, &mut found as *mut i32,
+                growth, backoff, interval, -1.0f32);
             cpu.update(inf);
             assert_eq!(scale.to_bits(), cpu.scale().to_bits(), "step {step}");
             assert_eq!(tracker, cpu.growth_tracker(), "step {step}");
@@ -492,14 +449,11 @@ fn the_scale_update_on_the_device_is_pytorchs_bit_for_bit() {
     }
 }
 
-type DropoutFn<E> = extern "C" fn(u32, u32, *mut E, i64, f64, u64);
-
 fn dropout_matches_cpu<E: Float>() {
-    let f: Symbol<DropoutFn<E>> = sym(&format!("host_dropout_mask_{}", suffix::<E>()));
     for (n, p, seed) in [(1000usize, 0.3, 42u64), (77, 0.9, 7), (10, 1.0, 1)] {
         let want = Cpu::dropout_mask::<E>(&[n], p, seed);
         let mut got = vec![E::zero(); n];
-        f(2, 32, got.as_mut_ptr(), n as i64, p, seed);
+        launch!(format!("dropout_mask_{}", suffix::<E>()), (2, 1), 32; got.as_mut_ptr(), n as i64, p, seed);
         assert_close("dropout mask", &got, want.as_slice().unwrap(), 0);
     }
 }
@@ -519,22 +473,30 @@ fn nvrtc_compiles_the_kernels_and_ptxas_assembles_them() {
         panic!("{e} (.ci/run installs it; this test needs it)");
     }
     let ptxas = std::env::var("NBIT_PTXAS").unwrap_or_else(|_| "ptxas".into());
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
     for arch in ARCHS {
         let ptx = cuda::compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
-        for kernel in [
-            "unary_f16",
-            "unary_backward_bf16",
-            "binary_bf16",
-            "cast_f64_bf16",
-            "sum_partial_f32",
-            "unscale_check_f64",
-            "update_scale",
-            "dropout_mask_f16",
-        ] {
-            assert!(
-                ptx.contains(&format!(".entry {kernel}(")),
-                "{arch}: no {kernel} in the PTX"
+        // Every kernel in the PTX can be launched under the emulation too (the same source, and
+        // the launcher's table is complete), and the PTX has them all.
+        type Has = unsafe extern "C" fn(*const c_char) -> i32;
+        // SAFETY: host_launchers.cpp defines the symbol with this signature.
+        let has: Symbol<Has> = unsafe { host().get(b"nbit_host_has\0") }.unwrap();
+        let entries: Vec<&str> = ptx
+            .match_indices(".entry ")
+            .map(|(i, m)| ptx[i + m.len()..].split('(').next().unwrap_or("").trim())
+            .collect();
+        assert!(
+            entries.len() >= 73,
+            "{arch}: only {} kernels in the PTX",
+            entries.len()
+        );
+        for kernel in &entries {
+            let c = CString::new(*kernel).unwrap();
+            // SAFETY: a NUL-terminated name.
+            assert_eq!(
+                unsafe { has(c.as_ptr()) },
+                1,
+                "the emulation cannot launch {kernel}"
             );
         }
         let file = dir.join(format!("nbit_kernels_{arch}.ptx"));
@@ -556,17 +518,12 @@ fn nvrtc_compiles_the_kernels_and_ptxas_assembles_them() {
     }
 }
 
-type SoftmaxFn<E> = extern "C" fn(u32, u32, *const E, *mut E, i64, i64, i32);
-type SoftmaxBackFn<E> = extern "C" fn(u32, u32, *const E, *const E, *mut E, i64, i64, i32);
-
 /// Softmax and log-softmax, forward and backward, against the CPU backend: rows of 1, 10 and 300
 /// columns (a partial warp, several warps with a strided remainder), with -inf (a masked logit),
 /// large magnitudes and a NaN row. The row sums are in f64 in another order, so the outputs may
 /// differ by an ulp of the element type (a few in f64).
 fn softmax_matches_cpu<E: Float>(ulps: i128) {
     let s = suffix::<E>();
-    let fwd: Symbol<SoftmaxFn<E>> = sym(&format!("host_softmax_{s}"));
-    let back: Symbol<SoftmaxBackFn<E>> = sym(&format!("host_softmax_backward_{s}"));
     for cols in [1usize, 10, 300] {
         let rows = 4;
         let mut v: Vec<f64> = (0..rows * cols)
@@ -590,9 +547,7 @@ fn softmax_matches_cpu<E: Float>(ulps: i128) {
             let what = format!("{}softmax of {rows}x{cols} {s}", if log { "log_" } else { "" });
             let want = Cpu::softmax(&x, log);
             let mut got = vec![E::zero(); rows * cols];
-            fwd(
-                2,
-                64,
+            launch!(format!("softmax_{s}"), (2, 1), 64;
                 x.as_ptr(),
                 got.as_mut_ptr(),
                 rows as i64,
@@ -603,9 +558,7 @@ fn softmax_matches_cpu<E: Float>(ulps: i128) {
             let y = want;
             let want = Cpu::softmax_backward(&y, &g, log);
             let mut got = vec![E::zero(); rows * cols];
-            back(
-                3,
-                96,
+            launch!(format!("softmax_backward_{s}"), (3, 1), 96;
                 y.as_ptr(),
                 g.as_ptr(),
                 got.as_mut_ptr(),
@@ -626,12 +579,9 @@ fn softmax_forward_and_backward_match_the_cpu_backend() {
     softmax_matches_cpu::<f64>(8);
 }
 
-type UnaryBackFn<E> = extern "C" fn(u32, u32, *const E, *const E, *const E, *mut E, i64, i32, f64, f64);
-
 /// Every op's gradient, from the CPU backend's forward output, against its `unary_backward`:
 /// bit for bit where it is arithmetic on x, y and dy (the same operations in the same order).
 fn unary_backward_matches_cpu<E: Float>() {
-    let f: Symbol<UnaryBackFn<E>> = sym(&format!("host_unary_backward_{}", suffix::<E>()));
     let n = 500;
     let x = array::<E>(&inputs(n));
     let dy = array::<E>(
@@ -643,9 +593,7 @@ fn unary_backward_matches_cpu<E: Float>() {
         let y = Cpu::unary(op, &x);
         let want = Cpu::unary_backward(op, &x, &y, &dy);
         let mut got = vec![E::zero(); n];
-        f(
-            2,
-            64,
+        launch!(format!("unary_backward_{}", suffix::<E>()), (2, 1), 64;
             x.as_ptr(),
             y.as_ptr(),
             dy.as_ptr(),

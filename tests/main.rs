@@ -11,6 +11,8 @@ mod complex;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 mod custom_model;
+#[cfg(feature = "cuda")]
+mod gpu_backend;
 mod gradcheck;
 #[cfg(feature = "lapack")]
 mod linalg;

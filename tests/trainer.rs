@@ -3,28 +3,13 @@
 
 use std::path::PathBuf;
 
+use crate::common::CpuFp16Amp;
 use nbit::data::{DataLoader, Dataset};
 use nbit::nn::Task;
 use nbit::optim::{AdamW, Optimization, Sgd};
 use nbit::prelude::*;
 use nbit::scaler::DynamicScaler;
 use nbit::{EarlyStopping, Float, Grads, Metrics, Mode, ModelCheckpoint, Monitor, StepInfo};
-
-/// fp16 compute with f32 master weights and a dynamic scaler, allowed on the CPU: 16-mixed in all
-/// but name, defined outside the crate (which also proves users can add precisions).
-#[derive(Clone, Copy, Debug, Default)]
-struct CpuFp16Amp;
-
-impl Precision for CpuFp16Amp {
-    type Param = f32;
-    type Compute = half::f16;
-    type Full = f32;
-    type Complex = num_complex::Complex<f32>;
-    type Scaler = DynamicScaler;
-    const NAME: &'static str = "cpu-16-mixed";
-}
-
-impl Supports<CpuFp16Amp> for Cpu {}
 
 /// Three Gaussian-ish blobs in 4 dimensions, deterministic.
 fn blobs(n: usize) -> Dataset {

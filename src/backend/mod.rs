@@ -17,7 +17,9 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use crate::device::{Cpu, Device, Gpu, Tpu};
+#[cfg(not(feature = "cuda"))]
+use crate::device::Gpu;
+use crate::device::{Cpu, Device, Tpu};
 use crate::dtype::{ComplexElement, Element, Float};
 use crate::error::Error;
 
@@ -60,6 +62,7 @@ fn no_backend<D: Device, T>(device: &'static str) -> Result<T, Error> {
     })
 }
 
+#[cfg(not(feature = "cuda"))]
 impl WithBackend for Gpu {
     fn with_backend<J: BackendJob<Self>>(_job: J) -> Result<J::Output, Error> {
         no_backend::<Self, _>("gpu")
@@ -357,6 +360,13 @@ pub trait Backend: Device {
     /// reports whether any element was inf or NaN before the multiply: the gradient scaler's fused
     /// unscale-and-check, one pass.
     fn unscale_check<E: Float>(s: &mut Self::Storage<E>, factor: f32) -> bool;
+    /// [`Backend::unscale_check`] over every gradient of one dtype, reporting whether any had an
+    /// inf or NaN: one fused launch and one host synchronisation on a GPU.
+    fn unscale_check_all<E: Float>(grads: &mut [&mut Self::Storage<E>], factor: f32) -> bool {
+        grads
+            .iter_mut()
+            .fold(false, |found, g| Self::unscale_check(g, factor) | found)
+    }
     /// Multiplies every element by `factor` in place (gradient-norm clipping).
     fn scale_in_place<E: Float>(s: &mut Self::Storage<E>, factor: f64);
     /// Clamps every element to `[-limit, limit]` in place (gradient-value clipping).
@@ -387,6 +397,14 @@ pub trait Backend: Device {
         compensation: Option<&mut Self::Storage<E>>,
         hp: &AdamWStep,
     );
+
+    /// Runs `f`, returning a failure of this device inside it (a GPU out of memory, a failed
+    /// launch) as an `Err` rather than a panic. The kernels' signatures cannot return one, so a
+    /// device that can fail unwinds to here; the trainer's entry points (`fit`, `validate`,
+    /// `predict`) run under it. The CPU cannot fail this way: `f()`.
+    fn catch_device_failures<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+        f()
+    }
 }
 
 /// A one-input element-wise operation on complex values.

@@ -6,6 +6,8 @@
 
 mod cuda_probe;
 
+pub(crate) use cuda_probe::cuda_device_count;
+
 use core::fmt::Debug;
 
 use crate::Error;
@@ -30,10 +32,9 @@ pub trait Device: sealed::Sealed + Copy + Default + Debug + Send + Sync + 'stati
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Cpu;
 
-/// An NVIDIA GPU through CUDA. The type and its column of the support matrix exist; the CUDA
-/// backend (cudarc kernels) does not yet, so [`Device::probe`] returns
-/// [`Error::DeviceUnavailable`], saying whether a driver and device were found, and `auto` picks
-/// the CPU even where they are.
+/// An NVIDIA GPU through CUDA: the backend of the `cuda` feature (cudarc, NVRTC-compiled kernels,
+/// cuBLAS). Without that feature, or without a driver and a device, [`Device::probe`] returns
+/// [`Error::DeviceUnavailable`] saying which, and `auto` picks the CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Gpu;
 
@@ -54,21 +55,24 @@ impl Device for Cpu {
     }
 }
 
+/// Without the `cuda` feature (with it, the backend implements `Device` for `Gpu` beside its
+/// kernels, where the probe starts the driver).
+#[cfg(not(feature = "cuda"))]
 impl Device for Gpu {
     const KIND: DeviceKind = DeviceKind::Gpu;
     fn probe() -> Result<(), Error> {
-        gpu_status(cuda_probe::cuda_device_count())
+        gpu_without_backend(cuda_probe::cuda_device_count())
     }
 }
 
-/// Whether a GPU can run work, given the driver's answer: it needs a driver, a device, and a
-/// backend in nbit, which does not exist yet.
-fn gpu_status(driver: Result<usize, String>) -> Result<(), Error> {
+/// Why a GPU cannot run work in a build without the `cuda` feature, given the driver's answer.
+#[cfg(not(feature = "cuda"))]
+fn gpu_without_backend(driver: Result<usize, String>) -> Result<(), Error> {
     let reason = match driver {
         Err(reason) => format!("{reason}; use accelerator 'cpu' (or 'auto') on this machine"),
         Ok(n) => format!(
-            "nbit has no CUDA backend yet (the driver reports {n} device{}); use accelerator 'cpu', \
-             or 'auto', which picks the CPU until the backend exists",
+            "nbit was built without its `cuda` feature (the driver reports {n} device{}): rebuild \
+             with `--features cuda`, or use accelerator 'cpu' or 'auto'",
             if n == 1 { "" } else { "s" }
         ),
     };
@@ -193,22 +197,25 @@ mod tests {
     #[test]
     fn gpu_probe_answers_without_panicking() {
         // On a machine without the CUDA driver this is an error that names the library.
-        let msg = Gpu::probe().unwrap_err().to_string();
-        match cuda_probe::cuda_device_count() {
-            Ok(_) => assert!(msg.contains("no CUDA backend yet"), "{msg}"),
-            Err(reason) => assert!(msg.contains(&reason), "{msg}"),
+        if let Err(e) = Gpu::probe() {
+            let msg = e.to_string();
+            match cuda_probe::cuda_device_count() {
+                Ok(_) => assert!(msg.contains("cuda"), "{msg}"),
+                Err(reason) => assert!(msg.contains(&reason), "{msg}"),
+            }
         }
     }
 
+    #[cfg(not(feature = "cuda"))]
     #[test]
-    fn auto_never_picks_a_gpu_without_a_backend() {
-        // A machine with a driver and a device: the GPU is still not usable, so auto is the CPU.
-        let msg = gpu_status(Ok(1)).unwrap_err().to_string();
+    fn without_the_feature_auto_never_picks_a_gpu() {
+        // A machine with a driver and a device: the GPU is not usable, so auto is the CPU.
+        let msg = gpu_without_backend(Ok(1)).unwrap_err().to_string();
         assert!(
-            msg.contains("no CUDA backend yet") && msg.contains("reports 1 device)"),
+            msg.contains("--features cuda") && msg.contains("reports 1 device)"),
             "{msg}"
         );
-        let auto = resolve_accelerator("auto", || gpu_status(Ok(2)).is_ok()).unwrap();
+        let auto = resolve_accelerator("auto", || gpu_without_backend(Ok(2)).is_ok()).unwrap();
         assert_eq!(auto, DeviceKind::Cpu);
     }
 }

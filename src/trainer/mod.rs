@@ -394,7 +394,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         train: &DataLoader,
         val: Option<&DataLoader>,
     ) -> Result<FitReport, Error> {
-        self.run(model, train, val, None)
+        D::catch_device_failures(|| self.run(model, train, val, None))
     }
 
     /// Resumes training from a checkpoint written by this trainer's `checkpoint_path` (Lightning's
@@ -407,7 +407,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         val: Option<&DataLoader>,
         checkpoint: &Path,
     ) -> Result<FitReport, Error> {
-        self.run(model, train, val, Some(checkpoint))
+        D::catch_device_failures(|| self.run(model, train, val, Some(checkpoint)))
     }
 
     fn run<M: Model<P, D>>(
@@ -715,9 +715,8 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         if <P::Scaler as GradScaler>::ENABLED {
             // PyTorch: inverse scale computed in f64, then used as f32.
             let inv = (1.0f64 / scale as f64) as f32;
-            for g in grads.iter_mut().flatten() {
-                found_inf |= D::unscale_check(g.storage_mut(), inv);
-            }
+            let mut storages: Vec<_> = grads.iter_mut().flatten().map(|g| g.storage_mut()).collect();
+            found_inf = D::unscale_check_all(&mut storages, inv);
         }
         {
             let names: Vec<String> = params(model).iter().map(|p| p.name().to_owned()).collect();
@@ -760,7 +759,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
     /// Mean loss and accuracy of `model` on `data`.
     pub fn validate<M: Model<P, D>>(&self, model: &mut M, data: &DataLoader) -> Result<Metrics, Error> {
         data.dataset().check_representable::<P>()?;
-        self.evaluate(model, data)
+        D::catch_device_failures(|| self.evaluate(model, data))
     }
 
     /// [`Trainer::validate`] on data already checked (by `fit`, once, not every epoch).
@@ -783,12 +782,15 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         data.dataset().check_representable::<P>()?;
         let mut rows: Vec<f64> = Vec::new();
         let mut cols = 0;
-        for idx in data.epoch_indices(0) {
-            let batch = data.batch(&idx);
-            let out = model.predict_step(&Autocast::new(), &batch)?;
-            cols = out.shape().last().copied().unwrap_or(1);
-            rows.extend(out.to_vec().iter().map(|v| v.as_f64()));
-        }
+        D::catch_device_failures(|| {
+            for idx in data.epoch_indices(0) {
+                let batch = data.batch(&idx);
+                let out = model.predict_step(&Autocast::new(), &batch)?;
+                cols = out.shape().last().copied().unwrap_or(1);
+                rows.extend(out.to_vec().iter().map(|v| v.as_f64()));
+            }
+            Ok(())
+        })?;
         let n = rows.len() / cols.max(1);
         ndarray::Array2::from_shape_vec((n, cols), rows).map_err(|e| Error::InvalidData(e.to_string()))
     }

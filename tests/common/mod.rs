@@ -1,7 +1,9 @@
-//! The finite-difference gradient check shared by the gradient tests.
+//! What several test modules share: the finite-difference gradient check and a test precision.
 #![allow(dead_code)]
 
 use nbit::Error;
+use nbit::prelude::*;
+use nbit::scaler::DynamicScaler;
 use nbit::tensor::Tensor;
 use ndarray::{ArrayD, IxDyn};
 
@@ -68,3 +70,19 @@ pub fn weigh(out: &Tensor<f64>) -> Result<Tensor<f64>, Error> {
         .mul(&Tensor::from_array(values(out.shape(), 99, 0.5, 1.5)))?
         .sum())
 }
+
+/// fp16 compute with f32 master weights and a dynamic scaler, allowed on the CPU: 16-mixed in all
+/// but name, defined outside the crate (which also proves users can add precisions).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuFp16Amp;
+
+impl Precision for CpuFp16Amp {
+    type Param = f32;
+    type Compute = half::f16;
+    type Full = f32;
+    type Complex = num_complex::Complex<f32>;
+    type Scaler = DynamicScaler;
+    const NAME: &'static str = "cpu-16-mixed";
+}
+
+impl Supports<CpuFp16Amp> for Cpu {}

@@ -251,17 +251,25 @@ struct NbitBroadcast {
 #define NBIT_MUL 2
 #define NBIT_DIV 3
 
+// The offsets into a and b of element i of g's shape (row-major).
+__device__ __forceinline__ void nbit_offsets(const NbitBroadcast& g, i64 i, i64* ia, i64* ib) {
+    i64 rest = i, oa = 0, ob = 0;
+    for (int d = g.ndim - 1; d >= 0; --d) {
+        i64 c = rest % g.shape[d];
+        rest /= g.shape[d];
+        oa += c * g.stride_a[d];
+        ob += c * g.stride_b[d];
+    }
+    *ia = oa;
+    *ib = ob;
+}
+
 #define NBIT_BINARY(S, ACC)                                                                       \
     extern "C" __global__ void binary_##S(const NBIT_DTYPE_##S* a, const NBIT_DTYPE_##S* b,       \
                                            NBIT_DTYPE_##S* out, i64 n, int op, NbitBroadcast g) { \
         NBIT_GRID_STRIDE(i, n) {                                                                  \
-            i64 rest = i, ia = 0, ib = 0;                                                         \
-            for (int d = g.ndim - 1; d >= 0; --d) {                                               \
-                i64 c = rest % g.shape[d];                                                        \
-                rest /= g.shape[d];                                                               \
-                ia += c * g.stride_a[d];                                                          \
-                ib += c * g.stride_b[d];                                                          \
-            }                                                                                     \
+            i64 ia, ib;                                                                           \
+            nbit_offsets(g, i, &ia, &ib);                                                         \
             ACC x = nbit_load_##S(a, ia), y = nbit_load_##S(b, ib);                               \
             ACC r = op == NBIT_ADD ? x + y : op == NBIT_SUB ? x - y : op == NBIT_MUL ? x * y : x / y; \
             nbit_store_##S(out, i, r);                                                            \
@@ -326,11 +334,16 @@ __device__ double nbit_block_all(double v, int max) {
     return v;
 }
 
-// Pass one of a full sum: each block's f64 sum of its grid-stride share, in partials[blockIdx.x].
+// Pass one of a full sum (of squares when `square`): each block's f64 sum of its grid-stride share,
+// in partials[blockIdx.x].
 #define NBIT_SUM(S)                                                                               \
-    extern "C" __global__ void sum_partial_##S(const NBIT_DTYPE_##S* x, i64 n, double* partials) { \
+    extern "C" __global__ void sum_partial_##S(const NBIT_DTYPE_##S* x, i64 n, int square,        \
+                                               double* partials) {                                \
         double acc = 0.0;                                                                         \
-        NBIT_GRID_STRIDE(i, n) { acc += (double)nbit_load_##S(x, i); }                            \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            double v = (double)nbit_load_##S(x, i);                                               \
+            acc += square ? v * v : v;                                                            \
+        }                                                                                         \
         double total = nbit_block_all(acc, 0);                                                    \
         if (threadIdx.x == 0) partials[blockIdx.x] = total;                                       \
     }                                                                                             \
@@ -402,6 +415,81 @@ NBIT_SOFTMAX(bf16)
 NBIT_SOFTMAX(f32)
 NBIT_SOFTMAX(f64)
 
+// A sum over some axes (`Backend::sum_to_shape`, `Backend::sum` along an axis), one thread per
+// output element: out[o] = scale * the f64 sum of x over the reduced axes, rounded once. `keep`
+// walks the kept axes in row-major order (shape, input strides in stride_a), `red` the reduced ones.
+#define NBIT_REDUCE(S)                                                                            \
+    extern "C" __global__ void reduce_##S(const NBIT_DTYPE_##S* x, NBIT_DTYPE_##S* out, i64 n_out, \
+                                          i64 n_red, NbitBroadcast keep, NbitBroadcast red,       \
+                                          double scale) {                                         \
+        NBIT_GRID_STRIDE(o, n_out) {                                                              \
+            i64 base, unused;                                                                     \
+            nbit_offsets(keep, o, &base, &unused);                                                \
+            double acc = 0.0;                                                                     \
+            for (i64 j = 0; j < n_red; ++j) {                                                     \
+                i64 off;                                                                          \
+                nbit_offsets(red, j, &off, &unused);                                              \
+                acc += (double)nbit_load_##S(x, base + off);                                      \
+            }                                                                                     \
+            nbit_store64_##S(out, o, acc * scale);                                                \
+        }                                                                                         \
+    }
+NBIT_REDUCE(f16)
+NBIT_REDUCE(bf16)
+NBIT_REDUCE(f32)
+NBIT_REDUCE(f64)
+
+// ---- data movement, by element size (any dtype, complex included) ------------------------------
+
+struct NbitB16 {
+    u64 lo, hi;
+};
+
+// out[offset_b(i)] = x[offset_a(i)] for every element i of g's shape: transposes (permuted
+// strides), broadcasts (stride 0), and copies into or out of a slice (concatenation).
+// fill_<size>: every element of out is v.
+#define NBIT_MOVE(B, T)                                                                           \
+    extern "C" __global__ void copy_##B(const T* x, T* out, i64 n, NbitBroadcast g) {             \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            i64 ia, ib;                                                                           \
+            nbit_offsets(g, i, &ia, &ib);                                                         \
+            out[ib] = x[ia];                                                                      \
+        }                                                                                         \
+    }                                                                                             \
+    extern "C" __global__ void fill_##B(T* out, i64 n, T v) {                                     \
+        NBIT_GRID_STRIDE(i, n) { out[i] = v; }                                                    \
+    }
+NBIT_MOVE(b2, u16)
+NBIT_MOVE(b4, u32)
+NBIT_MOVE(b8, u64)
+NBIT_MOVE(b16, NbitB16)
+
+// ---- the classification loss -----------------------------------------------------------------
+
+// The mean negative log-likelihood of one target per row, one block: -sum(logp[r, t[r]]) / rows in
+// f64, rounded once (`Backend::nll_loss`).
+#define NBIT_NLL(S)                                                                               \
+    extern "C" __global__ void nll_loss_##S(const NBIT_DTYPE_##S* logp, const i64* targets,       \
+                                            NBIT_DTYPE_##S* out, i64 rows, i64 cols) {            \
+        double acc = 0.0;                                                                         \
+        for (i64 r = threadIdx.x; r < rows; r += blockDim.x)                                      \
+            acc += (double)nbit_load_##S(logp, r * cols + targets[r]);                            \
+        acc = nbit_block_all(acc, 0);                                                             \
+        if (threadIdx.x == 0) nbit_store64_##S(out, 0, -acc / (double)(rows > 0 ? rows : 1));     \
+    }                                                                                             \
+    /* Its gradient: -dy / rows at each target, 0 elsewhere. */                                   \
+    extern "C" __global__ void nll_loss_backward_##S(const NBIT_DTYPE_##S* dy, const i64* targets, \
+                                                     NBIT_DTYPE_##S* out, i64 rows, i64 cols) {   \
+        double g = -(double)nbit_load_##S(dy, 0) / (double)(rows > 0 ? rows : 1);                 \
+        NBIT_GRID_STRIDE(i, rows * cols) {                                                        \
+            nbit_store64_##S(out, i, targets[i / cols] == i % cols ? g : 0.0);                    \
+        }                                                                                         \
+    }
+NBIT_NLL(f16)
+NBIT_NLL(bf16)
+NBIT_NLL(f32)
+NBIT_NLL(f64)
+
 // ---- the gradient scaler -------------------------------------------------------------------
 
 __device__ __forceinline__ bool nbit_finite_f(float v) { return v - v == 0.0f; }
@@ -426,6 +514,18 @@ NBIT_UNSCALE(f16, float, nbit_finite_f)
 NBIT_UNSCALE(bf16, float, nbit_finite_f)
 NBIT_UNSCALE(f32, float, nbit_finite_f)
 NBIT_UNSCALE(f64, double, nbit_finite_d)
+
+// *found = 1 if any of the n elements is inf or NaN (`Backend::any_non_finite`).
+#define NBIT_NON_FINITE(S, FINITE)                                                                \
+    extern "C" __global__ void non_finite_##S(const NBIT_DTYPE_##S* x, i64 n, int* found) {       \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            if (!FINITE(nbit_load_##S(x, i))) atomicExch(found, 1);                               \
+        }                                                                                         \
+    }
+NBIT_NON_FINITE(f16, nbit_finite_f)
+NBIT_NON_FINITE(bf16, nbit_finite_f)
+NBIT_NON_FINITE(f32, nbit_finite_f)
+NBIT_NON_FINITE(f64, nbit_finite_d)
 
 // PyTorch's `_amp_update_scale_` on the device (one thread), as `DynamicScaler::update`: the f32
 // scale times an f64 factor, rounded once; `min_scale` < 0 means no floor. Reads *found and resets

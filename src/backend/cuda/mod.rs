@@ -1,16 +1,48 @@
-//! The CUDA backend's kernels (feature `cuda`), the first part of issue 12.
+//! The CUDA backend (feature `cuda`): [`Backend`](super::Backend) for [`Gpu`].
 //!
-//! What exists: the kernel source (`kernels.cu`: element-wise ops and their gradients, casts,
-//! f64-accumulated sums, softmax and log-softmax with their gradients, the gradient scaler's fused
-//! unscale-and-check and its on-device scale update, the counter-based dropout mask), compiled at
-//! run time by NVRTC through cudarc ([`compile_ptx`], once per process and architecture), and a
-//! host emulation of a launch (`host_prelude.h`) under which the tests run that same source on the
-//! CPU and compare it with the CPU backend element for element.
+//! - `kernels.cu`: every kernel, one source with no CUDA headers, compiled at run time by NVRTC
+//!   ([`compile_ptx`], once per process and architecture) for the device's architecture.
+//! - `driver.rs`: what the backend asks of a device (memory, copies, launches, GEMM), answered by
+//!   the NVIDIA driver and cuBLAS through cudarc, loaded at run time, or by the host emulation.
+//! - `gpu.rs`: the storage ([`GpuStorage`]) and the `Backend` implementation, op by op.
+//! - `host_prelude.h`, `host_launchers.cpp`, [`emulator`]: the same kernels compiled for the CPU
+//!   with an emulation of a launch (one OS thread per CUDA thread, a barrier for
+//!   `__syncthreads`), which is how CI runs this whole backend without a GPU.
 //!
-//! What does not exist yet: device storage, launches on a GPU, cuBLAS products and the
-//! [`Backend`](super::Backend) implementation for [`Gpu`](crate::Gpu), so a `Gpu` trainer still
-//! returns [`Error::DeviceUnavailable`]. None of this needs the CUDA toolkit to build: cudarc
-//! loads NVRTC at run time, and a machine without it gets an `Err` naming what to install.
+//! Nothing here needs the CUDA toolkit to build. At run time a GPU needs the NVIDIA driver, NVRTC
+//! and cuBLAS (`libnvrtc.so.12`, `libcublas.so.12`: the CUDA toolkit, or the pip packages
+//! `nvidia-cuda-nvrtc-cu12` and `nvidia-cublas-cu12` on `LD_LIBRARY_PATH`); each one missing is an
+//! [`Error::DeviceUnavailable`] that names it, never a panic. A failure after the start (out of
+//! memory) is an [`Error::DeviceFailed`] from the trainer's entry points.
+//!
+//! f32 products do not use TF32 unless `NBIT_TF32=1` ([`TF32_ENV`], PyTorch's
+//! `torch.set_float32_matmul_precision("high")`), so 32-true means f32.
+
+mod driver;
+pub mod emulator;
+mod gpu;
+
+pub use driver::{EMULATOR_ENV, TF32_ENV, describe, use_emulator};
+pub use gpu::{GpuStorage, HOST_OPS};
+
+use crate::backend::{BackendJob, WithBackend};
+use crate::device::{Device, DeviceKind, Gpu};
+
+impl Device for Gpu {
+    const KIND: DeviceKind = DeviceKind::Gpu;
+    /// Starts the driver (once per process): the NVIDIA driver, a device, NVRTC, the kernels and
+    /// cuBLAS, or the emulation when [`EMULATOR_ENV`] names it.
+    fn probe() -> Result<(), Error> {
+        driver::driver().map(|_| ())
+    }
+}
+
+impl WithBackend for Gpu {
+    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error> {
+        Self::probe()?;
+        driver::catch(|| Ok(job.run()))
+    }
+}
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -19,25 +51,18 @@ use crate::error::Error;
 
 /// The kernel source NVRTC compiles (no CUDA headers needed).
 pub const KERNELS: &str = include_str!("kernels.cu");
-/// The host emulation of a launch that the tests compile `KERNELS` with.
+/// The host emulation of a launch that [`emulator::build`] compiles `KERNELS` with.
 pub const HOST_PRELUDE: &str = include_str!("host_prelude.h");
-/// The host entry points the tests call (`host_<kernel>`), one emulated launch each.
+/// The host emulation's launcher (`nbit_host_launch`: a kernel by name, its arguments as
+/// cuLaunchKernel's `kernelParams`).
 pub const HOST_LAUNCHERS: &str = include_str!("host_launchers.cpp");
 /// The GPU architectures the kernels are compiled and checked for: Ampere (A100) and Hopper
 /// (H100, H200).
 pub const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
-/// Threads per block of the element-wise and reduction kernels (a multiple of 32, as the block
-/// reduction needs).
+/// Threads per block of the element-wise and reduction kernels on a GPU (a multiple of 32, as
+/// the block reduction needs; the emulation uses 32).
 pub const BLOCK: u32 = 256;
-
-/// The grid and block sizes for `n` elements: one thread per element up to 1024 blocks, then
-/// grid-stride loops (the kernels accept any grid). At least one block, so a launch on an empty
-/// tensor is valid and writes nothing.
-pub fn launch_config(n: usize) -> (u32, u32) {
-    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 1024);
-    (blocks as u32, BLOCK)
-}
 
 /// Whether NVRTC can be loaded in this process; otherwise an error that names what to install.
 /// cudarc panics when a library is absent, so every NVRTC call here asks this first.
@@ -86,21 +111,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn launches_cover_every_element_with_at_most_1024_blocks() {
-        assert_eq!(launch_config(0), (1, 256));
-        assert_eq!(launch_config(1), (1, 256));
-        assert_eq!(launch_config(257), (2, 256));
-        assert_eq!(launch_config(1 << 30), (1024, 256));
-        assert_eq!(BLOCK % 32, 0);
-    }
-
-    #[test]
     fn every_kernel_has_a_host_launcher() {
         let kernels: Vec<&str> = KERNELS
             .match_indices("__global__ void ")
             .map(|(i, m)| KERNELS[i + m.len()..].split('(').next().unwrap_or(""))
             .collect();
-        // The kernels defined through macros, by their stems.
+        // The kernels defined through macros, by their stems; the launcher's table names each
+        // stem (NBIT_E4(stem), NBIT_EB(stem) or NBIT_E(stem...)).
         for stem in [
             "unary_",
             "unary_backward_",
@@ -108,15 +125,22 @@ mod tests {
             "cast_",
             "sum_partial_",
             "sum_finish_",
+            "reduce_",
             "softmax_",
             "softmax_backward_",
+            "nll_loss_",
+            "nll_loss_backward_",
             "unscale_check_",
+            "non_finite_",
             "update_scale",
             "dropout_mask_",
+            "copy_",
+            "fill_",
         ] {
             assert!(kernels.iter().any(|k| k.starts_with(stem)), "no kernel {stem}");
+            let name = stem.trim_end_matches('_');
             assert!(
-                HOST_LAUNCHERS.contains(&format!("host_{stem}")),
+                HOST_LAUNCHERS.contains(&format!("({name})")) || HOST_LAUNCHERS.contains(&format!("({stem}")),
                 "no launcher for {stem}"
             );
         }

@@ -1,0 +1,600 @@
+//! What the GPU backend asks of a device, as one object-safe trait with two implementations:
+//! [`Cuda`] (the NVIDIA driver and cuBLAS through cudarc, loaded at run time) and [`Host`] (the
+//! same kernels compiled for the CPU with the launch emulation of `host_prelude.h`, loaded from a
+//! shared library that [`emulator::build`](super::emulator::build) makes). Every byte the backend
+//! moves and every launch it makes goes through this trait, so under the emulation the whole
+//! backend (storage, argument marshalling, launch configuration, the kernels themselves) runs in CI
+//! without a GPU; only this file's [`Cuda`] half needs one.
+//!
+//! Device pointers are `u64` (a `CUdeviceptr`, or a host address under the emulation). Launch
+//! arguments are cuLaunchKernel's `kernelParams`: one pointer to each argument's value.
+
+use core::ffi::c_void;
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use crate::dtype::DType;
+use crate::error::Error;
+
+/// One GEMM, row-major: `c[m, n] = op(a) @ op(b) (+ bias[n] in every row)`, where `op` transposes
+/// `a` (stored `[k, m]`) when `ta` and `b` (stored `[n, k]`) when `tb`. Operands of 16-bit types
+/// accumulate in f32; the bias is added before the single rounding. When `bias` is given, `c`
+/// already holds it in every row (cuBLAS adds it with beta = 1; the emulation reads `bias`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gemm {
+    pub dtype: DType,
+    pub ta: bool,
+    pub tb: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+    pub bias: Option<u64>,
+}
+
+/// A device the GPU backend can run on. Errors are the driver's words.
+pub(crate) trait Driver: Send + Sync {
+    /// What runs the kernels, for messages and the quickstart's table.
+    fn describe(&self) -> String;
+    /// Threads per block of the element-wise and reduction kernels (a multiple of 32).
+    fn block(&self) -> u32;
+    /// The most blocks one launch uses (the kernels loop over the rest).
+    fn max_blocks(&self) -> u32;
+    /// `bytes` of device memory (at least one byte is allocated for 0).
+    fn alloc(&self, bytes: usize) -> Result<u64, String>;
+    /// Frees what `alloc` returned.
+    ///
+    /// # Safety
+    /// `ptr` came from this driver's `alloc` and is not used afterwards.
+    unsafe fn free(&self, ptr: u64);
+    /// Host to device.
+    ///
+    /// # Safety
+    /// `dst` holds at least `src.len()` bytes.
+    unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String>;
+    /// Device to host (waits for the work before it).
+    ///
+    /// # Safety
+    /// `src` holds at least `dst.len()` bytes.
+    unsafe fn download(&self, dst: &mut [u8], src: u64) -> Result<(), String>;
+    /// Device to device.
+    ///
+    /// # Safety
+    /// Both hold at least `bytes` bytes.
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), String>;
+    /// Launches kernel `name` of kernels.cu on `grid` blocks of `block` threads.
+    ///
+    /// # Safety
+    /// `args` points to values of exactly the kernel's parameter types, and the pointers among
+    /// them to device memory the kernel may read and write.
+    unsafe fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), String>;
+    /// One matrix product (see [`Gemm`]).
+    ///
+    /// # Safety
+    /// The pointers hold the operands of the sizes `g` gives.
+    unsafe fn gemm(&self, g: &Gemm) -> Result<(), String>;
+}
+
+/// The environment variable that points the GPU backend at the host emulation's library instead
+/// of a GPU (what [`emulator::build`](super::emulator::build) returns).
+pub const EMULATOR_ENV: &str = "NBIT_CUDA_EMULATOR";
+
+/// The driver, once one has started; a failed start is not kept, so a later call (or
+/// [`use_emulator`]) may succeed.
+static DRIVER: OnceLock<&'static dyn Driver> = OnceLock::new();
+/// Serialises starts.
+static STARTING: Mutex<()> = Mutex::new(());
+
+/// The driver of this process, started on first use: the emulation when [`EMULATOR_ENV`] names
+/// its library (or [`use_emulator`] came first), else the NVIDIA driver.
+pub(crate) fn driver() -> Result<&'static dyn Driver, Error> {
+    if let Some(&d) = DRIVER.get() {
+        return Ok(d);
+    }
+    start(|| match std::env::var_os(EMULATOR_ENV) {
+        Some(path) => Host::load(Path::new(&path)).map(|h| Box::new(h) as Box<dyn Driver>),
+        None => Cuda::start(0).map(|c| Box::new(c) as Box<dyn Driver>),
+    })
+}
+
+fn start(make: impl FnOnce() -> Result<Box<dyn Driver>, Error>) -> Result<&'static dyn Driver, Error> {
+    let _one = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&d) = DRIVER.get() {
+        return Ok(d);
+    }
+    // The driver lives as long as the process (storages free through it when they drop).
+    let d: &'static dyn Driver = Box::leak(make()?);
+    let _ = DRIVER.set(d);
+    Ok(d)
+}
+
+/// Runs this process's GPU backend on the host emulation in `library` (built by
+/// [`emulator::build`](super::emulator::build)) instead of a GPU: slow, but the same kernel source,
+/// so code written for `Gpu` can be tested on a machine without one. An error if a GPU (or another
+/// emulation library) already started in this process.
+pub fn use_emulator(library: &Path) -> Result<(), Error> {
+    let d = start(|| Host::load(library).map(|h| Box::new(h) as Box<dyn Driver>))?;
+    if d.describe() == Host::describe_path(library) {
+        Ok(())
+    } else {
+        Err(Error::DeviceUnavailable {
+            device: "gpu",
+            reason: format!("this process already runs its GPU backend on {}", d.describe()),
+        })
+    }
+}
+
+/// What runs the GPU backend in this process ("NVIDIA H200 (sm_90) ..." or the emulation), or why
+/// nothing can.
+pub fn describe() -> Result<String, Error> {
+    driver().map(|d| d.describe())
+}
+
+// ---- failures inside kernels --------------------------------------------------------------------
+
+/// A GPU failure inside an operation whose signature cannot return one ([`Backend`]'s methods are
+/// infallible, as the CPU's are): it unwinds to [`catch`], which turns it into
+/// [`Error::DeviceFailed`]. Outside `catch` it is an ordinary panic with the same message.
+///
+/// [`Backend`]: crate::backend::Backend
+struct DeviceFailure(Error);
+
+std::thread_local! {
+    static CATCHING: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
+}
+
+pub(crate) fn fail(op: &'static str, reason: String) -> ! {
+    let e = Error::DeviceFailed {
+        device: "gpu",
+        op,
+        reason,
+    };
+    if CATCHING.with(|c| c.get()) > 0 {
+        // Skips the panic hook: `catch` reports it as an `Err`.
+        std::panic::resume_unwind(Box::new(DeviceFailure(e)))
+    }
+    panic!("{e}")
+}
+
+/// Runs `f`, turning a GPU failure inside it into `Err` (other panics go on unwinding).
+pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    CATCHING.with(|c| c.set(c.get() + 1));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(c.get() - 1));
+    match r {
+        Ok(r) => r,
+        Err(payload) => match payload.downcast::<DeviceFailure>() {
+            Ok(failure) => Err(failure.0),
+            Err(other) => std::panic::resume_unwind(other),
+        },
+    }
+}
+
+// ---- the host emulation ---------------------------------------------------------------------------
+
+type HostLaunch = unsafe extern "C" fn(*const core::ffi::c_char, u32, u32, u32, *mut *mut c_void) -> i32;
+
+/// The kernels compiled for the host (see the module docs).
+struct Host {
+    path: PathBuf,
+    launch: HostLaunch,
+    _lib: libloading::Library,
+    sizes: Mutex<HashMap<u64, usize>>,
+}
+
+impl Host {
+    fn load(path: &Path) -> Result<Host, Error> {
+        let unusable = |why: String| Error::DeviceUnavailable {
+            device: "gpu",
+            reason: format!(
+                "the CUDA emulation library {} {why}; build it with \
+                 nbit::backend::cuda::emulator::build, or unset {EMULATOR_ENV}",
+                path.display()
+            ),
+        };
+        // SAFETY: a library of nbit's own kernels (emulator::build), with no initialisers beyond
+        // the C++ runtime's.
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| unusable(format!("cannot be loaded: {e}")))?;
+        // SAFETY: host_launchers.cpp defines the symbol with this signature.
+        let launch = unsafe { lib.get::<HostLaunch>(b"nbit_host_launch\0") }
+            .map(|s| *s)
+            .map_err(|e| unusable(format!("is not nbit's: {e}")))?;
+        Ok(Host {
+            path: path.to_owned(),
+            launch,
+            _lib: lib,
+            sizes: Mutex::default(),
+        })
+    }
+
+    fn layout(bytes: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(bytes.max(1), 16).expect("sizes come from tensors that exist")
+    }
+}
+
+impl Host {
+    fn describe_path(path: &Path) -> String {
+        format!("the host emulation of nbit's CUDA kernels ({})", path.display())
+    }
+}
+
+impl Driver for Host {
+    fn describe(&self) -> String {
+        Host::describe_path(&self.path)
+    }
+    fn block(&self) -> u32 {
+        // The emulation starts one OS thread per CUDA thread: the smallest block the kernels allow.
+        32
+    }
+    fn max_blocks(&self) -> u32 {
+        2
+    }
+    fn alloc(&self, bytes: usize) -> Result<u64, String> {
+        // SAFETY: a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(Self::layout(bytes)) };
+        if p.is_null() {
+            return Err(format!("out of host memory for {bytes} bytes"));
+        }
+        self.sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p as u64, bytes);
+        Ok(p as u64)
+    }
+    unsafe fn free(&self, ptr: u64) {
+        if let Some(bytes) = self.sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&ptr) {
+            // SAFETY: allocated by `alloc` with this layout.
+            unsafe { std::alloc::dealloc(ptr as *mut u8, Self::layout(bytes)) }
+        }
+    }
+    unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
+        // SAFETY: the caller's contract; host memory on both sides.
+        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+    unsafe fn download(&self, dst: &mut [u8], src: u64) -> Result<(), String> {
+        // SAFETY: as `upload`.
+        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), String> {
+        // SAFETY: as `upload` (`copy` allows overlap).
+        unsafe { core::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+    unsafe fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), String> {
+        let c = CString::new(name).map_err(|e| e.to_string())?;
+        // SAFETY: the caller's contract; the launch is synchronous.
+        match unsafe { (self.launch)(c.as_ptr(), grid.0, grid.1, block, args.as_mut_ptr()) } {
+            0 => Ok(()),
+            _ => Err(format!("the emulation has no kernel '{name}' (rebuild it)")),
+        }
+    }
+    unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
+        // The CPU backend's product on the same memory: cuBLAS's role, with the CPU's numerics.
+        // SAFETY: the caller's contract.
+        unsafe {
+            match g.dtype {
+                DType::F16 => host_gemm::<half::f16>(g),
+                DType::BF16 => host_gemm::<half::bf16>(g),
+                DType::F32 => host_gemm::<f32>(g),
+                DType::F64 => host_gemm::<f64>(g),
+                other => return Err(format!("no real GEMM for {other}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`Host::gemm`] for one type.
+unsafe fn host_gemm<E: crate::dtype::Float>(g: &Gemm) {
+    use super::super::Backend;
+    use ndarray::ArrayD;
+    let view = |p: u64, rows: usize, cols: usize| {
+        // SAFETY: the caller's contract: `rows * cols` elements of `E` at `p`.
+        let s = unsafe { core::slice::from_raw_parts(p as *const E, rows * cols) };
+        ArrayD::from_shape_vec(vec![rows, cols], s.to_vec()).expect("sizes match")
+    };
+    let a = if g.ta {
+        view(g.a, g.k, g.m)
+    } else {
+        view(g.a, g.m, g.k)
+    };
+    let b = if g.tb {
+        view(g.b, g.n, g.k)
+    } else {
+        view(g.b, g.k, g.n)
+    };
+    let bias = g.bias.map(|p| {
+        view(p, 1, g.n)
+            .into_shape_with_order(vec![g.n])
+            .expect("n elements")
+    });
+    let c = crate::Cpu::matmul(&a, &b, g.ta, g.tb, bias.as_ref());
+    let c = c.as_standard_layout();
+    let out = c.as_slice().expect("standard layout");
+    // SAFETY: `c` holds m * n elements.
+    unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), g.c as *mut E, out.len()) };
+}
+
+// ---- the NVIDIA driver ----------------------------------------------------------------------------
+
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::driver::{result as cu, sys as cu_sys};
+
+/// A GPU through the CUDA driver API and cuBLAS (both loaded at run time by cudarc).
+struct Cuda {
+    ordinal: usize,
+    name: String,
+    arch: String,
+    ctx: cu_sys::CUcontext,
+    module: cu_sys::CUmodule,
+    functions: Mutex<HashMap<String, usize>>,
+    blas: cublas_sys::cublasHandle_t,
+    blocks: u32,
+}
+
+// SAFETY: the context, module and cuBLAS handle are process-wide driver objects; every call makes
+// the context current first, and cuBLAS calls are serialised by `blas_lock`.
+unsafe impl Send for Cuda {}
+// SAFETY: as above.
+unsafe impl Sync for Cuda {}
+
+static BLAS_LOCK: Mutex<()> = Mutex::new(());
+
+/// The environment variable that lets f32 products use TF32 tensor cores (PyTorch's
+/// `torch.set_float32_matmul_precision("high")`): `NBIT_TF32=1`. Off by default, so 32-true
+/// means f32.
+pub const TF32_ENV: &str = "NBIT_TF32";
+
+impl Cuda {
+    /// Opens device `ordinal`: the driver, its primary context, the kernels (NVRTC, once), cuBLAS.
+    fn start(ordinal: usize) -> Result<Cuda, Error> {
+        let unusable = |reason: String| Error::DeviceUnavailable {
+            device: "gpu",
+            reason,
+        };
+        // cudarc panics when a library is absent, so probe each before its first call.
+        crate::device::cuda_device_count().map_err(unusable)?;
+        // SAFETY: probing only opens the library.
+        if !unsafe { cublas_sys::is_culib_present() } {
+            return Err(unusable(
+                "cuBLAS (libcublas.so.12) was not found: install the CUDA toolkit, or `pip install \
+                 nvidia-cublas-cu12` and add its `nvidia/cublas/lib` folder to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        super::nvrtc_available()?;
+        let driver = |what: &str, e: cu::DriverError| unusable(format!("{what} failed: {}", words(e)));
+        cu::init().map_err(|e| driver("cuInit", e))?;
+        let dev = cu::device::get(ordinal as i32).map_err(|e| driver("cuDeviceGet", e))?;
+        let name = cu::device::get_name(dev).map_err(|e| driver("cuDeviceGetName", e))?;
+        let attr = |a| {
+            // SAFETY: a valid device and attribute.
+            unsafe { cu::device::get_attribute(dev, a) }.map_err(|e| driver("cuDeviceGetAttribute", e))
+        };
+        use cu_sys::CUdevice_attribute::*;
+        let (major, minor) = (
+            attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        let sms = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
+        if major < 7 {
+            return Err(unusable(format!(
+                "{name} has compute capability {major}.{minor}; nbit's kernels need 7.0 (Volta) or newer"
+            )));
+        }
+        // SAFETY: a valid device; the primary context lives as long as the process.
+        let ctx =
+            unsafe { cu::primary_ctx::retain(dev) }.map_err(|e| driver("cuDevicePrimaryCtxRetain", e))?;
+        // SAFETY: a context just retained.
+        unsafe { cu::ctx::set_current(ctx) }.map_err(|e| driver("cuCtxSetCurrent", e))?;
+        // PTX for the device's virtual architecture, which the driver compiles for the device.
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let ptx = super::compile_ptx(arch)?;
+        let image = CString::new(ptx).map_err(|e| unusable(e.to_string()))?;
+        // SAFETY: a NUL-terminated PTX image.
+        let module = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
+            if e.0 == cu_sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+                unusable(
+                    "the NVIDIA driver is older than NVRTC (it cannot load the PTX NVRTC wrote): \
+                     update the driver, or use the NVRTC of the CUDA version `nvidia-smi` reports \
+                     (pip install nvidia-cuda-nvrtc-cu12==<that version>)"
+                        .into(),
+                )
+            } else {
+                driver("cuModuleLoadData", e)
+            }
+        })?;
+        let blas = cudarc::cublas::result::create_handle()
+            .map_err(|e| unusable(format!("cublasCreate failed: {e:?}")))?;
+        Ok(Cuda {
+            ordinal,
+            name,
+            arch: format!("sm_{major}{minor}"),
+            ctx,
+            module,
+            functions: Mutex::default(),
+            blas,
+            blocks: (sms * 4).clamp(1, 1024),
+        })
+    }
+
+    fn current(&self) -> Result<(), String> {
+        // SAFETY: the context retained in `start`.
+        unsafe { cu::ctx::set_current(self.ctx) }.map_err(words)
+    }
+
+    fn function(&self, name: &str) -> Result<cu_sys::CUfunction, String> {
+        let mut f = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&p) = f.get(name) {
+            return Ok(p as cu_sys::CUfunction);
+        }
+        // SAFETY: the module loaded in `start`.
+        let func =
+            unsafe { cu::module::get_function(self.module, CString::new(name).map_err(|e| e.to_string())?) }
+                .map_err(|e| format!("kernel '{name}': {}", words(e)))?;
+        f.insert(name.to_owned(), func as usize);
+        Ok(func)
+    }
+}
+
+/// A driver error in words: its name and description.
+fn words(e: cu::DriverError) -> String {
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let hint = if e.0 == cu_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        " (reduce the batch size or the model)"
+    } else {
+        ""
+    };
+    format!("{name}: {text}{hint}")
+}
+
+impl Driver for Cuda {
+    fn describe(&self) -> String {
+        format!("{} ({}, CUDA device {})", self.name, self.arch, self.ordinal)
+    }
+    fn block(&self) -> u32 {
+        super::BLOCK
+    }
+    fn max_blocks(&self) -> u32 {
+        self.blocks
+    }
+    fn alloc(&self, bytes: usize) -> Result<u64, String> {
+        self.current()?;
+        // SAFETY: a plain allocation in the current context.
+        unsafe { cu::malloc_sync(bytes.max(1)) }.map_err(words)
+    }
+    unsafe fn free(&self, ptr: u64) {
+        if self.current().is_ok() {
+            // SAFETY: the caller's contract. A failure here has nowhere to go; the memory is lost.
+            let _ = unsafe { cu::free_sync(ptr) };
+        }
+    }
+    unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
+        self.current()?;
+        // SAFETY: the caller's contract.
+        unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(words)
+    }
+    unsafe fn download(&self, dst: &mut [u8], src: u64) -> Result<(), String> {
+        self.current()?;
+        // SAFETY: the caller's contract; synchronous on the legacy stream, after every launch.
+        unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(words)
+    }
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), String> {
+        self.current()?;
+        // SAFETY: the caller's contract.
+        unsafe { cu::memcpy_dtod_sync(dst, src, bytes) }.map_err(words)
+    }
+    unsafe fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), String> {
+        self.current()?;
+        let f = self.function(name)?;
+        // SAFETY: the caller's contract; the null stream orders every launch and copy.
+        unsafe { cu::launch_kernel(f, (grid.0, grid.1, 1), (block, 1, 1), 0, cu::stream::null(), args) }
+            .map_err(words)
+    }
+    unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
+        use cublas_sys::cublasComputeType_t::*;
+        use cublas_sys::cudaDataType_t::*;
+        self.current()?;
+        let (ty, compute) = match g.dtype {
+            DType::F16 => (CUDA_R_16F, CUBLAS_COMPUTE_32F),
+            DType::BF16 => (CUDA_R_16BF, CUBLAS_COMPUTE_32F),
+            DType::F32 if std::env::var(TF32_ENV).is_ok_and(|v| v == "1") => {
+                (CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32)
+            }
+            DType::F32 => (CUDA_R_32F, CUBLAS_COMPUTE_32F),
+            DType::F64 => (CUDA_R_64F, CUBLAS_COMPUTE_64F),
+            other => return Err(format!("no real GEMM for {other}")),
+        };
+        // The bias, already in every row of c (see `Gemm`), is added by beta = 1.
+        // Row-major c = op(a) op(b) is column-major c^T = op(b)^T op(a)^T: cuBLAS computes
+        // [n, m] = op_b(b) [n, k] x op_a(a) [k, m], with b and a in its column-major view.
+        let op = |t: bool| {
+            if t {
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let lda = if g.ta { g.m } else { g.k };
+        let ldb = if g.tb { g.k } else { g.n };
+        let beta_one = g.bias.is_some();
+        let (one32, zero32, one64, zero64) = (1.0f32, 0.0f32, 1.0f64, 0.0f64);
+        let (alpha, beta): (*const c_void, *const c_void) = if g.dtype == DType::F64 {
+            (
+                &one64 as *const f64 as _,
+                if beta_one {
+                    &one64 as *const f64 as _
+                } else {
+                    &zero64 as *const f64 as _
+                },
+            )
+        } else {
+            (
+                &one32 as *const f32 as _,
+                if beta_one {
+                    &one32 as *const f32 as _
+                } else {
+                    &zero32 as *const f32 as _
+                },
+            )
+        };
+        let _one_at_a_time = BLAS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the caller's contract; sizes as cuBLAS's column-major view of the row-major data.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                self.blas,
+                op(g.tb),
+                op(g.ta),
+                g.n as i32,
+                g.m as i32,
+                g.k as i32,
+                alpha,
+                g.b as *const c_void,
+                ty,
+                ldb as i32,
+                g.a as *const c_void,
+                ty,
+                lda as i32,
+                beta,
+                g.c as *mut c_void,
+                ty,
+                g.n as i32,
+                compute,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| format!("cublasGemmEx: {e:?}"))
+    }
+}

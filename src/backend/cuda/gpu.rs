@@ -1,0 +1,895 @@
+//! [`Backend`] for [`Gpu`]: tensors in device memory, every op a launch of a `kernels.cu` kernel
+//! or a cuBLAS product through the [`Driver`] of this process.
+//!
+//! The ops that still run on the host (their data is copied down, the CPU backend computes, the
+//! result is copied up) are listed in [`HOST_OPS`]; none of them is on the path of a training step
+//! of an MLP (matmul, element-wise ops, sums, softmax, NLL, the scaler's check, AdamW and SGD
+//! steps on the host are the exception, see [`HOST_OPS`]).
+
+use core::ffi::c_void;
+use core::marker::PhantomData;
+
+use ndarray::ArrayD;
+
+use super::driver::{Driver, Gemm, driver, fail};
+use crate::backend::{AdamWStep, Backend, Binary, Compare, Conv2dGeometry, SgdStep, Unary};
+use crate::device::{Cpu, Gpu};
+use crate::dtype::{DType, Element, Float};
+
+/// The operations of [`Backend`] that the GPU backend computes on the host for now, by copying
+/// their operands down and the result up: correct, slow. Everything else runs on the device.
+pub const HOST_OPS: [&str; 15] = [
+    "layer_norm",
+    "layer_norm_backward",
+    "index_select",
+    "index_add",
+    "gather",
+    "scatter_add",
+    "arg_extreme",
+    "select",
+    "compare",
+    "unfold2d",
+    "fold2d",
+    "sgd_step",
+    "adamw_step",
+    "complex ops (ComplexBackend is not implemented for Gpu)",
+    "linalg (the lapack feature is CPU-only)",
+];
+
+/// One device allocation, freed on drop.
+struct Buffer {
+    ptr: u64,
+}
+
+impl Buffer {
+    fn new(op: &'static str, bytes: usize) -> Buffer {
+        let ptr = drv()
+            .alloc(bytes)
+            .unwrap_or_else(|e| fail(op, format!("allocating {bytes} bytes: {e}")));
+        Buffer { ptr }
+    }
+
+    /// A small host slice (targets, pointer tables, a flag) on the device.
+    fn upload<T: Copy>(op: &'static str, values: &[T]) -> Buffer {
+        let b = Buffer::new(op, size_of_val(values));
+        // SAFETY: `b` holds the slice's bytes.
+        unsafe { drv().upload(b.ptr, as_bytes(values)) }.unwrap_or_else(|e| fail(op, e));
+        b
+    }
+
+    /// The first `n` values of type `T` (waits for the work before it).
+    fn read<T: Copy + Default>(&self, op: &'static str, n: usize) -> Vec<T> {
+        let mut v = vec![T::default(); n];
+        // SAFETY: plain data; the buffer holds at least `n` values (the callers' sizes).
+        let bytes =
+            unsafe { core::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, size_of_val(&v[..])) };
+        unsafe { drv().download(bytes, self.ptr) }.unwrap_or_else(|e| fail(op, e));
+        v
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Ok(d) = driver() {
+            // SAFETY: allocated by this driver, never used again.
+            unsafe { d.free(self.ptr) }
+        }
+    }
+}
+
+/// A tensor's data in GPU memory: its shape (row-major, contiguous), the device it lives on, and
+/// the allocation. Cloning copies on the device; dropping frees.
+pub struct GpuStorage<E: Element> {
+    shape: Vec<usize>,
+    /// Owns the allocation at `ptr`.
+    _buf: Buffer,
+    ptr: u64,
+    device: usize,
+    _e: PhantomData<E>,
+}
+
+impl<E: Element> GpuStorage<E> {
+    /// Uninitialised memory for `shape` (every kernel writing it covers every element).
+    fn empty(op: &'static str, shape: &[usize]) -> Self {
+        let buf = Buffer::new(op, shape.iter().product::<usize>() * size_of::<E>());
+        GpuStorage {
+            shape: shape.to_vec(),
+            ptr: buf.ptr,
+            _buf: buf,
+            device: 0,
+            _e: PhantomData,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn bytes(&self) -> usize {
+        self.len() * size_of::<E>()
+    }
+
+    /// The index of the GPU holding this tensor (0: one GPU per process for now).
+    pub fn device_index(&self) -> usize {
+        self.device
+    }
+
+    /// The same bytes under another element type of the same size and another shape.
+    fn copied_as<F: Element>(&self, op: &'static str, shape: &[usize]) -> GpuStorage<F> {
+        let out = GpuStorage::<F>::empty(op, shape);
+        // SAFETY: both hold `bytes` bytes (same element count and size, checked by the callers).
+        unsafe { drv().copy(out.ptr, self.ptr, self.bytes()) }.unwrap_or_else(|e| fail(op, e));
+        out
+    }
+}
+
+impl<E: Element> Clone for GpuStorage<E> {
+    fn clone(&self) -> Self {
+        self.copied_as("clone", &self.shape)
+    }
+}
+
+impl<E: Element> core::fmt::Debug for GpuStorage<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "GpuStorage<{}>{:?} on cuda:{}",
+            E::DTYPE,
+            self.shape,
+            self.device
+        )
+    }
+}
+
+fn drv() -> &'static dyn Driver {
+    driver().unwrap_or_else(|e| fail("start", e.to_string()))
+}
+
+/// The kernels' name for a real type.
+fn suffix<E: Element>() -> &'static str {
+    match E::DTYPE {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        other => fail("kernel", format!("no GPU kernels for {other}")),
+    }
+}
+
+/// The data-movement kernels' name for an element size.
+fn size_suffix<E: Element>() -> &'static str {
+    match size_of::<E>() {
+        2 => "b2",
+        4 => "b4",
+        8 => "b8",
+        16 => "b16",
+        n => fail("copy", format!("no GPU copy for {n}-byte elements")),
+    }
+}
+
+/// Pointers to each launch argument (cuLaunchKernel's `kernelParams`); each argument must be a
+/// local of the kernel parameter's exact C type (u64 for a pointer).
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { &mut [$(&$a as *const _ as *mut c_void),*] };
+}
+
+/// Launches `name` on `grid` x `grid_y` blocks of the driver's block size.
+fn launch(op: &'static str, name: String, grid: (u32, u32), args: &mut [*mut c_void]) {
+    let d = drv();
+    // SAFETY: every caller passes the kernel's parameter types, with device pointers from live
+    // storages of the sizes the kernel reads.
+    unsafe { d.launch(&name, grid, d.block(), args) }.unwrap_or_else(|e| fail(op, e));
+}
+
+/// Blocks for a grid-stride kernel over `n` items.
+fn blocks(n: usize) -> u32 {
+    let d = drv();
+    (n.div_ceil(d.block() as usize)).clamp(1, d.max_blocks() as usize) as u32
+}
+
+/// `NbitBroadcast` of kernels.cu: an iteration shape and two element strides per axis.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    ndim: i32,
+    shape: [i64; MAX_DIMS],
+    stride_a: [i64; MAX_DIMS],
+    stride_b: [i64; MAX_DIMS],
+}
+
+/// The most axes a kernel's geometry holds.
+pub(crate) const MAX_DIMS: usize = 8;
+
+impl Geometry {
+    /// Iterates `shape` reading at strides `a` and `b` (right-aligned: missing leading axes are 0).
+    pub(crate) fn new(op: &'static str, shape: &[usize], a: &[i64], b: &[i64]) -> Geometry {
+        if shape.len() > MAX_DIMS {
+            fail(
+                op,
+                format!("shape {shape:?} has more than {MAX_DIMS} axes, the GPU kernels' limit"),
+            );
+        }
+        let mut g = Geometry {
+            ndim: shape.len() as i32,
+            shape: [1; MAX_DIMS],
+            stride_a: [0; MAX_DIMS],
+            stride_b: [0; MAX_DIMS],
+        };
+        let n = shape.len();
+        for (dst, &v) in g.shape.iter_mut().zip(shape) {
+            *dst = v as i64;
+        }
+        for (dst, src) in [(&mut g.stride_a, a), (&mut g.stride_b, b)] {
+            for (i, &s) in src.iter().enumerate() {
+                dst[n - src.len() + i] = s;
+            }
+        }
+        g
+    }
+}
+
+/// Row-major element strides of `shape`.
+pub(crate) fn strides(shape: &[usize]) -> Vec<i64> {
+    let mut st = vec![0i64; shape.len()];
+    let mut acc = 1i64;
+    for d in (0..shape.len()).rev() {
+        st[d] = acc;
+        acc *= shape[d] as i64;
+    }
+    st
+}
+
+/// The strides that read `shape` broadcast to `out` (0 along broadcast axes).
+pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<i64> {
+    let st = strides(shape);
+    let lead = out.len() - shape.len();
+    (0..out.len())
+        .map(|d| match d.checked_sub(lead) {
+            Some(i) if shape[i] != 1 => st[i],
+            _ => 0,
+        })
+        .collect()
+}
+
+/// Out-of-place copy of `x`'s elements through `g` (source strides a, destination strides b).
+fn copy_into<E: Element>(op: &'static str, x: u64, out: u64, g: Geometry) {
+    let n: i64 = g.shape[..g.ndim as usize].iter().product();
+    launch(
+        op,
+        format!("copy_{}", size_suffix::<E>()),
+        (blocks(n as usize), 1),
+        args![x, out, n, g],
+    );
+}
+
+/// The sum over the axes in `reduced` of `s`, scaled, into a new tensor of `out_shape`.
+fn reduce<E: Float>(
+    op: &'static str,
+    s: &GpuStorage<E>,
+    reduced: &[bool],
+    out_shape: &[usize],
+    scale: f64,
+) -> GpuStorage<E> {
+    let st = strides(&s.shape);
+    let pick = |want: bool| -> (Vec<usize>, Vec<i64>) {
+        (0..s.shape.len())
+            .filter(|&d| reduced[d] == want)
+            .map(|d| (s.shape[d], st[d]))
+            .unzip()
+    };
+    let (keep_shape, keep_st) = pick(false);
+    let (red_shape, red_st) = pick(true);
+    let keep = Geometry::new(op, &keep_shape, &keep_st, &[]);
+    let red = Geometry::new(op, &red_shape, &red_st, &[]);
+    let out = GpuStorage::<E>::empty(op, out_shape);
+    let (n_out, n_red) = (out.len() as i64, red_shape.iter().product::<usize>() as i64);
+    let (x, o) = (s.ptr, out.ptr);
+    launch(
+        op,
+        format!("reduce_{}", suffix::<E>()),
+        (blocks(n_out as usize), 1),
+        args![x, o, n_out, n_red, keep, red, scale],
+    );
+    out
+}
+
+/// The f64 sum of every element (of its square when `square`), scaled, into `out` (one element of
+/// type `T`): two passes, block partials then one block.
+fn total<E: Float, T: Float>(
+    op: &'static str,
+    s: &GpuStorage<E>,
+    square: bool,
+    scale: f64,
+    out: &GpuStorage<T>,
+) {
+    let n = s.len() as i64;
+    let g = blocks(s.len());
+    let partials = GpuStorage::<f64>::empty(op, &[g as usize]);
+    let (x, p, sq) = (s.ptr, partials.ptr, square as i32);
+    launch(
+        op,
+        format!("sum_partial_{}", suffix::<E>()),
+        (g, 1),
+        args![x, n, sq, p],
+    );
+    let (count, o) = (g as i64, out.ptr);
+    launch(
+        op,
+        format!("sum_finish_{}", suffix::<T>()),
+        (1, 1),
+        args![p, count, o, scale],
+    );
+}
+
+/// The op code and two scalars of a [`Unary`] in kernels.cu's numbering.
+fn unary_code(op: Unary) -> (i32, f64, f64) {
+    match op {
+        Unary::Neg => (0, 0.0, 0.0),
+        Unary::AddScalar(c) => (1, c, 0.0),
+        Unary::MulScalar(c) => (2, c, 0.0),
+        Unary::Powf(p) => (3, p, 0.0),
+        Unary::Relu => (4, 0.0, 0.0),
+        Unary::Gelu => (5, 0.0, 0.0),
+        Unary::GeluTanh => (6, 0.0, 0.0),
+        Unary::Tanh => (7, 0.0, 0.0),
+        Unary::Sigmoid => (8, 0.0, 0.0),
+        Unary::Exp => (9, 0.0, 0.0),
+        Unary::Log => (10, 0.0, 0.0),
+        Unary::Abs => (11, 0.0, 0.0),
+        Unary::Huber(d) => (12, d, 0.0),
+        Unary::Sqrt => (13, 0.0, 0.0),
+        Unary::Clamp(lo, hi) => (14, lo, hi),
+    }
+}
+
+/// `op(x)` written to `out` (which may be `x`).
+fn unary_into<E: Float>(op: Unary, x: u64, out: u64, n: usize) {
+    let (code, a, b) = unary_code(op);
+    let n = n as i64;
+    launch(
+        "unary",
+        format!("unary_{}", suffix::<E>()),
+        (blocks(n as usize), 1),
+        args![x, out, n, code, a, b],
+    );
+}
+
+/// `op(a, b)` written to `out` (which may be `a`), broadcasting to `out_shape`.
+fn binary_into<E: Float>(op: Binary, a: &GpuStorage<E>, b: &GpuStorage<E>, out: u64, out_shape: &[usize]) {
+    let g = Geometry::new(
+        "binary",
+        out_shape,
+        &broadcast_strides(&a.shape, out_shape),
+        &broadcast_strides(&b.shape, out_shape),
+    );
+    let code = match op {
+        Binary::Add => 0i32,
+        Binary::Sub => 1,
+        Binary::Mul => 2,
+        Binary::Div => 3,
+    };
+    let n = out_shape.iter().product::<usize>() as i64;
+    let (pa, pb) = (a.ptr, b.ptr);
+    launch(
+        "binary",
+        format!("binary_{}", suffix::<E>()),
+        (blocks(n as usize), 1),
+        args![pa, pb, out, n, code, g],
+    );
+}
+
+/// Replaces the contents of `dst` with a host array of the same size.
+fn overwrite<E: Element>(dst: &mut GpuStorage<E>, a: &ArrayD<E>) {
+    let a = a.as_standard_layout();
+    let s = a.as_slice().expect("standard layout");
+    // SAFETY: `dst` holds as many elements as `a`.
+    unsafe { drv().upload(dst.ptr, as_bytes(s)) }.unwrap_or_else(|e| fail("copy to the GPU", e));
+}
+
+fn as_bytes<T: Copy>(s: &[T]) -> &[u8] {
+    // SAFETY: plain data: nbit's element types (floats, their bits, pairs of them) and integers.
+    unsafe { core::slice::from_raw_parts(s.as_ptr() as *const u8, size_of_val(s)) }
+}
+
+impl Backend for Gpu {
+    type Storage<E: Element> = GpuStorage<E>;
+
+    fn from_array<E: Element>(a: ArrayD<E>) -> GpuStorage<E> {
+        let a = a.as_standard_layout();
+        let s = a.as_slice().expect("standard layout");
+        let out = GpuStorage::<E>::empty("copy to the GPU", a.shape());
+        // SAFETY: `out` holds `s.len()` elements.
+        unsafe { drv().upload(out.ptr, as_bytes(s)) }.unwrap_or_else(|e| fail("copy to the GPU", e));
+        out
+    }
+
+    fn to_array<E: Element>(s: &GpuStorage<E>) -> ArrayD<E> {
+        let mut v = vec![E::default(); s.len()];
+        // SAFETY: as `as_bytes`; `s` holds `v.len()` elements.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, s.bytes()) };
+        unsafe { drv().download(bytes, s.ptr) }.unwrap_or_else(|e| fail("copy from the GPU", e));
+        ArrayD::from_shape_vec(s.shape.clone(), v).expect("the element count of the shape")
+    }
+
+    fn shape<E: Element>(s: &GpuStorage<E>) -> &[usize] {
+        &s.shape
+    }
+
+    fn full<E: Element>(shape: &[usize], value: E) -> GpuStorage<E> {
+        let out = GpuStorage::<E>::empty("full", shape);
+        let mut bits = [0u64; 2];
+        // SAFETY: at most 16 bytes (the largest element) into a 16-byte buffer.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                &value as *const E as *const u8,
+                bits.as_mut_ptr() as *mut u8,
+                size_of::<E>(),
+            )
+        };
+        let (o, n) = (out.ptr, out.len() as i64);
+        launch(
+            "full",
+            format!("fill_{}", size_suffix::<E>()),
+            (blocks(n as usize), 1),
+            args![o, n, bits],
+        );
+        out
+    }
+
+    fn reshape<E: Element>(s: &GpuStorage<E>, shape: &[usize]) -> GpuStorage<E> {
+        s.copied_as("reshape", shape)
+    }
+
+    fn transpose<E: Element>(s: &GpuStorage<E>) -> GpuStorage<E> {
+        let n = s.shape.len();
+        let mut out_shape = s.shape.clone();
+        out_shape.swap(n - 2, n - 1);
+        let mut src = strides(&s.shape);
+        src.swap(n - 2, n - 1);
+        let out = GpuStorage::<E>::empty("transpose", &out_shape);
+        copy_into::<E>(
+            "transpose",
+            s.ptr,
+            out.ptr,
+            Geometry::new("transpose", &out_shape, &src, &strides(&out_shape)),
+        );
+        out
+    }
+
+    fn cast<A: Float, B: Float>(s: &GpuStorage<A>) -> GpuStorage<B> {
+        if A::DTYPE == B::DTYPE {
+            return s.copied_as("cast", &s.shape);
+        }
+        let out = GpuStorage::<B>::empty("cast", &s.shape);
+        let (x, o, n) = (s.ptr, out.ptr, s.len() as i64);
+        launch(
+            "cast",
+            format!("cast_{}_{}", suffix::<A>(), suffix::<B>()),
+            (blocks(s.len()), 1),
+            args![x, o, n],
+        );
+        out
+    }
+
+    fn unary<E: Float>(op: Unary, x: &GpuStorage<E>) -> GpuStorage<E> {
+        let out = GpuStorage::<E>::empty("unary", &x.shape);
+        unary_into::<E>(op, x.ptr, out.ptr, x.len());
+        out
+    }
+
+    fn unary_backward<E: Float>(
+        op: Unary,
+        x: &GpuStorage<E>,
+        y: &GpuStorage<E>,
+        dy: &GpuStorage<E>,
+    ) -> GpuStorage<E> {
+        let out = GpuStorage::<E>::empty("unary_backward", &x.shape);
+        let (code, a, b) = unary_code(op);
+        let (px, py, pd, o, n) = (x.ptr, y.ptr, dy.ptr, out.ptr, x.len() as i64);
+        launch(
+            "unary_backward",
+            format!("unary_backward_{}", suffix::<E>()),
+            (blocks(x.len()), 1),
+            args![px, py, pd, o, n, code, a, b],
+        );
+        out
+    }
+
+    fn binary<E: Float>(
+        op: Binary,
+        a: &GpuStorage<E>,
+        b: &GpuStorage<E>,
+        out_shape: &[usize],
+    ) -> GpuStorage<E> {
+        let out = GpuStorage::<E>::empty("binary", out_shape);
+        binary_into(op, a, b, out.ptr, out_shape);
+        out
+    }
+
+    fn sum_to_shape<E: Float>(s: &GpuStorage<E>, shape: &[usize]) -> GpuStorage<E> {
+        if s.shape == shape {
+            return s.clone();
+        }
+        let lead = s.shape.len() - shape.len();
+        let reduced: Vec<bool> = (0..s.shape.len())
+            .map(|d| d < lead || (shape[d - lead] == 1 && s.shape[d] != 1))
+            .collect();
+        reduce("sum_to_shape", s, &reduced, shape, 1.0)
+    }
+
+    fn broadcast_to<E: Element>(s: &GpuStorage<E>, shape: &[usize]) -> GpuStorage<E> {
+        let out = GpuStorage::<E>::empty("broadcast_to", shape);
+        let g = Geometry::new(
+            "broadcast_to",
+            shape,
+            &broadcast_strides(&s.shape, shape),
+            &strides(shape),
+        );
+        copy_into::<E>("broadcast_to", s.ptr, out.ptr, g);
+        out
+    }
+
+    fn sum<E: Float>(s: &GpuStorage<E>, axis: Option<usize>, keepdim: bool, scale: f64) -> GpuStorage<E> {
+        match axis {
+            None => {
+                let shape = if keepdim { vec![1; s.shape.len()] } else { vec![] };
+                let out = GpuStorage::<E>::empty("sum", &shape);
+                total("sum", s, false, scale, &out);
+                out
+            }
+            Some(ax) => {
+                let mut shape = s.shape.clone();
+                match keepdim {
+                    true => shape[ax] = 1,
+                    false => {
+                        shape.remove(ax);
+                    }
+                }
+                let reduced: Vec<bool> = (0..s.shape.len()).map(|d| d == ax).collect();
+                reduce("sum", s, &reduced, &shape, scale)
+            }
+        }
+    }
+
+    fn matmul<E: Float>(
+        a: &GpuStorage<E>,
+        b: &GpuStorage<E>,
+        ta: bool,
+        tb: bool,
+        bias: Option<&GpuStorage<E>>,
+    ) -> GpuStorage<E> {
+        let (m, k) = if ta {
+            (a.shape[1], a.shape[0])
+        } else {
+            (a.shape[0], a.shape[1])
+        };
+        let n = if tb { b.shape[0] } else { b.shape[1] };
+        let out = match bias {
+            Some(bias) => Self::broadcast_to(bias, &[m, n]),
+            None => GpuStorage::<E>::empty("matmul", &[m, n]),
+        };
+        if m == 0 || n == 0 {
+            return out;
+        }
+        let g = Gemm {
+            dtype: E::DTYPE,
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            a: a.ptr,
+            b: b.ptr,
+            c: out.ptr,
+            bias: bias.map(|b| b.ptr),
+        };
+        // SAFETY: the operands' shapes are the sizes in `g` (checked by the tensor layer).
+        unsafe { drv().gemm(&g) }.unwrap_or_else(|e| fail("matmul", e));
+        out
+    }
+
+    fn softmax<E: Float>(x: &GpuStorage<E>, log: bool) -> GpuStorage<E> {
+        let cols = x.shape.last().copied().unwrap_or(1);
+        let rows = x.len() / cols.max(1);
+        let out = GpuStorage::<E>::empty("softmax", &x.shape);
+        let (px, o, r, c, l) = (x.ptr, out.ptr, rows as i64, cols as i64, log as i32);
+        let grid = (rows.clamp(1, drv().max_blocks() as usize)) as u32;
+        launch(
+            "softmax",
+            format!("softmax_{}", suffix::<E>()),
+            (grid, 1),
+            args![px, o, r, c, l],
+        );
+        out
+    }
+
+    fn softmax_backward<E: Float>(y: &GpuStorage<E>, dy: &GpuStorage<E>, log: bool) -> GpuStorage<E> {
+        let cols = y.shape.last().copied().unwrap_or(1);
+        let rows = y.len() / cols.max(1);
+        let out = GpuStorage::<E>::empty("softmax_backward", &y.shape);
+        let (py, pd, o, r, c, l) = (y.ptr, dy.ptr, out.ptr, rows as i64, cols as i64, log as i32);
+        let grid = (rows.clamp(1, drv().max_blocks() as usize)) as u32;
+        launch(
+            "softmax_backward",
+            format!("softmax_backward_{}", suffix::<E>()),
+            (grid, 1),
+            args![py, pd, o, r, c, l],
+        );
+        out
+    }
+
+    fn nll_loss<E: Float>(logp: &GpuStorage<E>, targets: &[usize]) -> GpuStorage<E> {
+        let t: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+        let t = Buffer::upload("nll_loss", &t);
+        let out = GpuStorage::<E>::empty("nll_loss", &[]);
+        let (rows, cols) = (
+            logp.shape[0] as i64,
+            logp.shape.get(1).copied().unwrap_or(1) as i64,
+        );
+        let (p, pt, o) = (logp.ptr, t.ptr, out.ptr);
+        launch(
+            "nll_loss",
+            format!("nll_loss_{}", suffix::<E>()),
+            (1, 1),
+            args![p, pt, o, rows, cols],
+        );
+        out
+    }
+
+    fn nll_loss_backward<E: Float>(shape: &[usize], targets: &[usize], dy: &GpuStorage<E>) -> GpuStorage<E> {
+        let t: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+        let t = Buffer::upload("nll_loss_backward", &t);
+        let out = GpuStorage::<E>::empty("nll_loss_backward", shape);
+        let (rows, cols) = (shape[0] as i64, shape.get(1).copied().unwrap_or(1) as i64);
+        let (pd, pt, o) = (dy.ptr, t.ptr, out.ptr);
+        launch(
+            "nll_loss_backward",
+            format!("nll_loss_backward_{}", suffix::<E>()),
+            (blocks(out.len()), 1),
+            args![pd, pt, o, rows, cols],
+        );
+        out
+    }
+
+    fn layer_norm<E: Float>(
+        x: &GpuStorage<E>,
+        weight: Option<&GpuStorage<E>>,
+        bias: Option<&GpuStorage<E>>,
+        eps: f64,
+    ) -> (GpuStorage<E>, Vec<(f64, f64)>) {
+        let (w, b) = (weight.map(Self::to_array), bias.map(Self::to_array));
+        let (y, stats) = Cpu::layer_norm(&Self::to_array(x), w.as_ref(), b.as_ref(), eps);
+        (Self::from_array(y), stats)
+    }
+
+    fn layer_norm_backward<E: Float>(
+        x: &GpuStorage<E>,
+        weight: Option<&GpuStorage<E>>,
+        stats: &[(f64, f64)],
+        dy: &GpuStorage<E>,
+        with_bias: bool,
+    ) -> (GpuStorage<E>, Option<GpuStorage<E>>, Option<GpuStorage<E>>) {
+        let w = weight.map(Self::to_array);
+        let (dx, dw, db) = Cpu::layer_norm_backward(
+            &Self::to_array(x),
+            w.as_ref(),
+            stats,
+            &Self::to_array(dy),
+            with_bias,
+        );
+        (
+            Self::from_array(dx),
+            dw.map(Self::from_array),
+            db.map(Self::from_array),
+        )
+    }
+
+    fn index_select<E: Element>(s: &GpuStorage<E>, axis: usize, index: &[usize]) -> GpuStorage<E> {
+        Self::from_array(Cpu::index_select(&Self::to_array(s), axis, index))
+    }
+
+    fn index_add<E: Float>(
+        shape: &[usize],
+        axis: usize,
+        index: &[usize],
+        src: &GpuStorage<E>,
+    ) -> GpuStorage<E> {
+        Self::from_array(Cpu::index_add(shape, axis, index, &Self::to_array(src)))
+    }
+
+    fn gather<E: Element>(
+        s: &GpuStorage<E>,
+        axis: usize,
+        index: &[usize],
+        index_shape: &[usize],
+    ) -> GpuStorage<E> {
+        Self::from_array(Cpu::gather(&Self::to_array(s), axis, index, index_shape))
+    }
+
+    fn scatter_add<E: Float>(
+        shape: &[usize],
+        axis: usize,
+        index: &[usize],
+        src: &GpuStorage<E>,
+    ) -> GpuStorage<E> {
+        Self::from_array(Cpu::scatter_add(shape, axis, index, &Self::to_array(src)))
+    }
+
+    fn concat<E: Element>(parts: &[&GpuStorage<E>], axis: usize) -> GpuStorage<E> {
+        let mut shape = parts[0].shape.clone();
+        shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
+        let out = GpuStorage::<E>::empty("concat", &shape);
+        let out_strides = strides(&shape);
+        let mut at = 0usize;
+        for p in parts {
+            let g = Geometry::new("concat", &p.shape, &strides(&p.shape), &out_strides);
+            let dst = out.ptr + (at as i64 * out_strides[axis]) as u64 * size_of::<E>() as u64;
+            if p.len() > 0 {
+                copy_into::<E>("concat", p.ptr, dst, g);
+            }
+            at += p.shape[axis];
+        }
+        out
+    }
+
+    fn arg_extreme<E: Float>(s: &GpuStorage<E>, axis: usize, largest: bool) -> Vec<usize> {
+        Cpu::arg_extreme(&Self::to_array(s), axis, largest)
+    }
+
+    fn select<E: Float>(
+        cond: &GpuStorage<E>,
+        a: &GpuStorage<E>,
+        b: &GpuStorage<E>,
+        out_shape: &[usize],
+    ) -> GpuStorage<E> {
+        Self::from_array(Cpu::select(
+            &Self::to_array(cond),
+            &Self::to_array(a),
+            &Self::to_array(b),
+            out_shape,
+        ))
+    }
+
+    fn compare<E: Float>(
+        op: Compare,
+        a: &GpuStorage<E>,
+        b: &GpuStorage<E>,
+        out_shape: &[usize],
+    ) -> GpuStorage<E> {
+        Self::from_array(Cpu::compare(
+            op,
+            &Self::to_array(a),
+            &Self::to_array(b),
+            out_shape,
+        ))
+    }
+
+    fn unfold2d<E: Float>(x: &GpuStorage<E>, geometry: &Conv2dGeometry) -> GpuStorage<E> {
+        Self::from_array(Cpu::unfold2d(&Self::to_array(x), geometry))
+    }
+
+    fn fold2d<E: Float>(cols: &GpuStorage<E>, geometry: &Conv2dGeometry) -> GpuStorage<E> {
+        Self::from_array(Cpu::fold2d(&Self::to_array(cols), geometry))
+    }
+
+    fn dropout_mask<E: Float>(shape: &[usize], p: f64, seed: u64) -> GpuStorage<E> {
+        let out = GpuStorage::<E>::empty("dropout_mask", shape);
+        let (o, n) = (out.ptr, out.len() as i64);
+        launch(
+            "dropout_mask",
+            format!("dropout_mask_{}", suffix::<E>()),
+            (blocks(out.len()), 1),
+            args![o, n, p, seed],
+        );
+        out
+    }
+
+    fn any_non_finite<E: Float>(s: &GpuStorage<E>) -> bool {
+        let found = Buffer::upload("any_non_finite", &[0i32]);
+        let (x, n, f) = (s.ptr, s.len() as i64, found.ptr);
+        launch(
+            "any_non_finite",
+            format!("non_finite_{}", suffix::<E>()),
+            (blocks(s.len()), 1),
+            args![x, n, f],
+        );
+        found.read::<i32>("any_non_finite", 1)[0] != 0
+    }
+
+    fn unscale_check<E: Float>(s: &mut GpuStorage<E>, factor: f32) -> bool {
+        Self::unscale_check_all(&mut [s], factor)
+    }
+
+    fn unscale_check_all<E: Float>(grads: &mut [&mut GpuStorage<E>], factor: f32) -> bool {
+        if grads.is_empty() {
+            return false;
+        }
+        let found = Buffer::upload("unscale", &[0i32]);
+        // One launch per 65535 tensors (the grid's y limit): blockIdx.y picks the tensor.
+        for chunk in grads.chunks(65_535) {
+            let ptrs = Buffer::upload("unscale", &chunk.iter().map(|g| g.ptr).collect::<Vec<u64>>());
+            let lens = Buffer::upload(
+                "unscale",
+                &chunk.iter().map(|g| g.len() as i64).collect::<Vec<i64>>(),
+            );
+            let longest = chunk.iter().map(|g| g.len()).max().unwrap_or(0);
+            let (p, l, f) = (ptrs.ptr, lens.ptr, found.ptr);
+            launch(
+                "unscale",
+                format!("unscale_check_{}", suffix::<E>()),
+                (blocks(longest), chunk.len() as u32),
+                args![p, l, factor, f],
+            );
+        }
+        // The one host synchronisation of the step: the skip decision needs the flag.
+        found.read::<i32>("unscale", 1)[0] != 0
+    }
+
+    fn scale_in_place<E: Float>(s: &mut GpuStorage<E>, factor: f64) {
+        unary_into::<E>(Unary::MulScalar(factor), s.ptr, s.ptr, s.len());
+    }
+
+    fn clamp_in_place<E: Float>(s: &mut GpuStorage<E>, limit: f64) {
+        // The limits rounded to E first, as the CPU backend compares in E.
+        let (lo, hi) = (E::from_f64(-limit).as_f64(), E::from_f64(limit).as_f64());
+        unary_into::<E>(Unary::Clamp(lo, hi), s.ptr, s.ptr, s.len());
+    }
+
+    fn sum_squares<E: Float>(s: &GpuStorage<E>) -> f64 {
+        let out = GpuStorage::<f64>::empty("sum_squares", &[]);
+        total("sum_squares", s, true, 1.0, &out);
+        Self::to_array(&out)[[]]
+    }
+
+    fn add_in_place<E: Float>(a: &mut GpuStorage<E>, b: &GpuStorage<E>) {
+        let shape = a.shape.clone();
+        binary_into(Binary::Add, a, b, a.ptr, &shape);
+    }
+
+    fn sgd_step<E: Float>(
+        param: &mut GpuStorage<E>,
+        grad: &GpuStorage<E>,
+        momentum_buffer: Option<&mut GpuStorage<E>>,
+        compensation: Option<&mut GpuStorage<E>>,
+        hp: &SgdStep,
+    ) {
+        let mut p = Self::to_array(param);
+        let mut buf = momentum_buffer.as_deref().map(Self::to_array);
+        let mut comp = compensation.as_deref().map(Self::to_array);
+        Cpu::sgd_step(&mut p, &Self::to_array(grad), buf.as_mut(), comp.as_mut(), hp);
+        overwrite(param, &p);
+        if let (Some(dst), Some(b)) = (momentum_buffer, &buf) {
+            overwrite(dst, b);
+        }
+        if let (Some(dst), Some(c)) = (compensation, &comp) {
+            overwrite(dst, c);
+        }
+    }
+
+    fn adamw_step<E: Float>(
+        param: &mut GpuStorage<E>,
+        grad: &GpuStorage<E>,
+        exp_avg: &mut GpuStorage<E>,
+        exp_avg_sq: &mut GpuStorage<E::Moment>,
+        compensation: Option<&mut GpuStorage<E>>,
+        hp: &AdamWStep,
+    ) {
+        let (mut p, mut m, mut v) = (
+            Self::to_array(param),
+            Self::to_array(exp_avg),
+            Self::to_array(exp_avg_sq),
+        );
+        let mut comp = compensation.as_deref().map(Self::to_array);
+        Cpu::adamw_step(&mut p, &Self::to_array(grad), &mut m, &mut v, comp.as_mut(), hp);
+        overwrite(param, &p);
+        overwrite(exp_avg, &m);
+        overwrite(exp_avg_sq, &v);
+        if let (Some(dst), Some(c)) = (compensation, &comp) {
+            overwrite(dst, c);
+        }
+    }
+
+    fn catch_device_failures<T>(f: impl FnOnce() -> Result<T, crate::Error>) -> Result<T, crate::Error> {
+        super::driver::catch(f)
+    }
+}

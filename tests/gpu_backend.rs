@@ -1,0 +1,540 @@
+//! The `Gpu` backend end to end (feature `cuda`): every op against the CPU backend, and training
+//! runs through the same `Trainer` against the CPU's.
+//!
+//! Without a GPU (CI) the backend runs on the host emulation of its kernels
+//! (`backend::cuda::emulator`): the same kernels.cu, the same storage and launch code; only the
+//! driver underneath differs, and GEMMs are the CPU backend's. There the comparisons are exact
+//! except where a sum runs in another order. With `NBIT_TEST_GPU=cuda` (tools/gpu-check.sh) the
+//! same tests run on the GPU, with per-dtype tolerances for libdevice's transcendental functions
+//! and cuBLAS's accumulation order.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use nbit::backend::cuda;
+use nbit::backend::{Backend, Binary, Unary};
+use nbit::data::{DataLoader, Dataset};
+use nbit::half::{bf16, f16};
+use nbit::ndarray::{ArrayD, IxDyn};
+use nbit::optim::{AdamW, Optimization, Sgd};
+use nbit::prelude::*;
+use nbit::scaler::DynamicScaler;
+use nbit::{Float, Gpu, StepInfo, TrainerBuilder};
+
+use crate::common::CpuFp16Amp;
+
+/// Whether the tests run on a real GPU (`NBIT_TEST_GPU=cuda`) rather than the emulation.
+fn real() -> bool {
+    std::env::var("NBIT_TEST_GPU").is_ok_and(|v| v == "cuda")
+}
+
+/// Makes `Gpu` usable in this process: the GPU itself, or the emulation.
+fn gpu() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        if !real() {
+            let lib = cuda::emulator::build(Path::new(env!("CARGO_TARGET_TMPDIR")))
+                .unwrap_or_else(|e| panic!("{e}"));
+            cuda::use_emulator(&lib).unwrap_or_else(|e| panic!("{e}"));
+        }
+        if let Err(e) = Gpu::probe() {
+            panic!("{e}");
+        }
+    });
+}
+
+fn up<E: nbit::Element>(a: &ArrayD<E>) -> <Gpu as Backend>::Storage<E> {
+    Gpu::from_array(a.clone())
+}
+
+fn down<E: nbit::Element>(s: &<Gpu as Backend>::Storage<E>) -> ArrayD<E> {
+    Gpu::to_array(s)
+}
+
+/// Deterministic values in [-2, 2), multiples of 1/256 (so f64 sums of them are exact in any order).
+fn array<E: Float>(shape: &[usize], seed: u64) -> ArrayD<E> {
+    let n: usize = shape.iter().product();
+    let v = (0..n)
+        .map(|i| E::from_f64((((i as u64 * 2654435761 + seed * 97) % 1000) as f64 / 256.0) - 2.0))
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(shape), v).unwrap()
+}
+
+/// `got` equals `want` element for element, within `tol` relative to `scale` (or exactly, NaN
+/// matching NaN, when `tol` is 0).
+fn assert_close<E: Float>(what: &str, got: &ArrayD<E>, want: &ArrayD<E>, tol: f64) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+        let (g, w) = (g.as_f64(), w.as_f64());
+        let ok =
+            (g.is_nan() && w.is_nan()) || g == w || (tol > 0.0 && (g - w).abs() <= tol * w.abs().max(1.0));
+        assert!(ok, "{what}: element {i}: got {g}, the CPU backend's {w}");
+    }
+}
+
+/// The tolerance of a product on a GPU (cuBLAS's order), 0 under the emulation (the CPU's GEMM).
+fn tol<E: Float>(ulps: f64) -> f64 {
+    if real() { ulps * E::epsilon().as_f64() } else { 0.0 }
+}
+
+/// The tolerance of an op that calls exp, tanh or erf: glibc's (emulation) or libdevice's (GPU)
+/// against the libm of the CPU backend, each within an ulp or two of the truth
+/// (tests/cuda_kernels.rs checks them across the range).
+fn libm_tol<E: Float>() -> f64 {
+    4.0 * E::epsilon().as_f64()
+}
+
+/// The tolerance of an f64 result of an f64 sum: another order moves its last bits (16- and
+/// 32-bit results round the f64 sum once, which hides that here).
+fn sum_tol<E: Float>() -> f64 {
+    if size_of::<E>() == 8 {
+        4.0 * E::epsilon().as_f64()
+    } else {
+        0.0
+    }
+}
+
+macro_rules! for_each_float {
+    ($f:ident) => {
+        $f::<f16>();
+        $f::<bf16>();
+        $f::<f32>();
+        $f::<f64>();
+    };
+}
+
+fn storage_round_trips_ones<E: Float>() {
+    let a = array::<E>(&[3, 0, 2], 1);
+    assert_eq!(down(&up(&a)), a);
+    let a = array::<E>(&[2, 3, 5], 2);
+    let s = up(&a);
+    assert_eq!(Gpu::shape(&s), &[2, 3, 5]);
+    assert_eq!(down(&s.clone()), a, "a clone is a copy");
+    assert_eq!(
+        down(&Gpu::full(&[4, 3], E::from_f64(-1.5))),
+        Cpu::full(&[4, 3], E::from_f64(-1.5))
+    );
+    let r = Gpu::reshape(&s, &[6, 5]);
+    assert_eq!(down(&r), Cpu::reshape(&a, &[6, 5]));
+    assert_eq!(down(&Gpu::transpose(&s)), Cpu::transpose(&a));
+    assert_eq!(
+        down(&Gpu::broadcast_to(&up(&array::<E>(&[3, 1], 3)), &[2, 3, 4])),
+        Cpu::broadcast_to(&array::<E>(&[3, 1], 3), &[2, 3, 4])
+    );
+    let b = array::<E>(&[2, 1, 5], 4);
+    assert_eq!(down(&Gpu::concat(&[&s, &up(&b)], 1)), Cpu::concat(&[&a, &b], 1));
+}
+
+#[test]
+fn storage_round_trips_and_moves_data_like_the_cpu_in_every_dtype() {
+    gpu();
+    for_each_float!(storage_round_trips_ones);
+    // Complex and every dtype's bits survive the round trip.
+    let z: ArrayD<num_complex::Complex<f64>> = ArrayD::from_shape_fn(IxDyn(&[3, 2]), |i| {
+        num_complex::Complex::new(i[0] as f64 + 0.5, -(i[1] as f64))
+    });
+    assert_eq!(down(&up(&z)), z);
+    assert_eq!(down(&Gpu::transpose(&up(&z))), Cpu::transpose(&z));
+    assert_eq!(down(&Gpu::full(&[2], z[[1, 1]])), Cpu::full(&[2], z[[1, 1]]));
+}
+
+fn casts_ones<A: Float>() {
+    fn to<A: Float, B: Float>(a: &ArrayD<A>) {
+        assert_eq!(
+            down(&Gpu::cast::<A, B>(&up(a))),
+            Cpu::cast::<A, B>(a),
+            "{} -> {}",
+            A::DTYPE,
+            B::DTYPE
+        );
+    }
+    let a = array::<A>(&[7, 9], 5).mapv(|v| A::from_f64(v.as_f64() * 1000.123));
+    to::<A, f16>(&a);
+    to::<A, bf16>(&a);
+    to::<A, f32>(&a);
+    to::<A, f64>(&a);
+}
+
+#[test]
+fn casts_round_like_the_cpu() {
+    gpu();
+    for_each_float!(casts_ones);
+}
+
+fn elementwise_ones<E: Float>() {
+    let x = array::<E>(&[5, 7], 6);
+    for op in [
+        Unary::Neg,
+        Unary::MulScalar(0.3),
+        Unary::Relu,
+        Unary::Tanh,
+        Unary::Exp,
+        Unary::Clamp(-1.0, 0.5),
+        Unary::Gelu,
+    ] {
+        let t = if matches!(op, Unary::Tanh | Unary::Exp | Unary::Gelu) {
+            libm_tol::<E>()
+        } else {
+            0.0
+        };
+        let y = Gpu::unary(op, &up(&x));
+        assert_close(&format!("{op:?} {}", E::DTYPE), &down(&y), &Cpu::unary(op, &x), t);
+        let dy = array::<E>(&[5, 7], 7);
+        let cy = Cpu::unary(op, &x);
+        let g = Gpu::unary_backward(op, &up(&x), &up(&cy), &up(&dy));
+        assert_close(
+            &format!("{op:?}' {}", E::DTYPE),
+            &down(&g),
+            &Cpu::unary_backward(op, &x, &cy, &dy),
+            t,
+        );
+    }
+    let (a, b) = (array::<E>(&[2, 1, 7], 8), array::<E>(&[3, 1], 9));
+    for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
+        let got = Gpu::binary(op, &up(&a), &up(&b), &[2, 3, 7]);
+        assert_close(
+            &format!("{op:?} {}", E::DTYPE),
+            &down(&got),
+            &Cpu::binary(op, &a, &b, &[2, 3, 7]),
+            0.0,
+        );
+    }
+    let mut s = up(&x);
+    Gpu::add_in_place(&mut s, &up(&x));
+    let mut want = x.clone();
+    Cpu::add_in_place(&mut want, &x);
+    assert_close("add_in_place", &down(&s), &want, 0.0);
+    Gpu::scale_in_place(&mut s, 0.37);
+    Cpu::scale_in_place(&mut want, 0.37);
+    assert_close("scale_in_place", &down(&s), &want, 0.0);
+    Gpu::clamp_in_place(&mut s, 0.7001);
+    Cpu::clamp_in_place(&mut want, 0.7001);
+    assert_close("clamp_in_place", &down(&s), &want, 0.0);
+}
+
+#[test]
+fn element_wise_ops_and_in_place_updates_match_the_cpu() {
+    gpu();
+    for_each_float!(elementwise_ones);
+}
+
+fn sums_ones<E: Float>() {
+    let x = array::<E>(&[4, 3, 5], 10);
+    // Sums of these values are exact in f64, so any order gives the CPU's result.
+    for shape in [
+        &[4, 3, 5][..],
+        &[3, 5],
+        &[5],
+        &[3, 1],
+        &[4, 1, 5],
+        &[1, 1, 1],
+        &[],
+    ] {
+        assert_close(
+            &format!("sum_to_shape {shape:?}"),
+            &down(&Gpu::sum_to_shape(&up(&x), shape)),
+            &Cpu::sum_to_shape(&x, shape),
+            0.0,
+        );
+    }
+    for axis in [None, Some(0), Some(1), Some(2)] {
+        for keepdim in [false, true] {
+            let got = Gpu::sum(&up(&x), axis, keepdim, 0.25);
+            assert_close(
+                &format!("sum {axis:?} {keepdim}"),
+                &down(&got),
+                &Cpu::sum(&x, axis, keepdim, 0.25),
+                0.0,
+            );
+        }
+    }
+    assert_eq!(Gpu::sum_squares(&up(&x)), Cpu::sum_squares(&x));
+    let big = array::<E>(&[3001], 11);
+    assert_close(
+        "sum of 3001",
+        &down(&Gpu::sum(&up(&big), None, false, 1.0)),
+        &Cpu::sum(&big, None, false, 1.0),
+        0.0,
+    );
+}
+
+#[test]
+fn sums_accumulate_in_f64_like_the_cpu() {
+    gpu();
+    for_each_float!(sums_ones);
+}
+
+fn matmul_ones<E: Float>() {
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (m, k, n) = (5, 7, 3);
+        let a = array::<E>(&if ta { [k, m] } else { [m, k] }, 12);
+        let b = array::<E>(&if tb { [n, k] } else { [k, n] }, 13);
+        let bias = array::<E>(&[n], 14);
+        for with_bias in [false, true] {
+            let bb = with_bias.then(|| up(&bias));
+            let got = Gpu::matmul(&up(&a), &up(&b), ta, tb, bb.as_ref());
+            let want = Cpu::matmul(&a, &b, ta, tb, with_bias.then_some(&bias));
+            // cuBLAS sums in another order: a few ulps of the result type, relative to |a||b|.
+            assert_close(
+                &format!("matmul {ta} {tb} {with_bias} {}", E::DTYPE),
+                &down(&got),
+                &want,
+                tol::<E>(8.0) * k as f64,
+            );
+        }
+    }
+    // An empty inner dimension is zeros (plus the bias).
+    let z = Gpu::matmul(
+        &up(&array::<E>(&[2, 0], 1)),
+        &up(&array::<E>(&[0, 3], 1)),
+        false,
+        false,
+        None,
+    );
+    assert_eq!(down(&z), Cpu::full(&[2, 3], E::zero()));
+}
+
+#[test]
+fn products_match_the_cpu_with_every_transpose_and_bias() {
+    gpu();
+    for_each_float!(matmul_ones);
+}
+
+fn classification_ones<E: Float>() {
+    let x = array::<E>(&[6, 10], 15);
+    for log in [false, true] {
+        let y = Gpu::softmax(&up(&x), log);
+        let want = Cpu::softmax(&x, log);
+        assert_close("softmax", &down(&y), &want, libm_tol::<E>());
+        let dy = array::<E>(&[6, 10], 16);
+        let g = Gpu::softmax_backward(&up(&want), &up(&dy), log);
+        assert_close(
+            "softmax'",
+            &down(&g),
+            &Cpu::softmax_backward(&want, &dy, log),
+            libm_tol::<E>(),
+        );
+    }
+    let targets = [3usize, 0, 9, 9, 1, 4];
+    let l = Gpu::nll_loss(&up(&x), &targets);
+    assert_close("nll", &down(&l), &Cpu::nll_loss(&x, &targets), sum_tol::<E>());
+    let dl = Gpu::nll_loss_backward(&[6, 10], &targets, &l);
+    assert_close(
+        "nll'",
+        &down(&dl),
+        &Cpu::nll_loss_backward(&[6, 10], &targets, &down(&l)),
+        0.0,
+    );
+    let mask = Gpu::dropout_mask::<E>(&[33, 3], 0.25, 99);
+    assert_eq!(
+        down(&mask),
+        Cpu::dropout_mask::<E>(&[33, 3], 0.25, 99),
+        "the same seeded mask"
+    );
+}
+
+#[test]
+fn softmax_losses_and_dropout_match_the_cpu() {
+    gpu();
+    for_each_float!(classification_ones);
+}
+
+fn scaler_ones<E: Float>() {
+    let a = array::<E>(&[40], 17).mapv(|v| E::from_f64(v.as_f64() * 3e3));
+    let mut b = array::<E>(&[3, 3], 18);
+    assert!(!Gpu::any_non_finite(&up(&a)));
+    for poison in [false, true] {
+        if poison {
+            b[[1, 2]] = E::from_f64(f64::INFINITY);
+        }
+        assert_eq!(Gpu::any_non_finite(&up(&b)), poison);
+        let (mut ga, mut gb) = (up(&a), up(&b));
+        let found = Gpu::unscale_check_all(&mut [&mut ga, &mut gb], 1.0 / 1024.0);
+        let (mut ca, mut cb) = (a.clone(), b.clone());
+        let want = Cpu::unscale_check_all(&mut [&mut ca, &mut cb], 1.0 / 1024.0);
+        assert_eq!(found, want);
+        assert_close("unscaled a", &down(&ga), &ca, 0.0);
+        assert_close("unscaled b", &down(&gb), &cb, 0.0);
+    }
+}
+
+#[test]
+fn the_fused_unscale_and_check_matches_the_cpu() {
+    gpu();
+    for_each_float!(scaler_ones);
+    assert!(!Gpu::unscale_check_all::<f32>(&mut [], 0.5));
+}
+
+/// Three blobs in 4 dimensions, deterministic.
+fn blobs(n: usize) -> DataLoader {
+    let mut s = 12345u64;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let centers = [
+        [1.0, 0.0, -1.0, 0.5],
+        [-1.0, 1.0, 0.0, -0.5],
+        [0.0, -1.0, 1.0, 0.0],
+    ];
+    let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
+    let x = nbit::ndarray::Array2::from_shape_fn((n, 4), |(i, j)| centers[i % 3][j] + 0.8 * next());
+    DataLoader::new(Dataset::classification(x, labels).unwrap(), 16)
+        .unwrap()
+        .shuffle(true)
+        .seed(3)
+}
+
+/// The per-step losses, skips and scales of `P` on device `D` over `steps` steps, with the loss
+/// multiplied by 1e30 (fp16 gradients overflow) at the steps in `inject`; `configure` sets the
+/// trainer's options beyond the shared ones.
+fn losses<P: Precision, D: Runs<P>>(
+    steps: u64,
+    inject: &[u64],
+    opt: Optimization,
+    configure: impl FnOnce(TrainerBuilder<P, D>) -> TrainerBuilder<P, D>,
+) -> (Vec<f64>, Vec<bool>, Vec<f32>) {
+    struct Inject<P: Precision, D: Backend> {
+        inner: MlpModel<P, D>,
+        at: Vec<u64>,
+    }
+    impl<P: Precision, D: Backend> Model<P, D> for Inject<P, D> {
+        fn training_step(
+            &mut self,
+            ac: &Autocast<P, D>,
+            b: &nbit::data::Batch,
+            s: &StepInfo,
+        ) -> Result<Tensor<P::Full, D>, nbit::Error> {
+            let loss = self.inner.training_step(ac, b, s)?;
+            Ok(if self.at.contains(&s.global_step) {
+                loss.mul_scalar(1e30)
+            } else {
+                loss
+            })
+        }
+        fn configure_optimizers(&self) -> Optimization {
+            self.inner.configure_optimizers()
+        }
+        fn parameters_mut(&mut self) -> Vec<&mut nbit::nn::Parameter<P::Param, D>> {
+            self.inner.parameters_mut()
+        }
+    }
+    let t = configure(
+        Trainer::<P, D>::builder()
+            .enable_progress_bar(false)
+            .seed(7)
+            .max_steps(steps),
+    )
+    .build()
+    .unwrap();
+    let mut m = Inject {
+        inner: t
+            .init_module(|ctx| MlpModel::new(ctx, &[4, 16, 3], nbit::nn::Task::Classification, opt))
+            .unwrap(),
+        at: inject.to_vec(),
+    };
+    let r = t.fit(&mut m, &blobs(96), None).unwrap();
+    (
+        r.history.iter().map(|s| s.loss).collect(),
+        r.history.iter().map(|s| s.skipped).collect(),
+        r.history.iter().map(|s| s.scale).collect(),
+    )
+}
+
+#[test]
+fn sixteen_mixed_on_the_gpu_trains_as_the_cpu_runs_the_same_precision() {
+    gpu();
+    let opt = Optimization::new(AdamW::new(0.01));
+    // 16-mixed (fp16 autocast, f32 masters, a dynamic scaler) against the same precision on the
+    // CPU, defined as a test precision there: step for step, with overflow injected at 2 and 4.
+    let scaler = || DynamicScaler::new(1024.0, 2.0, 0.5, 3);
+    let (gl, gs, gsc) = losses::<Mixed<F16>, Gpu>(12, &[2, 4], opt, |b| b.scaler(scaler()));
+    let (cl, cs, csc) = losses::<CpuFp16Amp, Cpu>(12, &[2, 4], opt, |b| b.scaler(scaler()));
+    assert_eq!(gs, cs, "the same steps are skipped");
+    assert_eq!(gs.iter().filter(|&&s| s).count(), 2);
+    assert_eq!(
+        gsc, csc,
+        "the same scale after every step (backoff, growth every 3)"
+    );
+    // Under the emulation bit for bit: the same kernels' arithmetic, the CPU's GEMM.
+    let t = if real() { 2e-3 } else { 0.0 };
+    for (i, (g, c)) in gl.iter().zip(&cl).enumerate() {
+        if !gs[i] || t == 0.0 {
+            assert!(
+                (g - c).abs() <= t * c.abs().max(1.0),
+                "step {i}: gpu {g}, cpu {c}"
+            );
+        }
+    }
+    assert!(gl[11] < gl[0] * 0.8, "the loss falls: {gl:?}");
+}
+
+#[test]
+fn every_precision_of_the_gpu_column_trains_like_the_cpu() {
+    gpu();
+    fn pair<P: Precision>(opt: Optimization)
+    where
+        Cpu: Runs<P>,
+        Gpu: Runs<P>,
+    {
+        let (gl, ..) = losses::<P, Gpu>(6, &[], opt, |b| b);
+        let (cl, ..) = losses::<P, Cpu>(6, &[], opt, |b| b);
+        // Under the emulation bit for bit, but for 64-true, whose f64 sums (softmax, the loss) run
+        // in another order and move the last bits.
+        let t = match (real(), size_of::<P::Full>()) {
+            (true, _) => 5e-3,
+            (false, 8) => 1e-13,
+            (false, _) => 0.0,
+        };
+        for (i, (g, c)) in gl.iter().zip(&cl).enumerate() {
+            assert!(
+                (g - c).abs() <= t * c.abs().max(1.0),
+                "{} step {i}: gpu {g}, cpu {c}",
+                P::NAME
+            );
+        }
+    }
+    let opt = Optimization::new(Sgd::new(0.1).momentum(0.9));
+    pair::<Mixed<BF16>>(opt);
+    pair::<True<F16>>(opt);
+    pair::<True<BF16>>(opt);
+    pair::<True<F32>>(opt);
+    pair::<True<F64>>(opt);
+}
+
+#[test]
+fn a_gpu_failure_is_an_error_from_fit_not_a_panic() {
+    gpu();
+    // More memory than any device (or this host) has: the allocation fails inside a kernel call,
+    // and `fit` returns the driver's words.
+    struct Huge;
+    impl Model<True<F32>, Gpu> for Huge {
+        fn training_step(
+            &mut self,
+            _: &Autocast<True<F32>, Gpu>,
+            _: &nbit::data::Batch,
+            _: &StepInfo,
+        ) -> Result<Tensor<f32, Gpu>, nbit::Error> {
+            let t = Tensor::<f32, Gpu>::zeros(&[1 << 30, 1 << 30]);
+            Ok(t.sum())
+        }
+        fn configure_optimizers(&self) -> Optimization {
+            Optimization::new(Sgd::new(0.1))
+        }
+        fn parameters_mut(&mut self) -> Vec<&mut nbit::nn::Parameter<f32, Gpu>> {
+            vec![]
+        }
+    }
+    let t = Trainer::<True<F32>, Gpu>::builder()
+        .enable_progress_bar(false)
+        .max_steps(1)
+        .build()
+        .unwrap();
+    let e = t.fit(&mut Huge, &blobs(16), None).unwrap_err().to_string();
+    assert!(
+        e.contains("'gpu' failed during full") && e.contains("allocating"),
+        "{e}"
+    );
+}
