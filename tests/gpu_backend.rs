@@ -12,10 +12,11 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use nbit::backend::cuda;
-use nbit::backend::{Backend, Binary, Unary};
+use nbit::backend::{AdamWStep, Backend, Binary, SgdStep, Unary};
 use nbit::data::{DataLoader, Dataset};
 use nbit::half::{bf16, f16};
 use nbit::ndarray::{ArrayD, IxDyn};
+use nbit::optim::UpdateRounding;
 use nbit::optim::{AdamW, Optimization, Sgd};
 use nbit::prelude::*;
 use nbit::scaler::DynamicScaler;
@@ -363,6 +364,79 @@ fn the_fused_unscale_and_check_matches_the_cpu() {
     gpu();
     for_each_float!(scaler_ones);
     assert!(!Gpu::unscale_check_all::<f32>(&mut [], 0.5));
+}
+
+fn optimizer_ones<E: Float>() {
+    let roundings: &[UpdateRounding] = if size_of::<E>() == 2 {
+        &UpdateRounding::ALL
+    } else {
+        &[UpdateRounding::Nearest]
+    };
+    for &rounding in roundings {
+        let comp0 = (rounding == UpdateRounding::Compensated).then(|| Cpu::full(&[37], E::zero()));
+        // SGD with weight decay, momentum (the first step initialises the buffer) and Nesterov.
+        let (mut p, mut buf, mut comp) = (array::<E>(&[37], 20), Cpu::full(&[37], E::zero()), comp0.clone());
+        let (mut gp, mut gbuf, mut gcomp) = (up(&p), up(&buf), comp.as_ref().map(up));
+        for step in 0..4u64 {
+            let g = array::<E>(&[37], 21 + step);
+            let hp = SgdStep {
+                lr: 0.01,
+                momentum: 0.9,
+                dampening: 0.1,
+                nesterov: step % 2 == 1,
+                weight_decay: 0.05,
+                first: step == 0,
+                rounding,
+                noise_key: 1000 + step,
+            };
+            Cpu::sgd_step(&mut p, &g, Some(&mut buf), comp.as_mut(), &hp);
+            Gpu::sgd_step(&mut gp, &up(&g), Some(&mut gbuf), gcomp.as_mut(), &hp);
+            let what = format!("sgd {rounding} {} step {step}", E::DTYPE);
+            assert_close(&what, &down(&gp), &p, 0.0);
+            assert_close(&what, &down(&gbuf), &buf, 0.0);
+            if let (Some(c), Some(gc)) = (&comp, &gcomp) {
+                assert_close(&what, &down(gc), c, 0.0);
+            }
+        }
+        // AdamW, with both forms of the first moment's lerp (beta1 below and above 0.5).
+        for beta1 in [0.9, 0.3] {
+            let (mut p, mut m, mut v, mut comp) = (
+                array::<E>(&[37], 30),
+                Cpu::full(&[37], E::zero()),
+                Cpu::full(&[37], <E::Moment as Float>::from_f64(0.0)),
+                comp0.clone(),
+            );
+            let (mut gp, mut gm, mut gv, mut gcomp) = (up(&p), up(&m), up(&v), comp.as_ref().map(up));
+            for step in 1..5u64 {
+                let g = array::<E>(&[37], 31 + step);
+                let hp = AdamWStep {
+                    lr: 0.003,
+                    beta1,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.01,
+                    step,
+                    rounding,
+                    noise_key: 7 + step,
+                };
+                Cpu::adamw_step(&mut p, &g, &mut m, &mut v, comp.as_mut(), &hp);
+                Gpu::adamw_step(&mut gp, &up(&g), &mut gm, &mut gv, gcomp.as_mut(), &hp);
+                let what = format!("adamw beta1 {beta1} {rounding} {} step {step}", E::DTYPE);
+                assert_close(&what, &down(&gp), &p, 0.0);
+                assert_close(&what, &down(&gm), &m, 0.0);
+                assert_close(&what, &down(&gv), &v, 0.0);
+                if let (Some(c), Some(gc)) = (&comp, &gcomp) {
+                    assert_close(&what, &down(gc), c, 0.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn optimizer_steps_match_the_cpu_bit_for_bit_with_every_rounding() {
+    gpu();
+    for_each_float!(optimizer_ones);
 }
 
 /// Three blobs in 4 dimensions, deterministic.

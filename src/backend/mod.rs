@@ -569,6 +569,42 @@ pub struct AdamWStep {
     pub noise_key: u64,
 }
 
+/// The f64 scalars of one AdamW update, derived from [`AdamWStep`] as PyTorch derives them in
+/// Python floats; every backend converts each to its compute type once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct AdamWScalars {
+    /// `1 - lr * weight_decay`
+    pub decay: f64,
+    /// `1 - beta1`
+    pub one_minus_b1: f64,
+    /// `beta2`
+    pub beta2: f64,
+    /// `1 - beta2`
+    pub one_minus_b2: f64,
+    /// `lr / (1 - beta1^step)`
+    pub step_size: f64,
+    /// `sqrt(1 - beta2^step)`
+    pub bias2_sqrt: f64,
+    /// `eps`
+    pub eps: f64,
+}
+
+impl AdamWStep {
+    pub(crate) fn scalars(&self) -> AdamWScalars {
+        // Python's `beta ** step` (C pow on a float step), not repeated multiplication.
+        let t = self.step as f64;
+        AdamWScalars {
+            decay: 1.0 - self.lr * self.weight_decay,
+            one_minus_b1: 1.0 - self.beta1,
+            beta2: self.beta2,
+            one_minus_b2: 1.0 - self.beta2,
+            step_size: self.lr / (1.0 - self.beta1.powf(t)),
+            bias2_sqrt: (1.0 - self.beta2.powf(t)).sqrt(),
+            eps: self.eps,
+        }
+    }
+}
+
 /// The shape two shapes broadcast to (NumPy rules), or an error naming both.
 pub(crate) fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usize>, Error> {
     let n = a.len().max(b.len());

@@ -888,14 +888,12 @@ fn adamw_step_body<E: Float>(
     offset: usize,
 ) {
     let c = <E::Acc as Acc>::c;
-    // Python's `beta ** step` (C pow on a float step), not repeated multiplication.
-    let t = hp.step as f64;
-    let bias1 = 1.0 - hp.beta1.powf(t);
-    let bias2_sqrt = (1.0 - hp.beta2.powf(t)).sqrt();
-    // `1 - beta` in f64, then rounded: PyTorch passes it as a Python float.
-    let (b2, one_minus_b1, one_minus_b2) = (c(hp.beta2), c(1.0 - hp.beta1), c(1.0 - hp.beta2));
-    let decay = c(1.0 - hp.lr * hp.weight_decay);
-    let (step_size, b2s, eps) = (c(hp.lr / bias1), c(bias2_sqrt), c(hp.eps));
+    // `1 - beta` and the bias corrections in f64, then rounded: PyTorch passes them as Python
+    // floats.
+    let k = hp.scalars();
+    let (b2, one_minus_b1, one_minus_b2) = (c(k.beta2), c(k.one_minus_b1), c(k.one_minus_b2));
+    let decay = c(k.decay);
+    let (step_size, b2s, eps) = (c(k.step_size), c(k.bias2_sqrt), c(k.eps));
     // PyTorch's single-tensor AdamW, one tensor op after another, each rounding to the dtype
     // of the tensor it writes:
     //   param.mul_(1 - lr * wd)

@@ -12,13 +12,13 @@ use core::marker::PhantomData;
 use ndarray::ArrayD;
 
 use super::driver::{Driver, Gemm, driver, fail};
-use crate::backend::{AdamWStep, Backend, Binary, Compare, Conv2dGeometry, SgdStep, Unary};
+use crate::backend::{AdamWStep, Backend, Binary, Compare, Conv2dGeometry, SgdStep, Unary, UpdateRounding};
 use crate::device::{Cpu, Gpu};
 use crate::dtype::{DType, Element, Float};
 
 /// The operations of [`Backend`] that the GPU backend computes on the host for now, by copying
 /// their operands down and the result up: correct, slow. Everything else runs on the device.
-pub const HOST_OPS: [&str; 15] = [
+pub const HOST_OPS: [&str; 13] = [
     "layer_norm",
     "layer_norm_backward",
     "index_select",
@@ -30,8 +30,6 @@ pub const HOST_OPS: [&str; 15] = [
     "compare",
     "unfold2d",
     "fold2d",
-    "sgd_step",
-    "adamw_step",
     "complex ops (ComplexBackend is not implemented for Gpu)",
     "linalg (the lapack feature is CPU-only)",
 ];
@@ -378,12 +376,42 @@ fn binary_into<E: Float>(op: Binary, a: &GpuStorage<E>, b: &GpuStorage<E>, out: 
     );
 }
 
-/// Replaces the contents of `dst` with a host array of the same size.
-fn overwrite<E: Element>(dst: &mut GpuStorage<E>, a: &ArrayD<E>) {
-    let a = a.as_standard_layout();
-    let s = a.as_slice().expect("standard layout");
-    // SAFETY: `dst` holds as many elements as `a`.
-    unsafe { drv().upload(dst.ptr, as_bytes(s)) }.unwrap_or_else(|e| fail("copy to the GPU", e));
+/// `NbitSgd` of kernels.cu.
+#[repr(C)]
+struct SgdScalars {
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+    nesterov: i32,
+    first: i32,
+    rounding: i32,
+    unused: i32,
+    key: u64,
+}
+
+/// `NbitAdamW` of kernels.cu: [`AdamWStep::scalars`] and the rounding.
+#[repr(C)]
+struct AdamWKernelScalars {
+    decay: f64,
+    one_minus_b1: f64,
+    beta2: f64,
+    one_minus_b2: f64,
+    step_size: f64,
+    bias2_sqrt: f64,
+    eps: f64,
+    rounding: i32,
+    unused: i32,
+    key: u64,
+}
+
+/// kernels.cu's `NBIT_NEAREST`, `NBIT_COMPENSATED`, `NBIT_STOCHASTIC`.
+fn rounding_code(r: UpdateRounding) -> i32 {
+    match r {
+        UpdateRounding::Nearest => 0,
+        UpdateRounding::Compensated => 1,
+        UpdateRounding::Stochastic => 2,
+    }
 }
 
 fn as_bytes<T: Copy>(s: &[T]) -> &[u8] {
@@ -853,17 +881,26 @@ impl Backend for Gpu {
         compensation: Option<&mut GpuStorage<E>>,
         hp: &SgdStep,
     ) {
-        let mut p = Self::to_array(param);
-        let mut buf = momentum_buffer.as_deref().map(Self::to_array);
-        let mut comp = compensation.as_deref().map(Self::to_array);
-        Cpu::sgd_step(&mut p, &Self::to_array(grad), buf.as_mut(), comp.as_mut(), hp);
-        overwrite(param, &p);
-        if let (Some(dst), Some(b)) = (momentum_buffer, &buf) {
-            overwrite(dst, b);
-        }
-        if let (Some(dst), Some(c)) = (compensation, &comp) {
-            overwrite(dst, c);
-        }
+        let h = SgdScalars {
+            lr: hp.lr,
+            momentum: hp.momentum,
+            dampening: hp.dampening,
+            weight_decay: hp.weight_decay,
+            nesterov: hp.nesterov as i32,
+            first: hp.first as i32,
+            rounding: rounding_code(hp.rounding),
+            unused: 0,
+            key: hp.noise_key,
+        };
+        let (p, g, n) = (param.ptr, grad.ptr, param.len() as i64);
+        let buf = momentum_buffer.map_or(0u64, |b| b.ptr);
+        let comp = compensation.map_or(0u64, |c| c.ptr);
+        launch(
+            "sgd_step",
+            format!("sgd_step_{}", suffix::<E>()),
+            (blocks(n as usize), 1),
+            args![p, g, buf, comp, n, h],
+        );
     }
 
     fn adamw_step<E: Float>(
@@ -874,19 +911,33 @@ impl Backend for Gpu {
         compensation: Option<&mut GpuStorage<E>>,
         hp: &AdamWStep,
     ) {
-        let (mut p, mut m, mut v) = (
-            Self::to_array(param),
-            Self::to_array(exp_avg),
-            Self::to_array(exp_avg_sq),
+        let k = hp.scalars();
+        let h = AdamWKernelScalars {
+            decay: k.decay,
+            one_minus_b1: k.one_minus_b1,
+            beta2: k.beta2,
+            one_minus_b2: k.one_minus_b2,
+            step_size: k.step_size,
+            bias2_sqrt: k.bias2_sqrt,
+            eps: k.eps,
+            rounding: rounding_code(hp.rounding),
+            unused: 0,
+            key: hp.noise_key,
+        };
+        let (p, g, m, v, n) = (
+            param.ptr,
+            grad.ptr,
+            exp_avg.ptr,
+            exp_avg_sq.ptr,
+            param.len() as i64,
         );
-        let mut comp = compensation.as_deref().map(Self::to_array);
-        Cpu::adamw_step(&mut p, &Self::to_array(grad), &mut m, &mut v, comp.as_mut(), hp);
-        overwrite(param, &p);
-        overwrite(exp_avg, &m);
-        overwrite(exp_avg_sq, &v);
-        if let (Some(dst), Some(c)) = (compensation, &comp) {
-            overwrite(dst, c);
-        }
+        let comp = compensation.map_or(0u64, |c| c.ptr);
+        launch(
+            "adamw_step",
+            format!("adamw_step_{}", suffix::<E>()),
+            (blocks(n as usize), 1),
+            args![p, g, m, v, comp, n, h],
+        );
     }
 
     fn catch_device_failures<T>(f: impl FnOnce() -> Result<T, crate::Error>) -> Result<T, crate::Error> {

@@ -25,6 +25,7 @@
 using std::erf;
 using std::exp;
 using std::fabs;
+using std::fma;
 using std::log;
 using std::pow;
 using std::sqrt;

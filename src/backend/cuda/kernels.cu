@@ -551,6 +551,142 @@ extern "C" __global__ void update_scale(float* scale, unsigned* tracker, int* fo
     *found = 0;
 }
 
+// ---- optimizer steps --------------------------------------------------------------------------
+
+// The 64 random bits of draw `index` of stream `seed` (the CPU backend's `random_bits`).
+__device__ __forceinline__ u64 nbit_random_bits(u64 seed, u64 index) {
+    u64 z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// A compute-type value rounded to the element type and widened back: what keeping it in a tensor
+// of that type does.
+__device__ __forceinline__ float nbit_keep_f16(float x) { return nbit_f16_to_f32(nbit_f32_to_f16(x)); }
+__device__ __forceinline__ float nbit_keep_bf16(float x) { return nbit_bf16_to_f32(nbit_f32_to_bf16(x)); }
+__device__ __forceinline__ float nbit_keep_f32(float x) { return x; }
+__device__ __forceinline__ double nbit_keep_f64(double x) { return x; }
+
+// Stochastic rounding from f32 with 16 random bits, as the CPU backend's `round_stochastic`.
+// f16: between the two neighbours one magnitude step apart, up with probability by distance.
+__device__ __forceinline__ u16 nbit_stochastic_f16(float x, u32 noise) {
+    u16 near = nbit_f32_to_f16(x);
+    float nv = nbit_f16_to_f32(near);
+    if (!(x - x == 0.0f) || nv == x || !(nv - nv == 0.0f)) return near;
+    u16 other = fabsf(nv) > fabsf(x) ? (u16)(near - 1) : (u16)(near + 1);
+    u16 lo = fabsf(nv) < fabsf(x) ? near : other;
+    u16 hi = fabsf(nv) < fabsf(x) ? other : near;
+    double lv = fabs((double)nbit_f16_to_f32(lo)), hv = fabs((double)nbit_f16_to_f32(hi));
+    double up = (fabs((double)x) - lv) / (hv - lv);
+    return ((double)noise + 0.5) / 65536.0 < up ? hi : lo;
+}
+// bf16: add the noise to the magnitude's dropped bits and truncate.
+__device__ __forceinline__ u16 nbit_stochastic_bf16(float x, u32 noise) {
+    if (!(x - x == 0.0f)) return nbit_f32_to_bf16(x);
+    return (u16)((nbit_f32_bits(x) + noise) >> 16);
+}
+// f32 and f64 updates are never rounded stochastically (the optimizer refuses it): nearest.
+__device__ __forceinline__ float nbit_stochastic_f32(float x, u32) { return x; }
+__device__ __forceinline__ double nbit_stochastic_f64(double x, u32) { return x; }
+
+// `UpdateRounding` codes.
+#define NBIT_NEAREST 0
+#define NBIT_COMPENSATED 1
+#define NBIT_STOCHASTIC 2
+
+// Writes the updated weight t of element i as the rounding says (the CPU's `write_update`):
+// nearest; Kahan-compensated through comp; or stochastic with 16 bits of draw i / 4 of `key`.
+#define NBIT_WRITE_UPDATE(S, ACC)                                                                 \
+    __device__ __forceinline__ void nbit_write_update_##S(NBIT_DTYPE_##S* p, NBIT_DTYPE_##S* comp, i64 i, \
+                                                          ACC t, int rounding, u64 key) {         \
+        if (rounding == NBIT_COMPENSATED && comp) {                                               \
+            ACC target = t + nbit_load_##S(comp, i);                                              \
+            nbit_store_##S(p, i, target);                                                         \
+            nbit_store_##S(comp, i, target - nbit_load_##S(p, i));                                \
+        } else if (rounding == NBIT_STOCHASTIC) {                                                 \
+            u32 noise = (u32)(nbit_random_bits(key, (u64)i / 4) >> (16 * (i % 4))) & 0xffffu;     \
+            p[i] = nbit_stochastic_##S(t, noise);                                                 \
+        } else {                                                                                  \
+            nbit_store_##S(p, i, t);                                                              \
+        }                                                                                         \
+    }
+NBIT_WRITE_UPDATE(f16, float)
+NBIT_WRITE_UPDATE(bf16, float)
+NBIT_WRITE_UPDATE(f32, float)
+NBIT_WRITE_UPDATE(f64, double)
+
+// The scalars of one SGD update (`backend::SgdStep`).
+struct NbitSgd {
+    double lr, momentum, dampening, weight_decay;
+    int nesterov, first, rounding, unused;
+    u64 key;
+};
+
+// One SGD update as PyTorch's single-tensor SGD takes it (the CPU backend's `sgd_step_body`):
+// each value PyTorch keeps in a tensor (the decayed gradient, the momentum buffer) rounded to the
+// element type; `add(x, alpha=a)` one fused multiply-add. `buf` and `comp` may be null.
+#define NBIT_SGD(S, ACC, FMA)                                                                     \
+    extern "C" __global__ void sgd_step_##S(NBIT_DTYPE_##S* p, const NBIT_DTYPE_##S* g,           \
+                                            NBIT_DTYPE_##S* buf, NBIT_DTYPE_##S* comp, i64 n, NbitSgd h) { \
+        ACC neg_lr = (ACC)(-h.lr), wd = (ACC)h.weight_decay, mom = (ACC)h.momentum;               \
+        ACC damp = (ACC)(1.0 - h.dampening);                                                      \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            ACC pa = nbit_load_##S(p, i), d = nbit_load_##S(g, i);                                \
+            if (h.weight_decay != 0.0) d = nbit_keep_##S(FMA(wd, pa, d));                         \
+            ACC s = d;                                                                            \
+            if (buf) {                                                                            \
+                ACC nb = h.first ? d : nbit_keep_##S(FMA(damp, d, nbit_keep_##S(mom * nbit_load_##S(buf, i)))); \
+                nbit_store_##S(buf, i, nb);                                                       \
+                nb = nbit_load_##S(buf, i);                                                       \
+                s = h.nesterov ? nbit_keep_##S(FMA(mom, nb, d)) : nb;                             \
+            }                                                                                     \
+            nbit_write_update_##S(p, comp, i, FMA(neg_lr, s, pa), h.rounding, h.key);             \
+        }                                                                                         \
+    }
+NBIT_SGD(f16, float, fmaf)
+NBIT_SGD(bf16, float, fmaf)
+NBIT_SGD(f32, float, fmaf)
+NBIT_SGD(f64, double, fma)
+
+// The scalars of one AdamW update, derived in f64 on the host (`AdamWStep::scalars`).
+struct NbitAdamW {
+    double decay, one_minus_b1, beta2, one_minus_b2, step_size, bias2_sqrt, eps;
+    int rounding, unused;
+    u64 key;
+};
+
+// One AdamW update as PyTorch's single-tensor AdamW takes it (the CPU backend's
+// `adamw_step_body`): the decayed weight, exp_avg.lerp_ (fused, the other form for weights >= 0.5),
+// exp_avg_sq.mul_().addcmul_() in the moment type M, denom rounded as the tensor ops round it, and
+// param.addcdiv_().
+#define NBIT_ADAMW(S, ACC, M, FMA, SQRT)                                                          \
+    extern "C" __global__ void adamw_step_##S(NBIT_DTYPE_##S* p, const NBIT_DTYPE_##S* g,         \
+                                              NBIT_DTYPE_##S* m, NBIT_DTYPE_##M* v, NBIT_DTYPE_##S* comp, \
+                                              i64 n, NbitAdamW h) {                               \
+        ACC decay = (ACC)h.decay, omb1 = (ACC)h.one_minus_b1, b2 = (ACC)h.beta2;                  \
+        ACC omb2 = (ACC)h.one_minus_b2, step = (ACC)h.step_size, b2s = (ACC)h.bias2_sqrt;         \
+        ACC eps = (ACC)h.eps;                                                                     \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            ACC gv = nbit_load_##S(g, i);                                                         \
+            ACC pd = nbit_load_##S(p, i) * decay;                                                 \
+            if (h.rounding == NBIT_NEAREST) pd = nbit_keep_##S(pd);                               \
+            ACC mv = nbit_load_##S(m, i);                                                         \
+            ACC mn = omb1 < (ACC)0.5 ? FMA(omb1, gv - mv, mv) : FMA(mv - gv, (ACC)1 - omb1, gv);  \
+            nbit_store_##S(m, i, mn);                                                             \
+            mn = nbit_load_##S(m, i);                                                             \
+            ACC vn = FMA(omb2 * gv, gv, nbit_keep_##M(nbit_load_##M(v, i) * b2));                 \
+            nbit_store_##M(v, i, vn);                                                             \
+            vn = nbit_load_##M(v, i);                                                             \
+            ACC den = nbit_keep_##M(nbit_keep_##M(nbit_keep_##M(SQRT(vn)) / b2s) + eps);          \
+            nbit_write_update_##S(p, comp, i, pd - step * mn / den, h.rounding, h.key);           \
+        }                                                                                         \
+    }
+NBIT_ADAMW(f16, float, f32, fmaf, sqrtf)
+NBIT_ADAMW(bf16, float, bf16, fmaf, sqrtf)
+NBIT_ADAMW(f32, float, f32, fmaf, sqrtf)
+NBIT_ADAMW(f64, double, f64, fma, sqrt)
+
 // ---- dropout -------------------------------------------------------------------------------
 
 // SplitMix64 of seed + (i + 1) * golden: the same draw as the CPU backend's `uniform(seed, i)`, so a
