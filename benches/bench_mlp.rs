@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench --bench bench_mlp -- --precision bf16-mixed --inputs 784 --hidden 1024,1024 \
 //!     --classes 10 --batch-size 256 --samples 8192 --epochs 3 --threads 2
+//! cargo bench --features cuda --bench bench_mlp -- --precision 16-mixed --accelerator gpu
 //! ```
 //!
 //! Data are seeded synthetic features and labels. Each epoch is one `fit`, timed alone; the
@@ -65,6 +66,7 @@ struct Args {
     samples: usize,
     epochs: u64,
     threads: Option<usize>,
+    accelerator: String,
 }
 
 fn parse() -> Result<Args, String> {
@@ -77,6 +79,7 @@ fn parse() -> Result<Args, String> {
         samples: 8192,
         epochs: 3,
         threads: None,
+        accelerator: "cpu".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -94,16 +97,24 @@ fn parse() -> Result<Args, String> {
             "--samples" => a.samples = num(&value)?,
             "--epochs" => a.epochs = num(&value)? as u64,
             "--threads" => a.threads = Some(num(&value)?),
+            "--accelerator" => a.accelerator = value,
             _ => return Err(format!("unknown option {flag}")),
         }
     }
     Ok(a)
 }
 
-fn run<P: Precision>(a: &Args) -> Result<f64, Error>
-where
-    Cpu: Supports<P>,
-{
+/// The benchmark for the precision and device `nbit::launch` selects.
+struct Bench<'a>(&'a Args);
+
+impl RunJob for Bench<'_> {
+    type Output = f64;
+    fn run<P: Precision, D: Runs<P>>(self) -> Result<f64, Error> {
+        run::<P, D>(self.0)
+    }
+}
+
+fn run<P: Precision, D: Runs<P>>(a: &Args) -> Result<f64, Error> {
     let mut s = 7u64;
     let mut next = || {
         s = s
@@ -116,7 +127,7 @@ where
         .map(|_| (next() * a.classes as f64) as usize % a.classes)
         .collect();
     let data = DataLoader::new(Dataset::classification(x, y)?, a.batch)?;
-    let mut builder = Trainer::<P, Cpu>::builder().enable_progress_bar(false).seed(1);
+    let mut builder = Trainer::<P, D>::builder().enable_progress_bar(false).seed(1);
     if let Some(t) = a.threads {
         builder = builder.num_threads(t);
     }
@@ -150,8 +161,9 @@ where
     rates.sort_by(f64::total_cmp);
     let median = rates[rates.len() / 2];
     println!(
-        "{} {:?} batch {} threads {}: median of {} epochs {median:.0} samples/s, last loss {last:.4}",
+        "{} on {} {:?} batch {} threads {}: median of {} epochs {median:.0} samples/s, last loss {last:.4}",
         P::NAME,
+        D::KIND,
         sizes,
         a.batch,
         nbit::backend::num_threads(),
@@ -174,19 +186,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let r = match a.precision.as_str() {
-        "32-true" | "32" => run::<True<F32>>(&a),
-        "64-true" | "64" => run::<True<F64>>(&a),
-        "bf16-mixed" | "bf16" => run::<Mixed<BF16>>(&a),
-        "bf16-true" => run::<True<BF16>>(&a),
-        "16-true" => run::<True<F16>>(&a),
-        other => {
-            eprintln!(
-                "error: precision {other:?} does not run on the CPU; use 32-true, 64-true, bf16-mixed, bf16-true or 16-true"
-            );
-            std::process::exit(2);
-        }
-    };
+    let r = nbit::launch(a.precision.as_str(), &a.accelerator, Bench(&a));
     match r {
         Ok(sps) => println!("samples_per_sec={sps:.1}"),
         Err(e) => {

@@ -107,6 +107,26 @@ fn main() -> Result<(), Error> {
             Err(e) => println!("{:<12} refused: {e}", kind.name()),
         }
     }
+    // With the `cuda` feature and a GPU that answers: the precision the GPU column exists for.
+    match DeviceKind::Gpu.probe() {
+        Ok(()) => {
+            let r = Selection::new(PrecisionKind::Mixed16, DeviceKind::Gpu)?.launch(Train {
+                train: &train,
+                val: &val,
+            })?;
+            println!(
+                "{:<12} {:>9.2}% {:>11.4} {:>10.0} {:>9.4} {:>8}   (on the GPU)",
+                r.precision,
+                100.0 * r.val_accuracy,
+                r.final_loss,
+                r.samples_per_sec,
+                r.param_mb,
+                r.skipped
+            );
+            charts.push(r.curves);
+        }
+        Err(e) => println!("\n16-mixed on the GPU: not run ({e})"),
+    }
     println!(
         "\n16-mixed (fp16 with a loss scaler) needs a CUDA GPU: on the CPU use bf16-mixed, which keeps f32 master\n\
          weights and needs no scaler. In code, Trainer<Mixed<F16>, Cpu> does not compile."

@@ -163,8 +163,12 @@
 //!   refused). Current Lightning rejects both mixed modes on TPU.
 //! - **There is no TPU runtime yet.** The [`Tpu`] type exists so code can be written and checked
 //!   against its column; building a trainer on it returns [`Error::DeviceUnavailable`].
-//! - **`"auto"` never picks a device nbit cannot run on**: not a TPU, and not a GPU until the
-//!   CUDA backend exists, even where the CUDA driver reports a device; it picks `cpu`.
+//! - **`"auto"` never picks a device nbit cannot run on**: not a TPU, and a GPU only when nbit was
+//!   built with its `cuda` feature and the driver, a device, NVRTC and cuBLAS answer; otherwise
+//!   `cpu`.
+//! - **The GPU backend (feature `cuda`) has not yet run on a GPU.** It runs in CI on a host
+//!   emulation of its kernels (`backend::cuda`), where every precision of the GPU column trains
+//!   as on the CPU; `tools/gpu-check.sh` is the check on hardware.
 //! - **A non-finite loss stops training** under a precision without a gradient scaler
 //!   ([`Error::NonFinite`], naming the step), as Lightning's `EarlyStopping(check_finite=True)`
 //!   would; under 16-mixed the scaler skips such steps instead.

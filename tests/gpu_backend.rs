@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use nbit::backend::cuda;
-use nbit::backend::{AdamWStep, Backend, Binary, SgdStep, Unary};
+use nbit::backend::{AdamWStep, Backend, Binary, Compare, Conv2dGeometry, SgdStep, Unary};
 use nbit::data::{DataLoader, Dataset};
 use nbit::half::{bf16, f16};
 use nbit::ndarray::{ArrayD, IxDyn};
@@ -437,6 +437,147 @@ fn optimizer_ones<E: Float>() {
 fn optimizer_steps_match_the_cpu_bit_for_bit_with_every_rounding() {
     gpu();
     for_each_float!(optimizer_ones);
+}
+
+fn indexing_ones<E: Float>() {
+    let x = array::<E>(&[3, 5, 4], 40);
+    let index = [4usize, 0, 0, 2, 4, 1];
+    for axis in 0..3 {
+        let idx: Vec<usize> = index.iter().map(|&i| i % x.shape()[axis]).collect();
+        let got = Gpu::index_select(&up(&x), axis, &idx);
+        let want = Cpu::index_select(&x, axis, &idx);
+        assert_close(&format!("index_select {axis}"), &down(&got), &want, 0.0);
+        let back = Gpu::index_add(x.shape(), axis, &idx, &up(&want));
+        assert_close(
+            &format!("index_add {axis}"),
+            &down(&back),
+            &Cpu::index_add(x.shape(), axis, &idx, &want),
+            0.0,
+        );
+        // gather along the axis with an index of size 2 there.
+        let mut shape = x.shape().to_vec();
+        shape[axis] = 2;
+        let n: usize = shape.iter().product();
+        let gidx: Vec<usize> = (0..n).map(|i| (i * 7 + 3) % x.shape()[axis]).collect();
+        let got = Gpu::gather(&up(&x), axis, &gidx, &shape);
+        let want = Cpu::gather(&x, axis, &gidx, &shape);
+        assert_close(&format!("gather {axis}"), &down(&got), &want, 0.0);
+        let back = Gpu::scatter_add(x.shape(), axis, &gidx, &up(&want));
+        assert_close(
+            &format!("scatter_add {axis}"),
+            &down(&back),
+            &Cpu::scatter_add(x.shape(), axis, &gidx, &want),
+            0.0,
+        );
+        for largest in [false, true] {
+            assert_eq!(
+                Gpu::arg_extreme(&up(&x), axis, largest),
+                Cpu::arg_extreme(&x, axis, largest),
+                "arg_extreme {axis}"
+            );
+        }
+    }
+    // NaN wins, the first of ties.
+    let mut y = array::<E>(&[2, 6], 41);
+    y[[1, 3]] = E::from_f64(f64::NAN);
+    y[[0, 2]] = E::from_f64(9.0);
+    y[[0, 4]] = E::from_f64(9.0);
+    assert_eq!(Gpu::arg_extreme(&up(&y), 1, true), Cpu::arg_extreme(&y, 1, true));
+    // where and the comparisons, broadcasting.
+    let (a, b) = (array::<E>(&[2, 1, 4], 42), array::<E>(&[3, 1], 43));
+    let mut c = array::<E>(&[3, 4], 44);
+    c[[0, 0]] = E::from_f64(f64::NAN);
+    for op in [
+        Compare::Eq,
+        Compare::Ne,
+        Compare::Lt,
+        Compare::Le,
+        Compare::Gt,
+        Compare::Ge,
+    ] {
+        let got = Gpu::compare(op, &up(&a), &up(&c), &[2, 3, 4]);
+        assert_close(
+            &format!("{op:?}"),
+            &down(&got),
+            &Cpu::compare(op, &a, &c, &[2, 3, 4]),
+            0.0,
+        );
+    }
+    let cond = Cpu::compare(Compare::Gt, &a, &b, &[2, 3, 4]);
+    let got = Gpu::select(&up(&cond), &up(&a), &up(&b), &[2, 3, 4]);
+    assert_close("where", &down(&got), &Cpu::select(&cond, &a, &b, &[2, 3, 4]), 0.0);
+    let got = Gpu::select(&up(&b), &up(&a), &up(&c), &[2, 3, 4]);
+    assert_close(
+        "where, broadcast condition",
+        &down(&got),
+        &Cpu::select(&b, &a, &c, &[2, 3, 4]),
+        0.0,
+    );
+}
+
+#[test]
+fn indexing_where_and_argmax_match_the_cpu() {
+    gpu();
+    for_each_float!(indexing_ones);
+}
+
+fn conv_and_norm_ones<E: Float>() {
+    let g = Conv2dGeometry {
+        batch: 2,
+        channels: 3,
+        input: (5, 6),
+        kernel: (3, 2),
+        stride: (2, 1),
+        padding: (1, 2),
+        dilation: (1, 2),
+    };
+    let x = array::<E>(&[2, 3, 5, 6], 50);
+    let cols = Cpu::unfold2d(&x, &g);
+    assert_close("unfold2d", &down(&Gpu::unfold2d(&up(&x), &g)), &cols, 0.0);
+    assert_close(
+        "fold2d",
+        &down(&Gpu::fold2d(&up(&cols), &g)),
+        &Cpu::fold2d(&cols, &g),
+        0.0,
+    );
+    let x = array::<E>(&[4, 37], 51);
+    let (w, b) = (array::<E>(&[37], 52), array::<E>(&[37], 53));
+    let dy = array::<E>(&[4, 37], 54);
+    for (with_w, with_b) in [(false, false), (true, false), (true, true)] {
+        let (gw, gb) = (with_w.then(|| up(&w)), with_b.then(|| up(&b)));
+        let (y, stats) = Gpu::layer_norm(&up(&x), gw.as_ref(), gb.as_ref(), 1e-5);
+        let (cy, cstats) = Cpu::layer_norm(&x, with_w.then_some(&w), with_b.then_some(&b), 1e-5);
+        let what = format!("layer_norm {with_w} {with_b} {}", E::DTYPE);
+        assert_close(&what, &down(&y), &cy, sum_tol::<E>());
+        for ((m, r), (cm, cr)) in stats.iter().zip(&cstats) {
+            assert!(
+                (m - cm).abs() <= 1e-14 && (r - cr).abs() <= 1e-12 * cr,
+                "{what}: stats"
+            );
+        }
+        let (dx, dw, db) = Gpu::layer_norm_backward(&up(&x), gw.as_ref(), &cstats, &up(&dy), with_b);
+        let (cdx, cdw, cdb) = Cpu::layer_norm_backward(&x, with_w.then_some(&w), &cstats, &dy, with_b);
+        let t = sum_tol::<E>().max(if size_of::<E>() == 8 {
+            0.0
+        } else {
+            2.0 * E::epsilon().as_f64()
+        });
+        assert_close(&format!("{what}: dx"), &down(&dx), &cdx, t);
+        assert_eq!(dw.is_some(), cdw.is_some());
+        assert_eq!(db.is_some(), cdb.is_some());
+        if let (Some(g), Some(c)) = (&dw, &cdw) {
+            assert_close(&format!("{what}: dw"), &down(g), c, sum_tol::<E>());
+        }
+        if let (Some(g), Some(c)) = (&db, &cdb) {
+            assert_close(&format!("{what}: db"), &down(g), c, 0.0);
+        }
+    }
+}
+
+#[test]
+fn convolution_unfold_and_layer_norm_match_the_cpu() {
+    gpu();
+    for_each_float!(conv_and_norm_ones);
 }
 
 /// Three blobs in 4 dimensions, deterministic.

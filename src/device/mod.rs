@@ -6,6 +6,7 @@
 
 mod cuda_probe;
 
+#[cfg(feature = "cuda")]
 pub(crate) use cuda_probe::cuda_device_count;
 
 use core::fmt::Debug;

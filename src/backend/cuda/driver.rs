@@ -78,6 +78,8 @@ pub(crate) trait Driver: Send + Sync {
         block: u32,
         args: &mut [*mut c_void],
     ) -> Result<(), String>;
+    /// Waits for every launch and copy before it.
+    fn synchronize(&self) -> Result<(), String>;
     /// One matrix product (see [`Gemm`]).
     ///
     /// # Safety
@@ -132,6 +134,16 @@ pub fn use_emulator(library: &Path) -> Result<(), Error> {
             reason: format!("this process already runs its GPU backend on {}", d.describe()),
         })
     }
+}
+
+/// Waits until the GPU has finished all work queued so far (for timing; every copy to the host
+/// waits anyway).
+pub fn synchronize() -> Result<(), Error> {
+    driver()?.synchronize().map_err(|reason| Error::DeviceFailed {
+        device: "gpu",
+        op: "synchronize",
+        reason,
+    })
 }
 
 /// What runs the GPU backend in this process ("NVIDIA H200 (sm_90) ..." or the emulation), or why
@@ -287,6 +299,9 @@ impl Driver for Host {
             _ => Err(format!("the emulation has no kernel '{name}' (rebuild it)")),
         }
     }
+    fn synchronize(&self) -> Result<(), String> {
+        Ok(())
+    }
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
         // The CPU backend's product on the same memory: cuBLAS's role, with the CPU's numerics.
         // SAFETY: the caller's contract.
@@ -349,6 +364,19 @@ struct Cuda {
     functions: Mutex<HashMap<String, usize>>,
     blas: cublas_sys::cublasHandle_t,
     blocks: u32,
+    /// Freed allocations by size, reused before asking the driver (cuMemFree synchronises the
+    /// device, and cuMemAlloc costs as much as a small kernel). Every launch and copy is on the
+    /// legacy stream, in order, so a block freed by one op is safe for the next.
+    cache: Mutex<HashMap<usize, Vec<u64>>>,
+    /// The size of every live allocation.
+    sizes: Mutex<HashMap<u64, usize>>,
+}
+
+/// An allocation's size as the cache buckets it: multiples of 512 bytes up to 1 MiB, of 2 MiB
+/// above.
+fn bucket(bytes: usize) -> usize {
+    let step = if bytes <= 1 << 20 { 512 } else { 2 << 20 };
+    bytes.max(1).div_ceil(step) * step
 }
 
 // SAFETY: the context, module and cuBLAS handle are process-wide driver objects; every call makes
@@ -434,6 +462,8 @@ impl Cuda {
             functions: Mutex::default(),
             blas,
             blocks: (sms * 4).clamp(1, 1024),
+            cache: Mutex::default(),
+            sizes: Mutex::default(),
         })
     }
 
@@ -485,14 +515,53 @@ impl Driver for Cuda {
         self.blocks
     }
     fn alloc(&self, bytes: usize) -> Result<u64, String> {
-        self.current()?;
-        // SAFETY: a plain allocation in the current context.
-        unsafe { cu::malloc_sync(bytes.max(1)) }.map_err(words)
+        let size = bucket(bytes);
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&size)
+            .and_then(Vec::pop);
+        let ptr = match cached {
+            Some(p) => p,
+            None => {
+                self.current()?;
+                // SAFETY: plain allocations in the current context.
+                match unsafe { cu::malloc_sync(size) } {
+                    Ok(p) => p,
+                    Err(e) if e.0 == cu_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                        // Give the cached blocks back to the driver and try once more.
+                        let blocks: Vec<u64> = self
+                            .cache
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .drain()
+                            .flat_map(|(_, v)| v)
+                            .collect();
+                        for p in blocks {
+                            // SAFETY: cached blocks are allocations no storage holds.
+                            let _ = unsafe { cu::free_sync(p) };
+                        }
+                        unsafe { cu::malloc_sync(size) }.map_err(words)?
+                    }
+                    Err(e) => return Err(words(e)),
+                }
+            }
+        };
+        self.sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ptr, size);
+        Ok(ptr)
     }
     unsafe fn free(&self, ptr: u64) {
-        if self.current().is_ok() {
-            // SAFETY: the caller's contract. A failure here has nowhere to go; the memory is lost.
-            let _ = unsafe { cu::free_sync(ptr) };
+        if let Some(size) = self.sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&ptr) {
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(size)
+                .or_default()
+                .push(ptr);
         }
     }
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
@@ -522,6 +591,10 @@ impl Driver for Cuda {
         // SAFETY: the caller's contract; the null stream orders every launch and copy.
         unsafe { cu::launch_kernel(f, (grid.0, grid.1, 1), (block, 1, 1), 0, cu::stream::null(), args) }
             .map_err(words)
+    }
+    fn synchronize(&self) -> Result<(), String> {
+        self.current()?;
+        cu::ctx::synchronize().map_err(words)
     }
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
         use cublas_sys::cublasComputeType_t::*;
@@ -596,5 +669,51 @@ impl Driver for Cuda {
             )
         }
         .map_err(|e| format!("cublasGemmEx: {e:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_buckets_small_sizes_by_512_bytes_and_large_by_2_mib() {
+        assert_eq!(bucket(0), 512);
+        assert_eq!(bucket(1), 512);
+        assert_eq!(bucket(513), 1024);
+        assert_eq!(bucket(1 << 20), 1 << 20);
+        assert_eq!(bucket((1 << 20) + 1), 2 << 20);
+        assert_eq!(bucket(5 << 20), 6 << 20);
+    }
+
+    #[test]
+    fn a_failure_is_an_err_inside_catch_and_a_panic_outside() {
+        let r: Result<(), Error> = catch(|| fail("matmul", "CUDA_ERROR_OUT_OF_MEMORY".into()));
+        let msg = r.unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "accelerator 'gpu' failed during matmul: CUDA_ERROR_OUT_OF_MEMORY"
+        );
+        let outside = std::panic::catch_unwind(|| fail("sum", "launch failed".into()));
+        let payload = outside.unwrap_err();
+        assert_eq!(
+            payload.downcast_ref::<String>().map(String::as_str),
+            Some("accelerator 'gpu' failed during sum: launch failed")
+        );
+        // Other panics pass through `catch` unchanged.
+        let other = std::panic::catch_unwind(|| catch::<()>(|| panic!("not a device failure")));
+        assert!(other.is_err());
+    }
+
+    #[test]
+    fn an_emulator_library_that_is_not_there_is_an_error_naming_it() {
+        let msg = Host::load(Path::new("/nonexistent/libnbit_emulator.so"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("/nonexistent/libnbit_emulator.so") && msg.contains("emulator::build"),
+            "{msg}"
+        );
     }
 }

@@ -1,10 +1,7 @@
 //! [`Backend`] for [`Gpu`]: tensors in device memory, every op a launch of a `kernels.cu` kernel
-//! or a cuBLAS product through the [`Driver`] of this process.
-//!
-//! The ops that still run on the host (their data is copied down, the CPU backend computes, the
-//! result is copied up) are listed in [`HOST_OPS`]; none of them is on the path of a training step
-//! of an MLP (matmul, element-wise ops, sums, softmax, NLL, the scaler's check, AdamW and SGD
-//! steps on the host are the exception, see [`HOST_OPS`]).
+//! or a cuBLAS product through the [`Driver`] of this process. Host synchronisations: copies to
+//! the host (`to_array`, a loss's value), the scaler's found-inf flag (once per step), layer
+//! norm's statistics (the trait returns them to the host) and `argmax`'s indices.
 
 use core::ffi::c_void;
 use core::marker::PhantomData;
@@ -13,26 +10,13 @@ use ndarray::ArrayD;
 
 use super::driver::{Driver, Gemm, driver, fail};
 use crate::backend::{AdamWStep, Backend, Binary, Compare, Conv2dGeometry, SgdStep, Unary, UpdateRounding};
-use crate::device::{Cpu, Gpu};
+use crate::device::Gpu;
 use crate::dtype::{DType, Element, Float};
 
-/// The operations of [`Backend`] that the GPU backend computes on the host for now, by copying
-/// their operands down and the result up: correct, slow. Everything else runs on the device.
-pub const HOST_OPS: [&str; 13] = [
-    "layer_norm",
-    "layer_norm_backward",
-    "index_select",
-    "index_add",
-    "gather",
-    "scatter_add",
-    "arg_extreme",
-    "select",
-    "compare",
-    "unfold2d",
-    "fold2d",
-    "complex ops (ComplexBackend is not implemented for Gpu)",
-    "linalg (the lapack feature is CPU-only)",
-];
+/// What the GPU backend does not run on the GPU: complex tensors (`ComplexBackend` is not
+/// implemented for `Gpu`) and LAPACK (the `lapack` feature is CPU-only). Every op of [`Backend`]
+/// is a kernel or a cuBLAS product.
+pub const NOT_ON_THE_GPU: [&str; 2] = ["complex tensors (ComplexBackend)", "linalg (the lapack feature)"];
 
 /// One device allocation, freed on drop.
 struct Buffer {
@@ -376,6 +360,79 @@ fn binary_into<E: Float>(op: Binary, a: &GpuStorage<E>, b: &GpuStorage<E>, out: 
     );
 }
 
+/// `(outer, n, inner)`: the sizes before, at and after `axis` (as the CPU's indexing kernels).
+fn split(shape: &[usize], axis: usize) -> (i64, i64, i64) {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    (outer as i64, shape[axis] as i64, inner as i64)
+}
+
+/// Rows and the last axis (a 0-D or 1-D tensor is one row).
+fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    let cols = shape.last().copied().unwrap_or(1);
+    (shape.iter().product::<usize>() / cols.max(1), cols)
+}
+
+/// One block per row, at most the driver's grid.
+fn row_blocks(rows: usize) -> u32 {
+    rows.clamp(1, drv().max_blocks() as usize) as u32
+}
+
+/// A device pointer, or null (0) for an absent optional operand.
+fn ptr_or_null<E: Element>(s: Option<&GpuStorage<E>>) -> u64 {
+    s.map_or(0, |s| s.ptr)
+}
+
+/// Host indices as the kernels' i64 on the device.
+fn indices(op: &'static str, index: &[usize]) -> Buffer {
+    Buffer::upload(op, &index.iter().map(|&i| i as i64).collect::<Vec<i64>>())
+}
+
+/// `NbitConv` of kernels.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvGeometry {
+    batch: i64,
+    channels: i64,
+    h: i64,
+    w: i64,
+    kh: i64,
+    kw: i64,
+    sh: i64,
+    sw: i64,
+    ph: i64,
+    pw: i64,
+    dh: i64,
+    dw: i64,
+    oh: i64,
+    ow: i64,
+}
+
+impl ConvGeometry {
+    fn new(g: &Conv2dGeometry) -> ConvGeometry {
+        let (oh, ow) = g
+            .output()
+            .unwrap_or_else(|| fail("conv2d", format!("{g:?} has no output")));
+        let i = |v: usize| v as i64;
+        ConvGeometry {
+            batch: i(g.batch),
+            channels: i(g.channels),
+            h: i(g.input.0),
+            w: i(g.input.1),
+            kh: i(g.kernel.0),
+            kw: i(g.kernel.1),
+            sh: i(g.stride.0),
+            sw: i(g.stride.1),
+            ph: i(g.padding.0),
+            pw: i(g.padding.1),
+            dh: i(g.dilation.0),
+            dw: i(g.dilation.1),
+            oh: i(oh),
+            ow: i(ow),
+        }
+    }
+}
+
 /// `NbitSgd` of kernels.cu.
 #[repr(C)]
 struct SgdScalars {
@@ -685,9 +742,20 @@ impl Backend for Gpu {
         bias: Option<&GpuStorage<E>>,
         eps: f64,
     ) -> (GpuStorage<E>, Vec<(f64, f64)>) {
-        let (w, b) = (weight.map(Self::to_array), bias.map(Self::to_array));
-        let (y, stats) = Cpu::layer_norm(&Self::to_array(x), w.as_ref(), b.as_ref(), eps);
-        (Self::from_array(y), stats)
+        let (rows, cols) = rows_cols(&x.shape);
+        let y = GpuStorage::<E>::empty("layer_norm", &x.shape);
+        let stats = Buffer::new("layer_norm", 16 * rows.max(1));
+        let (px, pw, pb, py, ps) = (x.ptr, ptr_or_null(weight), ptr_or_null(bias), y.ptr, stats.ptr);
+        let (r, c) = (rows as i64, cols as i64);
+        launch(
+            "layer_norm",
+            format!("layer_norm_{}", suffix::<E>()),
+            (row_blocks(rows), 1),
+            args![px, pw, pb, py, ps, r, c, eps],
+        );
+        // The trait returns the statistics to the host: one synchronisation per layer norm.
+        let s = stats.read::<f64>("layer_norm", 2 * rows);
+        (y, s.chunks_exact(2).map(|p| (p[0], p[1])).collect())
     }
 
     fn layer_norm_backward<E: Float>(
@@ -697,23 +765,47 @@ impl Backend for Gpu {
         dy: &GpuStorage<E>,
         with_bias: bool,
     ) -> (GpuStorage<E>, Option<GpuStorage<E>>, Option<GpuStorage<E>>) {
-        let w = weight.map(Self::to_array);
-        let (dx, dw, db) = Cpu::layer_norm_backward(
-            &Self::to_array(x),
-            w.as_ref(),
-            stats,
-            &Self::to_array(dy),
-            with_bias,
+        let (rows, cols) = rows_cols(&x.shape);
+        let flat: Vec<f64> = stats.iter().flat_map(|&(m, r)| [m, r]).collect();
+        let st = Buffer::upload("layer_norm_backward", &flat);
+        let dx = GpuStorage::<E>::empty("layer_norm_backward", &x.shape);
+        let (px, pw, ps, pd, pdx) = (x.ptr, ptr_or_null(weight), st.ptr, dy.ptr, dx.ptr);
+        let (r, c) = (rows as i64, cols as i64);
+        let s = suffix::<E>();
+        launch(
+            "layer_norm_backward",
+            format!("layer_norm_backward_{s}"),
+            (row_blocks(rows), 1),
+            args![px, pw, ps, pd, pdx, r, c],
         );
-        (
-            Self::from_array(dx),
-            dw.map(Self::from_array),
-            db.map(Self::from_array),
-        )
+        let dw = weight.map(|_| GpuStorage::<E>::empty("layer_norm_backward", &[cols]));
+        let db = with_bias.then(|| GpuStorage::<E>::empty("layer_norm_backward", &[cols]));
+        if dw.is_some() || db.is_some() {
+            let (pdw, pdb) = (ptr_or_null(dw.as_ref()), ptr_or_null(db.as_ref()));
+            launch(
+                "layer_norm_backward",
+                format!("layer_norm_params_{s}"),
+                (blocks(cols), 1),
+                args![px, ps, pd, pdw, pdb, r, c],
+            );
+        }
+        (dx, dw, db)
     }
 
     fn index_select<E: Element>(s: &GpuStorage<E>, axis: usize, index: &[usize]) -> GpuStorage<E> {
-        Self::from_array(Cpu::index_select(&Self::to_array(s), axis, index))
+        let (outer, n, inner) = split(&s.shape, axis);
+        let mut shape = s.shape.clone();
+        shape[axis] = index.len();
+        let out = GpuStorage::<E>::empty("index_select", &shape);
+        let idx = indices("index_select", index);
+        let (x, o, pi, m) = (s.ptr, out.ptr, idx.ptr, index.len() as i64);
+        launch(
+            "index_select",
+            format!("index_select_{}", size_suffix::<E>()),
+            (blocks(out.len()), 1),
+            args![x, o, pi, outer, n, m, inner],
+        );
+        out
     }
 
     fn index_add<E: Float>(
@@ -722,7 +814,17 @@ impl Backend for Gpu {
         index: &[usize],
         src: &GpuStorage<E>,
     ) -> GpuStorage<E> {
-        Self::from_array(Cpu::index_add(shape, axis, index, &Self::to_array(src)))
+        let (outer, n, inner) = split(shape, axis);
+        let acc = Gpu::full::<f64>(shape, 0.0);
+        let idx = indices("index_add", index);
+        let (ps, pa, pi, m) = (src.ptr, acc.ptr, idx.ptr, index.len() as i64);
+        launch(
+            "index_add",
+            format!("index_add_{}", suffix::<E>()),
+            (blocks(src.len()), 1),
+            args![ps, pa, pi, outer, n, m, inner],
+        );
+        Gpu::cast::<f64, E>(&acc)
     }
 
     fn gather<E: Element>(
@@ -731,7 +833,18 @@ impl Backend for Gpu {
         index: &[usize],
         index_shape: &[usize],
     ) -> GpuStorage<E> {
-        Self::from_array(Cpu::gather(&Self::to_array(s), axis, index, index_shape))
+        let (_, n, inner) = split(&s.shape, axis);
+        let m = index_shape[axis] as i64;
+        let out = GpuStorage::<E>::empty("gather", index_shape);
+        let idx = indices("gather", index);
+        let (x, o, pi, total) = (s.ptr, out.ptr, idx.ptr, index.len() as i64);
+        launch(
+            "gather",
+            format!("gather_{}", size_suffix::<E>()),
+            (blocks(index.len()), 1),
+            args![x, o, pi, total, n, m, inner],
+        );
+        out
     }
 
     fn scatter_add<E: Float>(
@@ -740,7 +853,18 @@ impl Backend for Gpu {
         index: &[usize],
         src: &GpuStorage<E>,
     ) -> GpuStorage<E> {
-        Self::from_array(Cpu::scatter_add(shape, axis, index, &Self::to_array(src)))
+        let (_, n, inner) = split(shape, axis);
+        let m = src.shape[axis] as i64;
+        let acc = Gpu::full::<f64>(shape, 0.0);
+        let idx = indices("scatter_add", index);
+        let (ps, pa, pi, total) = (src.ptr, acc.ptr, idx.ptr, index.len() as i64);
+        launch(
+            "scatter_add",
+            format!("scatter_add_{}", suffix::<E>()),
+            (blocks(index.len()), 1),
+            args![ps, pa, pi, total, n, m, inner],
+        );
+        Gpu::cast::<f64, E>(&acc)
     }
 
     fn concat<E: Element>(parts: &[&GpuStorage<E>], axis: usize) -> GpuStorage<E> {
@@ -761,7 +885,20 @@ impl Backend for Gpu {
     }
 
     fn arg_extreme<E: Float>(s: &GpuStorage<E>, axis: usize, largest: bool) -> Vec<usize> {
-        Cpu::arg_extreme(&Self::to_array(s), axis, largest)
+        let (outer, n, inner) = split(&s.shape, axis);
+        let count = (outer * inner) as usize;
+        let out = Buffer::new("arg_extreme", 8 * count.max(1));
+        let (x, o, l) = (s.ptr, out.ptr, largest as i32);
+        launch(
+            "arg_extreme",
+            format!("arg_extreme_{}", suffix::<E>()),
+            (blocks(count), 1),
+            args![x, o, outer, n, inner, l],
+        );
+        out.read::<i64>("arg_extreme", count)
+            .into_iter()
+            .map(|i| i as usize)
+            .collect()
     }
 
     fn select<E: Float>(
@@ -770,12 +907,28 @@ impl Backend for Gpu {
         b: &GpuStorage<E>,
         out_shape: &[usize],
     ) -> GpuStorage<E> {
-        Self::from_array(Cpu::select(
-            &Self::to_array(cond),
-            &Self::to_array(a),
-            &Self::to_array(b),
+        let spread;
+        let cond = if cond.shape == out_shape {
+            cond
+        } else {
+            spread = Self::broadcast_to(cond, out_shape);
+            &spread
+        };
+        let g = Geometry::new(
+            "select",
             out_shape,
-        ))
+            &broadcast_strides(&a.shape, out_shape),
+            &broadcast_strides(&b.shape, out_shape),
+        );
+        let out = GpuStorage::<E>::empty("select", out_shape);
+        let (pc, pa, pb, o, n) = (cond.ptr, a.ptr, b.ptr, out.ptr, out.len() as i64);
+        launch(
+            "select",
+            format!("select_{}", suffix::<E>()),
+            (blocks(out.len()), 1),
+            args![pc, pa, pb, o, n, g],
+        );
+        out
     }
 
     fn compare<E: Float>(
@@ -784,20 +937,65 @@ impl Backend for Gpu {
         b: &GpuStorage<E>,
         out_shape: &[usize],
     ) -> GpuStorage<E> {
-        Self::from_array(Cpu::compare(
-            op,
-            &Self::to_array(a),
-            &Self::to_array(b),
+        let g = Geometry::new(
+            "compare",
             out_shape,
-        ))
+            &broadcast_strides(&a.shape, out_shape),
+            &broadcast_strides(&b.shape, out_shape),
+        );
+        let code = match op {
+            Compare::Eq => 0i32,
+            Compare::Ne => 1,
+            Compare::Lt => 2,
+            Compare::Le => 3,
+            Compare::Gt => 4,
+            Compare::Ge => 5,
+        };
+        let out = GpuStorage::<E>::empty("compare", out_shape);
+        let (pa, pb, o, n) = (a.ptr, b.ptr, out.ptr, out.len() as i64);
+        launch(
+            "compare",
+            format!("compare_{}", suffix::<E>()),
+            (blocks(out.len()), 1),
+            args![pa, pb, o, n, code, g],
+        );
+        out
     }
 
     fn unfold2d<E: Float>(x: &GpuStorage<E>, geometry: &Conv2dGeometry) -> GpuStorage<E> {
-        Self::from_array(Cpu::unfold2d(&Self::to_array(x), geometry))
+        let g = ConvGeometry::new(geometry);
+        let (rows, cols) = (
+            (g.batch * g.oh * g.ow) as usize,
+            (g.channels * g.kh * g.kw) as usize,
+        );
+        let out = GpuStorage::<E>::empty("unfold2d", &[rows, cols]);
+        let (px, o) = (x.ptr, out.ptr);
+        launch(
+            "unfold2d",
+            format!("unfold2d_{}", suffix::<E>()),
+            (blocks(out.len()), 1),
+            args![px, o, g],
+        );
+        out
     }
 
     fn fold2d<E: Float>(cols: &GpuStorage<E>, geometry: &Conv2dGeometry) -> GpuStorage<E> {
-        Self::from_array(Cpu::fold2d(&Self::to_array(cols), geometry))
+        let g = ConvGeometry::new(geometry);
+        let shape = [
+            geometry.batch,
+            geometry.channels,
+            geometry.input.0,
+            geometry.input.1,
+        ];
+        let out = GpuStorage::<E>::empty("fold2d", &shape);
+        let (pc, o) = (cols.ptr, out.ptr);
+        launch(
+            "fold2d",
+            format!("fold2d_{}", suffix::<E>()),
+            (blocks(out.len()), 1),
+            args![pc, o, g],
+        );
+        out
     }
 
     fn dropout_mask<E: Float>(shape: &[usize], p: f64, seed: u64) -> GpuStorage<E> {

@@ -40,7 +40,9 @@ static const std::map<std::string, NbitEntry>& nbit_kernels() {
         NBIT_E4(sum_partial) NBIT_E4(sum_finish) NBIT_E4(reduce) NBIT_E4(softmax)
         NBIT_E4(softmax_backward) NBIT_E4(nll_loss) NBIT_E4(nll_loss_backward) NBIT_E4(unscale_check)
         NBIT_E4(non_finite) NBIT_E(update_scale) NBIT_E4(dropout_mask) NBIT_EB(copy) NBIT_EB(fill)
-        NBIT_E4(sgd_step) NBIT_E4(adamw_step)
+        NBIT_E4(sgd_step) NBIT_E4(adamw_step) NBIT_EB(index_select) NBIT_EB(gather) NBIT_E4(index_add)
+        NBIT_E4(scatter_add) NBIT_E4(select) NBIT_E4(compare) NBIT_E4(arg_extreme) NBIT_E4(unfold2d)
+        NBIT_E4(fold2d) NBIT_E4(layer_norm) NBIT_E4(layer_norm_backward) NBIT_E4(layer_norm_params)
     };
     return table;
 }

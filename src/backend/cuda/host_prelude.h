@@ -65,6 +65,7 @@ inline double __longlong_as_double(long long b) {
 using std::fmax;
 
 inline int atomicExch(int* p, int v) { return std::atomic_ref<int>(*p).exchange(v); }
+inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 
 template <class T>
 T __shfl_down_sync(unsigned, T v, int delta) {

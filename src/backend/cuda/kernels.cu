@@ -490,6 +490,229 @@ NBIT_NLL(bf16)
 NBIT_NLL(f32)
 NBIT_NLL(f64)
 
+// ---- indexing, selection, convolution unfold (`backend/cpu/indexing.rs`'s kernels) ---------------
+
+// Arrays are seen as [outer, n, inner] around the indexed axis; the result has m at that axis.
+// index_select: out[o, k, r] = x[o, index[k], r]. gather: out[o, j, r] = x[o, index[o, j, r], r].
+#define NBIT_GATHERS(B, T)                                                                        \
+    extern "C" __global__ void index_select_##B(const T* x, T* out, const i64* index, i64 outer,  \
+                                                i64 n, i64 m, i64 inner) {                        \
+        NBIT_GRID_STRIDE(j, outer * m * inner) {                                                  \
+            i64 o = j / (m * inner), k = (j / inner) % m, r = j % inner;                          \
+            out[j] = x[(o * n + index[k]) * inner + r];                                           \
+        }                                                                                         \
+    }                                                                                             \
+    extern "C" __global__ void gather_##B(const T* x, T* out, const i64* index, i64 total, i64 n, \
+                                          i64 m, i64 inner) {                                     \
+        NBIT_GRID_STRIDE(j, total) {                                                              \
+            i64 o = j / (m * inner), r = j % inner;                                               \
+            out[j] = x[(o * n + index[j]) * inner + r];                                           \
+        }                                                                                         \
+    }
+NBIT_GATHERS(b2, u16)
+NBIT_GATHERS(b4, u32)
+NBIT_GATHERS(b8, u64)
+NBIT_GATHERS(b16, NbitB16)
+
+// Their gradients add into an f64 buffer (zeroed by the caller, rounded once afterwards by a cast):
+// index_add: acc[o, index[k], r] += src[o, k, r]; scatter_add: acc[o, index[o, j, r], r] +=
+// src[o, j, r]. The f64 additions are atomic, so their order varies; the sum is rounded once.
+#define NBIT_SCATTERS(S)                                                                          \
+    extern "C" __global__ void index_add_##S(const NBIT_DTYPE_##S* src, double* acc, const i64* index, \
+                                             i64 outer, i64 n, i64 m, i64 inner) {                \
+        NBIT_GRID_STRIDE(j, outer * m * inner) {                                                  \
+            i64 o = j / (m * inner), k = (j / inner) % m, r = j % inner;                          \
+            atomicAdd(&acc[(o * n + index[k]) * inner + r], (double)nbit_load_##S(src, j));       \
+        }                                                                                         \
+    }                                                                                             \
+    extern "C" __global__ void scatter_add_##S(const NBIT_DTYPE_##S* src, double* acc, const i64* index, \
+                                               i64 total, i64 n, i64 m, i64 inner) {              \
+        NBIT_GRID_STRIDE(j, total) {                                                              \
+            i64 o = j / (m * inner), r = j % inner;                                               \
+            atomicAdd(&acc[(o * n + index[j]) * inner + r], (double)nbit_load_##S(src, j));       \
+        }                                                                                         \
+    }
+NBIT_SCATTERS(f16)
+NBIT_SCATTERS(bf16)
+NBIT_SCATTERS(f32)
+NBIT_SCATTERS(f64)
+
+// `Compare` codes.
+#define NBIT_EQ 0
+#define NBIT_NE 1
+#define NBIT_LT 2
+#define NBIT_LE 3
+#define NBIT_GT 4
+#define NBIT_GE 5
+
+// where: out[i] = cond[i] != 0 ? a : b (cond already has the output's shape; a and b broadcast
+// through g); compare: 1 where `op(a, b)` holds, else 0 (NaN compares false but under NE).
+#define NBIT_SELECT(S)                                                                            \
+    extern "C" __global__ void select_##S(const NBIT_DTYPE_##S* cond, const NBIT_DTYPE_##S* a,    \
+                                          const NBIT_DTYPE_##S* b, NBIT_DTYPE_##S* out, i64 n,    \
+                                          NbitBroadcast g) {                                      \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            i64 ia, ib;                                                                           \
+            nbit_offsets(g, i, &ia, &ib);                                                         \
+            out[i] = (double)nbit_load_##S(cond, i) != 0.0 ? a[ia] : b[ib];                       \
+        }                                                                                         \
+    }                                                                                             \
+    extern "C" __global__ void compare_##S(const NBIT_DTYPE_##S* a, const NBIT_DTYPE_##S* b,      \
+                                           NBIT_DTYPE_##S* out, i64 n, int op, NbitBroadcast g) { \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            i64 ia, ib;                                                                           \
+            nbit_offsets(g, i, &ia, &ib);                                                         \
+            double x = (double)nbit_load_##S(a, ia), y = (double)nbit_load_##S(b, ib);            \
+            bool holds = op == NBIT_EQ ? x == y : op == NBIT_NE ? x != y : op == NBIT_LT ? x < y  \
+                       : op == NBIT_LE ? x <= y : op == NBIT_GT ? x > y : x >= y;                 \
+            nbit_store64_##S(out, i, holds ? 1.0 : 0.0);                                          \
+        }                                                                                         \
+    }
+NBIT_SELECT(f16)
+NBIT_SELECT(bf16)
+NBIT_SELECT(f32)
+NBIT_SELECT(f64)
+
+// Where the largest (smallest unless `largest`) value along the axis is, for each (o, r): the
+// first on ties, NaN wins (`torch.max(x, dim)`), as the CPU's loop.
+#define NBIT_ARG_EXTREME(S)                                                                       \
+    extern "C" __global__ void arg_extreme_##S(const NBIT_DTYPE_##S* x, i64* out, i64 outer, i64 n, \
+                                               i64 inner, int largest) {                          \
+        NBIT_GRID_STRIDE(j, outer * inner) {                                                      \
+            i64 o = j / inner, r = j % inner, best = 0;                                           \
+            for (i64 i = 1; i < n; ++i) {                                                         \
+                double v = (double)nbit_load_##S(x, (o * n + i) * inner + r);                     \
+                double b = (double)nbit_load_##S(x, (o * n + best) * inner + r);                  \
+                if (b != b) break;                                                                \
+                if (v != v || (largest && v > b) || (!largest && v < b)) best = i;                \
+            }                                                                                     \
+            out[j] = best;                                                                        \
+        }                                                                                         \
+    }
+NBIT_ARG_EXTREME(f16)
+NBIT_ARG_EXTREME(bf16)
+NBIT_ARG_EXTREME(f32)
+NBIT_ARG_EXTREME(f64)
+
+// The shape of one 2-D convolution (`Conv2dGeometry`), with its output size.
+struct NbitConv {
+    i64 batch, channels, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
+};
+
+// im2col: the patches of x [batch, channels, h, w] as rows [batch * oh * ow, channels * kh * kw],
+// columns in (channel, ky, kx) order, padding read as 0.
+#define NBIT_UNFOLD(S)                                                                            \
+    extern "C" __global__ void unfold2d_##S(const NBIT_DTYPE_##S* x, NBIT_DTYPE_##S* out, NbitConv g) { \
+        i64 cols = g.channels * g.kh * g.kw;                                                      \
+        NBIT_GRID_STRIDE(j, g.batch * g.oh * g.ow * cols) {                                       \
+            i64 row = j / cols, col = j % cols;                                                   \
+            i64 nb = row / (g.oh * g.ow), oy = (row / g.ow) % g.oh, ox = row % g.ow;              \
+            i64 c = col / (g.kh * g.kw), ky = (col / g.kw) % g.kh, kx = col % g.kw;               \
+            i64 y = oy * g.sh + ky * g.dh - g.ph, xx = ox * g.sw + kx * g.dw - g.pw;              \
+            if (y >= 0 && y < g.h && xx >= 0 && xx < g.w)                                         \
+                out[j] = x[((nb * g.channels + c) * g.h + y) * g.w + xx];                         \
+            else                                                                                  \
+                nbit_store64_##S(out, j, 0.0);                                                    \
+        }                                                                                         \
+    }                                                                                             \
+    /* col2im, one thread per input element: the f64 sum of every column value read from it, in \
+       the CPU's order (output positions ascending), rounded once. */                            \
+    extern "C" __global__ void fold2d_##S(const NBIT_DTYPE_##S* cols_in, NBIT_DTYPE_##S* out, NbitConv g) { \
+        i64 cols = g.channels * g.kh * g.kw;                                                      \
+        NBIT_GRID_STRIDE(j, g.batch * g.channels * g.h * g.w) {                                   \
+            i64 nb = j / (g.channels * g.h * g.w), c = (j / (g.h * g.w)) % g.channels;            \
+            i64 y = (j / g.w) % g.h, xx = j % g.w;                                                \
+            double acc = 0.0;                                                                     \
+            for (i64 ky = g.kh - 1; ky >= 0; --ky) {                                              \
+                i64 ty = y + g.ph - ky * g.dh;                                                    \
+                if (ty < 0 || ty % g.sh != 0 || ty / g.sh >= g.oh) continue;                      \
+                for (i64 kx = g.kw - 1; kx >= 0; --kx) {                                          \
+                    i64 tx = xx + g.pw - kx * g.dw;                                               \
+                    if (tx < 0 || tx % g.sw != 0 || tx / g.sw >= g.ow) continue;                  \
+                    i64 row = (nb * g.oh + ty / g.sh) * g.ow + tx / g.sw;                         \
+                    acc += (double)nbit_load_##S(cols_in, row * cols + (c * g.kh + ky) * g.kw + kx); \
+                }                                                                                 \
+            }                                                                                     \
+            nbit_store64_##S(out, j, acc);                                                        \
+        }                                                                                         \
+    }
+NBIT_UNFOLD(f16)
+NBIT_UNFOLD(bf16)
+NBIT_UNFOLD(f32)
+NBIT_UNFOLD(f64)
+
+// ---- layer normalisation ------------------------------------------------------------------------
+
+// One block per row (grid-stride over rows): mean and biased variance in f64, y = (x - mean) * rstd
+// (* w) (+ b) rounded once; stats[2 r] = mean, stats[2 r + 1] = rstd.
+#define NBIT_LAYER_NORM(S)                                                                        \
+    extern "C" __global__ void layer_norm_##S(const NBIT_DTYPE_##S* x, const NBIT_DTYPE_##S* w,   \
+                                              const NBIT_DTYPE_##S* b, NBIT_DTYPE_##S* y,         \
+                                              double* stats, i64 rows, i64 cols, double eps) {    \
+        for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {                                      \
+            const NBIT_DTYPE_##S* xr = x + r * cols;                                              \
+            double s = 0.0;                                                                       \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) s += (double)nbit_load_##S(xr, c); \
+            double mean = nbit_block_all(s, 0) / (double)cols;                                    \
+            double q = 0.0;                                                                       \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {                                \
+                double d = (double)nbit_load_##S(xr, c) - mean;                                   \
+                q += d * d;                                                                       \
+            }                                                                                     \
+            double rstd = 1.0 / sqrt(nbit_block_all(q, 0) / (double)cols + eps);                  \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {                                \
+                double h = ((double)nbit_load_##S(xr, c) - mean) * rstd;                          \
+                if (w) h *= (double)nbit_load_##S(w, c);                                          \
+                if (b) h += (double)nbit_load_##S(b, c);                                          \
+                nbit_store64_##S(y, r * cols + c, h);                                             \
+            }                                                                                     \
+            if (threadIdx.x == 0) {                                                               \
+                stats[2 * r] = mean;                                                              \
+                stats[2 * r + 1] = rstd;                                                          \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    /* dx, one block per row: g = dy (* w), dx = rstd (g - mean(g) - xhat mean(g xhat)). */       \
+    extern "C" __global__ void layer_norm_backward_##S(const NBIT_DTYPE_##S* x, const NBIT_DTYPE_##S* w, \
+                                                       const double* stats, const NBIT_DTYPE_##S* dy, \
+                                                       NBIT_DTYPE_##S* dx, i64 rows, i64 cols) {  \
+        for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {                                      \
+            double mean = stats[2 * r], rstd = stats[2 * r + 1];                                  \
+            double sg = 0.0, sgx = 0.0;                                                           \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {                                \
+                double g = (double)nbit_load_##S(dy, r * cols + c) * (w ? (double)nbit_load_##S(w, c) : 1.0); \
+                sg += g;                                                                          \
+                sgx += g * (((double)nbit_load_##S(x, r * cols + c) - mean) * rstd);              \
+            }                                                                                     \
+            double mean_g = nbit_block_all(sg, 0) / (double)cols;                                 \
+            double mean_gx = nbit_block_all(sgx, 0) / (double)cols;                               \
+            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {                                \
+                double g = (double)nbit_load_##S(dy, r * cols + c) * (w ? (double)nbit_load_##S(w, c) : 1.0); \
+                double h = ((double)nbit_load_##S(x, r * cols + c) - mean) * rstd;                \
+                nbit_store64_##S(dx, r * cols + c, rstd * (g - mean_g - h * mean_gx));            \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    /* dweight and dbias, one thread per column, rows in order: sum(dy xhat), sum(dy). */         \
+    extern "C" __global__ void layer_norm_params_##S(const NBIT_DTYPE_##S* x, const double* stats, \
+                                                     const NBIT_DTYPE_##S* dy, NBIT_DTYPE_##S* dw, \
+                                                     NBIT_DTYPE_##S* db, i64 rows, i64 cols) {    \
+        NBIT_GRID_STRIDE(c, cols) {                                                               \
+            double sw = 0.0, sb = 0.0;                                                            \
+            for (i64 r = 0; r < rows; ++r) {                                                      \
+                double d = (double)nbit_load_##S(dy, r * cols + c);                               \
+                sw += d * (((double)nbit_load_##S(x, r * cols + c) - stats[2 * r]) * stats[2 * r + 1]); \
+                sb += d;                                                                          \
+            }                                                                                     \
+            if (dw) nbit_store64_##S(dw, c, sw);                                                  \
+            if (db) nbit_store64_##S(db, c, sb);                                                  \
+        }                                                                                         \
+    }
+NBIT_LAYER_NORM(f16)
+NBIT_LAYER_NORM(bf16)
+NBIT_LAYER_NORM(f32)
+NBIT_LAYER_NORM(f64)
+
 // ---- the gradient scaler -------------------------------------------------------------------
 
 __device__ __forceinline__ bool nbit_finite_f(float v) { return v - v == 0.0f; }

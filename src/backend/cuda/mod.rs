@@ -22,8 +22,8 @@ mod driver;
 pub mod emulator;
 mod gpu;
 
-pub use driver::{EMULATOR_ENV, TF32_ENV, describe, use_emulator};
-pub use gpu::{GpuStorage, HOST_OPS};
+pub use driver::{EMULATOR_ENV, TF32_ENV, describe, synchronize, use_emulator};
+pub use gpu::{GpuStorage, NOT_ON_THE_GPU};
 
 use crate::backend::{BackendJob, WithBackend};
 use crate::device::{Device, DeviceKind, Gpu};
