@@ -161,9 +161,10 @@ fn run<P: Precision, D: Runs<P>>(a: &Args) -> Result<f64, Error> {
     rates.sort_by(f64::total_cmp);
     let median = rates[rates.len() / 2];
     println!(
-        "{} on {} {:?} batch {} threads {}: median of {} epochs {median:.0} samples/s, last loss {last:.4}",
+        "{} on {} ({}) {:?} batch {} threads {}: median of {} epochs {median:.0} samples/s, last loss {last:.4}",
         P::NAME,
         D::KIND,
+        D::describe(),
         sizes,
         a.batch,
         nbit::backend::num_threads(),

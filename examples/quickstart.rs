@@ -8,7 +8,7 @@ use std::time::Instant;
 use nbit::data::{DataLoader, Dataset, Task};
 use nbit::optim::{AdamW, Optimization};
 use nbit::plot::Chart;
-use nbit::{DeviceKind, Error, MlpModel, Precision, PrecisionKind, RunJob, Runs, Selection, Trainer};
+use nbit::{Device, DeviceKind, Error, MlpModel, Precision, PrecisionKind, RunJob, Runs, Selection, Trainer};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/digits.csv");
 const EPOCHS: u64 = 20;
@@ -80,7 +80,10 @@ fn main() -> Result<(), Error> {
         train.len(),
         val.len()
     );
-    println!("MLP 64-128-10, AdamW (PyTorch defaults), batch {BATCH}, {EPOCHS} epochs, on the CPU\n");
+    println!(
+        "MLP 64-128-10, AdamW (PyTorch defaults), batch {BATCH}, {EPOCHS} epochs, on the CPU ({})\n",
+        nbit::Cpu::describe()
+    );
     println!(
         "{:<12} {:>10} {:>11} {:>10} {:>9} {:>8}",
         "precision", "val acc", "final loss", "samples/s", "param MB", "skipped"
@@ -115,13 +118,14 @@ fn main() -> Result<(), Error> {
                 val: &val,
             })?;
             println!(
-                "{:<12} {:>9.2}% {:>11.4} {:>10.0} {:>9.4} {:>8}   (on the GPU)",
+                "{:<12} {:>9.2}% {:>11.4} {:>10.0} {:>9.4} {:>8}   (on {})",
                 r.precision,
                 100.0 * r.val_accuracy,
                 r.final_loss,
                 r.samples_per_sec,
                 r.param_mb,
-                r.skipped
+                r.skipped,
+                nbit::Gpu::describe()
             );
             charts.push(r.curves);
         }

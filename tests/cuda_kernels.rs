@@ -485,11 +485,17 @@ fn nvrtc_compiles_the_kernels_and_ptxas_assembles_them() {
             .match_indices(".entry ")
             .map(|(i, m)| ptx[i + m.len()..].split('(').next().unwrap_or("").trim())
             .collect();
-        assert!(
-            entries.len() >= 73,
-            "{arch}: only {} kernels in the PTX",
-            entries.len()
+        type Count = unsafe extern "C" fn() -> i32;
+        // SAFETY: host_launchers.cpp defines the symbol with this signature.
+        let count: Symbol<Count> = unsafe { host().get(b"nbit_host_count\0") }.unwrap();
+        // SAFETY: no arguments.
+        let table = unsafe { count() } as usize;
+        assert_eq!(
+            entries.len(),
+            table,
+            "{arch}: the PTX and the emulation's table differ"
         );
+        assert!(table >= 129, "{arch}: only {table} kernels");
         for kernel in &entries {
             let c = CString::new(*kernel).unwrap();
             // SAFETY: a NUL-terminated name.

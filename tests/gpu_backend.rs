@@ -137,6 +137,13 @@ fn storage_round_trips_and_moves_data_like_the_cpu_in_every_dtype() {
     assert_eq!(down(&up(&z)), z);
     assert_eq!(down(&Gpu::transpose(&up(&z))), Cpu::transpose(&z));
     assert_eq!(down(&Gpu::full(&[2], z[[1, 1]])), Cpu::full(&[2], z[[1, 1]]));
+    let z32 = z.mapv(|v| num_complex::Complex::new(v.re as f32, v.im as f32));
+    assert_eq!(down(&Gpu::transpose(&up(&z32))), Cpu::transpose(&z32));
+    let zh = z.mapv(|v| num_complex::Complex::new(f16::from_f64(v.re), f16::from_f64(v.im)));
+    assert_eq!(
+        down(&Gpu::broadcast_to(&up(&zh), &[2, 3, 2])),
+        Cpu::broadcast_to(&zh, &[2, 3, 2])
+    );
 }
 
 fn casts_ones<A: Float>() {
@@ -717,6 +724,72 @@ fn every_precision_of_the_gpu_column_trains_like_the_cpu() {
     pair::<True<BF16>>(opt);
     pair::<True<F32>>(opt);
     pair::<True<F64>>(opt);
+}
+
+/// Per-step losses of a small CNN with layer norm and dropout (a `Sequential`) under `P` on `D`.
+fn cnn_losses<P: Precision, D: Runs<P>>() -> Vec<f64> {
+    use nbit::nn::{Conv2d, Dropout, Flatten, LayerNorm, Linear, Relu, Reshape, Sequential};
+    use nbit::tensor::ConvOptions;
+    let t = Trainer::<P, D>::builder()
+        .enable_progress_bar(false)
+        .seed(5)
+        .max_steps(6)
+        .build()
+        .unwrap();
+    let pad = ConvOptions {
+        padding: (1, 1),
+        ..ConvOptions::default()
+    };
+    let mut model = t
+        .init_module(|ctx| {
+            Ok::<_, nbit::Error>(
+                Sequential::new()
+                    .push(Reshape::new(&[1, 2, 2]))
+                    .push(Conv2d::new(ctx, "conv", 1, 4, (2, 2), pad)?)
+                    .push(Relu)
+                    .push(Flatten)
+                    .push(LayerNorm::new("norm", 36))
+                    .push(Dropout::new(0.2)?)
+                    .push(Linear::new(ctx, "out", 36, 3)?)
+                    .optimizer(Optimization::new(AdamW::new(0.01))),
+            )
+        })
+        .unwrap();
+    let r = t.fit(&mut model, &blobs(96), None).unwrap();
+    r.history.iter().map(|s| s.loss).collect()
+}
+
+#[test]
+fn a_cnn_with_layer_norm_and_dropout_trains_on_the_gpu_as_on_the_cpu() {
+    gpu();
+    // Convolution (unfold/fold), layer norm, dropout's seeded masks, AdamW: every step as on the
+    // CPU (bit for bit under the emulation but for f64 sums' order).
+    for (g, c, t) in [
+        (
+            cnn_losses::<Mixed<BF16>, Gpu>(),
+            cnn_losses::<Mixed<BF16>, Cpu>(),
+            0.0,
+        ),
+        (
+            cnn_losses::<True<F32>, Gpu>(),
+            cnn_losses::<True<F32>, Cpu>(),
+            0.0,
+        ),
+        (
+            cnn_losses::<True<F64>, Gpu>(),
+            cnn_losses::<True<F64>, Cpu>(),
+            1e-13,
+        ),
+    ] {
+        let t = if real() { 5e-3 } else { t };
+        assert_eq!(g.len(), 6);
+        for (i, (g, c)) in g.iter().zip(&c).enumerate() {
+            assert!(
+                (g - c).abs() <= t * c.abs().max(1.0),
+                "step {i}: gpu {g}, cpu {c}"
+            );
+        }
+    }
 }
 
 #[test]

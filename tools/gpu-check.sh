@@ -25,7 +25,9 @@ grep -m1 'model name' /proc/cpuinfo || true
 if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc.so.12' || ! ldconfig -p 2>/dev/null | grep -q 'libcublas.so.12'; then
     echo "== NVRTC and cuBLAS from pip (target/cuda-tools)"
     python3 -m venv target/cuda-tools
-    target/cuda-tools/bin/pip install -q nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12
+    # NVRTC no newer than the driver: its PTX must be loadable ("CUDA Version" of nvidia-smi).
+    cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\.[0-9]*\).*/\1/p' | head -1)"
+    target/cuda-tools/bin/pip install -q "nvidia-cuda-nvrtc-cu12${cuda:+==$cuda.*}" "nvidia-cublas-cu12${cuda:+==$cuda.*}"
     NVIDIA="$(target/cuda-tools/bin/python -c 'import nvidia; print(list(nvidia.__path__)[0])')"
     export LD_LIBRARY_PATH="$NVIDIA/cuda_nvrtc/lib:$NVIDIA/cublas/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi

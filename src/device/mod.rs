@@ -27,6 +27,12 @@ pub trait Device: sealed::Sealed + Copy + Default + Debug + Send + Sync + 'stati
     /// `Ok` when this device can run work in this process; otherwise an error that says why and
     /// what to do. Cheap after the first call.
     fn probe() -> Result<(), Error>;
+
+    /// The hardware in words, for reports beside a figure: the CPU's model and thread count, the
+    /// GPU's name and architecture (or what runs the GPU backend), or the kind's name.
+    fn describe() -> String {
+        Self::KIND.name().to_string()
+    }
 }
 
 /// The host CPU (tensors in ndarray arrays). Always available.
@@ -53,6 +59,20 @@ impl Device for Cpu {
     const KIND: DeviceKind = DeviceKind::Cpu;
     fn probe() -> Result<(), Error> {
         Ok(())
+    }
+    fn describe() -> String {
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    l.strip_prefix("model name")?
+                        .split_once(':')
+                        .map(|(_, v)| v.trim().to_string())
+                })
+            })
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        format!("{model}, {threads} threads")
     }
 }
 

@@ -620,8 +620,9 @@ impl Driver for Cuda {
                 cublas_sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let lda = if g.ta { g.m } else { g.k };
-        let ldb = if g.tb { g.k } else { g.n };
+        // Leading dimensions are at least 1, as cuBLAS requires even for an empty k.
+        let lda = if g.ta { g.m } else { g.k }.max(1);
+        let ldb = if g.tb { g.k } else { g.n }.max(1);
         let beta_one = g.bias.is_some();
         let (one32, zero32, one64, zero64) = (1.0f32, 0.0f32, 1.0f64, 0.0f64);
         let (alpha, beta): (*const c_void, *const c_void) = if g.dtype == DType::F64 {

@@ -55,5 +55,7 @@ extern "C" int nbit_host_launch(const char* name, unsigned gx, unsigned gy, unsi
     return 0;
 }
 
-// Whether the emulation can launch `name` (the tests check every kernel NVRTC compiles).
+// Whether the emulation can launch `name`, and how many kernels it can launch (the tests check
+// these against the kernels NVRTC compiles).
 extern "C" int nbit_host_has(const char* name) { return nbit_kernels().count(name) ? 1 : 0; }
+extern "C" int nbit_host_count() { return (int)nbit_kernels().size(); }

@@ -35,6 +35,9 @@ impl Device for Gpu {
     fn probe() -> Result<(), Error> {
         driver::driver().map(|_| ())
     }
+    fn describe() -> String {
+        driver::describe().unwrap_or_else(|e| e.to_string())
+    }
 }
 
 impl WithBackend for Gpu {

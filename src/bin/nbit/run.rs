@@ -13,6 +13,8 @@ pub(crate) struct Report {
     pub(crate) command: &'static str,
     pub(crate) precision: String,
     pub(crate) accelerator: String,
+    /// The hardware in words (`Device::describe`).
+    pub(crate) device: String,
     pub(crate) layers: Vec<usize>,
     pub(crate) epochs: u64,
     pub(crate) global_step: u64,
@@ -86,6 +88,7 @@ impl RunJob for Run {
             command: plan.command,
             precision: P::NAME.into(),
             accelerator: D::KIND.name().into(),
+            device: D::describe(),
             layers: plan.sizes.clone(),
             ..Report::default()
         };
@@ -176,7 +179,7 @@ pub(crate) fn print_report(r: &Report, json: bool) {
     }
     let layers: Vec<String> = r.layers.iter().map(usize::to_string).collect();
     println!("precision      {}", r.precision);
-    println!("accelerator    {}", r.accelerator);
+    println!("accelerator    {} ({})", r.accelerator, r.device);
     println!("layers         {}", layers.join("-"));
     if r.command == "fit" {
         println!("epochs         {}", r.epochs);
