@@ -13,7 +13,6 @@ use std::sync::OnceLock;
 
 use nbit::backend::cuda;
 use nbit::backend::{AdamWStep, Backend, Binary, Compare, Conv2dGeometry, SgdStep, Unary};
-use nbit::data::{DataLoader, Dataset};
 use nbit::half::{bf16, f16};
 use nbit::ndarray::{ArrayD, IxDyn};
 use nbit::optim::UpdateRounding;
@@ -22,7 +21,7 @@ use nbit::prelude::*;
 use nbit::scaler::DynamicScaler;
 use nbit::{Float, Gpu, StepInfo, TrainerBuilder};
 
-use crate::common::CpuFp16Amp;
+use crate::common::{CpuFp16Amp, loader};
 
 /// Whether the tests run on a real GPU (`NBIT_TEST_GPU=cuda`) rather than the emulation.
 fn real() -> bool {
@@ -587,28 +586,6 @@ fn convolution_unfold_and_layer_norm_match_the_cpu() {
     for_each_float!(conv_and_norm_ones);
 }
 
-/// Three blobs in 4 dimensions, deterministic.
-fn blobs(n: usize) -> DataLoader {
-    let mut s = 12345u64;
-    let mut next = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-    };
-    let centers = [
-        [1.0, 0.0, -1.0, 0.5],
-        [-1.0, 1.0, 0.0, -0.5],
-        [0.0, -1.0, 1.0, 0.0],
-    ];
-    let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
-    let x = nbit::ndarray::Array2::from_shape_fn((n, 4), |(i, j)| centers[i % 3][j] + 0.8 * next());
-    DataLoader::new(Dataset::classification(x, labels).unwrap(), 16)
-        .unwrap()
-        .shuffle(true)
-        .seed(3)
-}
-
 /// The per-step losses, skips and scales of `P` on device `D` over `steps` steps, with the loss
 /// multiplied by 1e30 (fp16 gradients overflow) at the steps in `inject`; `configure` sets the
 /// trainer's options beyond the shared ones.
@@ -657,7 +634,7 @@ fn losses<P: Precision, D: Runs<P>>(
             .unwrap(),
         at: inject.to_vec(),
     };
-    let r = t.fit(&mut m, &blobs(96), None).unwrap();
+    let r = t.fit(&mut m, &loader(96, 16), None).unwrap();
     (
         r.history.iter().map(|s| s.loss).collect(),
         r.history.iter().map(|s| s.skipped).collect(),
@@ -755,7 +732,7 @@ fn cnn_losses<P: Precision, D: Runs<P>>() -> Vec<f64> {
             )
         })
         .unwrap();
-    let r = t.fit(&mut model, &blobs(96), None).unwrap();
+    let r = t.fit(&mut model, &loader(96, 16), None).unwrap();
     r.history.iter().map(|s| s.loss).collect()
 }
 
@@ -820,7 +797,7 @@ fn a_gpu_failure_is_an_error_from_fit_not_a_panic() {
         .max_steps(1)
         .build()
         .unwrap();
-    let e = t.fit(&mut Huge, &blobs(16), None).unwrap_err().to_string();
+    let e = t.fit(&mut Huge, &loader(16, 16), None).unwrap_err().to_string();
     assert!(
         e.contains("'gpu' failed during full") && e.contains("allocating"),
         "{e}"

@@ -3,36 +3,13 @@
 
 use std::path::PathBuf;
 
-use crate::common::CpuFp16Amp;
+use crate::common::{CpuFp16Amp, blobs, loader};
 use nbit::data::{DataLoader, Dataset};
 use nbit::nn::Task;
 use nbit::optim::{AdamW, Optimization, Sgd};
 use nbit::prelude::*;
 use nbit::scaler::DynamicScaler;
 use nbit::{EarlyStopping, Float, Grads, Metrics, Mode, ModelCheckpoint, Monitor, StepInfo};
-
-/// Three Gaussian-ish blobs in 4 dimensions, deterministic.
-fn blobs(n: usize) -> Dataset {
-    let mut s = 12345u64;
-    let mut next = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-    };
-    let centers = [
-        [1.0, 0.0, -1.0, 0.5],
-        [-1.0, 1.0, 0.0, -0.5],
-        [0.0, -1.0, 1.0, 0.0],
-    ];
-    let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
-    let x = ndarray::Array2::from_shape_fn((n, 4), |(i, j)| centers[i % 3][j] + 0.8 * next());
-    Dataset::classification(x, labels).unwrap()
-}
-
-fn loader(n: usize, batch: usize) -> DataLoader {
-    DataLoader::new(blobs(n), batch).unwrap().shuffle(true).seed(3)
-}
 
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("nbit-test-{}", std::process::id()));

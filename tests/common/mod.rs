@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use nbit::Error;
+use nbit::data::{DataLoader, Dataset};
 use nbit::prelude::*;
 use nbit::scaler::DynamicScaler;
 use nbit::tensor::Tensor;
@@ -86,3 +87,26 @@ impl Precision for CpuFp16Amp {
 }
 
 impl Supports<CpuFp16Amp> for Cpu {}
+
+/// Three Gaussian-ish blobs in 4 dimensions, deterministic.
+pub fn blobs(n: usize) -> Dataset {
+    let mut s = 12345u64;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let centers = [
+        [1.0, 0.0, -1.0, 0.5],
+        [-1.0, 1.0, 0.0, -0.5],
+        [0.0, -1.0, 1.0, 0.0],
+    ];
+    let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
+    let x = ndarray::Array2::from_shape_fn((n, 4), |(i, j)| centers[i % 3][j] + 0.8 * next());
+    Dataset::classification(x, labels).unwrap()
+}
+
+pub fn loader(n: usize, batch: usize) -> DataLoader {
+    DataLoader::new(blobs(n), batch).unwrap().shuffle(true).seed(3)
+}

@@ -486,6 +486,41 @@ impl Cuda {
     }
 }
 
+/// A row-major [`Gemm`] as the column-major call BLAS takes: row-major `c = op(a) op(b)` is
+/// column-major `c^T = op(b)^T op(a)^T`, so the first operand is `b` and the second `a`, each
+/// read in its column-major view (a row-major `[r, c]` array is a column-major `c x r` one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ColumnMajor {
+    trans_first: bool,
+    trans_second: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    first: u64,
+    ld_first: usize,
+    second: u64,
+    ld_second: usize,
+    ldc: usize,
+}
+
+impl ColumnMajor {
+    fn of(g: &Gemm) -> ColumnMajor {
+        // Leading dimensions are at least 1, as BLAS requires even for an empty k.
+        ColumnMajor {
+            trans_first: g.tb,
+            trans_second: g.ta,
+            m: g.n,
+            n: g.m,
+            k: g.k,
+            first: g.b,
+            ld_first: if g.tb { g.k } else { g.n }.max(1),
+            second: g.a,
+            ld_second: if g.ta { g.m } else { g.k }.max(1),
+            ldc: g.n.max(1),
+        }
+    }
+}
+
 /// A driver error in words: its name and description.
 fn words(e: cu::DriverError) -> String {
     let name = e
@@ -611,8 +646,7 @@ impl Driver for Cuda {
             other => return Err(format!("no real GEMM for {other}")),
         };
         // The bias, already in every row of c (see `Gemm`), is added by beta = 1.
-        // Row-major c = op(a) op(b) is column-major c^T = op(b)^T op(a)^T: cuBLAS computes
-        // [n, m] = op_b(b) [n, k] x op_a(a) [k, m], with b and a in its column-major view.
+        let cm = ColumnMajor::of(g);
         let op = |t: bool| {
             if t {
                 cublas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -620,9 +654,6 @@ impl Driver for Cuda {
                 cublas_sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        // Leading dimensions are at least 1, as cuBLAS requires even for an empty k.
-        let lda = if g.ta { g.m } else { g.k }.max(1);
-        let ldb = if g.tb { g.k } else { g.n }.max(1);
         let beta_one = g.bias.is_some();
         let (one32, zero32, one64, zero64) = (1.0f32, 0.0f32, 1.0f64, 0.0f64);
         let (alpha, beta): (*const c_void, *const c_void) = if g.dtype == DType::F64 {
@@ -649,22 +680,22 @@ impl Driver for Cuda {
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 self.blas,
-                op(g.tb),
-                op(g.ta),
-                g.n as i32,
-                g.m as i32,
-                g.k as i32,
+                op(cm.trans_first),
+                op(cm.trans_second),
+                cm.m as i32,
+                cm.n as i32,
+                cm.k as i32,
                 alpha,
-                g.b as *const c_void,
+                cm.first as *const c_void,
                 ty,
-                ldb as i32,
-                g.a as *const c_void,
+                cm.ld_first as i32,
+                cm.second as *const c_void,
                 ty,
-                lda as i32,
+                cm.ld_second as i32,
                 beta,
                 g.c as *mut c_void,
                 ty,
-                g.n as i32,
+                cm.ldc as i32,
                 compute,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
@@ -676,6 +707,95 @@ impl Driver for Cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// BLAS's column-major `gemm` by its definition: `C = op(A) op(B)` with `op(A)` m x k.
+    #[allow(clippy::too_many_arguments)]
+    fn blas_gemm(
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f64],
+        lda: usize,
+        b: &[f64],
+        ldb: usize,
+        c: &mut [f64],
+        ldc: usize,
+    ) {
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0.0;
+                for l in 0..k {
+                    let av = if ta { a[l + i * lda] } else { a[i + l * lda] };
+                    let bv = if tb { b[j + l * ldb] } else { b[l + j * ldb] };
+                    acc += av * bv;
+                }
+                c[i + j * ldc] = acc;
+            }
+        }
+    }
+
+    #[test]
+    fn the_row_major_product_maps_to_blas_column_major_arguments() {
+        let (m, n, k) = (3usize, 4usize, 5usize);
+        let value = |i: usize| (i * 7 % 11) as f64 - 5.0;
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            // Row-major operands: a is [m, k] (or [k, m] when ta), b is [k, n] (or [n, k]).
+            let a: Vec<f64> = (0..m * k).map(value).collect();
+            let b: Vec<f64> = (0..k * n).map(|i| value(i + 3)).collect();
+            let at = |i: usize, l: usize| if ta { a[l * m + i] } else { a[i * k + l] };
+            let bt = |l: usize, j: usize| if tb { b[j * k + l] } else { b[l * n + j] };
+            let want: Vec<f64> = (0..m * n)
+                .map(|ij| (0..k).map(|l| at(ij / n, l) * bt(l, ij % n)).sum())
+                .collect();
+            let g = Gemm {
+                dtype: DType::F64,
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                a: 1,
+                b: 2,
+                c: 3,
+                bias: None,
+            };
+            let cm = ColumnMajor::of(&g);
+            let (first, second) = match (cm.first, cm.second) {
+                (2, 1) => (&b, &a),
+                other => panic!("operands {other:?}"),
+            };
+            let mut c = vec![0.0; m * n];
+            blas_gemm(
+                cm.trans_first,
+                cm.trans_second,
+                cm.m,
+                cm.n,
+                cm.k,
+                first,
+                cm.ld_first,
+                second,
+                cm.ld_second,
+                &mut c,
+                cm.ldc,
+            );
+            assert_eq!(c, want, "ta {ta} tb {tb}");
+        }
+        let empty = ColumnMajor::of(&Gemm {
+            dtype: DType::F32,
+            ta: false,
+            tb: false,
+            m: 2,
+            n: 3,
+            k: 0,
+            a: 1,
+            b: 2,
+            c: 3,
+            bias: None,
+        });
+        assert_eq!((empty.ld_first, empty.ld_second, empty.ldc), (3, 1, 3));
+    }
 
     #[test]
     fn the_cache_buckets_small_sizes_by_512_bytes_and_large_by_2_mib() {

@@ -63,8 +63,9 @@ impl Drop for Buffer {
 /// the allocation. Cloning copies on the device; dropping frees.
 pub struct GpuStorage<E: Element> {
     shape: Vec<usize>,
-    /// Owns the allocation at `ptr`.
+    /// Owns the allocation.
     _buf: Buffer,
+    /// Its address (the buffer's, kept here for the launch sites).
     ptr: u64,
     device: usize,
     _e: PhantomData<E>,
