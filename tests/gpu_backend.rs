@@ -12,7 +12,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use nbit::backend::cuda;
-use nbit::backend::{AdamWStep, Backend, Binary, Compare, Conv2dGeometry, SgdStep, Unary};
+use nbit::backend::{
+    AdamWStep, Backend, Binary, Compare, ComplexBackend, ComplexUnary, Conv2dGeometry, SgdStep, Unary,
+};
 use nbit::half::{bf16, f16};
 use nbit::ndarray::{ArrayD, IxDyn};
 use nbit::optim::UpdateRounding;
@@ -72,23 +74,28 @@ fn assert_close<E: Float>(what: &str, got: &ArrayD<E>, want: &ArrayD<E>, tol: f6
     }
 }
 
+/// The type's machine epsilon.
+fn eps<E: Float>() -> f64 {
+    E::epsilon().as_f64()
+}
+
 /// The tolerance of a product on a GPU (cuBLAS's order), 0 under the emulation (the CPU's GEMM).
 fn tol<E: Float>(ulps: f64) -> f64 {
-    if real() { ulps * E::epsilon().as_f64() } else { 0.0 }
+    if real() { ulps * eps::<E>() } else { 0.0 }
 }
 
 /// The tolerance of an op that calls exp, tanh or erf: glibc's (emulation) or libdevice's (GPU)
 /// against the libm of the CPU backend, each within an ulp or two of the truth
 /// (tests/cuda_kernels.rs checks them across the range).
 fn libm_tol<E: Float>() -> f64 {
-    4.0 * E::epsilon().as_f64()
+    4.0 * eps::<E>()
 }
 
 /// The tolerance of an f64 result of an f64 sum: another order moves its last bits (16- and
 /// 32-bit results round the f64 sum once, which hides that here).
 fn sum_tol<E: Float>() -> f64 {
     if size_of::<E>() == 8 {
-        4.0 * E::epsilon().as_f64()
+        4.0 * eps::<E>()
     } else {
         0.0
     }
@@ -584,6 +591,151 @@ fn conv_and_norm_ones<E: Float>() {
 fn convolution_unfold_and_layer_norm_match_the_cpu() {
     gpu();
     for_each_float!(conv_and_norm_ones);
+}
+
+/// Deterministic complex values (parts multiples of 1/256 in [-2, 2)).
+fn carray<C: nbit::dtype::ComplexElement>(shape: &[usize], seed: u64) -> ArrayD<C> {
+    let re = array::<f64>(shape, seed);
+    let im = array::<f64>(shape, seed + 100);
+    ndarray::Zip::from(&re)
+        .and(&im)
+        .map_collect(|&r, &i| C::from_parts(r, i))
+}
+
+fn complex_ones<C: nbit::dtype::ComplexElement>() {
+    let what = |op: &str| format!("{op} {}", C::DTYPE);
+    let (a, b) = (carray::<C>(&[2, 1, 5], 60), carray::<C>(&[3, 1], 61));
+    for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
+        let got = Gpu::cbinary(op, &up(&a), &up(&b), &[2, 3, 5]);
+        assert_eq!(
+            down(&got),
+            Cpu::cbinary(op, &a, &b, &[2, 3, 5]),
+            "{}",
+            what(&format!("{op:?}"))
+        );
+    }
+    let mut z = carray::<C>(&[4, 6], 62);
+    z[[0, 0]] = C::from_parts(0.0, 0.0);
+    z[[0, 1]] = C::from_parts(f64::INFINITY, 0.0);
+    z[[0, 2]] = C::from_parts(f64::NEG_INFINITY, f64::INFINITY);
+    z[[0, 3]] = C::from_parts(f64::NAN, 0.0);
+    z[[0, 4]] = C::from_parts(f64::INFINITY, f64::INFINITY);
+    for op in [
+        ComplexUnary::Neg,
+        ComplexUnary::Conj,
+        ComplexUnary::Exp,
+        ComplexUnary::MulScalar(-0.75),
+        ComplexUnary::Sign,
+    ] {
+        let (got, want) = (down(&Gpu::cunary(op, &up(&z))), Cpu::cunary(op, &z));
+        for (g, w) in got.iter().zip(want.iter()) {
+            let (g, w) = (g.to_c64(), w.to_c64());
+            // exp calls cos and sin: glibc's (the emulation) against Rust's (glibc here too), or
+            // libdevice's on a GPU; NaN parts match NaN parts.
+            let same = |x: f64, y: f64| {
+                (x.is_nan() && y.is_nan())
+                    || x == y
+                    || (real() && (x - y).abs() <= 4.0 * eps::<C::Real>() * y.abs().max(1.0))
+            };
+            assert!(
+                same(g.re, w.re) && same(g.im, w.im),
+                "{}: got {g}, the CPU's {w}",
+                what(&format!("{op:?}"))
+            );
+        }
+    }
+    assert_close(&what("abs"), &down(&Gpu::cabs(&up(&z))), &Cpu::cabs(&z), 0.0);
+    let (re, im) = Gpu::complex_parts(&up(&z));
+    let (cre, cim) = Cpu::complex_parts(&z);
+    assert_close(&what("re"), &down(&re), &cre, 0.0);
+    assert_close(&what("im"), &down(&im), &cim, 0.0);
+    assert_eq!(
+        down(&Gpu::complex_from_parts::<C>(&re, &im))
+            .iter()
+            .filter(|v| v.to_c64().re.is_nan())
+            .count(),
+        1
+    );
+    let w = carray::<C>(&[3, 4, 5], 63);
+    for shape in [&[4, 5][..], &[3, 1, 5], &[1]] {
+        assert_eq!(
+            down(&Gpu::csum_to_shape(&up(&w), shape)),
+            Cpu::csum_to_shape(&w, shape),
+            "{}",
+            what("csum_to_shape")
+        );
+    }
+    for bits in 0..16u8 {
+        let [ta, ca, tb, cb] = [bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, bits & 8 != 0];
+        let (m, k, n) = (3, 5, 4);
+        let a = carray::<C>(&if ta { [k, m] } else { [m, k] }, 64);
+        let b = carray::<C>(&if tb { [n, k] } else { [k, n] }, 65);
+        let got = down(&Gpu::cmatmul(&up(&a), &up(&b), ta, ca, tb, cb));
+        let want = Cpu::cmatmul(&a, &b, ta, ca, tb, cb);
+        // Exact products of these parts in f64 (on a GPU, zgemm's order is exact here too).
+        assert_eq!(got, want, "{}", what(&format!("cmatmul t{ta} c{ca} t{tb} c{cb}")));
+    }
+}
+
+#[test]
+fn complex_ops_match_the_cpu_in_every_complex_dtype() {
+    gpu();
+    complex_ones::<num_complex::Complex<f16>>();
+    complex_ones::<num_complex::Complex<f32>>();
+    complex_ones::<num_complex::Complex<f64>>();
+}
+
+/// The gradients of a real loss of complex tensors (matmul, conjugate, exp, division, |z|) with
+/// respect to the real and imaginary leaves, on device `D`, in complex `C` with parts `R`.
+fn complex_gradients<R: Float, D: ComplexBackend>() -> Vec<Vec<f64>>
+where
+    num_complex::Complex<R>: nbit::dtype::ComplexElement<Real = R>,
+{
+    use nbit::tensor::{ComplexOps, Tensor};
+    type Z<R, D> = Tensor<num_complex::Complex<R>, D>;
+    let leaf =
+        |shape: &[usize], seed: u64| Tensor::<R, D>::from_array(array::<R>(shape, seed)).requires_grad();
+    let (x, y, u, v) = (
+        leaf(&[2, 3], 70),
+        leaf(&[2, 3], 71),
+        leaf(&[3, 4], 72),
+        leaf(&[3, 4], 73),
+    );
+    let z = Z::<R, D>::complex(&x, &y).unwrap();
+    let w = Z::<R, D>::complex(&u, &v).unwrap();
+    let p = z.matmul(&w).unwrap();
+    let q = p
+        .conj()
+        .mul_scalar(0.25)
+        .exp()
+        .div(
+            &p.add(&Z::<R, D>::complex(&leaf(&[4], 74), &leaf(&[4], 75)).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+    let loss = q.abs().powf(2.0).sum().add(&q.real().sum()).unwrap();
+    let g = loss.backward().unwrap();
+    [&x, &y, &u, &v]
+        .iter()
+        .map(|t| g.get(t).unwrap().to_vec().iter().map(|v| v.as_f64()).collect())
+        .collect()
+}
+
+#[test]
+fn complex_autodiff_on_the_gpu_gives_the_cpus_gradients() {
+    gpu();
+    let (g, c) = (complex_gradients::<f64, Gpu>(), complex_gradients::<f64, Cpu>());
+    let (g32, c32) = (complex_gradients::<f32, Gpu>(), complex_gradients::<f32, Cpu>());
+    for ((g, c), t) in [(g, c, 1e-13), (g32, c32, 1e-6)]
+        .into_iter()
+        .flat_map(|(g, c, t)| g.into_iter().zip(c).map(move |p| (p, t)))
+    {
+        // exp's cos and sin are glibc's on both sides under the emulation; libdevice's on a GPU.
+        let t = if real() { t * 100.0 } else { t };
+        for (a, b) in g.iter().zip(&c) {
+            assert!((a - b).abs() <= t * b.abs().max(1.0), "gpu {a}, cpu {b}");
+        }
+    }
 }
 
 /// The per-step losses, skips and scales of `P` on device `D` over `steps` steps, with the loss

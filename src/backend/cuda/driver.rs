@@ -34,6 +34,10 @@ pub(crate) struct Gemm {
     pub b: u64,
     pub c: u64,
     pub bias: Option<u64>,
+    /// Conjugate `a` (complex only; only together with `ta`: a conjugate transpose).
+    pub ca: bool,
+    /// Conjugate `b` (as `ca`).
+    pub cb: bool,
 }
 
 /// A device the GPU backend can run on. Errors are the driver's words.
@@ -311,11 +315,39 @@ impl Driver for Host {
                 DType::BF16 => host_gemm::<half::bf16>(g),
                 DType::F32 => host_gemm::<f32>(g),
                 DType::F64 => host_gemm::<f64>(g),
-                other => return Err(format!("no real GEMM for {other}")),
+                DType::C128 => host_cgemm(g),
+                other => return Err(format!("no GEMM for {other}")),
             }
         }
         Ok(())
     }
+}
+
+/// [`Host::gemm`] for complex128: the CPU backend's complex product.
+unsafe fn host_cgemm(g: &Gemm) {
+    use super::super::ComplexBackend;
+    use ndarray::ArrayD;
+    use num_complex::Complex;
+    let view = |p: u64, rows: usize, cols: usize| {
+        // SAFETY: the caller's contract: `rows * cols` complex128 values at `p`.
+        let s = unsafe { core::slice::from_raw_parts(p as *const Complex<f64>, rows * cols) };
+        ArrayD::from_shape_vec(vec![rows, cols], s.to_vec()).expect("sizes match")
+    };
+    let a = if g.ta {
+        view(g.a, g.k, g.m)
+    } else {
+        view(g.a, g.m, g.k)
+    };
+    let b = if g.tb {
+        view(g.b, g.n, g.k)
+    } else {
+        view(g.b, g.k, g.n)
+    };
+    let c = crate::Cpu::cmatmul(&a, &b, g.ta, g.ca, g.tb, g.cb);
+    let c = c.as_standard_layout();
+    let out = c.as_slice().expect("standard layout");
+    // SAFETY: `c` holds m * n values.
+    unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), g.c as *mut Complex<f64>, out.len()) };
 }
 
 /// [`Host::gemm`] for one type.
@@ -643,20 +675,29 @@ impl Driver for Cuda {
             }
             DType::F32 => (CUDA_R_32F, CUBLAS_COMPUTE_32F),
             DType::F64 => (CUDA_R_64F, CUBLAS_COMPUTE_64F),
-            other => return Err(format!("no real GEMM for {other}")),
+            DType::C128 => (CUDA_C_64F, CUBLAS_COMPUTE_64F),
+            other => return Err(format!("no GEMM for {other}")),
         };
         // The bias, already in every row of c (see `Gemm`), is added by beta = 1.
         let cm = ColumnMajor::of(g);
-        let op = |t: bool| {
-            if t {
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
+        let op = |t: bool, c: bool| match (t, c) {
+            (true, true) => cublas_sys::cublasOperation_t::CUBLAS_OP_C,
+            (true, false) => cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+            (false, _) => cublas_sys::cublasOperation_t::CUBLAS_OP_N,
         };
         let beta_one = g.bias.is_some();
         let (one32, zero32, one64, zero64) = (1.0f32, 0.0f32, 1.0f64, 0.0f64);
-        let (alpha, beta): (*const c_void, *const c_void) = if g.dtype == DType::F64 {
+        let (one_c, zero_c) = ([1.0f64, 0.0], [0.0f64, 0.0]);
+        let (alpha, beta): (*const c_void, *const c_void) = if g.dtype == DType::C128 {
+            (
+                one_c.as_ptr() as _,
+                if beta_one {
+                    one_c.as_ptr() as _
+                } else {
+                    zero_c.as_ptr() as _
+                },
+            )
+        } else if g.dtype == DType::F64 {
             (
                 &one64 as *const f64 as _,
                 if beta_one {
@@ -680,8 +721,8 @@ impl Driver for Cuda {
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 self.blas,
-                op(cm.trans_first),
-                op(cm.trans_second),
+                op(cm.trans_first, g.cb),
+                op(cm.trans_second, g.ca),
                 cm.m as i32,
                 cm.n as i32,
                 cm.k as i32,
@@ -760,6 +801,8 @@ mod tests {
                 b: 2,
                 c: 3,
                 bias: None,
+                ca: false,
+                cb: false,
             };
             let cm = ColumnMajor::of(&g);
             let (first, second) = match (cm.first, cm.second) {
@@ -793,6 +836,8 @@ mod tests {
             b: 2,
             c: 3,
             bias: None,
+            ca: false,
+            cb: false,
         });
         assert_eq!((empty.ld_first, empty.ld_second, empty.ldc), (3, 1, 3));
     }

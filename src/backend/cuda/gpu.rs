@@ -9,14 +9,17 @@ use core::marker::PhantomData;
 use ndarray::ArrayD;
 
 use super::driver::{Driver, Gemm, driver, fail};
-use crate::backend::{AdamWStep, Backend, Binary, Compare, Conv2dGeometry, SgdStep, Unary, UpdateRounding};
+use crate::backend::{
+    AdamWStep, Backend, Binary, Compare, ComplexBackend, ComplexUnary, Conv2dGeometry, SgdStep, Unary,
+    UpdateRounding,
+};
 use crate::device::Gpu;
-use crate::dtype::{DType, Element, Float};
+use crate::dtype::{ComplexElement, DType, Element, Float};
+use num_complex::Complex;
 
-/// What the GPU backend does not run on the GPU: complex tensors (`ComplexBackend` is not
-/// implemented for `Gpu`) and LAPACK (the `lapack` feature is CPU-only). Every op of [`Backend`]
-/// is a kernel or a cuBLAS product.
-pub const NOT_ON_THE_GPU: [&str; 2] = ["complex tensors (ComplexBackend)", "linalg (the lapack feature)"];
+/// What the GPU backend does not run on the GPU: LAPACK (the `lapack` feature's solvers are
+/// CPU-only). Every op of [`Backend`] and [`ComplexBackend`] is a kernel or a cuBLAS product.
+pub const NOT_ON_THE_GPU: [&str; 1] = ["linalg (the lapack feature's solvers)"];
 
 /// One device allocation, freed on drop.
 struct Buffer {
@@ -103,6 +106,20 @@ impl<E: Element> GpuStorage<E> {
         // SAFETY: both hold `bytes` bytes (same element count and size, checked by the callers).
         unsafe { drv().copy(out.ptr, self.ptr, self.bytes()) }.unwrap_or_else(|e| fail(op, e));
         out
+    }
+}
+
+impl<E: Element> GpuStorage<E> {
+    /// The same allocation under another element type of the same size.
+    fn retyped<F: Element>(self) -> GpuStorage<F> {
+        debug_assert_eq!(size_of::<E>(), size_of::<F>());
+        GpuStorage {
+            shape: self.shape,
+            _buf: self._buf,
+            ptr: self.ptr,
+            device: self.device,
+            _e: PhantomData,
+        }
     }
 }
 
@@ -337,6 +354,16 @@ fn unary_into<E: Float>(op: Unary, x: u64, out: u64, n: usize) {
     );
 }
 
+/// kernels.cu's code of a [`Binary`].
+fn binary_code(op: Binary) -> i32 {
+    match op {
+        Binary::Add => 0,
+        Binary::Sub => 1,
+        Binary::Mul => 2,
+        Binary::Div => 3,
+    }
+}
+
 /// `op(a, b)` written to `out` (which may be `a`), broadcasting to `out_shape`.
 fn binary_into<E: Float>(op: Binary, a: &GpuStorage<E>, b: &GpuStorage<E>, out: u64, out_shape: &[usize]) {
     let g = Geometry::new(
@@ -345,12 +372,7 @@ fn binary_into<E: Float>(op: Binary, a: &GpuStorage<E>, b: &GpuStorage<E>, out: 
         &broadcast_strides(&a.shape, out_shape),
         &broadcast_strides(&b.shape, out_shape),
     );
-    let code = match op {
-        Binary::Add => 0i32,
-        Binary::Sub => 1,
-        Binary::Mul => 2,
-        Binary::Div => 3,
-    };
+    let code = binary_code(op);
     let n = out_shape.iter().product::<usize>() as i64;
     let (pa, pb) = (a.ptr, b.ptr);
     launch(
@@ -668,6 +690,8 @@ impl Backend for Gpu {
             b: b.ptr,
             c: out.ptr,
             bias: bias.map(|b| b.ptr),
+            ca: false,
+            cb: false,
         };
         // SAFETY: the operands' shapes are the sizes in `g` (checked by the tensor layer).
         unsafe { drv().gemm(&g) }.unwrap_or_else(|e| fail("matmul", e));
@@ -1141,5 +1165,195 @@ impl Backend for Gpu {
 
     fn catch_device_failures<T>(f: impl FnOnce() -> Result<T, crate::Error>) -> Result<T, crate::Error> {
         super::driver::catch(f)
+    }
+}
+
+/// The complex kernels' name for a complex type.
+fn complex_suffix<C: ComplexElement>() -> &'static str {
+    match C::DTYPE {
+        DType::C32 => "c32",
+        DType::C64 => "c64",
+        DType::C128 => "c128",
+        other => fail("kernel", format!("no complex GPU kernels for {other}")),
+    }
+}
+
+/// The parts of `z` as complex128 (exact), or a copy when it already is.
+fn widened<C: ComplexElement>(z: &GpuStorage<C>) -> GpuStorage<Complex<f64>> {
+    let out = GpuStorage::<Complex<f64>>::empty("cmatmul", &z.shape);
+    let (x, o, n) = (z.ptr, out.ptr, 2 * z.len() as i64);
+    if C::DTYPE == DType::C128 {
+        // SAFETY: both hold `n` f64 parts.
+        unsafe { drv().copy(o, x, z.bytes()) }.unwrap_or_else(|e| fail("cmatmul", e));
+    } else {
+        let name = format!("cast_{}_f64", suffix::<C::Real>());
+        launch("cmatmul", name, (blocks(n as usize), 1), args![x, o, n]);
+    }
+    out
+}
+
+/// complex128 values rounded once per part into `C`.
+fn narrowed<C: ComplexElement>(z: GpuStorage<Complex<f64>>) -> GpuStorage<C> {
+    if C::DTYPE == DType::C128 {
+        return z.retyped();
+    }
+    let out = GpuStorage::<C>::empty("cmatmul", &z.shape);
+    let (x, o, n) = (z.ptr, out.ptr, 2 * z.len() as i64);
+    let name = format!("cast_f64_{}", suffix::<C::Real>());
+    launch("cmatmul", name, (blocks(n as usize), 1), args![x, o, n]);
+    out
+}
+
+/// One part (0: real, 1: imaginary) of every element of `z` copied to or from a real tensor:
+/// `to_parts` reads every second part of `z`, else writes it.
+fn move_part<C: ComplexElement>(z: u64, real: u64, part: u64, n: usize, to_parts: bool) {
+    let shape = [n];
+    let (interleaved, plain) = ([2i64], [1i64]);
+    let at = z + part * size_of::<C::Real>() as u64;
+    let (src, dst, g) = match to_parts {
+        true => (
+            at,
+            real,
+            Geometry::new("complex parts", &shape, &interleaved, &plain),
+        ),
+        false => (
+            real,
+            at,
+            Geometry::new("complex parts", &shape, &plain, &interleaved),
+        ),
+    };
+    copy_into::<C::Real>("complex parts", src, dst, g);
+}
+
+impl ComplexBackend for Gpu {
+    fn cmatmul<C: ComplexElement>(
+        a: &GpuStorage<C>,
+        b: &GpuStorage<C>,
+        ta: bool,
+        ca: bool,
+        tb: bool,
+        cb: bool,
+    ) -> GpuStorage<C> {
+        // In complex128 (the CPU computes the products in f64 too) and rounded once at the end.
+        // BLAS conjugates only with a transpose, so a conjugate without one happens first.
+        let prepare = |z: &GpuStorage<C>, t: bool, c: bool| {
+            let w = widened(z);
+            match c && !t {
+                true => Self::cunary(ComplexUnary::Conj, &w),
+                false => w,
+            }
+        };
+        let (a64, b64) = (prepare(a, ta, ca), prepare(b, tb, cb));
+        let (m, k) = if ta {
+            (a.shape[1], a.shape[0])
+        } else {
+            (a.shape[0], a.shape[1])
+        };
+        let n = if tb { b.shape[0] } else { b.shape[1] };
+        let out = GpuStorage::<Complex<f64>>::empty("cmatmul", &[m, n]);
+        if m > 0 && n > 0 {
+            let g = Gemm {
+                dtype: DType::C128,
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                a: a64.ptr,
+                b: b64.ptr,
+                c: out.ptr,
+                bias: None,
+                ca: ca && ta,
+                cb: cb && tb,
+            };
+            // SAFETY: the operands' shapes are the sizes in `g` (checked by the tensor layer).
+            unsafe { drv().gemm(&g) }.unwrap_or_else(|e| fail("cmatmul", e));
+        }
+        narrowed(out)
+    }
+
+    fn cbinary<C: ComplexElement>(
+        op: Binary,
+        a: &GpuStorage<C>,
+        b: &GpuStorage<C>,
+        out_shape: &[usize],
+    ) -> GpuStorage<C> {
+        let g = Geometry::new(
+            "cbinary",
+            out_shape,
+            &broadcast_strides(&a.shape, out_shape),
+            &broadcast_strides(&b.shape, out_shape),
+        );
+        let code = binary_code(op);
+        let out = GpuStorage::<C>::empty("cbinary", out_shape);
+        let (pa, pb, o, n) = (a.ptr, b.ptr, out.ptr, out.len() as i64);
+        launch(
+            "cbinary",
+            format!("cbinary_{}", complex_suffix::<C>()),
+            (blocks(out.len()), 1),
+            args![pa, pb, o, n, code, g],
+        );
+        out
+    }
+
+    fn cunary<C: ComplexElement>(op: ComplexUnary, z: &GpuStorage<C>) -> GpuStorage<C> {
+        let (code, c) = match op {
+            ComplexUnary::Neg => (0i32, 0.0),
+            ComplexUnary::Conj => (1, 0.0),
+            ComplexUnary::Exp => (2, 0.0),
+            ComplexUnary::MulScalar(c) => (3, c),
+            ComplexUnary::Sign => (4, 0.0),
+        };
+        let out = GpuStorage::<C>::empty("cunary", &z.shape);
+        let (x, o, n) = (z.ptr, out.ptr, z.len() as i64);
+        launch(
+            "cunary",
+            format!("cunary_{}", complex_suffix::<C>()),
+            (blocks(z.len()), 1),
+            args![x, o, n, code, c],
+        );
+        out
+    }
+
+    fn csum_to_shape<C: ComplexElement>(s: &GpuStorage<C>, shape: &[usize]) -> GpuStorage<C> {
+        // Each part summed in f64 and rounded once, as the CPU's sum of the complex128 parts.
+        let (re, im) = Self::complex_parts(s);
+        Self::complex_from_parts(&Self::sum_to_shape(&re, shape), &Self::sum_to_shape(&im, shape))
+    }
+
+    fn complex_parts<C: ComplexElement>(z: &GpuStorage<C>) -> (GpuStorage<C::Real>, GpuStorage<C::Real>) {
+        let (re, im) = (
+            GpuStorage::<C::Real>::empty("complex parts", &z.shape),
+            GpuStorage::<C::Real>::empty("complex parts", &z.shape),
+        );
+        if z.len() > 0 {
+            move_part::<C>(z.ptr, re.ptr, 0, z.len(), true);
+            move_part::<C>(z.ptr, im.ptr, 1, z.len(), true);
+        }
+        (re, im)
+    }
+
+    fn complex_from_parts<C: ComplexElement>(
+        re: &GpuStorage<C::Real>,
+        im: &GpuStorage<C::Real>,
+    ) -> GpuStorage<C> {
+        let out = GpuStorage::<C>::empty("complex parts", &re.shape);
+        if out.len() > 0 {
+            move_part::<C>(out.ptr, re.ptr, 0, out.len(), false);
+            move_part::<C>(out.ptr, im.ptr, 1, out.len(), false);
+        }
+        out
+    }
+
+    fn cabs<C: ComplexElement>(z: &GpuStorage<C>) -> GpuStorage<C::Real> {
+        let out = GpuStorage::<C::Real>::empty("cabs", &z.shape);
+        let (x, o, n) = (z.ptr, out.ptr, z.len() as i64);
+        launch(
+            "cabs",
+            format!("cabs_{}", complex_suffix::<C>()),
+            (blocks(z.len()), 1),
+            args![x, o, n],
+        );
+        out
     }
 }

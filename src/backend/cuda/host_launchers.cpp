@@ -29,6 +29,7 @@ using NbitEntry = void (*)(unsigned, unsigned, unsigned, void**);
 
 #define NBIT_E(k) {#k, &nbit_entry<&k>},
 #define NBIT_E4(k) NBIT_E(k##_f16) NBIT_E(k##_bf16) NBIT_E(k##_f32) NBIT_E(k##_f64)
+#define NBIT_EC(k) NBIT_E(k##_c32) NBIT_E(k##_c64) NBIT_E(k##_c128)
 #define NBIT_EB(k) NBIT_E(k##_b2) NBIT_E(k##_b4) NBIT_E(k##_b8) NBIT_E(k##_b16)
 
 static const std::map<std::string, NbitEntry>& nbit_kernels() {
@@ -43,6 +44,7 @@ static const std::map<std::string, NbitEntry>& nbit_kernels() {
         NBIT_E4(sgd_step) NBIT_E4(adamw_step) NBIT_EB(index_select) NBIT_EB(gather) NBIT_E4(index_add)
         NBIT_E4(scatter_add) NBIT_E4(select) NBIT_E4(compare) NBIT_E4(arg_extreme) NBIT_E4(unfold2d)
         NBIT_E4(fold2d) NBIT_E4(layer_norm) NBIT_E4(layer_norm_backward) NBIT_E4(layer_norm_params)
+        NBIT_EC(cbinary) NBIT_EC(cunary) NBIT_EC(cabs)
     };
     return table;
 }

@@ -22,7 +22,10 @@
 #define __forceinline__ inline
 #define __shared__ static
 
+using std::cos;
 using std::erf;
+using std::hypot;
+using std::sin;
 using std::exp;
 using std::fabs;
 using std::fma;

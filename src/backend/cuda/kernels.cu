@@ -713,6 +713,94 @@ NBIT_LAYER_NORM(bf16)
 NBIT_LAYER_NORM(f32)
 NBIT_LAYER_NORM(f64)
 
+// ---- complex numbers ----------------------------------------------------------------------------
+
+// Complex tensors are pairs of parts (re, im) of a real type: c32 of f16, c64 of f32, c128 of f64.
+// Every op computes in complex128 (num-complex's formulas, no fused multiply-add) and rounds once
+// per part, as the CPU backend does.
+__device__ __forceinline__ bool nbit_is_nan(double v) { return v != v; }
+__device__ __forceinline__ bool nbit_is_inf(double v) { return v == v && v - v != 0.0; }
+
+// `ComplexUnary` codes.
+#define NBIT_CNEG 0
+#define NBIT_CCONJ 1
+#define NBIT_CEXP 2
+#define NBIT_CMUL_SCALAR 3
+#define NBIT_CSIGN 4
+
+#define NBIT_COMPLEX(CS, R)                                                                       \
+    extern "C" __global__ void cbinary_##CS(const NBIT_DTYPE_##R* a, const NBIT_DTYPE_##R* b,     \
+                                            NBIT_DTYPE_##R* out, i64 n, int op, NbitBroadcast g) { \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            i64 ia, ib;                                                                           \
+            nbit_offsets(g, i, &ia, &ib);                                                         \
+            double ar = (double)nbit_load_##R(a, 2 * ia), ai = (double)nbit_load_##R(a, 2 * ia + 1); \
+            double br = (double)nbit_load_##R(b, 2 * ib), bi = (double)nbit_load_##R(b, 2 * ib + 1); \
+            double re, im;                                                                        \
+            if (op == NBIT_ADD) {                                                                 \
+                re = ar + br;                                                                     \
+                im = ai + bi;                                                                     \
+            } else if (op == NBIT_SUB) {                                                          \
+                re = ar - br;                                                                     \
+                im = ai - bi;                                                                     \
+            } else if (op == NBIT_MUL) {                                                          \
+                re = ar * br - ai * bi;                                                           \
+                im = ar * bi + ai * br;                                                           \
+            } else {                                                                              \
+                double ns = br * br + bi * bi;                                                    \
+                re = (ar * br + ai * bi) / ns;                                                    \
+                im = (ai * br - ar * bi) / ns;                                                    \
+            }                                                                                     \
+            nbit_store64_##R(out, 2 * i, re);                                                     \
+            nbit_store64_##R(out, 2 * i + 1, im);                                                 \
+        }                                                                                         \
+    }                                                                                             \
+    extern "C" __global__ void cunary_##CS(const NBIT_DTYPE_##R* z, NBIT_DTYPE_##R* out, i64 n,   \
+                                           int op, double c) {                                    \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            double re = (double)nbit_load_##R(z, 2 * i), im = (double)nbit_load_##R(z, 2 * i + 1); \
+            double r2 = re, i2 = im;                                                              \
+            if (op == NBIT_CNEG) {                                                                \
+                r2 = -re;                                                                         \
+                i2 = -im;                                                                         \
+            } else if (op == NBIT_CCONJ) {                                                        \
+                i2 = -im;                                                                         \
+            } else if (op == NBIT_CMUL_SCALAR) {                                                  \
+                r2 = re * c;                                                                      \
+                i2 = im * c;                                                                      \
+            } else if (op == NBIT_CSIGN) {                                                        \
+                double r = hypot(re, im);                                                         \
+                r2 = r == 0.0 ? 0.0 : re / r;                                                     \
+                i2 = r == 0.0 ? 0.0 : im / r;                                                     \
+            } else if (nbit_is_inf(re) && re < 0.0 && !(im - im == 0.0)) {                        \
+                /* exp, with num-complex's special cases */                                       \
+                r2 = 0.0;                                                                         \
+                i2 = 0.0;                                                                         \
+            } else if (nbit_is_inf(re) && re > 0.0 && (im == 0.0 || !(im - im == 0.0))) {        \
+                r2 = re;                                                                          \
+                i2 = nbit_is_inf(im) ? (im - im) : im;                                            \
+            } else if (nbit_is_nan(re) && im == 0.0) {                                            \
+                r2 = re;                                                                          \
+                i2 = im;                                                                          \
+            } else {                                                                              \
+                double e = exp(re);                                                               \
+                r2 = e * cos(im);                                                                 \
+                i2 = e * sin(im);                                                                 \
+            }                                                                                     \
+            nbit_store64_##R(out, 2 * i, r2);                                                     \
+            nbit_store64_##R(out, 2 * i + 1, i2);                                                 \
+        }                                                                                         \
+    }                                                                                             \
+    /* |z| without overflow (hypot), into a tensor of the part type. */                          \
+    extern "C" __global__ void cabs_##CS(const NBIT_DTYPE_##R* z, NBIT_DTYPE_##R* out, i64 n) {   \
+        NBIT_GRID_STRIDE(i, n) {                                                                  \
+            nbit_store64_##R(out, i, hypot((double)nbit_load_##R(z, 2 * i), (double)nbit_load_##R(z, 2 * i + 1))); \
+        }                                                                                         \
+    }
+NBIT_COMPLEX(c32, f16)
+NBIT_COMPLEX(c64, f32)
+NBIT_COMPLEX(c128, f64)
+
 // ---- the gradient scaler -------------------------------------------------------------------
 
 __device__ __forceinline__ bool nbit_finite_f(float v) { return v - v == 0.0f; }
