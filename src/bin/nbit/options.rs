@@ -74,7 +74,7 @@ option_groups! {
         /// 16-mixed, bf16-mixed, 16-true, bf16-true, 32-true, 64-true (or legacy 16, 32, 64, bf16) [default: 32-true]
         #[arg(long)]
         precision: Option<String>,
-        /// cpu, gpu, cuda, tpu or auto [default: auto]
+        /// cpu, gpu, cuda, tpu or auto [default: auto: the GPU when nbit is built with `--features cuda` and one answers, else the CPU]
         #[arg(long)]
         accelerator: Option<String>,
         /// Rows per batch [default: 1, PyTorch's DataLoader]
