@@ -810,7 +810,7 @@ fn sixteen_mixed_on_the_gpu_trains_as_the_cpu_runs_the_same_precision() {
         "the same scale after every step (backoff, growth every 3)"
     );
     // Under the emulation bit for bit: the same kernels' arithmetic, the CPU's GEMM.
-    let t = if real() { 2e-3 } else { 0.0 };
+    let t = if real() { gpu_loss_tol::<Mixed<F16>>() } else { 0.0 };
     for (i, (g, c)) in gl.iter().zip(&cl).enumerate() {
         if !gs[i] || t == 0.0 {
             assert!(
@@ -835,7 +835,7 @@ fn every_precision_of_the_gpu_column_trains_like_the_cpu() {
         // Under the emulation bit for bit, but for 64-true, whose f64 sums (softmax, the loss) run
         // in another order and move the last bits.
         let t = match (real(), size_of::<P::Full>()) {
-            (true, _) => 5e-3,
+            (true, _) => gpu_loss_tol::<P>(),
             (false, 8) => 1e-13,
             (false, _) => 0.0,
         };
@@ -853,6 +853,13 @@ fn every_precision_of_the_gpu_column_trains_like_the_cpu() {
     pair::<True<BF16>>(opt);
     pair::<True<F32>>(opt);
     pair::<True<F64>>(opt);
+}
+
+/// How far a per-step loss on a real GPU may be from the CPU's: cuBLAS sums products in another
+/// order, so activations can differ by an ulp of the compute type, and that moves a loss of about
+/// 1 by a few ulps (bf16: 0.031, f16: 0.0039; f32 and f64: 1e-5).
+fn gpu_loss_tol<P: Precision>() -> f64 {
+    (4.0 * eps::<P::Compute>()).max(1e-5)
 }
 
 /// Per-step losses of a small CNN with layer norm and dropout (a `Sequential`) under `P` on `D`.
