@@ -272,20 +272,21 @@ pub trait Backend: Device {
     ) -> Self::Storage<E>;
 
     /// Layer normalisation over the last axis: `(x - mean) / sqrt(var + eps)` (biased variance),
-    /// then `* weight + bias` when given. Returns `y` and the per-row `(mean, rstd)` in f64.
+    /// then `* weight + bias` when given. Returns `y` and the statistics, `[rows, 2]` in f64: each
+    /// row's mean and `rstd` (kept on the device, for the backward pass).
     fn layer_norm<E: Float>(
         x: &Self::Storage<E>,
         weight: Option<&Self::Storage<E>>,
         bias: Option<&Self::Storage<E>>,
         eps: f64,
-    ) -> (Self::Storage<E>, Vec<(f64, f64)>);
+    ) -> (Self::Storage<E>, Self::Storage<f64>);
     /// Gradients of [`Backend::layer_norm`]: `(dx, dweight, dbias)` (the latter when `weight` /
     /// bias were given).
     #[allow(clippy::type_complexity)]
     fn layer_norm_backward<E: Float>(
         x: &Self::Storage<E>,
         weight: Option<&Self::Storage<E>>,
-        stats: &[(f64, f64)],
+        stats: &Self::Storage<f64>,
         dy: &Self::Storage<E>,
         with_bias: bool,
     ) -> (

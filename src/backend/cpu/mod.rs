@@ -633,8 +633,8 @@ impl Backend for Cpu {
         weight: Option<&ArrayD<E>>,
         bias: Option<&ArrayD<E>>,
         eps: f64,
-    ) -> (ArrayD<E>, Vec<(f64, f64)>) {
-        let (_, cols) = rows_of(x.shape());
+    ) -> (ArrayD<E>, ArrayD<f64>) {
+        let (rows, cols) = rows_of(x.shape());
         let data = standard(x);
         let w = weight.map(|w| standard(w).iter().map(|v| v.as_f64()).collect::<Vec<_>>());
         let b = bias.map(|b| standard(b).iter().map(|v| v.as_f64()).collect::<Vec<_>>());
@@ -645,7 +645,7 @@ impl Backend for Cpu {
             let mean = row.iter().map(|v| v.as_f64()).sum::<f64>() / n;
             let var = row.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / n;
             let rstd = 1.0 / (var + eps).sqrt();
-            stats.push((mean, rstd));
+            stats.extend([mean, rstd]);
             out.extend(row.iter().enumerate().map(|(j, v)| {
                 let mut h = (v.as_f64() - mean) * rstd;
                 if let Some(w) = &w {
@@ -657,13 +657,13 @@ impl Backend for Cpu {
                 E::from_f64(h)
             }));
         }
-        (from_vec(x.shape(), out), stats)
+        (from_vec(x.shape(), out), from_vec(&[rows, 2], stats))
     }
 
     fn layer_norm_backward<E: Float>(
         x: &ArrayD<E>,
         weight: Option<&ArrayD<E>>,
-        stats: &[(f64, f64)],
+        stats: &ArrayD<f64>,
         dy: &ArrayD<E>,
         with_bias: bool,
     ) -> (ArrayD<E>, Option<ArrayD<E>>, Option<ArrayD<E>>) {
@@ -673,7 +673,13 @@ impl Backend for Cpu {
         let mut dx = Vec::with_capacity(xs.len());
         let mut dw = vec![0.0f64; cols];
         let mut db = vec![0.0f64; cols];
-        for ((xr, gr), &(mean, rstd)) in xs.chunks(cols.max(1)).zip(gs.chunks(cols.max(1))).zip(stats) {
+        let stats = standard(stats);
+        for ((xr, gr), ms) in xs
+            .chunks(cols.max(1))
+            .zip(gs.chunks(cols.max(1)))
+            .zip(stats.chunks_exact(2))
+        {
+            let (mean, rstd) = (ms[0], ms[1]);
             let n = xr.len() as f64;
             let xhat: Vec<f64> = xr.iter().map(|v| (v.as_f64() - mean) * rstd).collect();
             let g: Vec<f64> = gr

@@ -1,7 +1,7 @@
 //! [`Backend`] for [`Gpu`]: tensors in device memory, every op a launch of a `kernels.cu` kernel
 //! or a cuBLAS product through the [`Driver`] of this process. Host synchronisations: copies to
-//! the host (`to_array`, a loss's value), the scaler's found-inf flag (once per step), layer
-//! norm's statistics (the trait returns them to the host) and `argmax`'s indices.
+//! the host (`to_array`, a loss's value), the scaler's found-inf flag (once per step) and
+//! `argmax`'s indices.
 
 use core::ffi::c_void;
 use core::marker::PhantomData;
@@ -766,10 +766,10 @@ impl Backend for Gpu {
         weight: Option<&GpuStorage<E>>,
         bias: Option<&GpuStorage<E>>,
         eps: f64,
-    ) -> (GpuStorage<E>, Vec<(f64, f64)>) {
+    ) -> (GpuStorage<E>, GpuStorage<f64>) {
         let (rows, cols) = rows_cols(&x.shape);
         let y = GpuStorage::<E>::empty("layer_norm", &x.shape);
-        let stats = Buffer::new("layer_norm", 16 * rows.max(1));
+        let stats = GpuStorage::<f64>::empty("layer_norm", &[rows, 2]);
         let (px, pw, pb, py, ps) = (x.ptr, ptr_or_null(weight), ptr_or_null(bias), y.ptr, stats.ptr);
         let (r, c) = (rows as i64, cols as i64);
         launch(
@@ -778,23 +778,19 @@ impl Backend for Gpu {
             (row_blocks(rows), 1),
             args![px, pw, pb, py, ps, r, c, eps],
         );
-        // The trait returns the statistics to the host: one synchronisation per layer norm.
-        let s = stats.read::<f64>("layer_norm", 2 * rows);
-        (y, s.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+        (y, stats)
     }
 
     fn layer_norm_backward<E: Float>(
         x: &GpuStorage<E>,
         weight: Option<&GpuStorage<E>>,
-        stats: &[(f64, f64)],
+        stats: &GpuStorage<f64>,
         dy: &GpuStorage<E>,
         with_bias: bool,
     ) -> (GpuStorage<E>, Option<GpuStorage<E>>, Option<GpuStorage<E>>) {
         let (rows, cols) = rows_cols(&x.shape);
-        let flat: Vec<f64> = stats.iter().flat_map(|&(m, r)| [m, r]).collect();
-        let st = Buffer::upload("layer_norm_backward", &flat);
         let dx = GpuStorage::<E>::empty("layer_norm_backward", &x.shape);
-        let (px, pw, ps, pd, pdx) = (x.ptr, ptr_or_null(weight), st.ptr, dy.ptr, dx.ptr);
+        let (px, pw, ps, pd, pdx) = (x.ptr, ptr_or_null(weight), stats.ptr, dy.ptr, dx.ptr);
         let (r, c) = (rows as i64, cols as i64);
         let s = suffix::<E>();
         launch(
