@@ -323,62 +323,61 @@ impl Driver for Host {
     }
 }
 
+/// `rows x cols` values of `T` at host address `p`, copied into an array.
+///
+/// # Safety
+/// `p` holds that many values (under the emulation, device memory is host memory).
+unsafe fn host_view<T: Clone>(p: u64, rows: usize, cols: usize) -> ndarray::ArrayD<T> {
+    // SAFETY: the caller's contract.
+    let s = unsafe { core::slice::from_raw_parts(p as *const T, rows * cols) };
+    ndarray::ArrayD::from_shape_vec(vec![rows, cols], s.to_vec()).expect("sizes match")
+}
+
+/// The operands of `g` as host arrays (`a` is `[k, m]` when transposed, `b` `[n, k]`).
+///
+/// # Safety
+/// As [`Driver::gemm`].
+unsafe fn host_operands<T: Clone>(g: &Gemm) -> (ndarray::ArrayD<T>, ndarray::ArrayD<T>) {
+    let (ar, ac) = if g.ta { (g.k, g.m) } else { (g.m, g.k) };
+    let (br, bc) = if g.tb { (g.n, g.k) } else { (g.k, g.n) };
+    // SAFETY: the caller's contract.
+    unsafe { (host_view(g.a, ar, ac), host_view(g.b, br, bc)) }
+}
+
+/// Writes the product `c` to `g.c`.
+///
+/// # Safety
+/// As [`Driver::gemm`].
+unsafe fn host_store<T: Clone>(g: &Gemm, c: ndarray::ArrayD<T>) {
+    let c = c.as_standard_layout();
+    let out = c.as_slice().expect("standard layout");
+    // SAFETY: `g.c` holds m * n values.
+    unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), g.c as *mut T, out.len()) };
+}
+
+/// [`Host::gemm`] for one real type: the CPU backend's product, bias included.
+unsafe fn host_gemm<E: crate::dtype::Float>(g: &Gemm) {
+    use super::super::Backend;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let (a, b) = host_operands::<E>(g);
+        let bias = g.bias.map(|p| {
+            host_view::<E>(p, 1, g.n)
+                .into_shape_with_order(vec![g.n])
+                .expect("n elements")
+        });
+        host_store(g, crate::Cpu::matmul(&a, &b, g.ta, g.tb, bias.as_ref()));
+    }
+}
+
 /// [`Host::gemm`] for complex128: the CPU backend's complex product.
 unsafe fn host_cgemm(g: &Gemm) {
     use super::super::ComplexBackend;
-    use ndarray::ArrayD;
-    use num_complex::Complex;
-    let view = |p: u64, rows: usize, cols: usize| {
-        // SAFETY: the caller's contract: `rows * cols` complex128 values at `p`.
-        let s = unsafe { core::slice::from_raw_parts(p as *const Complex<f64>, rows * cols) };
-        ArrayD::from_shape_vec(vec![rows, cols], s.to_vec()).expect("sizes match")
-    };
-    let a = if g.ta {
-        view(g.a, g.k, g.m)
-    } else {
-        view(g.a, g.m, g.k)
-    };
-    let b = if g.tb {
-        view(g.b, g.n, g.k)
-    } else {
-        view(g.b, g.k, g.n)
-    };
-    let c = crate::Cpu::cmatmul(&a, &b, g.ta, g.ca, g.tb, g.cb);
-    let c = c.as_standard_layout();
-    let out = c.as_slice().expect("standard layout");
-    // SAFETY: `c` holds m * n values.
-    unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), g.c as *mut Complex<f64>, out.len()) };
-}
-
-/// [`Host::gemm`] for one type.
-unsafe fn host_gemm<E: crate::dtype::Float>(g: &Gemm) {
-    use super::super::Backend;
-    use ndarray::ArrayD;
-    let view = |p: u64, rows: usize, cols: usize| {
-        // SAFETY: the caller's contract: `rows * cols` elements of `E` at `p`.
-        let s = unsafe { core::slice::from_raw_parts(p as *const E, rows * cols) };
-        ArrayD::from_shape_vec(vec![rows, cols], s.to_vec()).expect("sizes match")
-    };
-    let a = if g.ta {
-        view(g.a, g.k, g.m)
-    } else {
-        view(g.a, g.m, g.k)
-    };
-    let b = if g.tb {
-        view(g.b, g.n, g.k)
-    } else {
-        view(g.b, g.k, g.n)
-    };
-    let bias = g.bias.map(|p| {
-        view(p, 1, g.n)
-            .into_shape_with_order(vec![g.n])
-            .expect("n elements")
-    });
-    let c = crate::Cpu::matmul(&a, &b, g.ta, g.tb, bias.as_ref());
-    let c = c.as_standard_layout();
-    let out = c.as_slice().expect("standard layout");
-    // SAFETY: `c` holds m * n elements.
-    unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), g.c as *mut E, out.len()) };
+    // SAFETY: the caller's contract.
+    unsafe {
+        let (a, b) = host_operands::<num_complex::Complex<f64>>(g);
+        host_store(g, crate::Cpu::cmatmul(&a, &b, g.ta, g.ca, g.tb, g.cb));
+    }
 }
 
 // ---- the NVIDIA driver ----------------------------------------------------------------------------
