@@ -957,6 +957,10 @@ fn cuda_auto_and_gpu_train_on_the_gpu_backend_when_one_answers() {
         let (code, out, err) = fit(&["--precision", precision, "--accelerator", accelerator], true);
         assert_eq!(code, Some(0), "{precision} {accelerator}: {err}");
         assert!(out.contains("\"accelerator\": \"gpu\""), "{out}");
+        assert!(
+            out.contains("\"device\": \"the host emulation of nbit's CUDA kernels"),
+            "{out}"
+        );
     }
     // No device: `auto` is the CPU, `gpu` an error (exit 2) naming the missing driver or device.
     if <nbit::Gpu as nbit::Device>::probe().is_err() {
