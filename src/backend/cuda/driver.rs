@@ -44,6 +44,8 @@ pub(crate) struct Gemm {
 pub(crate) trait Driver: Send + Sync {
     /// What runs the kernels, for messages and the quickstart's table.
     fn describe(&self) -> String;
+    /// The CUDA index of the device (0 under the emulation).
+    fn ordinal(&self) -> usize;
     /// Threads per block of the element-wise and reduction kernels (a multiple of 32).
     fn block(&self) -> u32;
     /// The most blocks one launch uses (the kernels loop over the rest).
@@ -91,6 +93,22 @@ pub(crate) trait Driver: Send + Sync {
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String>;
 }
 
+/// The environment variable that picks the GPU by its CUDA index (default 0; as
+/// `CUDA_VISIBLE_DEVICES` numbers them). One GPU per process for now.
+pub const DEVICE_ENV: &str = "NBIT_CUDA_DEVICE";
+
+/// The device index [`DEVICE_ENV`] asks for: 0 when unset.
+fn device_ordinal(value: Option<&str>) -> Result<usize, Error> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(0),
+        Some(v) => v.parse().map_err(|_| Error::InvalidArgument {
+            name: DEVICE_ENV,
+            value: format!("'{v}'"),
+            expected: "a CUDA device index: 0, 1, ...",
+        }),
+    }
+}
+
 /// The environment variable that points the GPU backend at the host emulation's library instead
 /// of a GPU (what [`emulator::build`](super::emulator::build) returns).
 pub const EMULATOR_ENV: &str = "NBIT_CUDA_EMULATOR";
@@ -109,7 +127,9 @@ pub(crate) fn driver() -> Result<&'static dyn Driver, Error> {
     }
     start(|| match std::env::var_os(EMULATOR_ENV) {
         Some(path) => Host::load(Path::new(&path)).map(|h| Box::new(h) as Box<dyn Driver>),
-        None => Cuda::start(0).map(|c| Box::new(c) as Box<dyn Driver>),
+        None => device_ordinal(std::env::var(DEVICE_ENV).ok().as_deref())
+            .and_then(Cuda::start)
+            .map(|c| Box::new(c) as Box<dyn Driver>),
     })
 }
 
@@ -248,6 +268,9 @@ impl Host {
 impl Driver for Host {
     fn describe(&self) -> String {
         Host::describe_path(&self.path)
+    }
+    fn ordinal(&self) -> usize {
+        0
     }
     fn block(&self) -> u32 {
         // The emulation starts one OS thread per CUDA thread: the smallest block the kernels allow.
@@ -431,7 +454,14 @@ impl Cuda {
             reason,
         };
         // cudarc panics when a library is absent, so probe each before its first call.
-        crate::device::cuda_device_count().map_err(unusable)?;
+        let count = crate::device::cuda_device_count().map_err(unusable)?;
+        if ordinal >= count {
+            return Err(unusable(format!(
+                "{DEVICE_ENV}={ordinal} asks for CUDA device {ordinal}, but the driver reports {count} \
+                 (indices 0 to {})",
+                count - 1
+            )));
+        }
         // SAFETY: probing only opens the library.
         if !unsafe { cublas_sys::is_culib_present() } {
             return Err(unusable(
@@ -573,6 +603,9 @@ fn words(e: cu::DriverError) -> String {
 impl Driver for Cuda {
     fn describe(&self) -> String {
         format!("{} ({}, CUDA device {})", self.name, self.arch, self.ordinal)
+    }
+    fn ordinal(&self) -> usize {
+        self.ordinal
     }
     fn block(&self) -> u32 {
         super::BLOCK
@@ -839,6 +872,17 @@ mod tests {
             cb: false,
         });
         assert_eq!((empty.ld_first, empty.ld_second, empty.ldc), (3, 1, 3));
+    }
+
+    #[test]
+    fn the_device_index_comes_from_nbit_cuda_device() {
+        assert_eq!(device_ordinal(None).unwrap(), 0);
+        assert_eq!(device_ordinal(Some(" 1 ")).unwrap(), 1);
+        let msg = device_ordinal(Some("gpu1")).unwrap_err().to_string();
+        assert!(
+            msg.contains("NBIT_CUDA_DEVICE") && msg.contains("'gpu1'") && msg.contains("0, 1"),
+            "{msg}"
+        );
     }
 
     #[test]

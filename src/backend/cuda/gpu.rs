@@ -82,7 +82,7 @@ impl<E: Element> GpuStorage<E> {
             shape: shape.to_vec(),
             ptr: buf.ptr,
             _buf: buf,
-            device: 0,
+            device: drv().ordinal(),
             _e: PhantomData,
         }
     }
@@ -95,7 +95,8 @@ impl<E: Element> GpuStorage<E> {
         self.len() * size_of::<E>()
     }
 
-    /// The index of the GPU holding this tensor (0: one GPU per process for now).
+    /// The CUDA index of the GPU holding this tensor (one GPU per process for now, chosen by
+    /// `NBIT_CUDA_DEVICE`).
     pub fn device_index(&self) -> usize {
         self.device
     }

@@ -22,7 +22,7 @@ mod driver;
 pub mod emulator;
 mod gpu;
 
-pub use driver::{EMULATOR_ENV, TF32_ENV, describe, synchronize, use_emulator};
+pub use driver::{DEVICE_ENV, EMULATOR_ENV, TF32_ENV, describe, synchronize, use_emulator};
 pub use gpu::{GpuStorage, NOT_ON_THE_GPU};
 
 use crate::backend::{BackendJob, WithBackend};
