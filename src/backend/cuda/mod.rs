@@ -25,8 +25,12 @@ mod gpu;
 pub use driver::{DEVICE_ENV, EMULATOR_ENV, TF32_ENV, describe, synchronize, use_emulator};
 pub use gpu::{GpuStorage, NOT_ON_THE_GPU};
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use crate::backend::{BackendJob, WithBackend};
 use crate::device::{Device, DeviceKind, Gpu};
+use crate::error::Error;
 
 impl Device for Gpu {
     const KIND: DeviceKind = DeviceKind::Gpu;
@@ -46,11 +50,6 @@ impl WithBackend for Gpu {
         driver::catch(|| Ok(job.run()))
     }
 }
-
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
-
-use crate::error::Error;
 
 /// The kernel source NVRTC compiles (no CUDA headers needed).
 pub const KERNELS: &str = include_str!("kernels.cu");
