@@ -606,6 +606,21 @@ impl AdamWStep {
     }
 }
 
+/// `(rows, cols)`: the last axis is the columns, the rest the rows (a 0-D tensor is one row of
+/// one; an empty last axis has no rows).
+pub(crate) fn rows_of(shape: &[usize]) -> (usize, usize) {
+    let cols = shape.last().copied().unwrap_or(1);
+    let rows = shape.iter().product::<usize>().checked_div(cols).unwrap_or(0);
+    (rows, cols)
+}
+
+/// `(outer, n, inner)`: the sizes before, at and after `axis`.
+pub(crate) fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    let outer = shape[..axis].iter().product();
+    let inner = shape[axis + 1..].iter().product();
+    (outer, shape[axis], inner)
+}
+
 /// The shape two shapes broadcast to (NumPy rules), or an error naming both.
 pub(crate) fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usize>, Error> {
     let n = a.len().max(b.len());

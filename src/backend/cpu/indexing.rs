@@ -7,15 +7,9 @@
 use ndarray::ArrayD;
 
 use super::{from_vec, standard};
+use crate::backend::split;
 use crate::backend::{Compare, Conv2dGeometry};
 use crate::dtype::{Element, Float};
-
-/// `(outer, n, inner)`: the sizes before, at and after `axis`.
-fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
-    let outer = shape[..axis].iter().product();
-    let inner = shape[axis + 1..].iter().product();
-    (outer, shape[axis], inner)
-}
 
 /// f64 sums rounded once into the element type.
 fn rounded<E: Float>(shape: &[usize], acc: Vec<f64>) -> ArrayD<E> {

@@ -87,12 +87,6 @@ fn from_vec<T>(shape: &[usize], v: Vec<T>) -> ArrayD<T> {
     ArrayD::from_shape_vec(IxDyn(shape), v).expect("kernel produced the element count of its shape")
 }
 
-fn rows_of(shape: &[usize]) -> (usize, usize) {
-    let cols = shape.last().copied().unwrap_or(1);
-    let rows = shape.iter().product::<usize>().checked_div(cols).unwrap_or(0);
-    (rows, cols)
-}
-
 /// The real element types whose products run on the `gemm-f32` / `gemm-f64` crates' kernels.
 trait CrateGemm: Element + num_traits::Zero + num_traits::One {
     /// The crate's `gemm` for this type: `dst = alpha dst + beta lhs @ rhs` (`alpha` read only
@@ -865,6 +859,7 @@ mod gemm;
 mod indexing;
 mod parallel;
 
+use crate::backend::rows_of;
 use parallel::{Disjoint, PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_FMAS, for_ranges, par_parts};
 
 use crate::dtype::{Acc, ComplexElement, Element, Float};

@@ -9,6 +9,7 @@ use core::marker::PhantomData;
 use ndarray::ArrayD;
 
 use super::driver::{Driver, Gemm, driver, fail};
+use crate::backend::rows_of;
 use crate::backend::{
     AdamWStep, Backend, Binary, Compare, ComplexBackend, ComplexUnary, Conv2dGeometry, SgdStep, Unary,
     UpdateRounding,
@@ -384,17 +385,10 @@ fn binary_into<E: Float>(op: Binary, a: &GpuStorage<E>, b: &GpuStorage<E>, out: 
     );
 }
 
-/// `(outer, n, inner)`: the sizes before, at and after `axis` (as the CPU's indexing kernels).
+/// `(outer, n, inner)` around `axis` ([`crate::backend::split`]) as the kernels' i64.
 fn split(shape: &[usize], axis: usize) -> (i64, i64, i64) {
-    let outer: usize = shape[..axis].iter().product();
-    let inner: usize = shape[axis + 1..].iter().product();
-    (outer as i64, shape[axis] as i64, inner as i64)
-}
-
-/// Rows and the last axis (a 0-D or 1-D tensor is one row).
-fn rows_cols(shape: &[usize]) -> (usize, usize) {
-    let cols = shape.last().copied().unwrap_or(1);
-    (shape.iter().product::<usize>() / cols.max(1), cols)
+    let (outer, n, inner) = crate::backend::split(shape, axis);
+    (outer as i64, n as i64, inner as i64)
 }
 
 /// One block per row, at most the driver's grid.
@@ -700,8 +694,7 @@ impl Backend for Gpu {
     }
 
     fn softmax<E: Float>(x: &GpuStorage<E>, log: bool) -> GpuStorage<E> {
-        let cols = x.shape.last().copied().unwrap_or(1);
-        let rows = x.len() / cols.max(1);
+        let (rows, cols) = rows_of(&x.shape);
         let out = GpuStorage::<E>::empty("softmax", &x.shape);
         let (px, o, r, c, l) = (x.ptr, out.ptr, rows as i64, cols as i64, log as i32);
         let grid = (rows.clamp(1, drv().max_blocks() as usize)) as u32;
@@ -715,8 +708,7 @@ impl Backend for Gpu {
     }
 
     fn softmax_backward<E: Float>(y: &GpuStorage<E>, dy: &GpuStorage<E>, log: bool) -> GpuStorage<E> {
-        let cols = y.shape.last().copied().unwrap_or(1);
-        let rows = y.len() / cols.max(1);
+        let (rows, cols) = rows_of(&y.shape);
         let out = GpuStorage::<E>::empty("softmax_backward", &y.shape);
         let (py, pd, o, r, c, l) = (y.ptr, dy.ptr, out.ptr, rows as i64, cols as i64, log as i32);
         let grid = (rows.clamp(1, drv().max_blocks() as usize)) as u32;
@@ -730,13 +722,10 @@ impl Backend for Gpu {
     }
 
     fn nll_loss<E: Float>(logp: &GpuStorage<E>, targets: &[usize]) -> GpuStorage<E> {
-        let t: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-        let t = Buffer::upload("nll_loss", &t);
+        let t = indices("nll_loss", targets);
         let out = GpuStorage::<E>::empty("nll_loss", &[]);
-        let (rows, cols) = (
-            logp.shape[0] as i64,
-            logp.shape.get(1).copied().unwrap_or(1) as i64,
-        );
+        let (rows, cols) = rows_of(&logp.shape);
+        let (rows, cols) = (rows as i64, cols as i64);
         let (p, pt, o) = (logp.ptr, t.ptr, out.ptr);
         launch(
             "nll_loss",
@@ -748,10 +737,10 @@ impl Backend for Gpu {
     }
 
     fn nll_loss_backward<E: Float>(shape: &[usize], targets: &[usize], dy: &GpuStorage<E>) -> GpuStorage<E> {
-        let t: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-        let t = Buffer::upload("nll_loss_backward", &t);
+        let t = indices("nll_loss_backward", targets);
         let out = GpuStorage::<E>::empty("nll_loss_backward", shape);
-        let (rows, cols) = (shape[0] as i64, shape.get(1).copied().unwrap_or(1) as i64);
+        let (rows, cols) = rows_of(shape);
+        let (rows, cols) = (rows as i64, cols as i64);
         let (pd, pt, o) = (dy.ptr, t.ptr, out.ptr);
         launch(
             "nll_loss_backward",
@@ -768,7 +757,7 @@ impl Backend for Gpu {
         bias: Option<&GpuStorage<E>>,
         eps: f64,
     ) -> (GpuStorage<E>, GpuStorage<f64>) {
-        let (rows, cols) = rows_cols(&x.shape);
+        let (rows, cols) = rows_of(&x.shape);
         let y = GpuStorage::<E>::empty("layer_norm", &x.shape);
         let stats = GpuStorage::<f64>::empty("layer_norm", &[rows, 2]);
         let (px, pw, pb, py, ps) = (x.ptr, ptr_or_null(weight), ptr_or_null(bias), y.ptr, stats.ptr);
@@ -789,7 +778,7 @@ impl Backend for Gpu {
         dy: &GpuStorage<E>,
         with_bias: bool,
     ) -> (GpuStorage<E>, Option<GpuStorage<E>>, Option<GpuStorage<E>>) {
-        let (rows, cols) = rows_cols(&x.shape);
+        let (rows, cols) = rows_of(&x.shape);
         let dx = GpuStorage::<E>::empty("layer_norm_backward", &x.shape);
         let (px, pw, ps, pd, pdx) = (x.ptr, ptr_or_null(weight), stats.ptr, dy.ptr, dx.ptr);
         let (r, c) = (rows as i64, cols as i64);
