@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("nbit-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::scratch("cli")
 }
 
 fn write(name: &str, text: &str) -> PathBuf {

@@ -12,9 +12,7 @@ use nbit::scaler::DynamicScaler;
 use nbit::{EarlyStopping, Float, Grads, Metrics, Mode, ModelCheckpoint, Monitor, StepInfo};
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("nbit-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    crate::common::scratch("test").join(name)
 }
 
 fn params<P: Precision, M: Model<P>>(m: &mut M) -> Vec<Vec<f64>> {

@@ -110,3 +110,19 @@ pub fn blobs(n: usize) -> Dataset {
 pub fn loader(n: usize, batch: usize) -> DataLoader {
     DataLoader::new(blobs(n), batch).unwrap().shuffle(true).seed(3)
 }
+
+/// This test process's scratch folder `nbit-<name>-<pid>` in the temporary directory, emptied on
+/// its first use in the process: process ids are reused (pid_max is 32768 here), and a file an
+/// earlier process left under the same id (a loss log a test waits on, a checkpoint) must not pass
+/// for this run's.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    static EMPTIED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let d = std::env::temp_dir().join(format!("nbit-{name}-{}", std::process::id()));
+    let mut done = EMPTIED.lock().unwrap_or_else(|e| e.into_inner());
+    if !done.iter().any(|n| n == name) {
+        let _ = std::fs::remove_dir_all(&d);
+        done.push(name.to_string());
+    }
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
