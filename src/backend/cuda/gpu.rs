@@ -1166,15 +1166,13 @@ fn complex_suffix<C: ComplexElement>() -> &'static str {
 
 /// The parts of `z` as complex128 (exact), or a copy when it already is.
 fn widened<C: ComplexElement>(z: &GpuStorage<C>) -> GpuStorage<Complex<f64>> {
+    if C::DTYPE == DType::C128 {
+        return z.copied_as("cmatmul", &z.shape);
+    }
     let out = GpuStorage::<Complex<f64>>::empty("cmatmul", &z.shape);
     let (x, o, n) = (z.ptr, out.ptr, 2 * z.len() as i64);
-    if C::DTYPE == DType::C128 {
-        // SAFETY: both hold `n` f64 parts.
-        unsafe { drv().copy(o, x, z.bytes()) }.unwrap_or_else(|e| fail("cmatmul", e));
-    } else {
-        let name = format!("cast_{}_f64", suffix::<C::Real>());
-        launch("cmatmul", name, (blocks(n as usize), 1), args![x, o, n]);
-    }
+    let name = format!("cast_{}_f64", suffix::<C::Real>());
+    launch("cmatmul", name, (blocks(n as usize), 1), args![x, o, n]);
     out
 }
 
