@@ -973,3 +973,120 @@ fn cuda_auto_and_gpu_train_on_the_gpu_backend_when_one_answers() {
         );
     }
 }
+
+/// What the kernel table picks for bf16 products on the CPU these tests run on, read from
+/// `/proc/cpuinfo` (vendor, `cpu family`, flags) independently of nbit's CPUID reading.
+fn expected_bf16_kernel() -> &'static str {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let has = |f: &str| flags.split(' ').any(|x| x == f);
+    let amd_zen4_or_5 =
+        field("vendor_id") == "AuthenticAMD" && matches!(field("cpu family").as_str(), "25" | "26");
+    if has("avx512_bf16") && has("avx512f") && amd_zen4_or_5 {
+        "avx512_bf16 vdpbf16ps 12x32"
+    } else if has("avx512f") {
+        "avx512f 12x32"
+    } else if has("avx2") && has("fma") {
+        "avx2+fma 6x16"
+    } else {
+        "portable 4x16"
+    }
+}
+
+#[test]
+fn a_seeded_bf16_run_writes_the_same_bits_in_every_process_even_beside_a_busy_loop() {
+    let data = "examples/data/digits.csv";
+    let fit = |n: usize, kernel: Option<&str>| {
+        let save = dir().join(format!("same-bits-{n}.safetensors"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbit"));
+        cmd.args([
+            "fit",
+            "--data",
+            data,
+            "--precision",
+            "bf16-mixed",
+            "--accelerator",
+            "cpu",
+            "--hidden",
+            "256,256",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--seed",
+            "7",
+            "--save",
+            p(&save),
+            "--json",
+        ]);
+        match kernel {
+            Some(k) => cmd.env("NBIT_GEMM_KERNEL", k),
+            None => cmd.env_remove("NBIT_GEMM_KERNEL"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            j["gemm_kernel"].as_str().unwrap().to_string(),
+            std::fs::read(save).unwrap(),
+        )
+    };
+    let (kernel, first) = fit(0, None);
+    assert_eq!(kernel, expected_bf16_kernel(), "the table's choice for this CPU");
+    // Three more processes, the last two while another thread spins on a core.
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for n in 1..4 {
+        let spinner = (n > 1).then(|| {
+            busy.store(true, std::sync::atomic::Ordering::Relaxed);
+            let busy = busy.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+            })
+        });
+        let (k, bytes) = fit(n, None);
+        busy.store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Some(s) = spinner {
+            s.join().unwrap();
+        }
+        assert_eq!(k, kernel);
+        assert!(bytes == first, "process {n} wrote other weights than process 0");
+    }
+    // The override: NBIT_GEMM_KERNEL names the kernel, and the report says so.
+    let (k, _) = fit(4, Some("portable 4x16"));
+    assert_eq!(k, "portable 4x16");
+}
+
+#[test]
+fn an_unknown_gemm_kernel_in_the_environment_names_the_variable_and_the_choices() {
+    let data = good_csv();
+    let out = Command::new(env!("CARGO_BIN_EXE_nbit"))
+        .args([
+            "fit",
+            "--data",
+            p(&data),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--accelerator",
+            "cpu",
+        ])
+        .env("NBIT_GEMM_KERNEL", "fastest")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("NBIT_GEMM_KERNEL = fastest") && err.contains("'avx512f 12x32'"),
+        "{err}"
+    );
+}

@@ -223,6 +223,7 @@ impl<P: Precision, D: Supports<P>> TrainerBuilder<P, D> {
             return bad("num_threads", "0".into(), "at least 1");
         }
         crate::backend::threads_from_env()?;
+        crate::backend::gemm_kernel_from_env()?;
         D::probe()?;
         Ok(Trainer {
             cfg: self.cfg,

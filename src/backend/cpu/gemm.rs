@@ -20,6 +20,7 @@ use ndarray::ArrayView2;
 
 use super::parallel::{PARALLEL_MIN_FMAS, for_ranges_with, num_threads};
 use crate::dtype::{Acc, Float};
+use crate::error::Error;
 
 /// Rows of the packed A block (a multiple of every kernel's `mr`): A's block stays in L2.
 const MC: usize = 192;
@@ -429,15 +430,66 @@ pub(crate) fn kernels<T: Acc>() -> Vec<Kernel<T>> {
         .expect("the compute type of a float is f32 or f64")
 }
 
-/// The kernel this process uses for lanes of `T`: the first of [`kernels`], chosen once.
+/// The environment variable that names the micro-kernel to use instead of the one the CPU table
+/// picks (a name as [`kernel_name`] prints it, e.g. `avx512f 12x32`). It applies to every
+/// product the named kernel can compute: an f32-lane kernel to f32, f16 and bf16 products, the
+/// bf16 dot-product kernel to bf16 products only.
+pub const GEMM_KERNEL_ENV: &str = "NBIT_GEMM_KERNEL";
+
+/// Reads [`GEMM_KERNEL_ENV`]: `None` when unset or empty, the kernel's name when this CPU runs a
+/// kernel of that name, else an error naming the value.
+pub fn gemm_kernel_from_env() -> Result<Option<&'static str>, Error> {
+    let Ok(v) = std::env::var(GEMM_KERNEL_ENV) else {
+        return Ok(None);
+    };
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    bf16_kernels()
+        .into_iter()
+        .map(|k| k.name)
+        .chain(kernels::<f64>().into_iter().map(|k| k.name))
+        .find(|name| name.eq_ignore_ascii_case(v))
+        .map(Some)
+        .ok_or_else(|| Error::InvalidArgument {
+            name: GEMM_KERNEL_ENV,
+            value: v.to_string(),
+            expected: "the name of a micro-kernel this CPU can run, as `nbit::backend::kernel_name` \
+                       prints it: 'avx512_bf16 vdpbf16ps 12x32' (bf16 only), 'avx512f 12x32', \
+                       'avx2+fma 6x16' or 'portable 4x16' (f32 lanes); 'avx512f 12x16', 'avx2+fma 6x8' \
+                       or 'portable 4x8' (f64 lanes); unset it to let nbit choose",
+        })
+}
+
+/// The kernel [`GEMM_KERNEL_ENV`] names, if it names one of `candidates` (read once).
+fn overridden<T: Copy>(candidates: &[Kernel<T>]) -> Option<Kernel<T>> {
+    use std::sync::OnceLock;
+    static NAME: OnceLock<Option<&'static str>> = OnceLock::new();
+    let name = (*NAME.get_or_init(|| gemm_kernel_from_env().ok().flatten()))?;
+    candidates.iter().copied().find(|k| k.name == name)
+}
+
+/// Whether [`GEMM_KERNEL_ENV`] names a kernel for `E`'s lanes, so that products of `E` run on it
+/// and never on the `gemm-f32` / `gemm-f64` crates.
+pub(crate) fn forced<E: Float>() -> bool {
+    overridden(&kernels::<E::Acc>()).is_some()
+}
+
+/// The kernel this process uses for lanes of `T`: the one [`GEMM_KERNEL_ENV`] names, else the
+/// first (widest) of [`kernels`], chosen once.
 fn kernel<T: Acc>() -> Kernel<T> {
     use std::sync::OnceLock;
     static F32: OnceLock<Kernel<f32>> = OnceLock::new();
     static F64: OnceLock<Kernel<f64>> = OnceLock::new();
+    fn choose<T: Acc>() -> Kernel<T> {
+        let ks = kernels::<T>();
+        overridden(&ks).unwrap_or(ks[0])
+    }
     let any: &dyn Any = if TypeId::of::<T>() == TypeId::of::<f32>() {
-        F32.get_or_init(|| kernels::<f32>()[0])
+        F32.get_or_init(choose::<f32>)
     } else {
-        F64.get_or_init(|| kernels::<f64>()[0])
+        F64.get_or_init(choose::<f64>)
     };
     *any.downcast_ref::<Kernel<T>>()
         .expect("the compute type of a float is f32 or f64")
@@ -454,10 +506,56 @@ pub(crate) fn bf16_kernels() -> Vec<Kernel<f32>> {
     ks
 }
 
-/// The kernel for products of `E`. For bf16, where two kernels compete (widening to f32 FMA,
-/// and the bf16 dot-product instruction, whose speed relative to FMA differs between CPUs:
-/// twice the FMA rate on AMD Zen 4, half on Intel Xeon with AVX512-FP16), a 192 x 256 x 256
-/// product on each decides at first use, once per process.
+/// What CPUID says about the processor: its vendor string and its family (base plus extended,
+/// as `/proc/cpuinfo`'s `cpu family`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CpuId {
+    pub vendor: [u8; 12],
+    pub family: u32,
+}
+
+impl CpuId {
+    /// This processor's, or `None` off x86-64.
+    pub(crate) fn this() -> Option<CpuId> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // CPUID leaves 0 and 1 exist on every x86-64 processor.
+            let (l0, l1) = (core::arch::x86_64::__cpuid(0), core::arch::x86_64::__cpuid(1));
+            let mut vendor = [0u8; 12];
+            vendor[..4].copy_from_slice(&l0.ebx.to_le_bytes());
+            vendor[4..8].copy_from_slice(&l0.edx.to_le_bytes());
+            vendor[8..].copy_from_slice(&l0.ecx.to_le_bytes());
+            let base = (l1.eax >> 8) & 0xF;
+            let family = if base == 0xF {
+                base + ((l1.eax >> 20) & 0xFF)
+            } else {
+                base
+            };
+            Some(CpuId { vendor, family })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    }
+
+    /// The vendor as text, e.g. `AuthenticAMD`.
+    pub(crate) fn vendor(&self) -> &str {
+        core::str::from_utf8(&self.vendor).unwrap_or("unknown")
+    }
+}
+
+/// Whether the bf16 dot-product instruction (`vdpbf16ps`) multiplies faster than widening to
+/// f32 FMAs on `cpu`: a fixed table from measurements on the development machines (DESIGN.md
+/// section 8), so every process on a machine makes the same choice and a seeded run gives the
+/// same bits. AMD Zen 4 (family 25) and Zen 5 (family 26) run `vdpbf16ps` at twice their f32 FMA
+/// rate; Intel Xeon (Sapphire Rapids, family 6, with AVX512-FP16) at half of it. CPUs not in the
+/// table widen, which is exact f32 arithmetic on every input.
+pub(crate) fn bf16_dot_product_wins(cpu: CpuId) -> bool {
+    cpu.vendor() == "AuthenticAMD" && matches!(cpu.family, 25 | 26)
+}
+
+/// The kernel for products of `E`, chosen once per process from what the CPU reports: for bf16,
+/// where two kernels compete (widening to f32 FMAs, and the bf16 dot-product instruction), the
+/// table in [`bf16_dot_product_wins`]; [`GEMM_KERNEL_ENV`] overrides either choice.
 fn kernel_for<E: Float>() -> Kernel<E::Acc> {
     if E::DTYPE != crate::DType::BF16 {
         return kernel::<E::Acc>();
@@ -465,37 +563,25 @@ fn kernel_for<E: Float>() -> Kernel<E::Acc> {
     use std::sync::OnceLock;
     static BF16: OnceLock<Kernel<f32>> = OnceLock::new();
     let chosen = BF16.get_or_init(|| {
-        let widen = kernel::<f32>();
-        let Some(pairs) = bf16_kernels().into_iter().find(|k| k.pairs) else {
-            return widen;
-        };
-        let v = |rows: usize, cols: usize| {
-            ndarray::Array2::from_shape_fn((rows, cols), |(i, j)| {
-                half::bf16::from_f32(((i * 31 + j * 17) % 64) as f32 / 32.0 - 1.0)
-            })
-        };
-        let (a, b) = (v(192, 256), v(256, 256));
-        let secs = |k: Kernel<f32>| {
-            (0..3)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    std::hint::black_box(gemm_with(k, 1, a.view(), b.view(), None));
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
-        if secs(pairs) < secs(widen) { pairs } else { widen }
+        let ks = bf16_kernels();
+        if let Some(k) = overridden(&ks) {
+            return k;
+        }
+        match ks.iter().find(|k| k.pairs) {
+            Some(&dot) if CpuId::this().is_some_and(bf16_dot_product_wins) => dot,
+            _ => kernel::<f32>(),
+        }
     });
     *(chosen as &dyn Any)
         .downcast_ref::<Kernel<E::Acc>>()
         .expect("bf16 computes in f32")
 }
 
-/// The name of the micro-kernel used for `E`'s products, e.g. `"avx512f 12x32"`; for bf16, the
-/// one the first-use measurement chose; for f64, `"gemm crate"` (the `gemm-f64` kernels; f32 products whose operands are
-/// both row-major also run on `gemm-f32`, where it measured faster).
+/// The name of the micro-kernel used for `E`'s products, e.g. `"avx512f 12x32"`; for f64,
+/// `"gemm crate"` (the `gemm-f64` kernels; f32 products whose operands are both row-major also
+/// run on `gemm-f32`, where it measured faster) unless [`GEMM_KERNEL_ENV`] names an f64 kernel.
 pub fn kernel_name<E: Float>() -> &'static str {
-    if E::DTYPE == crate::DType::F64 {
+    if E::DTYPE == crate::DType::F64 && !forced::<E>() {
         return "gemm crate";
     }
     kernel_for::<E>().name
@@ -1132,6 +1218,46 @@ mod tests {
         let b = Array2::from_shape_vec((4, 1), vec![one; 4]).unwrap();
         let c = gemm(a.view(), b.view(), None);
         assert_eq!(c[0].to_f32(), 1.0 + 2f32.powi(-7));
+    }
+
+    #[test]
+    fn the_bf16_kernel_table_picks_the_dot_product_on_amd_zen_4_and_5_only() {
+        let cpu = |vendor: &[u8; 12], family| CpuId {
+            vendor: *vendor,
+            family,
+        };
+        assert!(bf16_dot_product_wins(cpu(b"AuthenticAMD", 25)));
+        assert!(bf16_dot_product_wins(cpu(b"AuthenticAMD", 26)));
+        assert!(!bf16_dot_product_wins(cpu(b"AuthenticAMD", 23)));
+        assert!(!bf16_dot_product_wins(cpu(b"GenuineIntel", 6)));
+    }
+
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn cpuid_reads_the_vendor_and_family_that_proc_cpuinfo_shows() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let field = |name: &str| {
+            let line = info.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split(':').nth(1).unwrap().trim().to_string()
+        };
+        let cpu = CpuId::this().unwrap();
+        assert_eq!(cpu.vendor(), field("vendor_id"));
+        assert_eq!(cpu.family.to_string(), field("cpu family"));
+    }
+
+    #[test]
+    fn the_dot_product_kernel_flushes_a_bf16_subnormal_input_and_widening_keeps_it() {
+        // 2^-130 is a bf16 subnormal (the smallest normal is 2^-126); times 2^100 it is 2^-30.
+        let tiny = f32::from_bits(1 << 19);
+        assert_eq!(tiny, 2f32.powi(-65) * 2f32.powi(-65));
+        let a = Array2::from_shape_vec((1, 1), vec![bf16::from_f32(tiny)]).unwrap();
+        let b = Array2::from_shape_vec((1, 1), vec![bf16::from_f32(2f32.powi(100))]).unwrap();
+        assert_eq!(a[[0, 0]].to_f32(), tiny, "the input is representable");
+        for kern in bf16_kernels() {
+            let c = gemm_with(kern, 1, a.view(), b.view(), None)[0].to_f32();
+            let want = if kern.pairs { 0.0 } else { 2f32.powi(-30) };
+            assert_eq!(c, want, "{}", kern.name);
+        }
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub(crate) struct Report {
     pub(crate) accelerator: String,
     /// The hardware in words (`Device::describe`).
     pub(crate) device: String,
+    /// The CPU micro-kernel of the precision's matrix products (`nbit::backend::kernel_name`),
+    /// chosen from what the CPU reports or by `NBIT_GEMM_KERNEL`; absent on other devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) gemm_kernel: Option<String>,
     pub(crate) layers: Vec<usize>,
     pub(crate) epochs: u64,
     pub(crate) global_step: u64,
@@ -89,6 +93,8 @@ impl RunJob for Run {
             precision: P::NAME.into(),
             accelerator: D::KIND.name().into(),
             device: D::describe(),
+            gemm_kernel: (D::KIND == nbit::DeviceKind::Cpu)
+                .then(|| nbit::backend::kernel_name::<P::Compute>().to_string()),
             layers: plan.sizes.clone(),
             ..Report::default()
         };
