@@ -957,3 +957,9 @@ fn a_gpu_failure_is_an_error_from_fit_not_a_panic() {
         "{e}"
     );
 }
+
+#[test]
+fn the_gpu_backend_refuses_what_its_kernels_cannot_take() {
+    gpu();
+    crate::backend_contract::misuse_is_refused::<Gpu>("gpu");
+}

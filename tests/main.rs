@@ -5,6 +5,7 @@
 mod common;
 
 mod autocast;
+mod backend_contract;
 #[cfg(feature = "cli")]
 mod cli;
 mod complex;

@@ -13,6 +13,7 @@
 //! is the blocked GEMM and its micro-kernels, `cpu/parallel.rs` the thread count and the one way
 //! work is split across threads.
 
+mod check;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -24,7 +25,8 @@ use crate::dtype::{ComplexElement, Element, Float};
 use crate::error::Error;
 
 pub use cpu::{
-    THREADS_ENV, kernel_name, num_threads, retain_freed_memory, set_num_threads, threads_from_env,
+    GEMM_KERNEL_ENV, THREADS_ENV, gemm_kernel_from_env, kernel_name, num_threads, retain_freed_memory,
+    set_num_threads, threads_from_env,
 };
 
 /// Work that needs a device's kernels; see [`WithBackend::with_backend`].
@@ -195,8 +197,32 @@ pub enum Binary {
     Div,
 }
 
-/// The kernels of one device. Shapes are checked by the caller (the tensor layer), so kernels may
-/// assume them valid.
+/// Panics naming the op, the device and why its arguments are wrong, when `check` failed.
+#[inline]
+#[track_caller]
+fn require<D: Device>(op: &'static str, check: check::Check) {
+    #[cold]
+    #[track_caller]
+    fn broken(op: &str, device: &str, why: String) -> ! {
+        panic!("nbit::backend::Backend::{op} on {device}: {why}")
+    }
+    if let Err(why) = check {
+        broken(op, D::KIND.name(), why)
+    }
+}
+
+/// The kernels of one device.
+///
+/// Every method is safe to call: where a kernel assumes something of its arguments (operands of
+/// agreeing shapes, indices in range, buffers as long as the parameter), the safe method checks it
+/// on the host and panics with a message naming the op, the device and the shapes, before any
+/// memory is touched; then it calls the backend's `unsafe` `*_unchecked` kernel. The checks live
+/// once, here, for every backend. [`Tensor`](crate::tensor::Tensor)'s methods check the same
+/// things first and return an [`Error`] instead, so code that goes through tensors never sees
+/// these panics; they are for code that calls the seam directly, as slice indexing panics.
+///
+/// A backend implements the `*_unchecked` kernels (the checks are provided) and the methods
+/// without preconditions.
 pub trait Backend: Device {
     /// A tensor's data on this device.
     type Storage<E: Element>: Clone + core::fmt::Debug + Send + Sync + 'static;
@@ -210,9 +236,29 @@ pub trait Backend: Device {
     /// A tensor of the given shape filled with `value`.
     fn full<E: Element>(shape: &[usize], value: E) -> Self::Storage<E>;
     /// The same elements in row-major order under a new shape with the same element count.
-    fn reshape<E: Element>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
+    fn reshape<E: Element>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E> {
+        require::<Self>("reshape", check::reshape(Self::shape(s), shape));
+        // SAFETY: the arguments passed the checks of `reshape_unchecked`'s contract.
+        unsafe { Self::reshape_unchecked(s, shape) }
+    }
+    /// [`Backend::reshape`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::reshape`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn reshape_unchecked<E: Element>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
     /// Swaps the last two axes (materialised).
-    fn transpose<E: Element>(s: &Self::Storage<E>) -> Self::Storage<E>;
+    fn transpose<E: Element>(s: &Self::Storage<E>) -> Self::Storage<E> {
+        require::<Self>("transpose", check::matrix_axes(Self::shape(s)));
+        // SAFETY: the arguments passed the checks of `transpose_unchecked`'s contract.
+        unsafe { Self::transpose_unchecked(s) }
+    }
+    /// [`Backend::transpose`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::transpose`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn transpose_unchecked<E: Element>(s: &Self::Storage<E>) -> Self::Storage<E>;
     /// Converts every element, rounding to nearest even.
     fn cast<A: Float, B: Float>(s: &Self::Storage<A>) -> Self::Storage<B>;
 
@@ -224,6 +270,29 @@ pub trait Backend: Device {
         x: &Self::Storage<E>,
         y: &Self::Storage<E>,
         dy: &Self::Storage<E>,
+    ) -> Self::Storage<E> {
+        require::<Self>(
+            "unary_backward",
+            check::same("x", Self::shape(x), "y", Self::shape(y)).and(check::same(
+                "x",
+                Self::shape(x),
+                "dy",
+                Self::shape(dy),
+            )),
+        );
+        // SAFETY: the arguments passed the checks of `unary_backward_unchecked`'s contract.
+        unsafe { Self::unary_backward_unchecked(op, x, y, dy) }
+    }
+    /// [`Backend::unary_backward`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::unary_backward`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn unary_backward_unchecked<E: Float>(
+        op: Unary,
+        x: &Self::Storage<E>,
+        y: &Self::Storage<E>,
+        dy: &Self::Storage<E>,
     ) -> Self::Storage<E>;
     /// `op(a, b)` element-wise with broadcasting to `out_shape`.
     fn binary<E: Float>(
@@ -231,14 +300,80 @@ pub trait Backend: Device {
         a: &Self::Storage<E>,
         b: &Self::Storage<E>,
         out_shape: &[usize],
+    ) -> Self::Storage<E> {
+        require::<Self>(
+            "binary",
+            check::broadcasts("a", Self::shape(a), out_shape).and(check::broadcasts(
+                "b",
+                Self::shape(b),
+                out_shape,
+            )),
+        );
+        // SAFETY: the arguments passed the checks of `binary_unchecked`'s contract.
+        unsafe { Self::binary_unchecked(op, a, b, out_shape) }
+    }
+    /// [`Backend::binary`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::binary`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn binary_unchecked<E: Float>(
+        op: Binary,
+        a: &Self::Storage<E>,
+        b: &Self::Storage<E>,
+        out_shape: &[usize],
     ) -> Self::Storage<E>;
     /// Sums a broadcast gradient back down to `shape` (the reverse of broadcasting).
-    fn sum_to_shape<E: Float>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
+    fn sum_to_shape<E: Float>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E> {
+        require::<Self>(
+            "sum_to_shape",
+            check::broadcasts("the target shape", shape, Self::shape(s)),
+        );
+        // SAFETY: the arguments passed the checks of `sum_to_shape_unchecked`'s contract.
+        unsafe { Self::sum_to_shape_unchecked(s, shape) }
+    }
+    /// [`Backend::sum_to_shape`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::sum_to_shape`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn sum_to_shape_unchecked<E: Float>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
     /// Repeats `s` along broadcast axes to `shape`.
-    fn broadcast_to<E: Element>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
+    fn broadcast_to<E: Element>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E> {
+        require::<Self>(
+            "broadcast_to",
+            check::broadcasts("the tensor", Self::shape(s), shape),
+        );
+        // SAFETY: the arguments passed the checks of `broadcast_to_unchecked`'s contract.
+        unsafe { Self::broadcast_to_unchecked(s, shape) }
+    }
+    /// [`Backend::broadcast_to`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::broadcast_to`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn broadcast_to_unchecked<E: Element>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
     /// `scale * sum`, over all elements (`axis: None`, shape `[]`) or one axis (kept as size 1
     /// when `keepdim`), accumulated in f64 and rounded once.
     fn sum<E: Float>(
+        s: &Self::Storage<E>,
+        axis: Option<usize>,
+        keepdim: bool,
+        scale: f64,
+    ) -> Self::Storage<E> {
+        require::<Self>(
+            "sum",
+            axis.map_or(Ok(()), |axis| check::axis(Self::shape(s), axis)),
+        );
+        // SAFETY: the arguments passed the checks of `sum_unchecked`'s contract.
+        unsafe { Self::sum_unchecked(s, axis, keepdim, scale) }
+    }
+    /// [`Backend::sum`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::sum`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn sum_unchecked<E: Float>(
         s: &Self::Storage<E>,
         axis: Option<usize>,
         keepdim: bool,
@@ -254,18 +389,90 @@ pub trait Backend: Device {
         ta: bool,
         tb: bool,
         bias: Option<&Self::Storage<E>>,
+    ) -> Self::Storage<E> {
+        require::<Self>(
+            "matmul",
+            check::matmul(
+                Self::shape(a),
+                Self::shape(b),
+                ta,
+                tb,
+                bias.map(|v| Self::shape(v)),
+            ),
+        );
+        // SAFETY: the arguments passed the checks of `matmul_unchecked`'s contract.
+        unsafe { Self::matmul_unchecked(a, b, ta, tb, bias) }
+    }
+    /// [`Backend::matmul`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::matmul`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn matmul_unchecked<E: Float>(
+        a: &Self::Storage<E>,
+        b: &Self::Storage<E>,
+        ta: bool,
+        tb: bool,
+        bias: Option<&Self::Storage<E>>,
     ) -> Self::Storage<E>;
 
     /// Softmax (or log-softmax when `log`) over the last axis; max-subtracted, f64 denominators.
     fn softmax<E: Float>(x: &Self::Storage<E>, log: bool) -> Self::Storage<E>;
     /// The input gradient of [`Backend::softmax`] from its output `y` and output gradient `dy`.
-    fn softmax_backward<E: Float>(y: &Self::Storage<E>, dy: &Self::Storage<E>, log: bool)
-    -> Self::Storage<E>;
+    fn softmax_backward<E: Float>(
+        y: &Self::Storage<E>,
+        dy: &Self::Storage<E>,
+        log: bool,
+    ) -> Self::Storage<E> {
+        require::<Self>(
+            "softmax_backward",
+            check::same("y", Self::shape(y), "dy", Self::shape(dy)),
+        );
+        // SAFETY: the arguments passed the checks of `softmax_backward_unchecked`'s contract.
+        unsafe { Self::softmax_backward_unchecked(y, dy, log) }
+    }
+    /// [`Backend::softmax_backward`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::softmax_backward`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn softmax_backward_unchecked<E: Float>(
+        y: &Self::Storage<E>,
+        dy: &Self::Storage<E>,
+        log: bool,
+    ) -> Self::Storage<E>;
     /// Mean negative log-likelihood of `targets` (one class index per row) under log-probabilities
     /// `logp` of shape `[n, classes]`; a shape-`[]` result. Targets are in range (checked above).
-    fn nll_loss<E: Float>(logp: &Self::Storage<E>, targets: &[usize]) -> Self::Storage<E>;
+    fn nll_loss<E: Float>(logp: &Self::Storage<E>, targets: &[usize]) -> Self::Storage<E> {
+        require::<Self>("nll_loss", check::nll(Self::shape(logp), targets));
+        // SAFETY: the arguments passed the checks of `nll_loss_unchecked`'s contract.
+        unsafe { Self::nll_loss_unchecked(logp, targets) }
+    }
+    /// [`Backend::nll_loss`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::nll_loss`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn nll_loss_unchecked<E: Float>(logp: &Self::Storage<E>, targets: &[usize]) -> Self::Storage<E>;
     /// The gradient of [`Backend::nll_loss`] with respect to `logp`, given the scalar `dy`.
     fn nll_loss_backward<E: Float>(
+        shape: &[usize],
+        targets: &[usize],
+        dy: &Self::Storage<E>,
+    ) -> Self::Storage<E> {
+        require::<Self>(
+            "nll_loss_backward",
+            check::nll(shape, targets).and(check::scalar("dy", Self::shape(dy))),
+        );
+        // SAFETY: the arguments passed the checks of `nll_loss_backward_unchecked`'s contract.
+        unsafe { Self::nll_loss_backward_unchecked(shape, targets, dy) }
+    }
+    /// [`Backend::nll_loss_backward`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::nll_loss_backward`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn nll_loss_backward_unchecked<E: Float>(
         shape: &[usize],
         targets: &[usize],
         dy: &Self::Storage<E>,
@@ -275,6 +482,28 @@ pub trait Backend: Device {
     /// then `* weight + bias` when given. Returns `y` and the statistics, `[rows, 2]` in f64: each
     /// row's mean and `rstd` (kept on the device, for the backward pass).
     fn layer_norm<E: Float>(
+        x: &Self::Storage<E>,
+        weight: Option<&Self::Storage<E>>,
+        bias: Option<&Self::Storage<E>>,
+        eps: f64,
+    ) -> (Self::Storage<E>, Self::Storage<f64>) {
+        require::<Self>(
+            "layer_norm",
+            check::layer_norm(
+                Self::shape(x),
+                weight.map(|w| Self::shape(w)),
+                bias.map(|b| Self::shape(b)),
+            ),
+        );
+        // SAFETY: the arguments passed the checks of `layer_norm_unchecked`'s contract.
+        unsafe { Self::layer_norm_unchecked(x, weight, bias, eps) }
+    }
+    /// [`Backend::layer_norm`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::layer_norm`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn layer_norm_unchecked<E: Float>(
         x: &Self::Storage<E>,
         weight: Option<&Self::Storage<E>>,
         bias: Option<&Self::Storage<E>>,
@@ -293,14 +522,79 @@ pub trait Backend: Device {
         Self::Storage<E>,
         Option<Self::Storage<E>>,
         Option<Self::Storage<E>>,
+    ) {
+        require::<Self>(
+            "layer_norm_backward",
+            check::layer_norm_backward(
+                Self::shape(x),
+                weight.map(|w| Self::shape(w)),
+                Self::shape(stats),
+                Self::shape(dy),
+            ),
+        );
+        // SAFETY: the arguments passed the checks of `layer_norm_backward_unchecked`'s contract.
+        unsafe { Self::layer_norm_backward_unchecked(x, weight, stats, dy, with_bias) }
+    }
+    /// [`Backend::layer_norm_backward`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::layer_norm_backward`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    #[allow(clippy::type_complexity)]
+    unsafe fn layer_norm_backward_unchecked<E: Float>(
+        x: &Self::Storage<E>,
+        weight: Option<&Self::Storage<E>>,
+        stats: &Self::Storage<f64>,
+        dy: &Self::Storage<E>,
+        with_bias: bool,
+    ) -> (
+        Self::Storage<E>,
+        Option<Self::Storage<E>>,
+        Option<Self::Storage<E>>,
     );
 
     /// The slices of `s` at `index` along `axis`, in that order (`torch.index_select`); the
     /// result has `index.len()` at `axis`. Indices are in range (checked above).
-    fn index_select<E: Element>(s: &Self::Storage<E>, axis: usize, index: &[usize]) -> Self::Storage<E>;
+    fn index_select<E: Element>(s: &Self::Storage<E>, axis: usize, index: &[usize]) -> Self::Storage<E> {
+        require::<Self>(
+            "index_select",
+            check::axis(Self::shape(s), axis)
+                .and_then(|()| check::indices(index, Self::shape(s)[axis], axis)),
+        );
+        // SAFETY: the arguments passed the checks of `index_select_unchecked`'s contract.
+        unsafe { Self::index_select_unchecked(s, axis, index) }
+    }
+    /// [`Backend::index_select`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::index_select`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn index_select_unchecked<E: Element>(
+        s: &Self::Storage<E>,
+        axis: usize,
+        index: &[usize],
+    ) -> Self::Storage<E>;
     /// Zeros of `shape` with slice `i` of `src` along `axis` added at `index[i]` (the gradient of
     /// [`Backend::index_select`], `torch.index_add`), accumulated in f64 and rounded once.
     fn index_add<E: Float>(
+        shape: &[usize],
+        axis: usize,
+        index: &[usize],
+        src: &Self::Storage<E>,
+    ) -> Self::Storage<E> {
+        require::<Self>(
+            "index_add",
+            check::index_add(shape, axis, index, Self::shape(src)),
+        );
+        // SAFETY: the arguments passed the checks of `index_add_unchecked`'s contract.
+        unsafe { Self::index_add_unchecked(shape, axis, index, src) }
+    }
+    /// [`Backend::index_add`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::index_add`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn index_add_unchecked<E: Float>(
         shape: &[usize],
         axis: usize,
         index: &[usize],
@@ -313,6 +607,21 @@ pub trait Backend: Device {
         axis: usize,
         index: &[usize],
         index_shape: &[usize],
+    ) -> Self::Storage<E> {
+        require::<Self>("gather", check::gather(Self::shape(s), axis, index, index_shape));
+        // SAFETY: the arguments passed the checks of `gather_unchecked`'s contract.
+        unsafe { Self::gather_unchecked(s, axis, index, index_shape) }
+    }
+    /// [`Backend::gather`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::gather`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn gather_unchecked<E: Element>(
+        s: &Self::Storage<E>,
+        axis: usize,
+        index: &[usize],
+        index_shape: &[usize],
     ) -> Self::Storage<E>;
     /// Zeros of `shape` with `src[.., j, ..]` added at `[.., index[.., j, ..], ..]` (the gradient
     /// of [`Backend::gather`], `torch.scatter_add`), accumulated in f64 and rounded once.
@@ -321,15 +630,74 @@ pub trait Backend: Device {
         axis: usize,
         index: &[usize],
         src: &Self::Storage<E>,
+    ) -> Self::Storage<E> {
+        require::<Self>("scatter_add", check::gather(shape, axis, index, Self::shape(src)));
+        // SAFETY: the arguments passed the checks of `scatter_add_unchecked`'s contract.
+        unsafe { Self::scatter_add_unchecked(shape, axis, index, src) }
+    }
+    /// [`Backend::scatter_add`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::scatter_add`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn scatter_add_unchecked<E: Float>(
+        shape: &[usize],
+        axis: usize,
+        index: &[usize],
+        src: &Self::Storage<E>,
     ) -> Self::Storage<E>;
     /// The parts joined along `axis` (same shapes elsewhere; at least one part).
-    fn concat<E: Element>(parts: &[&Self::Storage<E>], axis: usize) -> Self::Storage<E>;
+    fn concat<E: Element>(parts: &[&Self::Storage<E>], axis: usize) -> Self::Storage<E> {
+        require::<Self>(
+            "concat",
+            check::concat(&parts.iter().map(|p| Self::shape(*p)).collect::<Vec<_>>(), axis),
+        );
+        // SAFETY: the arguments passed the checks of `concat_unchecked`'s contract.
+        unsafe { Self::concat_unchecked(parts, axis) }
+    }
+    /// [`Backend::concat`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::concat`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn concat_unchecked<E: Element>(parts: &[&Self::Storage<E>], axis: usize) -> Self::Storage<E>;
     /// Where the largest (or, when `!largest`, smallest) element along `axis` is, for every
     /// position of the other axes in row-major order: the first on ties, and NaN counts as the
     /// extreme (as `torch.max(x, dim)`). Returned to the host.
-    fn arg_extreme<E: Float>(s: &Self::Storage<E>, axis: usize, largest: bool) -> Vec<usize>;
+    fn arg_extreme<E: Float>(s: &Self::Storage<E>, axis: usize, largest: bool) -> Vec<usize> {
+        require::<Self>("arg_extreme", check::axis(Self::shape(s), axis));
+        // SAFETY: the arguments passed the checks of `arg_extreme_unchecked`'s contract.
+        unsafe { Self::arg_extreme_unchecked(s, axis, largest) }
+    }
+    /// [`Backend::arg_extreme`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::arg_extreme`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn arg_extreme_unchecked<E: Float>(s: &Self::Storage<E>, axis: usize, largest: bool)
+    -> Vec<usize>;
     /// `cond != 0 ? a : b` element-wise with broadcasting to `out_shape` (`torch.where`).
     fn select<E: Float>(
+        cond: &Self::Storage<E>,
+        a: &Self::Storage<E>,
+        b: &Self::Storage<E>,
+        out_shape: &[usize],
+    ) -> Self::Storage<E> {
+        require::<Self>(
+            "select",
+            check::broadcasts("cond", Self::shape(cond), out_shape)
+                .and(check::broadcasts("a", Self::shape(a), out_shape))
+                .and(check::broadcasts("b", Self::shape(b), out_shape)),
+        );
+        // SAFETY: the arguments passed the checks of `select_unchecked`'s contract.
+        unsafe { Self::select_unchecked(cond, a, b, out_shape) }
+    }
+    /// [`Backend::select`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::select`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn select_unchecked<E: Float>(
         cond: &Self::Storage<E>,
         a: &Self::Storage<E>,
         b: &Self::Storage<E>,
@@ -341,14 +709,62 @@ pub trait Backend: Device {
         a: &Self::Storage<E>,
         b: &Self::Storage<E>,
         out_shape: &[usize],
+    ) -> Self::Storage<E> {
+        require::<Self>(
+            "compare",
+            check::broadcasts("a", Self::shape(a), out_shape).and(check::broadcasts(
+                "b",
+                Self::shape(b),
+                out_shape,
+            )),
+        );
+        // SAFETY: the arguments passed the checks of `compare_unchecked`'s contract.
+        unsafe { Self::compare_unchecked(op, a, b, out_shape) }
+    }
+    /// [`Backend::compare`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::compare`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn compare_unchecked<E: Float>(
+        op: Compare,
+        a: &Self::Storage<E>,
+        b: &Self::Storage<E>,
+        out_shape: &[usize],
     ) -> Self::Storage<E>;
     /// The patches of a `[batch, channels, h, w]` input as rows: `[batch * oh * ow, channels *
     /// kh * kw]`, columns in `(channel, ky, kx)` order so that a convolution is one product with
     /// the weight `[out, channels * kh * kw]` (im2col); padding reads as 0.
-    fn unfold2d<E: Float>(x: &Self::Storage<E>, geometry: &Conv2dGeometry) -> Self::Storage<E>;
+    fn unfold2d<E: Float>(x: &Self::Storage<E>, geometry: &Conv2dGeometry) -> Self::Storage<E> {
+        require::<Self>("unfold2d", check::unfold(Self::shape(x), geometry));
+        // SAFETY: the arguments passed the checks of `unfold2d_unchecked`'s contract.
+        unsafe { Self::unfold2d_unchecked(x, geometry) }
+    }
+    /// [`Backend::unfold2d`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::unfold2d`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn unfold2d_unchecked<E: Float>(
+        x: &Self::Storage<E>,
+        geometry: &Conv2dGeometry,
+    ) -> Self::Storage<E>;
     /// The adjoint of [`Backend::unfold2d`] (col2im): every column value added back to the
     /// input position it came from, accumulated in f64 and rounded once; `[batch, channels, h, w]`.
-    fn fold2d<E: Float>(cols: &Self::Storage<E>, geometry: &Conv2dGeometry) -> Self::Storage<E>;
+    fn fold2d<E: Float>(cols: &Self::Storage<E>, geometry: &Conv2dGeometry) -> Self::Storage<E> {
+        require::<Self>("fold2d", check::fold(Self::shape(cols), geometry));
+        // SAFETY: the arguments passed the checks of `fold2d_unchecked`'s contract.
+        unsafe { Self::fold2d_unchecked(cols, geometry) }
+    }
+    /// [`Backend::fold2d`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::fold2d`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn fold2d_unchecked<E: Float>(
+        cols: &Self::Storage<E>,
+        geometry: &Conv2dGeometry,
+    ) -> Self::Storage<E>;
 
     /// A dropout mask: each element `1 / (1 - p)` with probability `1 - p`, else 0, drawn from a
     /// counter-based generator seeded by `seed` (the same on every backend).
@@ -375,7 +791,20 @@ pub trait Backend: Device {
     /// The sum of squares, accumulated in f64 (gradient norms of 16-bit tensors computed wide).
     fn sum_squares<E: Float>(s: &Self::Storage<E>) -> f64;
     /// `a += b` in place, same shapes (gradient accumulation).
-    fn add_in_place<E: Float>(a: &mut Self::Storage<E>, b: &Self::Storage<E>);
+    fn add_in_place<E: Float>(a: &mut Self::Storage<E>, b: &Self::Storage<E>) {
+        require::<Self>(
+            "add_in_place",
+            check::same("a", Self::shape(a), "b", Self::shape(b)),
+        );
+        // SAFETY: the arguments passed the checks of `add_in_place_unchecked`'s contract.
+        unsafe { Self::add_in_place_unchecked(a, b) }
+    }
+    /// [`Backend::add_in_place`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::add_in_place`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn add_in_place_unchecked<E: Float>(a: &mut Self::Storage<E>, b: &Self::Storage<E>);
 
     /// One SGD update of `param` from `grad`, with the momentum buffer when momentum is used.
     /// Computed in `E::Acc` (f32 for 16-bit parameters); the new weight is rounded into storage
@@ -387,10 +816,73 @@ pub trait Backend: Device {
         momentum_buffer: Option<&mut Self::Storage<E>>,
         compensation: Option<&mut Self::Storage<E>>,
         hp: &SgdStep,
+    ) {
+        require::<Self>(
+            "sgd_step",
+            check::optimizer(
+                Self::shape(param),
+                Self::shape(grad),
+                &[
+                    (
+                        "the momentum buffer",
+                        momentum_buffer.as_deref().map(|b| Self::shape(b)),
+                    ),
+                    (
+                        "the compensation buffer",
+                        compensation.as_deref().map(|c| Self::shape(c)),
+                    ),
+                ],
+            ),
+        );
+        // SAFETY: the arguments passed the checks of `sgd_step_unchecked`'s contract.
+        unsafe { Self::sgd_step_unchecked(param, grad, momentum_buffer, compensation, hp) }
+    }
+    /// [`Backend::sgd_step`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::sgd_step`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn sgd_step_unchecked<E: Float>(
+        param: &mut Self::Storage<E>,
+        grad: &Self::Storage<E>,
+        momentum_buffer: Option<&mut Self::Storage<E>>,
+        compensation: Option<&mut Self::Storage<E>>,
+        hp: &SgdStep,
     );
     /// One AdamW update of `param` and its moment estimates, computed in `E::Acc`; the second
     /// moment is stored in `E::Moment`; the new weight is rounded as in [`Backend::sgd_step`].
     fn adamw_step<E: Float>(
+        param: &mut Self::Storage<E>,
+        grad: &Self::Storage<E>,
+        exp_avg: &mut Self::Storage<E>,
+        exp_avg_sq: &mut Self::Storage<E::Moment>,
+        compensation: Option<&mut Self::Storage<E>>,
+        hp: &AdamWStep,
+    ) {
+        require::<Self>(
+            "adamw_step",
+            check::optimizer(
+                Self::shape(param),
+                Self::shape(grad),
+                &[
+                    ("exp_avg", Some(Self::shape(exp_avg))),
+                    ("exp_avg_sq", Some(Self::shape(exp_avg_sq))),
+                    (
+                        "the compensation buffer",
+                        compensation.as_deref().map(|c| Self::shape(c)),
+                    ),
+                ],
+            ),
+        );
+        // SAFETY: the arguments passed the checks of `adamw_step_unchecked`'s contract.
+        unsafe { Self::adamw_step_unchecked(param, grad, exp_avg, exp_avg_sq, compensation, hp) }
+    }
+    /// [`Backend::adamw_step`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::adamw_step`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn adamw_step_unchecked<E: Float>(
         param: &mut Self::Storage<E>,
         grad: &Self::Storage<E>,
         exp_avg: &mut Self::Storage<E>,
@@ -436,9 +928,51 @@ pub trait ComplexBackend: Backend {
         ca: bool,
         tb: bool,
         cb: bool,
+    ) -> Self::Storage<C> {
+        require::<Self>(
+            "cmatmul",
+            check::matmul(Self::shape(a), Self::shape(b), ta, tb, None),
+        );
+        // SAFETY: the arguments passed the checks of `cmatmul_unchecked`'s contract.
+        unsafe { Self::cmatmul_unchecked(a, b, ta, ca, tb, cb) }
+    }
+    /// [`ComplexBackend::cmatmul`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`ComplexBackend::cmatmul`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn cmatmul_unchecked<C: ComplexElement>(
+        a: &Self::Storage<C>,
+        b: &Self::Storage<C>,
+        ta: bool,
+        ca: bool,
+        tb: bool,
+        cb: bool,
     ) -> Self::Storage<C>;
     /// `op(a, b)` element-wise with broadcasting to `out_shape`.
     fn cbinary<C: ComplexElement>(
+        op: Binary,
+        a: &Self::Storage<C>,
+        b: &Self::Storage<C>,
+        out_shape: &[usize],
+    ) -> Self::Storage<C> {
+        require::<Self>(
+            "cbinary",
+            check::broadcasts("a", Self::shape(a), out_shape).and(check::broadcasts(
+                "b",
+                Self::shape(b),
+                out_shape,
+            )),
+        );
+        // SAFETY: the arguments passed the checks of `cbinary_unchecked`'s contract.
+        unsafe { Self::cbinary_unchecked(op, a, b, out_shape) }
+    }
+    /// [`ComplexBackend::cbinary`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`ComplexBackend::cbinary`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn cbinary_unchecked<C: ComplexElement>(
         op: Binary,
         a: &Self::Storage<C>,
         b: &Self::Storage<C>,
@@ -447,13 +981,45 @@ pub trait ComplexBackend: Backend {
     /// `op(z)` element-wise.
     fn cunary<C: ComplexElement>(op: ComplexUnary, z: &Self::Storage<C>) -> Self::Storage<C>;
     /// Sums a broadcast gradient back down to `shape`.
-    fn csum_to_shape<C: ComplexElement>(s: &Self::Storage<C>, shape: &[usize]) -> Self::Storage<C>;
+    fn csum_to_shape<C: ComplexElement>(s: &Self::Storage<C>, shape: &[usize]) -> Self::Storage<C> {
+        require::<Self>(
+            "csum_to_shape",
+            check::broadcasts("the target shape", shape, Self::shape(s)),
+        );
+        // SAFETY: the arguments passed the checks of `csum_to_shape_unchecked`'s contract.
+        unsafe { Self::csum_to_shape_unchecked(s, shape) }
+    }
+    /// [`ComplexBackend::csum_to_shape`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`ComplexBackend::csum_to_shape`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn csum_to_shape_unchecked<C: ComplexElement>(
+        s: &Self::Storage<C>,
+        shape: &[usize],
+    ) -> Self::Storage<C>;
     /// The real and imaginary parts.
     fn complex_parts<C: ComplexElement>(
         z: &Self::Storage<C>,
     ) -> (Self::Storage<C::Real>, Self::Storage<C::Real>);
     /// A complex tensor from its parts (same shapes).
     fn complex_from_parts<C: ComplexElement>(
+        re: &Self::Storage<C::Real>,
+        im: &Self::Storage<C::Real>,
+    ) -> Self::Storage<C> {
+        require::<Self>(
+            "complex_from_parts",
+            check::same("re", Self::shape(re), "im", Self::shape(im)),
+        );
+        // SAFETY: the arguments passed the checks of `complex_from_parts_unchecked`'s contract.
+        unsafe { Self::complex_from_parts_unchecked(re, im) }
+    }
+    /// [`ComplexBackend::complex_from_parts`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`ComplexBackend::complex_from_parts`] makes; the kernel may read
+    /// or write out of bounds otherwise.
+    unsafe fn complex_from_parts_unchecked<C: ComplexElement>(
         re: &Self::Storage<C::Real>,
         im: &Self::Storage<C::Real>,
     ) -> Self::Storage<C>;

@@ -287,11 +287,11 @@ impl Backend for Cpu {
         ArrayD::from_elem(IxDyn(shape), value)
     }
 
-    fn reshape<E: Element>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
+    unsafe fn reshape_unchecked<E: Element>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
         from_vec(shape, standard(s).into_owned())
     }
 
-    fn transpose<E: Element>(s: &ArrayD<E>) -> ArrayD<E> {
+    unsafe fn transpose_unchecked<E: Element>(s: &ArrayD<E>) -> ArrayD<E> {
         let n = s.ndim();
         let mut v = s.view();
         if n >= 2 {
@@ -372,7 +372,12 @@ impl Backend for Cpu {
         }
     }
 
-    fn unary_backward<E: Float>(op: Unary, x: &ArrayD<E>, y: &ArrayD<E>, dy: &ArrayD<E>) -> ArrayD<E> {
+    unsafe fn unary_backward_unchecked<E: Float>(
+        op: Unary,
+        x: &ArrayD<E>,
+        y: &ArrayD<E>,
+        dy: &ArrayD<E>,
+    ) -> ArrayD<E> {
         let c = <E::Acc as Acc>::c;
         let (half, one, zero) = (c(0.5), c(1.0), c(0.0));
         macro_rules! grad {
@@ -434,7 +439,12 @@ impl Backend for Cpu {
         }
     }
 
-    fn binary<E: Float>(op: Binary, a: &ArrayD<E>, b: &ArrayD<E>, out_shape: &[usize]) -> ArrayD<E> {
+    unsafe fn binary_unchecked<E: Float>(
+        op: Binary,
+        a: &ArrayD<E>,
+        b: &ArrayD<E>,
+        out_shape: &[usize],
+    ) -> ArrayD<E> {
         fn full<'a, E: Float>(x: &'a ArrayD<E>, shape: &[usize]) -> std::borrow::Cow<'a, ArrayD<E>> {
             match x.shape() == shape {
                 true => std::borrow::Cow::Borrowed(x),
@@ -451,7 +461,7 @@ impl Backend for Cpu {
         }
     }
 
-    fn sum_to_shape<E: Float>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
+    unsafe fn sum_to_shape_unchecked<E: Float>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
         if s.shape() == shape {
             return s.clone();
         }
@@ -481,14 +491,19 @@ impl Backend for Cpu {
         acc.mapv(E::from_f64)
     }
 
-    fn broadcast_to<E: Element>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
+    unsafe fn broadcast_to_unchecked<E: Element>(s: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
         s.broadcast(IxDyn(shape))
             .expect("shapes broadcast (checked by caller)")
             .as_standard_layout()
             .into_owned()
     }
 
-    fn sum<E: Float>(s: &ArrayD<E>, axis: Option<usize>, keepdim: bool, scale: f64) -> ArrayD<E> {
+    unsafe fn sum_unchecked<E: Float>(
+        s: &ArrayD<E>,
+        axis: Option<usize>,
+        keepdim: bool,
+        scale: f64,
+    ) -> ArrayD<E> {
         match axis {
             None => {
                 let total: f64 = s.iter().map(|v| v.as_f64()).sum();
@@ -509,7 +524,7 @@ impl Backend for Cpu {
         }
     }
 
-    fn matmul<E: Float>(
+    unsafe fn matmul_unchecked<E: Float>(
         a: &ArrayD<E>,
         b: &ArrayD<E>,
         ta: bool,
@@ -520,11 +535,13 @@ impl Backend for Cpu {
         // f64, and f32 with both operands row-major: the `gemm-f64` / `gemm-f32` kernels, measured faster there
         // (f64 1024: 110-125 against 73-86 GFLOP/s; f32 row-major 10-20% faster). Everything
         // else (16-bit operands, transposed or strided f32, narrow outputs): nbit's own GEMM.
-        let crate_gemm = match E::DTYPE {
-            crate::DType::F64 => true,
-            crate::DType::F32 => av.strides()[1] == 1 && bv.strides()[1] == 1,
-            _ => false,
-        };
+        // A kernel named by NBIT_GEMM_KERNEL runs every product it can.
+        let crate_gemm = !gemm::forced::<E>()
+            && match E::DTYPE {
+                crate::DType::F64 => true,
+                crate::DType::F32 => av.strides()[1] == 1 && bv.strides()[1] == 1,
+                _ => false,
+            };
         let out = if crate_gemm {
             /// The product on the `gemm-f32` / `gemm-f64` kernel for `T`, when `E` is `T`.
             fn on<T: CrateGemm, E: 'static>(
@@ -577,7 +594,7 @@ impl Backend for Cpu {
         from_vec(x.shape(), out)
     }
 
-    fn softmax_backward<E: Float>(y: &ArrayD<E>, dy: &ArrayD<E>, log: bool) -> ArrayD<E> {
+    unsafe fn softmax_backward_unchecked<E: Float>(y: &ArrayD<E>, dy: &ArrayD<E>, log: bool) -> ArrayD<E> {
         let (_, cols) = rows_of(y.shape());
         let (y_s, dy_s) = (standard(y), standard(dy));
         let mut out = Vec::with_capacity(y_s.len());
@@ -601,7 +618,7 @@ impl Backend for Cpu {
         from_vec(y.shape(), out)
     }
 
-    fn nll_loss<E: Float>(logp: &ArrayD<E>, targets: &[usize]) -> ArrayD<E> {
+    unsafe fn nll_loss_unchecked<E: Float>(logp: &ArrayD<E>, targets: &[usize]) -> ArrayD<E> {
         let (rows, cols) = rows_of(logp.shape());
         let data = standard(logp);
         let total: f64 = targets
@@ -612,7 +629,11 @@ impl Backend for Cpu {
         ArrayD::from_elem(IxDyn(&[]), E::from_f64(-total / rows.max(1) as f64))
     }
 
-    fn nll_loss_backward<E: Float>(shape: &[usize], targets: &[usize], dy: &ArrayD<E>) -> ArrayD<E> {
+    unsafe fn nll_loss_backward_unchecked<E: Float>(
+        shape: &[usize],
+        targets: &[usize],
+        dy: &ArrayD<E>,
+    ) -> ArrayD<E> {
         let (rows, cols) = rows_of(shape);
         let g = -dy.iter().next().map_or(0.0, |v| v.as_f64()) / rows.max(1) as f64;
         let mut out = vec![E::from_f64(0.0); rows * cols];
@@ -622,7 +643,7 @@ impl Backend for Cpu {
         from_vec(shape, out)
     }
 
-    fn layer_norm<E: Float>(
+    unsafe fn layer_norm_unchecked<E: Float>(
         x: &ArrayD<E>,
         weight: Option<&ArrayD<E>>,
         bias: Option<&ArrayD<E>>,
@@ -654,7 +675,7 @@ impl Backend for Cpu {
         (from_vec(x.shape(), out), from_vec(&[rows, 2], stats))
     }
 
-    fn layer_norm_backward<E: Float>(
+    unsafe fn layer_norm_backward_unchecked<E: Float>(
         x: &ArrayD<E>,
         weight: Option<&ArrayD<E>>,
         stats: &ArrayD<f64>,
@@ -702,43 +723,68 @@ impl Backend for Cpu {
         )
     }
 
-    fn index_select<E: Element>(s: &ArrayD<E>, axis: usize, index: &[usize]) -> ArrayD<E> {
+    unsafe fn index_select_unchecked<E: Element>(s: &ArrayD<E>, axis: usize, index: &[usize]) -> ArrayD<E> {
         indexing::index_select(s, axis, index)
     }
 
-    fn index_add<E: Float>(shape: &[usize], axis: usize, index: &[usize], src: &ArrayD<E>) -> ArrayD<E> {
+    unsafe fn index_add_unchecked<E: Float>(
+        shape: &[usize],
+        axis: usize,
+        index: &[usize],
+        src: &ArrayD<E>,
+    ) -> ArrayD<E> {
         indexing::index_add(shape, axis, index, src)
     }
 
-    fn gather<E: Element>(s: &ArrayD<E>, axis: usize, index: &[usize], index_shape: &[usize]) -> ArrayD<E> {
+    unsafe fn gather_unchecked<E: Element>(
+        s: &ArrayD<E>,
+        axis: usize,
+        index: &[usize],
+        index_shape: &[usize],
+    ) -> ArrayD<E> {
         indexing::gather(s, axis, index, index_shape)
     }
 
-    fn scatter_add<E: Float>(shape: &[usize], axis: usize, index: &[usize], src: &ArrayD<E>) -> ArrayD<E> {
+    unsafe fn scatter_add_unchecked<E: Float>(
+        shape: &[usize],
+        axis: usize,
+        index: &[usize],
+        src: &ArrayD<E>,
+    ) -> ArrayD<E> {
         indexing::scatter_add(shape, axis, index, src)
     }
 
-    fn concat<E: Element>(parts: &[&ArrayD<E>], axis: usize) -> ArrayD<E> {
+    unsafe fn concat_unchecked<E: Element>(parts: &[&ArrayD<E>], axis: usize) -> ArrayD<E> {
         indexing::concat(parts, axis)
     }
 
-    fn arg_extreme<E: Float>(s: &ArrayD<E>, axis: usize, largest: bool) -> Vec<usize> {
+    unsafe fn arg_extreme_unchecked<E: Float>(s: &ArrayD<E>, axis: usize, largest: bool) -> Vec<usize> {
         indexing::arg_extreme(s, axis, largest)
     }
 
-    fn select<E: Float>(cond: &ArrayD<E>, a: &ArrayD<E>, b: &ArrayD<E>, out_shape: &[usize]) -> ArrayD<E> {
+    unsafe fn select_unchecked<E: Float>(
+        cond: &ArrayD<E>,
+        a: &ArrayD<E>,
+        b: &ArrayD<E>,
+        out_shape: &[usize],
+    ) -> ArrayD<E> {
         indexing::select(cond, a, b, out_shape)
     }
 
-    fn compare<E: Float>(op: Compare, a: &ArrayD<E>, b: &ArrayD<E>, out_shape: &[usize]) -> ArrayD<E> {
+    unsafe fn compare_unchecked<E: Float>(
+        op: Compare,
+        a: &ArrayD<E>,
+        b: &ArrayD<E>,
+        out_shape: &[usize],
+    ) -> ArrayD<E> {
         indexing::compare(op, a, b, out_shape)
     }
 
-    fn unfold2d<E: Float>(x: &ArrayD<E>, geometry: &Conv2dGeometry) -> ArrayD<E> {
+    unsafe fn unfold2d_unchecked<E: Float>(x: &ArrayD<E>, geometry: &Conv2dGeometry) -> ArrayD<E> {
         indexing::unfold2d(x, geometry)
     }
 
-    fn fold2d<E: Float>(cols: &ArrayD<E>, geometry: &Conv2dGeometry) -> ArrayD<E> {
+    unsafe fn fold2d_unchecked<E: Float>(cols: &ArrayD<E>, geometry: &Conv2dGeometry) -> ArrayD<E> {
         indexing::fold2d(cols, geometry)
     }
 
@@ -788,11 +834,11 @@ impl Backend for Cpu {
         s.iter().map(|v| v.as_f64() * v.as_f64()).sum()
     }
 
-    fn add_in_place<E: Float>(a: &mut ArrayD<E>, b: &ArrayD<E>) {
+    unsafe fn add_in_place_unchecked<E: Float>(a: &mut ArrayD<E>, b: &ArrayD<E>) {
         *a = map_n([&*a, b], |[x, y]| x + y);
     }
 
-    fn sgd_step<E: Float>(
+    unsafe fn sgd_step_unchecked<E: Float>(
         param: &mut ArrayD<E>,
         grad: &ArrayD<E>,
         momentum_buffer: Option<&mut ArrayD<E>>,
@@ -822,7 +868,7 @@ impl Backend for Cpu {
         });
     }
 
-    fn adamw_step<E: Float>(
+    unsafe fn adamw_step_unchecked<E: Float>(
         param: &mut ArrayD<E>,
         grad: &ArrayD<E>,
         exp_avg: &mut ArrayD<E>,
@@ -863,7 +909,7 @@ use crate::backend::rows_of;
 use parallel::{Disjoint, PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_FMAS, for_ranges, par_parts};
 
 use crate::dtype::{Acc, ComplexElement, Element, Float};
-pub use gemm::kernel_name;
+pub use gemm::{GEMM_KERNEL_ENV, gemm_kernel_from_env, kernel_name};
 pub use parallel::{THREADS_ENV, num_threads, retain_freed_memory, set_num_threads, threads_from_env};
 
 isa_dispatch! {
@@ -1134,7 +1180,7 @@ fn c64_of<C: ComplexElement>(a: &ArrayD<C>) -> ArrayD<Complex<f64>> {
 }
 
 impl ComplexBackend for Cpu {
-    fn cmatmul<C: ComplexElement>(
+    unsafe fn cmatmul_unchecked<C: ComplexElement>(
         a: &ArrayD<C>,
         b: &ArrayD<C>,
         ta: bool,
@@ -1159,7 +1205,7 @@ impl ComplexBackend for Cpu {
             .into_dyn()
     }
 
-    fn cbinary<C: ComplexElement>(
+    unsafe fn cbinary_unchecked<C: ComplexElement>(
         op: Binary,
         a: &ArrayD<C>,
         b: &ArrayD<C>,
@@ -1198,7 +1244,7 @@ impl ComplexBackend for Cpu {
         })
     }
 
-    fn csum_to_shape<C: ComplexElement>(s: &ArrayD<C>, shape: &[usize]) -> ArrayD<C> {
+    unsafe fn csum_to_shape_unchecked<C: ComplexElement>(s: &ArrayD<C>, shape: &[usize]) -> ArrayD<C> {
         let (re, im) = Self::complex_parts::<Complex<f64>>(&c64_of(s));
         let (re, im) = (Self::sum_to_shape(&re, shape), Self::sum_to_shape(&im, shape));
         Zip::from(&re).and(&im).map_collect(|r, i| C::from_parts(*r, *i))
@@ -1210,7 +1256,10 @@ impl ComplexBackend for Cpu {
         (re, im)
     }
 
-    fn complex_from_parts<C: ComplexElement>(re: &ArrayD<C::Real>, im: &ArrayD<C::Real>) -> ArrayD<C> {
+    unsafe fn complex_from_parts_unchecked<C: ComplexElement>(
+        re: &ArrayD<C::Real>,
+        im: &ArrayD<C::Real>,
+    ) -> ArrayD<C> {
         Self::from_array(
             Zip::from(re)
                 .and(im)

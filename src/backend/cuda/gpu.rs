@@ -539,11 +539,11 @@ impl Backend for Gpu {
         out
     }
 
-    fn reshape<E: Element>(s: &GpuStorage<E>, shape: &[usize]) -> GpuStorage<E> {
+    unsafe fn reshape_unchecked<E: Element>(s: &GpuStorage<E>, shape: &[usize]) -> GpuStorage<E> {
         s.copied_as("reshape", shape)
     }
 
-    fn transpose<E: Element>(s: &GpuStorage<E>) -> GpuStorage<E> {
+    unsafe fn transpose_unchecked<E: Element>(s: &GpuStorage<E>) -> GpuStorage<E> {
         let n = s.shape.len();
         let mut out_shape = s.shape.clone();
         out_shape.swap(n - 2, n - 1);
@@ -580,7 +580,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn unary_backward<E: Float>(
+    unsafe fn unary_backward_unchecked<E: Float>(
         op: Unary,
         x: &GpuStorage<E>,
         y: &GpuStorage<E>,
@@ -598,7 +598,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn binary<E: Float>(
+    unsafe fn binary_unchecked<E: Float>(
         op: Binary,
         a: &GpuStorage<E>,
         b: &GpuStorage<E>,
@@ -609,7 +609,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn sum_to_shape<E: Float>(s: &GpuStorage<E>, shape: &[usize]) -> GpuStorage<E> {
+    unsafe fn sum_to_shape_unchecked<E: Float>(s: &GpuStorage<E>, shape: &[usize]) -> GpuStorage<E> {
         if s.shape == shape {
             return s.clone();
         }
@@ -620,7 +620,7 @@ impl Backend for Gpu {
         reduce("sum_to_shape", s, &reduced, shape, 1.0)
     }
 
-    fn broadcast_to<E: Element>(s: &GpuStorage<E>, shape: &[usize]) -> GpuStorage<E> {
+    unsafe fn broadcast_to_unchecked<E: Element>(s: &GpuStorage<E>, shape: &[usize]) -> GpuStorage<E> {
         let out = GpuStorage::<E>::empty("broadcast_to", shape);
         let g = Geometry::new(
             "broadcast_to",
@@ -632,7 +632,12 @@ impl Backend for Gpu {
         out
     }
 
-    fn sum<E: Float>(s: &GpuStorage<E>, axis: Option<usize>, keepdim: bool, scale: f64) -> GpuStorage<E> {
+    unsafe fn sum_unchecked<E: Float>(
+        s: &GpuStorage<E>,
+        axis: Option<usize>,
+        keepdim: bool,
+        scale: f64,
+    ) -> GpuStorage<E> {
         match axis {
             None => {
                 let shape = if keepdim { vec![1; s.shape.len()] } else { vec![] };
@@ -654,7 +659,7 @@ impl Backend for Gpu {
         }
     }
 
-    fn matmul<E: Float>(
+    unsafe fn matmul_unchecked<E: Float>(
         a: &GpuStorage<E>,
         b: &GpuStorage<E>,
         ta: bool,
@@ -707,7 +712,11 @@ impl Backend for Gpu {
         out
     }
 
-    fn softmax_backward<E: Float>(y: &GpuStorage<E>, dy: &GpuStorage<E>, log: bool) -> GpuStorage<E> {
+    unsafe fn softmax_backward_unchecked<E: Float>(
+        y: &GpuStorage<E>,
+        dy: &GpuStorage<E>,
+        log: bool,
+    ) -> GpuStorage<E> {
         let (rows, cols) = rows_of(&y.shape);
         let out = GpuStorage::<E>::empty("softmax_backward", &y.shape);
         let (py, pd, o, r, c, l) = (y.ptr, dy.ptr, out.ptr, rows as i64, cols as i64, log as i32);
@@ -721,7 +730,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn nll_loss<E: Float>(logp: &GpuStorage<E>, targets: &[usize]) -> GpuStorage<E> {
+    unsafe fn nll_loss_unchecked<E: Float>(logp: &GpuStorage<E>, targets: &[usize]) -> GpuStorage<E> {
         let t = indices("nll_loss", targets);
         let out = GpuStorage::<E>::empty("nll_loss", &[]);
         let (rows, cols) = rows_of(&logp.shape);
@@ -736,7 +745,11 @@ impl Backend for Gpu {
         out
     }
 
-    fn nll_loss_backward<E: Float>(shape: &[usize], targets: &[usize], dy: &GpuStorage<E>) -> GpuStorage<E> {
+    unsafe fn nll_loss_backward_unchecked<E: Float>(
+        shape: &[usize],
+        targets: &[usize],
+        dy: &GpuStorage<E>,
+    ) -> GpuStorage<E> {
         let t = indices("nll_loss_backward", targets);
         let out = GpuStorage::<E>::empty("nll_loss_backward", shape);
         let (rows, cols) = rows_of(shape);
@@ -751,7 +764,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn layer_norm<E: Float>(
+    unsafe fn layer_norm_unchecked<E: Float>(
         x: &GpuStorage<E>,
         weight: Option<&GpuStorage<E>>,
         bias: Option<&GpuStorage<E>>,
@@ -771,7 +784,7 @@ impl Backend for Gpu {
         (y, stats)
     }
 
-    fn layer_norm_backward<E: Float>(
+    unsafe fn layer_norm_backward_unchecked<E: Float>(
         x: &GpuStorage<E>,
         weight: Option<&GpuStorage<E>>,
         stats: &GpuStorage<f64>,
@@ -803,7 +816,11 @@ impl Backend for Gpu {
         (dx, dw, db)
     }
 
-    fn index_select<E: Element>(s: &GpuStorage<E>, axis: usize, index: &[usize]) -> GpuStorage<E> {
+    unsafe fn index_select_unchecked<E: Element>(
+        s: &GpuStorage<E>,
+        axis: usize,
+        index: &[usize],
+    ) -> GpuStorage<E> {
         let (outer, n, inner) = split(&s.shape, axis);
         let mut shape = s.shape.clone();
         shape[axis] = index.len();
@@ -819,7 +836,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn index_add<E: Float>(
+    unsafe fn index_add_unchecked<E: Float>(
         shape: &[usize],
         axis: usize,
         index: &[usize],
@@ -838,7 +855,7 @@ impl Backend for Gpu {
         Gpu::cast::<f64, E>(&acc)
     }
 
-    fn gather<E: Element>(
+    unsafe fn gather_unchecked<E: Element>(
         s: &GpuStorage<E>,
         axis: usize,
         index: &[usize],
@@ -858,7 +875,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn scatter_add<E: Float>(
+    unsafe fn scatter_add_unchecked<E: Float>(
         shape: &[usize],
         axis: usize,
         index: &[usize],
@@ -878,7 +895,7 @@ impl Backend for Gpu {
         Gpu::cast::<f64, E>(&acc)
     }
 
-    fn concat<E: Element>(parts: &[&GpuStorage<E>], axis: usize) -> GpuStorage<E> {
+    unsafe fn concat_unchecked<E: Element>(parts: &[&GpuStorage<E>], axis: usize) -> GpuStorage<E> {
         let mut shape = parts[0].shape.clone();
         shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
         let out = GpuStorage::<E>::empty("concat", &shape);
@@ -895,7 +912,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn arg_extreme<E: Float>(s: &GpuStorage<E>, axis: usize, largest: bool) -> Vec<usize> {
+    unsafe fn arg_extreme_unchecked<E: Float>(s: &GpuStorage<E>, axis: usize, largest: bool) -> Vec<usize> {
         let (outer, n, inner) = split(&s.shape, axis);
         let count = (outer * inner) as usize;
         let out = Buffer::new("arg_extreme", 8 * count.max(1));
@@ -912,7 +929,7 @@ impl Backend for Gpu {
             .collect()
     }
 
-    fn select<E: Float>(
+    unsafe fn select_unchecked<E: Float>(
         cond: &GpuStorage<E>,
         a: &GpuStorage<E>,
         b: &GpuStorage<E>,
@@ -942,7 +959,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn compare<E: Float>(
+    unsafe fn compare_unchecked<E: Float>(
         op: Compare,
         a: &GpuStorage<E>,
         b: &GpuStorage<E>,
@@ -973,7 +990,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn unfold2d<E: Float>(x: &GpuStorage<E>, geometry: &Conv2dGeometry) -> GpuStorage<E> {
+    unsafe fn unfold2d_unchecked<E: Float>(x: &GpuStorage<E>, geometry: &Conv2dGeometry) -> GpuStorage<E> {
         let g = ConvGeometry::new(geometry);
         let (rows, cols) = (
             (g.batch * g.oh * g.ow) as usize,
@@ -990,7 +1007,7 @@ impl Backend for Gpu {
         out
     }
 
-    fn fold2d<E: Float>(cols: &GpuStorage<E>, geometry: &Conv2dGeometry) -> GpuStorage<E> {
+    unsafe fn fold2d_unchecked<E: Float>(cols: &GpuStorage<E>, geometry: &Conv2dGeometry) -> GpuStorage<E> {
         let g = ConvGeometry::new(geometry);
         let shape = [
             geometry.batch,
@@ -1078,12 +1095,12 @@ impl Backend for Gpu {
         Self::to_array(&out)[[]]
     }
 
-    fn add_in_place<E: Float>(a: &mut GpuStorage<E>, b: &GpuStorage<E>) {
+    unsafe fn add_in_place_unchecked<E: Float>(a: &mut GpuStorage<E>, b: &GpuStorage<E>) {
         let shape = a.shape.clone();
         binary_into(Binary::Add, a, b, a.ptr, &shape);
     }
 
-    fn sgd_step<E: Float>(
+    unsafe fn sgd_step_unchecked<E: Float>(
         param: &mut GpuStorage<E>,
         grad: &GpuStorage<E>,
         momentum_buffer: Option<&mut GpuStorage<E>>,
@@ -1112,7 +1129,7 @@ impl Backend for Gpu {
         );
     }
 
-    fn adamw_step<E: Float>(
+    unsafe fn adamw_step_unchecked<E: Float>(
         param: &mut GpuStorage<E>,
         grad: &GpuStorage<E>,
         exp_avg: &mut GpuStorage<E>,
@@ -1210,7 +1227,7 @@ fn move_part<C: ComplexElement>(z: u64, real: u64, part: u64, n: usize, to_parts
 }
 
 impl ComplexBackend for Gpu {
-    fn cmatmul<C: ComplexElement>(
+    unsafe fn cmatmul_unchecked<C: ComplexElement>(
         a: &GpuStorage<C>,
         b: &GpuStorage<C>,
         ta: bool,
@@ -1256,7 +1273,7 @@ impl ComplexBackend for Gpu {
         narrowed(out)
     }
 
-    fn cbinary<C: ComplexElement>(
+    unsafe fn cbinary_unchecked<C: ComplexElement>(
         op: Binary,
         a: &GpuStorage<C>,
         b: &GpuStorage<C>,
@@ -1299,7 +1316,10 @@ impl ComplexBackend for Gpu {
         out
     }
 
-    fn csum_to_shape<C: ComplexElement>(s: &GpuStorage<C>, shape: &[usize]) -> GpuStorage<C> {
+    unsafe fn csum_to_shape_unchecked<C: ComplexElement>(
+        s: &GpuStorage<C>,
+        shape: &[usize],
+    ) -> GpuStorage<C> {
         // Each part summed in f64 and rounded once, as the CPU's sum of the complex128 parts.
         let (re, im) = Self::complex_parts(s);
         Self::complex_from_parts(&Self::sum_to_shape(&re, shape), &Self::sum_to_shape(&im, shape))
@@ -1317,7 +1337,7 @@ impl ComplexBackend for Gpu {
         (re, im)
     }
 
-    fn complex_from_parts<C: ComplexElement>(
+    unsafe fn complex_from_parts_unchecked<C: ComplexElement>(
         re: &GpuStorage<C::Real>,
         im: &GpuStorage<C::Real>,
     ) -> GpuStorage<C> {
