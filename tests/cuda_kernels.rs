@@ -466,7 +466,7 @@ fn dropout_draws_the_cpu_backends_mask() {
     dropout_matches_cpu::<f64>();
 }
 
-/// NVRTC compiles every kernel for sm_80 and sm_90, and ptxas assembles the PTX for both.
+/// NVRTC compiles every kernel for sm_80 and sm_90, to PTX that ptxas assembles and to cubins.
 #[test]
 fn nvrtc_compiles_the_kernels_and_ptxas_assembles_them() {
     if let Err(e) = cuda::nvrtc_available() {
@@ -521,6 +521,23 @@ fn nvrtc_compiles_the_kernels_and_ptxas_assembles_them() {
         );
         // The second call is the process's cache.
         assert_eq!(cuda::compile_ptx(arch).unwrap(), ptx);
+        // NVRTC's own machine code for the architecture (what a GPU loads): a CUDA ELF image
+        // (e_machine 190, EM_CUDA) naming every kernel of the PTX.
+        let cubin = cuda::compile_cubin(arch).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: not an ELF image");
+        assert_eq!(
+            u16::from_le_bytes([cubin[18], cubin[19]]),
+            190,
+            "{arch}: not EM_CUDA"
+        );
+        for kernel in &entries {
+            assert!(
+                cubin
+                    .windows(kernel.len() + 1)
+                    .any(|w| &w[..kernel.len()] == kernel.as_bytes() && w[kernel.len()] == 0),
+                "{arch}: the cubin has no {kernel}"
+            );
+        }
     }
 }
 

@@ -25,9 +25,15 @@ grep -m1 'model name' /proc/cpuinfo || true
 if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc.so.12' || ! ldconfig -p 2>/dev/null | grep -q 'libcublas.so.12'; then
     echo "== NVRTC and cuBLAS from pip (target/cuda-tools)"
     python3 -m venv target/cuda-tools
-    # NVRTC no newer than the driver: its PTX must be loadable ("CUDA Version" of nvidia-smi).
-    cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\.[0-9]*\).*/\1/p' | head -1)"
-    target/cuda-tools/bin/pip install -q "nvidia-cuda-nvrtc-cu12${cuda:+==$cuda.*}" "nvidia-cublas-cu12${cuda:+==$cuda.*}"
+    # CUDA 12 libraries run on every driver of CUDA 12.0 or newer, 13.x included (no cu13 pin:
+    # cudarc 0.19 loads the .so.12 names). nbit loads its kernels as cubins, which any such driver
+    # takes, so NVRTC may be newer than the driver.
+    cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\)\.[0-9]*.*/\1/p' | head -1)"
+    if [ -n "$cuda" ] && [ "$cuda" -lt 12 ]; then
+        echo "the driver reports CUDA $cuda; nbit needs a driver of CUDA 12.0 or newer" >&2
+        exit 1
+    fi
+    target/cuda-tools/bin/pip install -q nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12
     NVIDIA="$(target/cuda-tools/bin/python -c 'import nvidia; print(list(nvidia.__path__)[0])')"
     export LD_LIBRARY_PATH="$NVIDIA/cuda_nvrtc/lib:$NVIDIA/cublas/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi

@@ -442,7 +442,7 @@ pub trait Backend: Device {
         log: bool,
     ) -> Self::Storage<E>;
     /// Mean negative log-likelihood of `targets` (one class index per row) under log-probabilities
-    /// `logp` of shape `[n, classes]`; a shape-`[]` result. Targets are in range (checked above).
+    /// `logp` of shape `[n, classes]`; a shape-`[]` result. Targets are checked to be in range.
     fn nll_loss<E: Float>(logp: &Self::Storage<E>, targets: &[usize]) -> Self::Storage<E> {
         require::<Self>("nll_loss", check::nll(Self::shape(logp), targets));
         // SAFETY: the arguments passed the checks of `nll_loss_unchecked`'s contract.
@@ -554,7 +554,7 @@ pub trait Backend: Device {
     );
 
     /// The slices of `s` at `index` along `axis`, in that order (`torch.index_select`); the
-    /// result has `index.len()` at `axis`. Indices are in range (checked above).
+    /// result has `index.len()` at `axis`. Indices are checked to be in range.
     fn index_select<E: Element>(s: &Self::Storage<E>, axis: usize, index: &[usize]) -> Self::Storage<E> {
         require::<Self>(
             "index_select",

@@ -226,7 +226,15 @@ struct Host {
     launch: HostLaunch,
     _lib: libloading::Library,
     sizes: Mutex<HashMap<u64, usize>>,
+    /// Freed blocks by size, handed out again as they are, as the real driver's caching
+    /// allocator does: a kernel that reads memory it has not written sees old data (or, in a new
+    /// block, NaN bytes) and fails its test here, not first on a GPU.
+    cache: Mutex<HashMap<usize, Vec<u64>>>,
 }
+
+/// What a new block of the emulation holds before anything writes it: all ones, a NaN in every
+/// float type and an out-of-range index in every integer one.
+const DIRTY: u8 = 0xFF;
 
 impl Host {
     fn load(path: &Path) -> Result<Host, Error> {
@@ -251,6 +259,7 @@ impl Host {
             launch,
             _lib: lib,
             sizes: Mutex::default(),
+            cache: Mutex::default(),
         })
     }
 
@@ -280,11 +289,26 @@ impl Driver for Host {
         2
     }
     fn alloc(&self, bytes: usize) -> Result<u64, String> {
-        // SAFETY: a non-zero size.
-        let p = unsafe { std::alloc::alloc_zeroed(Self::layout(bytes)) };
-        if p.is_null() {
-            return Err(format!("out of host memory for {bytes} bytes"));
-        }
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&bytes)
+            .and_then(Vec::pop);
+        let p = match cached {
+            Some(p) => p as *mut u8,
+            None => {
+                let layout = Self::layout(bytes);
+                // SAFETY: a non-zero size.
+                let p = unsafe { std::alloc::alloc(layout) };
+                if p.is_null() {
+                    return Err(format!("out of host memory for {bytes} bytes"));
+                }
+                // SAFETY: `p` holds `layout.size()` bytes.
+                unsafe { core::ptr::write_bytes(p, DIRTY, layout.size()) };
+                p
+            }
+        };
         self.sizes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -293,8 +317,14 @@ impl Driver for Host {
     }
     unsafe fn free(&self, ptr: u64) {
         if let Some(bytes) = self.sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&ptr) {
-            // SAFETY: allocated by `alloc` with this layout.
-            unsafe { std::alloc::dealloc(ptr as *mut u8, Self::layout(bytes)) }
+            // Kept with its contents for the next allocation of this size (never returned to the
+            // system: the emulation lives as long as the process, as the real cache does).
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(bytes)
+                .or_default()
+                .push(ptr);
         }
     }
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
@@ -330,6 +360,11 @@ impl Driver for Host {
         Ok(())
     }
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
+        // An empty k writes nothing, as the weakest reading of cuBLAS allows (C is left as the
+        // block held it), so the backend must not rely on a GEMM to zero its output.
+        if g.k == 0 {
+            return Ok(());
+        }
         // The CPU backend's product on the same memory: cuBLAS's role, with the CPU's numerics.
         // SAFETY: the caller's contract.
         unsafe {
@@ -493,19 +528,32 @@ impl Cuda {
         // SAFETY: a valid device; the primary context lives as long as the process.
         let ctx =
             unsafe { cu::primary_ctx::retain(dev) }.map_err(|e| driver("cuDevicePrimaryCtxRetain", e))?;
+        let before = cu::ctx::get_current().map_err(|e| driver("cuCtxGetCurrent", e))?;
         // SAFETY: a context just retained.
         unsafe { cu::ctx::set_current(ctx) }.map_err(|e| driver("cuCtxSetCurrent", e))?;
-        // PTX for the device's virtual architecture, which the driver compiles for the device.
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-        let ptx = super::compile_ptx(arch)?;
-        let image = CString::new(ptx).map_err(|e| unusable(e.to_string()))?;
-        // SAFETY: a NUL-terminated PTX image.
+        // Another library's context goes back when the start is done.
+        let _restore = Current(before.filter(|&c| c != ctx));
+        // A cubin for the device's architecture, which any driver of this CUDA major version
+        // loads; PTX (compiled again by the driver, which must then be at least as new as NVRTC)
+        // only where this NVRTC cannot write a cubin for the device.
+        let sm: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let image = match super::compile_cubin(sm) {
+            Ok(cubin) => cubin,
+            Err(_) => {
+                let compute: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+                let ptx = super::compile_ptx(compute)?;
+                CString::new(ptx)
+                    .map_err(|e| unusable(e.to_string()))?
+                    .into_bytes_with_nul()
+            }
+        };
+        // SAFETY: a cubin (an ELF image) or a NUL-terminated PTX image.
         let module = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
             if e.0 == cu_sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
                 unusable(
-                    "the NVIDIA driver is older than NVRTC (it cannot load the PTX NVRTC wrote): \
-                     update the driver, or use the NVRTC of the CUDA version `nvidia-smi` reports \
-                     (pip install nvidia-cuda-nvrtc-cu12==<that version>)"
+                    "the NVIDIA driver is older than NVRTC (it cannot load the PTX NVRTC wrote, and \
+                     NVRTC could not write machine code for this GPU): update the driver, or use the \
+                     NVRTC of the CUDA version `nvidia-smi` reports"
                         .into(),
                 )
             } else {
@@ -514,6 +562,18 @@ impl Cuda {
         })?;
         let blas = cudarc::cublas::result::create_handle()
             .map_err(|e| unusable(format!("cublasCreate failed: {e:?}")))?;
+        // cuBLAS's default math mode lets f16/bf16 GemmEx reduce split-K partial sums in 16 bits;
+        // nbit's contract is f32 accumulation with one rounding, so forbid that.
+        // SAFETY: the handle just created.
+        let mode = unsafe {
+            cublas_sys::cublasSetMathMode(
+                blas,
+                cublas_sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
+            )
+        };
+        if mode != cublas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(unusable(format!("cublasSetMathMode failed: {mode:?}")));
+        }
         Ok(Cuda {
             ordinal,
             name,
@@ -528,9 +588,17 @@ impl Cuda {
         })
     }
 
-    fn current(&self) -> Result<(), String> {
+    /// Makes nbit's context current on this thread for one call. Another library's context that
+    /// was current is put back when the guard drops, so nbit never leaves it switched; where no
+    /// context was current, nbit's stays (nothing to disturb, and the next call is one query).
+    fn current(&self) -> Result<Current, String> {
+        let before = cu::ctx::get_current().map_err(words)?;
+        if before == Some(self.ctx) {
+            return Ok(Current(None));
+        }
         // SAFETY: the context retained in `start`.
-        unsafe { cu::ctx::set_current(self.ctx) }.map_err(words)
+        unsafe { cu::ctx::set_current(self.ctx) }.map_err(words)?;
+        Ok(Current(before))
     }
 
     fn function(&self, name: &str) -> Result<cu_sys::CUfunction, String> {
@@ -545,6 +613,26 @@ impl Cuda {
         f.insert(name.to_owned(), func as usize);
         Ok(func)
     }
+}
+
+/// Restores another library's context that was current before [`Cuda::current`] switched to
+/// nbit's.
+struct Current(Option<cu_sys::CUcontext>);
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        if let Some(previous) = self.0 {
+            // SAFETY: the context that was current on this thread.
+            let _ = unsafe { cu::ctx::set_current(previous) };
+        }
+    }
+}
+
+/// A GEMM size as the `int` cuBLAS takes, or why it does not fit.
+fn blas_int(what: &str, n: usize) -> Result<i32, String> {
+    i32::try_from(n).map_err(|_| {
+        format!("{what} = {n} is larger than cuBLAS's largest size (2^31 - 1): split the product")
+    })
 }
 
 /// A row-major [`Gemm`] as the column-major call BLAS takes: row-major `c = op(a) op(b)` is
@@ -624,7 +712,7 @@ impl Driver for Cuda {
         let ptr = match cached {
             Some(p) => p,
             None => {
-                self.current()?;
+                let _current = self.current()?;
                 // SAFETY: plain allocations in the current context.
                 match unsafe { cu::malloc_sync(size) } {
                     Ok(p) => p,
@@ -664,17 +752,17 @@ impl Driver for Cuda {
         }
     }
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
-        self.current()?;
+        let _current = self.current()?;
         // SAFETY: the caller's contract.
         unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(words)
     }
     unsafe fn download(&self, dst: &mut [u8], src: u64) -> Result<(), String> {
-        self.current()?;
+        let _current = self.current()?;
         // SAFETY: the caller's contract; synchronous on the legacy stream, after every launch.
         unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(words)
     }
     unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), String> {
-        self.current()?;
+        let _current = self.current()?;
         // SAFETY: the caller's contract.
         unsafe { cu::memcpy_dtod_sync(dst, src, bytes) }.map_err(words)
     }
@@ -685,20 +773,20 @@ impl Driver for Cuda {
         block: u32,
         args: &mut [*mut c_void],
     ) -> Result<(), String> {
-        self.current()?;
+        let _current = self.current()?;
         let f = self.function(name)?;
         // SAFETY: the caller's contract; the null stream orders every launch and copy.
         unsafe { cu::launch_kernel(f, (grid.0, grid.1, 1), (block, 1, 1), 0, cu::stream::null(), args) }
             .map_err(words)
     }
     fn synchronize(&self) -> Result<(), String> {
-        self.current()?;
+        let _current = self.current()?;
         cu::ctx::synchronize().map_err(words)
     }
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
         use cublas_sys::cublasComputeType_t::*;
         use cublas_sys::cudaDataType_t::*;
-        self.current()?;
+        let _current = self.current()?;
         let (ty, compute) = match g.dtype {
             DType::F16 => (CUDA_R_16F, CUBLAS_COMPUTE_32F),
             DType::BF16 => (CUDA_R_16BF, CUBLAS_COMPUTE_32F),
@@ -748,6 +836,12 @@ impl Driver for Cuda {
                 },
             )
         };
+        let (m, n, k) = (blas_int("m", cm.m)?, blas_int("n", cm.n)?, blas_int("k", cm.k)?);
+        let (ld_first, ld_second, ldc) = (
+            blas_int("a leading dimension", cm.ld_first)?,
+            blas_int("a leading dimension", cm.ld_second)?,
+            blas_int("a leading dimension", cm.ldc)?,
+        );
         let _one_at_a_time = BLAS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the caller's contract; sizes as cuBLAS's column-major view of the row-major data.
         unsafe {
@@ -755,20 +849,20 @@ impl Driver for Cuda {
                 self.blas,
                 op(cm.trans_first, g.cb),
                 op(cm.trans_second, g.ca),
-                cm.m as i32,
-                cm.n as i32,
-                cm.k as i32,
+                m,
+                n,
+                k,
                 alpha,
                 cm.first as *const c_void,
                 ty,
-                cm.ld_first as i32,
+                ld_first,
                 cm.second as *const c_void,
                 ty,
-                cm.ld_second as i32,
+                ld_second,
                 beta,
                 g.c as *mut c_void,
                 ty,
-                cm.ldc as i32,
+                ldc,
                 compute,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )

@@ -672,11 +672,13 @@ impl Backend for Gpu {
             (a.shape[0], a.shape[1])
         };
         let n = if tb { b.shape[0] } else { b.shape[1] };
+        // An empty k is the bias alone, or zeros: never an unwritten (recycled, dirty) block.
         let out = match bias {
             Some(bias) => Self::broadcast_to(bias, &[m, n]),
+            None if k == 0 => Self::full(&[m, n], E::zero()),
             None => GpuStorage::<E>::empty("matmul", &[m, n]),
         };
-        if m == 0 || n == 0 {
+        if m == 0 || n == 0 || k == 0 {
             return out;
         }
         let g = Gemm {
@@ -693,7 +695,7 @@ impl Backend for Gpu {
             ca: false,
             cb: false,
         };
-        // SAFETY: the operands' shapes are the sizes in `g` (checked by the tensor layer).
+        // SAFETY: the operands' shapes are the sizes in `g` (checked by `Backend::matmul`).
         unsafe { drv().gemm(&g) }.unwrap_or_else(|e| fail("matmul", e));
         out
     }
@@ -1251,6 +1253,9 @@ impl ComplexBackend for Gpu {
             (a.shape[0], a.shape[1])
         };
         let n = if tb { b.shape[0] } else { b.shape[1] };
+        if k == 0 {
+            return Self::full(&[m, n], C::from_parts(0.0, 0.0));
+        }
         let out = GpuStorage::<Complex<f64>>::empty("cmatmul", &[m, n]);
         if m > 0 && n > 0 {
             let g = Gemm {
@@ -1267,7 +1272,7 @@ impl ComplexBackend for Gpu {
                 ca: ca && ta,
                 cb: cb && tb,
             };
-            // SAFETY: the operands' shapes are the sizes in `g` (checked by the tensor layer).
+            // SAFETY: the operands' shapes are the sizes in `g` (checked by `Backend::matmul`).
             unsafe { drv().gemm(&g) }.unwrap_or_else(|e| fail("cmatmul", e));
         }
         narrowed(out)

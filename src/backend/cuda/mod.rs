@@ -1,7 +1,7 @@
 //! The CUDA backend (feature `cuda`): [`Backend`](super::Backend) for [`Gpu`].
 //!
 //! - `kernels.cu`: every kernel, one source with no CUDA headers, compiled at run time by NVRTC
-//!   ([`compile_ptx`], once per process and architecture) for the device's architecture.
+//!   ([`compile_cubin`], once per process) to machine code for the device's architecture.
 //! - `driver.rs`: what the backend asks of a device (memory, copies, launches, GEMM), answered by
 //!   the NVIDIA driver and cuBLAS through cudarc, loaded at run time, or by the host emulation.
 //! - `gpu.rs`: the storage ([`GpuStorage`]) and the `Backend` implementation, op by op.
@@ -106,6 +106,50 @@ pub fn compile_ptx(arch: &'static str) -> Result<String, Error> {
         device: "gpu",
         reason: format!("NVRTC could not compile nbit's kernels for {arch}: {log}"),
     })
+}
+
+/// [`KERNELS`] compiled by NVRTC to a cubin (machine code) for the real architecture `arch`
+/// (such as `"sm_90"`), with the options of [`compile_ptx`]. A cubin loads on any driver of the
+/// same CUDA major version, where PTX needs a driver at least as new as NVRTC (it is compiled
+/// again by the driver); so a GPU runs cubins, and PTX only for an architecture this NVRTC does
+/// not know. A compile error carries NVRTC's log.
+pub fn compile_cubin(arch: &'static str) -> Result<Vec<u8>, Error> {
+    use cudarc::nvrtc::{result, sys};
+    nvrtc_available()?;
+    let failed = |why: String| Error::DeviceUnavailable {
+        device: "gpu",
+        reason: format!("NVRTC could not compile nbit's kernels to a cubin for {arch}: {why}"),
+    };
+    let src = std::ffi::CString::new(KERNELS).map_err(|e| failed(e.to_string()))?;
+    let name = c"nbit_kernels.cu";
+    let prog = result::create_program(&src, Some(name)).map_err(|e| failed(format!("{e:?}")))?;
+    let options = [format!("--gpu-architecture={arch}"), "--fmad=false".to_string()];
+    // SAFETY: a program just created, destroyed once below.
+    unsafe {
+        let compiled = result::compile_program(prog, &options).map_err(|e| {
+            let log = result::get_program_log(prog)
+                .map(|l| {
+                    std::ffi::CStr::from_ptr(l.as_ptr())
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .unwrap_or_default();
+            failed(format!("{e:?}: {log}"))
+        });
+        let cubin = compiled.and_then(|()| {
+            let mut size = 0usize;
+            sys::nvrtcGetCUBINSize(prog, &mut size)
+                .result()
+                .map_err(|e| failed(format!("nvrtcGetCUBINSize: {e:?}")))?;
+            let mut bytes = vec![0u8; size];
+            sys::nvrtcGetCUBIN(prog, bytes.as_mut_ptr().cast())
+                .result()
+                .map_err(|e| failed(format!("nvrtcGetCUBIN: {e:?}")))?;
+            Ok(bytes)
+        });
+        let _ = result::destroy_program(prog);
+        cubin
+    }
 }
 
 #[cfg(test)]
