@@ -330,7 +330,8 @@ where
     let mut c = mlp(&second, opt);
     let rc = second.fit_from(&mut c, &data, None, &ckpt).unwrap();
     assert_eq!(params(&mut a), params(&mut c), "{tag}: resumed weights differ");
-    assert_eq!(ra.history[7..], rc.history[..], "{tag}: resumed losses differ");
+    // The resumed report holds the whole run: the steps before the checkpoint, then its own.
+    assert_eq!(ra.history, rc.history, "{tag}: resumed losses differ");
 }
 
 #[test]
@@ -408,7 +409,9 @@ fn checkpoints_load_across_precisions_with_a_note() {
         "{:?}",
         r.notes
     );
-    assert_eq!((r.global_step, r.history.len()), (3, 1));
+    // Two steps read from the checkpoint, one taken here.
+    assert_eq!((r.global_step, r.history.len()), (3, 3));
+    assert_eq!(r.history.iter().map(|s| s.step).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
 #[test]
@@ -1083,4 +1086,120 @@ fn the_csv_logger_writes_one_row_per_epoch_in_a_new_version_folder() {
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Files under `dir`, relative, with their contents.
+fn files_under(dir: &std::path::Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_run_stopped_at_any_epoch_and_resumed_ends_as_the_uninterrupted_run_with_every_callback() {
+    let (train, val) = callback_data();
+    let opt = Optimization::new(Sgd::new(0.05).momentum(0.9));
+    // Every callback at once: the best by val_acc and the last (ModelCheckpoint), EarlyStopping on
+    // val_loss (patience 2, min_delta large enough that it stops before max_epochs), the CSV
+    // logger, and the step log. Each run works in its own folder, under the same names.
+    let build = |dir: &std::path::Path, epochs: u64| {
+        Trainer::<Mixed<BF16>, Cpu>::builder()
+            .max_epochs(epochs)
+            .enable_progress_bar(false)
+            .seed(11)
+            .model_checkpoint(
+                ModelCheckpoint::new(dir.join("ckpt"))
+                    .monitor(Some(Monitor::ValAcc))
+                    .mode(Mode::Max),
+            )
+            .early_stopping(EarlyStopping::new(Monitor::ValLoss).patience(2).min_delta(0.02))
+            .csv_logger(dir.join("logs"))
+            .log_csv(dir.join("steps.csv"))
+            .checkpoint_path(dir.join("resume.safetensors"))
+            .build()
+            .unwrap()
+    };
+    let model = |t: &Trainer<Mixed<BF16>, Cpu>| {
+        t.init_module(|ctx| MlpModel::new(ctx, &[4, 8, 3], Task::Classification, opt))
+            .unwrap()
+    };
+    let whole_dir = tmp("resume-callbacks-whole");
+    let _ = std::fs::remove_dir_all(&whole_dir);
+    std::fs::create_dir_all(&whole_dir).unwrap();
+    let whole = build(&whole_dir, 30);
+    let mut a = model(&whole);
+    let ra = whole.fit(&mut a, &train, Some(&val)).unwrap();
+    let stopped_at = ra.epochs;
+    assert!(
+        ra.stopped_early.is_some() && stopped_at >= 4,
+        "epochs {stopped_at}: {:?}",
+        ra.stopped_early
+    );
+    assert!(ra.best_model.is_some());
+    let whole_files = files_under(&whole_dir);
+    for cut in 1..stopped_at {
+        let dir = tmp(&format!("resume-callbacks-{cut}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = build(&dir, cut);
+        let mut b = model(&first);
+        let rb = first.fit(&mut b, &train, Some(&val)).unwrap();
+        assert_eq!(rb.epochs, cut);
+        let second = build(&dir, 30);
+        let mut c = model(&second);
+        let rc = second
+            .fit_from(&mut c, &train, Some(&val), &dir.join("resume.safetensors"))
+            .unwrap();
+        let at = format!("stopped after epoch {cut}");
+        assert_eq!(params(&mut a), params(&mut c), "{at}: weights");
+        assert_eq!(ra.history, rc.history, "{at}: history");
+        assert_eq!(ra.validation, rc.validation, "{at}: validation");
+        assert_eq!(ra.epochs, rc.epochs, "{at}: epochs");
+        assert_eq!(ra.stopped_early, rc.stopped_early, "{at}: early stopping");
+        let relative = |r: &nbit::FitReport, d: &std::path::Path| {
+            r.best_model
+                .as_ref()
+                .map(|(p, s)| (p.strip_prefix(d).unwrap().to_path_buf(), *s))
+        };
+        assert_eq!(relative(&ra, &whole_dir), relative(&rc, &dir), "{at}: best model");
+        // The same files: the step log, metrics.csv (one version folder), best and last weights.
+        let files = files_under(&dir);
+        let names = |f: &[(PathBuf, Vec<u8>)]| f.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&whole_files), names(&files), "{at}: file names");
+        for ((name, want), (_, got)) in whole_files.iter().zip(&files) {
+            if name.extension().is_some_and(|e| e == "csv") {
+                assert_eq!(
+                    String::from_utf8_lossy(want),
+                    String::from_utf8_lossy(got),
+                    "{at}: {}",
+                    name.display()
+                );
+            }
+        }
+        let weights = |d: &std::path::Path, f: &str| {
+            let t = build(d, 1);
+            let mut m = model(&t);
+            t.load_weights(&mut m, &d.join("ckpt").join(f)).unwrap();
+            params(&mut m)
+        };
+        for f in ["best.safetensors", "last.safetensors"] {
+            assert_eq!(weights(&whole_dir, f), weights(&dir, f), "{at}: {f}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::remove_dir_all(&whole_dir).unwrap();
 }

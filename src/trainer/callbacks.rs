@@ -172,11 +172,11 @@ impl ModelCheckpoint {
     }
 }
 
-/// The early-stopping state across epochs of one `fit`.
+/// The early-stopping state across epochs of a fit (kept in checkpoints, so a resume continues it).
 #[derive(Debug, Default)]
 pub(crate) struct Watch {
-    best: Option<f64>,
-    wait: u64,
+    pub(crate) best: Option<f64>,
+    pub(crate) wait: u64,
 }
 
 impl Watch {
@@ -205,7 +205,7 @@ impl Watch {
     }
 }
 
-/// The best-checkpoint state across epochs of one `fit`.
+/// The best-checkpoint state across epochs of a fit (kept in checkpoints).
 #[derive(Debug, Default)]
 pub(crate) struct Best {
     pub(crate) score: Option<f64>,

@@ -15,6 +15,7 @@ mod callbacks;
 mod checkpoint;
 mod model;
 mod progress;
+mod record;
 
 use core::marker::PhantomData;
 use std::collections::HashMap;
@@ -287,7 +288,8 @@ pub struct StepLog {
 /// What [`Trainer::fit`] did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FitReport {
-    /// Every optimizer step, in order (steps before a resume are not included).
+    /// Every optimizer step of the run, in order (a resumed run's includes the steps before the
+    /// checkpoint, read from it).
     pub history: Vec<StepLog>,
     /// Epochs completed in total (including those before a resume).
     pub epochs: u64,
@@ -295,7 +297,8 @@ pub struct FitReport {
     pub global_step: u64,
     /// Steps skipped for non-finite gradients, in total.
     pub skipped_steps: u64,
-    /// Validation metrics after each epoch, when validation data was given.
+    /// Validation metrics after each epoch of the run (a resumed run's includes earlier epochs'),
+    /// when validation data was given.
     pub validation: Vec<Metrics>,
     /// Bytes of parameter storage.
     pub parameter_bytes: usize,
@@ -315,6 +318,27 @@ pub struct FitReport {
     pub metrics_csv: Option<PathBuf>,
 }
 
+impl FitReport {
+    /// A report of nothing yet.
+    fn empty() -> FitReport {
+        FitReport {
+            history: Vec::new(),
+            epochs: 0,
+            global_step: 0,
+            skipped_steps: 0,
+            validation: Vec::new(),
+            parameter_bytes: 0,
+            optimizer_state_bytes: 0,
+            notes: Vec::new(),
+            samples: 0,
+            interrupted: false,
+            stopped_early: None,
+            best_model: None,
+            metrics_csv: None,
+        }
+    }
+}
+
 /// A checkpoint's metadata keys for [`ScalerState`]'s fields, in their order.
 const SCALER_KEYS: [&str; 5] = [
     "scaler.scale",
@@ -332,6 +356,7 @@ struct LoopState<P: Precision, D: Backend> {
     skipped: u64,
     scaler: P::Scaler,
     optimizer: OptimizerState<P::Param, D>,
+    callbacks: record::CallbackState,
 }
 
 impl<P: Precision, D: Supports<P>> Trainer<P, D> {
@@ -451,26 +476,16 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             skipped: 0,
             scaler: self.scaler.clone(),
             optimizer,
+            callbacks: record::CallbackState::default(),
         };
-        let mut notes = Vec::new();
+        let mut report = FitReport::empty();
         if let Some(path) = resume {
-            notes = self.restore(model, &mut st, path)?;
+            report.notes = self.restore(model, &mut st, &mut report, path)?;
         }
-        let mut log = self.cfg.log_csv.as_deref().map(StepCsv::create).transpose()?;
-        let mut report = FitReport {
-            history: Vec::new(),
-            epochs: 0,
-            global_step: 0,
-            skipped_steps: 0,
-            validation: Vec::new(),
-            parameter_bytes: 0,
-            optimizer_state_bytes: 0,
-            notes,
-            samples: 0,
-            interrupted: false,
-            stopped_early: None,
-            best_model: None,
-            metrics_csv: None,
+        // A resumed run's step log starts with the steps before the checkpoint.
+        let mut log = match &self.cfg.log_csv {
+            Some(path) => Some(StepCsv::create::<P>(path, &report.history)?),
+            None => None,
         };
         let result = self.epochs(model, train, val, &mut st, &mut report, log.as_mut());
         // The rows logged so far reach the disk whether training finished, failed or stopped.
@@ -502,7 +517,6 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         };
         let accumulate = self.cfg.accumulate_grad_batches;
         let mut done = self.cfg.max_steps.is_some_and(|m| st.global_step >= m);
-        let (mut watch, mut best) = (callbacks::Watch::default(), callbacks::Best::default());
         while !done && st.epoch < max_epochs {
             let batches = train.epoch_indices(st.epoch);
             let bar = progress::Bar::new(self.cfg.enable_progress_bar, st.epoch, batches.len() as u64);
@@ -606,14 +620,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                     model.on_validation_epoch_end(finished, &metrics);
                     report.validation.push(metrics);
                 }
-                if self.epoch_end_callbacks(
-                    model,
-                    st,
-                    report,
-                    (val.is_some(), train_loss),
-                    &mut watch,
-                    &mut best,
-                )? {
+                if self.epoch_end_callbacks(model, st, report, (val.is_some(), train_loss))? {
                     done = true;
                 }
             }
@@ -621,7 +628,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 log.flush()?;
             }
             if let Some(path) = &self.cfg.checkpoint_path {
-                self.save_checkpoint(model, st, path)?;
+                self.save_checkpoint(model, st, report, path)?;
             }
         }
         Ok(())
@@ -632,11 +639,9 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
     fn epoch_end_callbacks<M: Model<P, D>>(
         &self,
         model: &mut M,
-        st: &LoopState<P, D>,
+        st: &mut LoopState<P, D>,
         report: &mut FitReport,
         (validated, train_loss): (bool, f64),
-        watch: &mut callbacks::Watch,
-        best: &mut callbacks::Best,
     ) -> Result<bool, Error> {
         let finished = st.epoch - 1;
         let value = |m: Monitor| -> f64 {
@@ -674,18 +679,18 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             })?;
             if let Some(m) = mc.monitor {
                 let v = value(m);
-                if best.improves(mc.mode, v) {
+                if st.callbacks.best.improves(mc.mode, v) {
                     let path = mc.dirpath.join("best.safetensors");
-                    self.save_checkpoint(model, st, &path)?;
-                    report.best_model = Some((path, v));
+                    report.best_model = Some((path.clone(), v));
+                    self.save_checkpoint(model, st, report, &path)?;
                 }
             }
             if mc.save_last {
-                self.save_checkpoint(model, st, &mc.dirpath.join("last.safetensors"))?;
+                self.save_checkpoint(model, st, report, &mc.dirpath.join("last.safetensors"))?;
             }
         }
         if let Some(es) = &self.cfg.early_stopping
-            && let Some(why) = watch.update(es, value(es.monitor))
+            && let Some(why) = st.callbacks.watch.update(es, value(es.monitor))
         {
             report.stopped_early = Some(why);
             return Ok(true);
@@ -826,9 +831,11 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         &self,
         model: &mut M,
         st: &LoopState<P, D>,
+        report: &FitReport,
         path: &Path,
     ) -> Result<(), Error> {
         let (state, second, mut meta) = st.optimizer.export();
+        record::save(report, &st.callbacks, &mut meta);
         let mut tensors: Vec<checkpoint::Encoded> = params(model)
             .iter()
             .map(|p| checkpoint::encode(p.name(), p.value()))
@@ -860,6 +867,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         &self,
         model: &mut M,
         st: &mut LoopState<P, D>,
+        report: &mut FitReport,
         path: &Path,
     ) -> Result<Vec<String>, Error> {
         let file = checkpoint::Loaded::read(path)?;
@@ -921,6 +929,26 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 ));
             }
         }
+        let mut rec = record::load(&meta).map_err(bad)?;
+        // Lightning's rule: a callback's state carries over only to the same callback (the same
+        // folder for ModelCheckpoint and the CSV logger); otherwise it starts fresh, with a note.
+        let mc_dir = self.cfg.model_checkpoint.as_ref().map(|m| m.dirpath.as_path());
+        if rec.best_model.as_ref().is_some_and(|(p, _)| p.parent() != mc_dir) {
+            notes.push(
+                "ModelCheckpoint's folder differs from the checkpoint's: its best score starts fresh".into(),
+            );
+            rec.best_model = None;
+            rec.callbacks.best = callbacks::Best::default();
+        }
+        let log_dir = self.cfg.csv_logger.as_deref();
+        if let Some(csv) = &rec.metrics_csv
+            && csv.parent().and_then(Path::parent) != log_dir
+        {
+            notes.push(
+                "the CSV logger's folder differs from the checkpoint's: it starts a new version".into(),
+            );
+            rec.metrics_csv = None;
+        }
         // Everything is read and checked: now write.
         for (p, v) in model.parameters_mut().into_iter().zip(values) {
             p.set(v)?;
@@ -932,7 +960,12 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             skipped,
             scaler,
             optimizer,
+            callbacks: rec.callbacks,
         };
+        report.history = rec.history;
+        report.validation = rec.validation;
+        report.best_model = rec.best_model;
+        report.metrics_csv = rec.metrics_csv;
         Ok(notes)
     }
 }
@@ -987,7 +1020,8 @@ struct StepCsv {
 }
 
 impl StepCsv {
-    fn create(path: &Path) -> Result<Self, Error> {
+    /// A new log at `path` with a row for each step of `history` (a resumed run's earlier steps).
+    fn create<P: Precision>(path: &Path, history: &[StepLog]) -> Result<Self, Error> {
         let mut log = std::fs::File::create(path)
             .map(|f| StepCsv {
                 path: path.to_owned(),
@@ -995,6 +1029,9 @@ impl StepCsv {
             })
             .map_err(|e| Self::io(path, e))?;
         log.write(b"step,epoch,loss,scale,skipped,lr\n")?;
+        for step in history {
+            log.row::<P>(step)?;
+        }
         Ok(log)
     }
 
