@@ -35,6 +35,11 @@ pub(super) fn broadcasts(name: &str, from: &[usize], to: &[usize]) -> Check {
     ensure(ok, || format!("{name} {from:?} does not broadcast to {to:?}"))
 }
 
+/// Both operands of an element-wise op broadcast to its output.
+pub(super) fn operands(a: &[usize], b: &[usize], out: &[usize]) -> Check {
+    broadcasts("a", a, out).and(broadcasts("b", b, out))
+}
+
 /// `axis` is an axis of a tensor of `shape`.
 pub(super) fn axis(shape: &[usize], axis: usize) -> Check {
     ensure(axis < shape.len(), || {

@@ -303,11 +303,7 @@ pub trait Backend: Device {
     ) -> Self::Storage<E> {
         require::<Self>(
             "binary",
-            check::broadcasts("a", Self::shape(a), out_shape).and(check::broadcasts(
-                "b",
-                Self::shape(b),
-                out_shape,
-            )),
+            check::operands(Self::shape(a), Self::shape(b), out_shape),
         );
         // SAFETY: the arguments passed the checks of `binary_unchecked`'s contract.
         unsafe { Self::binary_unchecked(op, a, b, out_shape) }
@@ -685,9 +681,11 @@ pub trait Backend: Device {
     ) -> Self::Storage<E> {
         require::<Self>(
             "select",
-            check::broadcasts("cond", Self::shape(cond), out_shape)
-                .and(check::broadcasts("a", Self::shape(a), out_shape))
-                .and(check::broadcasts("b", Self::shape(b), out_shape)),
+            check::broadcasts("cond", Self::shape(cond), out_shape).and(check::operands(
+                Self::shape(a),
+                Self::shape(b),
+                out_shape,
+            )),
         );
         // SAFETY: the arguments passed the checks of `select_unchecked`'s contract.
         unsafe { Self::select_unchecked(cond, a, b, out_shape) }
@@ -712,11 +710,7 @@ pub trait Backend: Device {
     ) -> Self::Storage<E> {
         require::<Self>(
             "compare",
-            check::broadcasts("a", Self::shape(a), out_shape).and(check::broadcasts(
-                "b",
-                Self::shape(b),
-                out_shape,
-            )),
+            check::operands(Self::shape(a), Self::shape(b), out_shape),
         );
         // SAFETY: the arguments passed the checks of `compare_unchecked`'s contract.
         unsafe { Self::compare_unchecked(op, a, b, out_shape) }
@@ -958,11 +952,7 @@ pub trait ComplexBackend: Backend {
     ) -> Self::Storage<C> {
         require::<Self>(
             "cbinary",
-            check::broadcasts("a", Self::shape(a), out_shape).and(check::broadcasts(
-                "b",
-                Self::shape(b),
-                out_shape,
-            )),
+            check::operands(Self::shape(a), Self::shape(b), out_shape),
         );
         // SAFETY: the arguments passed the checks of `cbinary_unchecked`'s contract.
         unsafe { Self::cbinary_unchecked(op, a, b, out_shape) }

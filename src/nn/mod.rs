@@ -12,6 +12,7 @@ use core::marker::PhantomData;
 
 mod layers;
 
+pub use crate::tensor::Parameter;
 pub use layers::{
     Conv1d, Conv2d, Dropout, Embedding, Flatten, Gelu, GeluTanh, LayerNorm, Module, Relu, Reshape,
     Sequential, Sigmoid, Tanh,
@@ -24,56 +25,6 @@ use crate::dtype::{ComplexElement, Element, Float};
 use crate::error::Error;
 use crate::precision::Precision;
 use crate::tensor::Tensor;
-
-/// A named trainable tensor.
-#[derive(Clone, Debug)]
-pub struct Parameter<E: Float, D: Backend = Cpu> {
-    name: String,
-    value: Tensor<E, D>,
-}
-
-impl<E: Float, D: Backend> Parameter<E, D> {
-    /// A parameter named `name` holding `value` (made a gradient leaf).
-    pub fn new(name: impl Into<String>, value: Tensor<E, D>) -> Self {
-        Parameter {
-            name: name.into(),
-            value: value.detach().requires_grad(),
-        }
-    }
-
-    /// Its name, e.g. `"0.weight"`.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Its current value.
-    pub fn value(&self) -> &Tensor<E, D> {
-        &self.value
-    }
-
-    /// Element count.
-    pub fn numel(&self) -> usize {
-        self.value.numel()
-    }
-
-    /// Replaces the value, keeping the name; the shape must match.
-    pub fn set(&mut self, value: Tensor<E, D>) -> Result<(), Error> {
-        if value.shape() != self.value.shape() {
-            return Err(Error::ShapeMismatch {
-                op: "set parameter",
-                left: self.value.shape().to_vec(),
-                right: value.shape().to_vec(),
-                rule: "a parameter keeps its shape",
-            });
-        }
-        self.value = value.detach().requires_grad();
-        Ok(())
-    }
-
-    pub(crate) fn value_mut(&mut self) -> &mut Tensor<E, D> {
-        &mut self.value
-    }
-}
 
 /// Creates parameters for precision `P` on device `D`, from a seeded generator.
 /// Given to [`Trainer::init_module`](crate::Trainer::init_module) and `configure_model`.

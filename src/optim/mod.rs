@@ -26,7 +26,7 @@ pub use crate::backend::UpdateRounding;
 use crate::backend::{AdamWStep, Backend, SgdStep, mix64};
 use crate::dtype::Float;
 use crate::error::Error;
-use crate::nn::Parameter;
+use crate::tensor::Parameter;
 use crate::tensor::Tensor;
 
 /// `torch.optim.SGD`.

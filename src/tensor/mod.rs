@@ -20,6 +20,8 @@ mod complex;
 
 pub use complex::ComplexOps;
 mod ops;
+mod parameter;
+pub use parameter::Parameter;
 mod select;
 
 pub use select::ConvOptions;

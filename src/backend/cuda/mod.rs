@@ -1,7 +1,7 @@
 //! The CUDA backend (feature `cuda`): [`Backend`](super::Backend) for [`Gpu`].
 //!
 //! - `kernels.cu`: every kernel, one source with no CUDA headers, compiled at run time by NVRTC
-//!   ([`compile_cubin`], once per process) to machine code for the device's architecture.
+//!   (`compile_cubin`, once per process) to machine code for the device's architecture.
 //! - `driver.rs`: what the backend asks of a device (memory, copies, launches, GEMM), answered by
 //!   the NVIDIA driver and cuBLAS through cudarc, loaded at run time, or by the host emulation.
 //! - `gpu.rs`: the storage ([`GpuStorage`]) and the `Backend` implementation, op by op.
@@ -51,12 +51,16 @@ impl WithBackend for Gpu {
     }
 }
 
-/// The kernel source NVRTC compiles (no CUDA headers needed).
+/// The kernel source NVRTC compiles (no CUDA headers needed). Test support, not API.
+#[doc(hidden)]
 pub const KERNELS: &str = include_str!("kernels.cu");
-/// The host emulation of a launch that [`emulator::build`] compiles `KERNELS` with.
+/// The host emulation of a launch that [`emulator::build`] compiles `KERNELS` with. Test
+/// support, not API.
+#[doc(hidden)]
 pub const HOST_PRELUDE: &str = include_str!("host_prelude.h");
 /// The host emulation's launcher (`nbit_host_launch`: a kernel by name, its arguments as
-/// cuLaunchKernel's `kernelParams`).
+/// cuLaunchKernel's `kernelParams`). Test support, not API.
+#[doc(hidden)]
 pub const HOST_LAUNCHERS: &str = include_str!("host_launchers.cpp");
 /// The GPU architectures the kernels are compiled and checked for: Ampere (A100) and Hopper
 /// (H100, H200).
@@ -86,6 +90,7 @@ pub fn nvrtc_available() -> Result<(), Error> {
 /// [`KERNELS`] compiled to PTX for `arch` (such as `"sm_90"`), once per process and architecture.
 /// Compiled without fused multiply-add contraction, so each kernel rounds where the CPU backend
 /// does. A compile error carries NVRTC's log.
+#[doc(hidden)]
 pub fn compile_ptx(arch: &'static str) -> Result<String, Error> {
     static CACHE: OnceLock<Mutex<HashMap<&'static str, Result<String, String>>>> = OnceLock::new();
     nvrtc_available()?;
@@ -113,6 +118,7 @@ pub fn compile_ptx(arch: &'static str) -> Result<String, Error> {
 /// same CUDA major version, where PTX needs a driver at least as new as NVRTC (it is compiled
 /// again by the driver); so a GPU runs cubins, and PTX only for an architecture this NVRTC does
 /// not know. A compile error carries NVRTC's log.
+#[doc(hidden)]
 pub fn compile_cubin(arch: &'static str) -> Result<Vec<u8>, Error> {
     use cudarc::nvrtc::{result, sys};
     nvrtc_available()?;
