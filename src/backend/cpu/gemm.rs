@@ -462,18 +462,24 @@ pub fn gemm_kernel_from_env() -> Result<Option<&'static str>, Error> {
         })
 }
 
-/// The kernel [`GEMM_KERNEL_ENV`] names, if it names one of `candidates` (read once).
-fn overridden<T: Copy>(candidates: &[Kernel<T>]) -> Option<Kernel<T>> {
+/// The kernel name [`GEMM_KERNEL_ENV`] gives, read once per process (`None` when unset or not a
+/// kernel this CPU runs: `Trainer::build` reports the latter as an error).
+fn override_name() -> Option<&'static str> {
     use std::sync::OnceLock;
     static NAME: OnceLock<Option<&'static str>> = OnceLock::new();
-    let name = (*NAME.get_or_init(|| gemm_kernel_from_env().ok().flatten()))?;
+    *NAME.get_or_init(|| gemm_kernel_from_env().ok().flatten())
+}
+
+/// The kernel [`GEMM_KERNEL_ENV`] names, if it names one of `candidates`.
+fn overridden<T: Copy>(candidates: &[Kernel<T>]) -> Option<Kernel<T>> {
+    let name = override_name()?;
     candidates.iter().copied().find(|k| k.name == name)
 }
 
-/// Whether [`GEMM_KERNEL_ENV`] names a kernel for `E`'s lanes, so that products of `E` run on it
-/// and never on the `gemm-f32` / `gemm-f64` crates.
+/// Whether [`GEMM_KERNEL_ENV`] names the kernel for `E`'s lanes, so that products of `E` run on it
+/// and never on the `gemm-f32` / `gemm-f64` crates. Asked on every product: two cached reads.
 pub(crate) fn forced<E: Float>() -> bool {
-    overridden(&kernels::<E::Acc>()).is_some()
+    override_name().is_some_and(|name| kernel::<E::Acc>().name == name)
 }
 
 /// The kernel this process uses for lanes of `T`: the one [`GEMM_KERNEL_ENV`] names, else the
