@@ -134,7 +134,7 @@ pub(crate) fn driver() -> Result<&'static dyn Driver, Error> {
 }
 
 fn start(make: impl FnOnce() -> Result<Box<dyn Driver>, Error>) -> Result<&'static dyn Driver, Error> {
-    let _one = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&STARTING);
     if let Some(&d) = DRIVER.get() {
         return Ok(d);
     }
@@ -216,6 +216,46 @@ pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error>
     }
 }
 
+// ---- device blocks ------------------------------------------------------------------------------
+
+/// The blocks a driver has handed out, by size, and the freed ones it keeps to hand out again
+/// (with whatever they held) before asking for more: both drivers' caching allocator.
+#[derive(Default)]
+struct Blocks {
+    /// The size of every live block.
+    live: Mutex<HashMap<u64, usize>>,
+    /// Freed blocks by size.
+    free: Mutex<HashMap<usize, Vec<u64>>>,
+}
+
+impl Blocks {
+    /// A kept block of `size` bytes, live again, if there is one.
+    fn reuse(&self, size: usize) -> Option<u64> {
+        let ptr = lock(&self.free).get_mut(&size).and_then(Vec::pop)?;
+        self.record(ptr, size);
+        Some(ptr)
+    }
+    /// Records a new block of `size` bytes as live.
+    fn record(&self, ptr: u64, size: usize) {
+        lock(&self.live).insert(ptr, size);
+    }
+    /// Keeps a live block for reuse (a pointer that is not live is ignored).
+    fn release(&self, ptr: u64) {
+        if let Some(size) = lock(&self.live).remove(&ptr) {
+            lock(&self.free).entry(size).or_default().push(ptr);
+        }
+    }
+    /// Takes every kept block (to give them back to the driver).
+    fn drain(&self) -> Vec<u64> {
+        lock(&self.free).drain().flat_map(|(_, v)| v).collect()
+    }
+}
+
+/// A mutex's contents, also after a panic elsewhere poisoned it (every value here stays valid).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 // ---- the host emulation ---------------------------------------------------------------------------
 
 type HostLaunch = unsafe extern "C" fn(*const core::ffi::c_char, u32, u32, u32, *mut *mut c_void) -> i32;
@@ -225,11 +265,11 @@ struct Host {
     path: PathBuf,
     launch: HostLaunch,
     _lib: libloading::Library,
-    sizes: Mutex<HashMap<u64, usize>>,
-    /// Freed blocks by size, handed out again as they are, as the real driver's caching
-    /// allocator does: a kernel that reads memory it has not written sees old data (or, in a new
-    /// block, NaN bytes) and fails its test here, not first on a GPU.
-    cache: Mutex<HashMap<usize, Vec<u64>>>,
+    /// Freed blocks are handed out again as they are, as the real driver's caching allocator
+    /// does: a kernel that reads memory it has not written sees old data (or, in a new block,
+    /// NaN bytes) and fails its test here, not first on a GPU. Never returned to the system: the
+    /// emulation lives as long as the process, as the real cache does.
+    blocks: Blocks,
 }
 
 /// What a new block of the emulation holds before anything writes it: all ones, a NaN in every
@@ -258,8 +298,7 @@ impl Host {
             path: path.to_owned(),
             launch,
             _lib: lib,
-            sizes: Mutex::default(),
-            cache: Mutex::default(),
+            blocks: Blocks::default(),
         })
     }
 
@@ -289,43 +328,22 @@ impl Driver for Host {
         2
     }
     fn alloc(&self, bytes: usize) -> Result<u64, String> {
-        let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&bytes)
-            .and_then(Vec::pop);
-        let p = match cached {
-            Some(p) => p as *mut u8,
-            None => {
-                let layout = Self::layout(bytes);
-                // SAFETY: a non-zero size.
-                let p = unsafe { std::alloc::alloc(layout) };
-                if p.is_null() {
-                    return Err(format!("out of host memory for {bytes} bytes"));
-                }
-                // SAFETY: `p` holds `layout.size()` bytes.
-                unsafe { core::ptr::write_bytes(p, DIRTY, layout.size()) };
-                p
-            }
-        };
-        self.sizes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(p as u64, bytes);
+        if let Some(p) = self.blocks.reuse(bytes) {
+            return Ok(p);
+        }
+        let layout = Self::layout(bytes);
+        // SAFETY: a non-zero size.
+        let p = unsafe { std::alloc::alloc(layout) };
+        if p.is_null() {
+            return Err(format!("out of host memory for {bytes} bytes"));
+        }
+        // SAFETY: `p` holds `layout.size()` bytes.
+        unsafe { core::ptr::write_bytes(p, DIRTY, layout.size()) };
+        self.blocks.record(p as u64, bytes);
         Ok(p as u64)
     }
     unsafe fn free(&self, ptr: u64) {
-        if let Some(bytes) = self.sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&ptr) {
-            // Kept with its contents for the next allocation of this size (never returned to the
-            // system: the emulation lives as long as the process, as the real cache does).
-            self.cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(bytes)
-                .or_default()
-                .push(ptr);
-        }
+        self.blocks.release(ptr);
     }
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
         // SAFETY: the caller's contract; host memory on both sides.
@@ -453,12 +471,10 @@ struct Cuda {
     functions: Mutex<HashMap<String, usize>>,
     blas: cublas_sys::cublasHandle_t,
     blocks: u32,
-    /// Freed allocations by size, reused before asking the driver (cuMemFree synchronises the
-    /// device, and cuMemAlloc costs as much as a small kernel). Every launch and copy is on the
-    /// legacy stream, in order, so a block freed by one op is safe for the next.
-    cache: Mutex<HashMap<usize, Vec<u64>>>,
-    /// The size of every live allocation.
-    sizes: Mutex<HashMap<u64, usize>>,
+    /// Allocations by bucketed size, freed ones reused before asking the driver (cuMemFree
+    /// synchronises the device, and cuMemAlloc costs as much as a small kernel). Every launch and
+    /// copy is on the legacy stream, in order, so a block freed by one op is safe for the next.
+    memory: Blocks,
 }
 
 /// An allocation's size as the cache buckets it: multiples of 512 bytes up to 1 MiB, of 2 MiB
@@ -583,8 +599,7 @@ impl Cuda {
             functions: Mutex::default(),
             blas,
             blocks: (sms * 4).clamp(1, 1024),
-            cache: Mutex::default(),
-            sizes: Mutex::default(),
+            memory: Blocks::default(),
         })
     }
 
@@ -602,7 +617,7 @@ impl Cuda {
     }
 
     fn function(&self, name: &str) -> Result<cu_sys::CUfunction, String> {
-        let mut f = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = lock(&self.functions);
         if let Some(&p) = f.get(name) {
             return Ok(p as cu_sys::CUfunction);
         }
@@ -703,53 +718,29 @@ impl Driver for Cuda {
     }
     fn alloc(&self, bytes: usize) -> Result<u64, String> {
         let size = bucket(bytes);
-        let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&size)
-            .and_then(Vec::pop);
-        let ptr = match cached {
-            Some(p) => p,
-            None => {
-                let _current = self.current()?;
-                // SAFETY: plain allocations in the current context.
-                match unsafe { cu::malloc_sync(size) } {
-                    Ok(p) => p,
-                    Err(e) if e.0 == cu_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                        // Give the cached blocks back to the driver and try once more.
-                        let blocks: Vec<u64> = self
-                            .cache
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .drain()
-                            .flat_map(|(_, v)| v)
-                            .collect();
-                        for p in blocks {
-                            // SAFETY: cached blocks are allocations no storage holds.
-                            let _ = unsafe { cu::free_sync(p) };
-                        }
-                        unsafe { cu::malloc_sync(size) }.map_err(words)?
-                    }
-                    Err(e) => return Err(words(e)),
+        if let Some(p) = self.memory.reuse(size) {
+            return Ok(p);
+        }
+        let _current = self.current()?;
+        // SAFETY: plain allocations in the current context.
+        let ptr = match unsafe { cu::malloc_sync(size) } {
+            Ok(p) => p,
+            Err(e) if e.0 == cu_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                // Give the cached blocks back to the driver and try once more.
+                for p in self.memory.drain() {
+                    // SAFETY: cached blocks are allocations no storage holds.
+                    let _ = unsafe { cu::free_sync(p) };
                 }
+                // SAFETY: as above.
+                unsafe { cu::malloc_sync(size) }.map_err(words)?
             }
+            Err(e) => return Err(words(e)),
         };
-        self.sizes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ptr, size);
+        self.memory.record(ptr, size);
         Ok(ptr)
     }
     unsafe fn free(&self, ptr: u64) {
-        if let Some(size) = self.sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&ptr) {
-            self.cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(size)
-                .or_default()
-                .push(ptr);
-        }
+        self.memory.release(ptr);
     }
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
         let _current = self.current()?;
@@ -842,7 +833,7 @@ impl Driver for Cuda {
             blas_int("a leading dimension", cm.ld_second)?,
             blas_int("a leading dimension", cm.ldc)?,
         );
-        let _one_at_a_time = BLAS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = lock(&BLAS_LOCK);
         // SAFETY: the caller's contract; sizes as cuBLAS's column-major view of the row-major data.
         unsafe {
             cudarc::cublas::result::gemm_ex(
