@@ -102,25 +102,28 @@ fn bad_files_name_the_problem() {
     fails(&write("nolabel.csv", "a,b\n1,2\n"), &[], &["no 'label' column"]);
 }
 
+/// `nbit fit` for one epoch on the CPU with the environment variable `var` set to `value`.
+fn fit_with_env(data: &Path, var: &str, value: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nbit"))
+        .args([
+            "fit",
+            "--data",
+            p(data),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--accelerator",
+            "cpu",
+        ])
+        .env(var, value)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_bad_thread_count_in_the_environment_names_the_variable() {
     let data = good_csv();
-    let fit_with = |threads: &str| {
-        Command::new(env!("CARGO_BIN_EXE_nbit"))
-            .args([
-                "fit",
-                "--data",
-                p(&data),
-                "--epochs",
-                "1",
-                "--no-progress",
-                "--accelerator",
-                "cpu",
-            ])
-            .env("NBIT_NUM_THREADS", threads)
-            .output()
-            .unwrap()
-    };
+    let fit_with = |threads: &str| fit_with_env(&data, "NBIT_NUM_THREADS", threads);
     let out = fit_with("lots");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -1068,21 +1071,7 @@ fn a_seeded_bf16_run_writes_the_same_bits_in_every_process_even_beside_a_busy_lo
 
 #[test]
 fn an_unknown_gemm_kernel_in_the_environment_names_the_variable_and_the_choices() {
-    let data = good_csv();
-    let out = Command::new(env!("CARGO_BIN_EXE_nbit"))
-        .args([
-            "fit",
-            "--data",
-            p(&data),
-            "--epochs",
-            "1",
-            "--no-progress",
-            "--accelerator",
-            "cpu",
-        ])
-        .env("NBIT_GEMM_KERNEL", "fastest")
-        .output()
-        .unwrap();
+    let out = fit_with_env(&good_csv(), "NBIT_GEMM_KERNEL", "fastest");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
