@@ -641,3 +641,42 @@ fn unary_gradients_match_the_cpu_backend_in_every_dtype() {
     unary_backward_matches_cpu::<f32>();
     unary_backward_matches_cpu::<f64>();
 }
+
+/// Threads of one process that build the emulation into the same empty folder at once each get a
+/// library that loads, and one compile serves them all. The test threads of `cargo test` do exactly
+/// this; when builds in one process ran side by side under one partial name, one thread renamed
+/// another's library away and its build failed with "cannot write ...: No such file or directory"
+/// (CI, session 5).
+#[test]
+fn concurrent_emulator_builds_in_one_process_all_succeed() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("concurrent_build_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let start = std::sync::Barrier::new(3);
+    let built: Vec<_> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    cuda::emulator::build(&dir)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for lib in built {
+        let lib = lib.unwrap_or_else(|e| panic!("{e}"));
+        // SAFETY: a library built from nbit's own sources, with no initialisers.
+        let loaded = unsafe { Library::new(&lib) }.unwrap();
+        // SAFETY: host_launchers.cpp defines the symbol with this signature.
+        let count: Symbol<unsafe extern "C" fn() -> i32> =
+            unsafe { loaded.get(b"nbit_host_count\0") }.unwrap();
+        // SAFETY: takes nothing, reads a static table.
+        assert!(unsafe { count() } > 0);
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "only the finished library stays: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

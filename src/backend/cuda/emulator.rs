@@ -31,6 +31,12 @@ pub fn build(dir: &Path) -> Result<PathBuf, Error> {
     );
     let hash = fnv1a(source.as_bytes()) ^ fnv1a(cxx.as_bytes()).rotate_left(1);
     let lib = dir.join(format!("nbit_cuda_emulator_{hash:016x}.so"));
+    // Threads of one process build one at a time, so the second finds the first's library and
+    // does not compile it again (the test threads of `cargo test` all ask at once).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if lib.is_file() {
         return Ok(lib);
     }
@@ -44,6 +50,8 @@ pub fn build(dir: &Path) -> Result<PathBuf, Error> {
             dir.display()
         ))
     })?;
+    // Other processes may build into the same folder at once: each compiles under its own name
+    // and renames the finished library into place (atomic), so none sees another's partial file.
     let unit = dir.join(format!(
         "nbit_cuda_emulator_{hash:016x}_{}.cpp",
         std::process::id()
@@ -77,7 +85,10 @@ pub fn build(dir: &Path) -> Result<PathBuf, Error> {
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    std::fs::rename(&partial, &lib).map_err(|e| unusable(format!("cannot write {}: {e}", lib.display())))?;
+    if let Err(e) = std::fs::rename(&partial, &lib) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(unusable(format!("cannot write {}: {e}", lib.display())));
+    }
     Ok(lib)
 }
 
