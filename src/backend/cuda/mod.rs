@@ -2,8 +2,9 @@
 //!
 //! - `kernels.cu`: every kernel, one source with no CUDA headers, compiled at run time by NVRTC
 //!   (`compile_cubin`, once per process) to machine code for the device's architecture.
-//! - `driver.rs`: what the backend asks of a device (memory, copies, launches, GEMM), answered by
-//!   the NVIDIA driver and cuBLAS through cudarc, loaded at run time, or by the host emulation.
+//! - `driver.rs`: what the backend asks of a device (memory, copies, launches, GEMM), which driver
+//!   a process starts, device failures as values; answered by `nvidia.rs` (the NVIDIA driver and
+//!   cuBLAS through cudarc, loaded at run time) or `host.rs` (the host emulation).
 //! - `gpu.rs`: the storage ([`GpuStorage`]) and the `Backend` implementation, op by op.
 //! - `host_prelude.h`, `host_launchers.cpp`, [`emulator`]: the same kernels compiled for the CPU
 //!   with an emulation of a launch (one OS thread per CUDA thread, a barrier for
@@ -21,9 +22,12 @@
 mod driver;
 pub mod emulator;
 mod gpu;
+mod host;
+mod nvidia;
 
-pub use driver::{DEVICE_ENV, EMULATOR_ENV, TF32_ENV, describe, synchronize, use_emulator};
+pub use driver::{DEVICE_ENV, EMULATOR_ENV, describe, synchronize, use_emulator};
 pub use gpu::{GpuStorage, NOT_ON_THE_GPU};
+pub use nvidia::TF32_ENV;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
