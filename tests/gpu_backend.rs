@@ -1011,3 +1011,63 @@ fn a_product_over_an_empty_inner_axis_is_zeros_or_the_bias_even_in_a_recycled_bl
     ));
     assert!(c.iter().all(|v| v.re == 0.0 && v.im == 0.0), "{c:?}");
 }
+
+/// The host waits for the GPU once per optimizer step (for the scaler's skip decision, or without
+/// a scaler for the losses' values), once more when clipping by norm, and never per layer, per
+/// micro-batch or per upload: counted by `cuda::host_waits` as the difference between a 6-step
+/// and a 3-step fit, so the start and end of `fit` cancel.
+#[test]
+fn an_optimizer_step_waits_for_the_gpu_once_and_once_more_to_clip_by_norm() {
+    gpu();
+    fn per_step<P: Precision>(hidden: &[usize], clip: bool, accumulate: usize) -> u64
+    where
+        Gpu: Runs<P>,
+    {
+        let waits = |steps: u64| {
+            let mut b = Trainer::<P, Gpu>::builder()
+                .enable_progress_bar(false)
+                .seed(7)
+                .max_steps(steps)
+                .accumulate_grad_batches(accumulate);
+            if clip {
+                b = b.gradient_clip_val(0.5);
+            }
+            let t = b.build().unwrap();
+            let sizes: Vec<usize> = [4].iter().chain(hidden).chain(&[3]).copied().collect();
+            let opt = Optimization::new(Sgd::new(0.1).momentum(0.9));
+            let mut m = t
+                .init_module(|ctx| MlpModel::new(ctx, &sizes, nbit::nn::Task::Classification, opt))
+                .unwrap();
+            let data = loader(96, 8);
+            let before = cuda::host_waits();
+            t.fit(&mut m, &data, None).unwrap();
+            cuda::host_waits() - before
+        };
+        let (three, six) = (waits(3), waits(6));
+        assert_eq!((six - three) % 3, 0, "{}: {three} then {six} waits", P::NAME);
+        (six - three) / 3
+    }
+    for hidden in [&[16][..], &[16, 16, 16, 16]] {
+        assert_eq!(
+            per_step::<Mixed<F16>>(hidden, false, 1),
+            1,
+            "16-mixed, {hidden:?}"
+        );
+        assert_eq!(
+            per_step::<Mixed<BF16>>(hidden, false, 1),
+            1,
+            "bf16-mixed, {hidden:?}"
+        );
+        assert_eq!(per_step::<True<F32>>(hidden, false, 1), 1, "32-true, {hidden:?}");
+        assert_eq!(
+            per_step::<Mixed<F16>>(hidden, true, 1),
+            2,
+            "16-mixed clipped, {hidden:?}"
+        );
+        assert_eq!(
+            per_step::<Mixed<F16>>(hidden, false, 3),
+            1,
+            "16-mixed accumulating, {hidden:?}"
+        );
+    }
+}

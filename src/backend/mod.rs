@@ -784,6 +784,11 @@ pub trait Backend: Device {
     fn clamp_in_place<E: Float>(s: &mut Self::Storage<E>, limit: f64);
     /// The sum of squares, accumulated in f64 (gradient norms of 16-bit tensors computed wide).
     fn sum_squares<E: Float>(s: &Self::Storage<E>) -> f64;
+    /// [`Backend::sum_squares`] of each tensor, in order: the GPU reads them all in one copy (one
+    /// wait for the device per gradient-norm clip, not one per parameter).
+    fn sums_of_squares<E: Float>(tensors: &[&Self::Storage<E>]) -> Vec<f64> {
+        tensors.iter().map(|s| Self::sum_squares(s)).collect()
+    }
     /// `a += b` in place, same shapes (gradient accumulation).
     fn add_in_place<E: Float>(a: &mut Self::Storage<E>, b: &Self::Storage<E>) {
         require::<Self>(

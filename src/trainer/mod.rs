@@ -522,7 +522,8 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             let bar = progress::Bar::new(self.cfg.enable_progress_bar, st.epoch, batches.len() as u64);
             // Gradients are None until the loss reaches a parameter (PyTorch's `.grad is None`).
             let mut bufs: Vec<Option<Tensor<P::Param, D>>> = vec![None; model.parameters_mut().len()];
-            let (mut micro, mut loss_sum) = (0usize, 0.0f64);
+            let mut micro = 0usize;
+            let mut losses: Vec<Tensor<P::Full, D>> = Vec::new();
             let start = st.batch_in_epoch;
             bar.advance(start as u64);
             for (bi, idx) in batches.iter().enumerate().skip(start) {
@@ -536,11 +537,10 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 };
                 let ac = Autocast::<P, D>::training(info.dropout_seed());
                 let loss = model.training_step(&ac, &batch, &info)?;
-                let value = checked_loss(&loss)?;
-                if !<P::Scaler as GradScaler>::ENABLED && !value.is_finite() {
-                    return Err(self.non_finite("training loss", value, st));
-                }
-                loss_sum += value;
+                scalar_loss(&loss)?;
+                // Its value is read at the optimizer step, after the backward pass is queued: on
+                // a GPU, reading it here would make the host wait between forward and backward.
+                losses.push(loss.detach());
                 let factor = st.scaler.scale() as f64 / accumulate as f64;
                 let scaled = if factor == 1.0 {
                     loss
@@ -580,12 +580,12 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                     continue;
                 }
                 let grads: Vec<Option<Tensor<P::Param, D>>> = bufs.iter_mut().map(Option::take).collect();
-                let step = self.optimizer_step(model, st, grads, loss_sum / micro as f64)?;
+                let step = self.optimizer_step(model, st, grads, &std::mem::take(&mut losses))?;
                 if let Some(log) = log.as_deref_mut() {
                     log.row::<P>(&step)?;
                 }
                 report.history.push(step);
-                (micro, loss_sum) = (0, 0.0);
+                micro = 0;
                 if st.global_step.is_multiple_of(self.cfg.log_every_n_steps as u64)
                     || report.history.len() == 1
                 {
@@ -708,13 +708,15 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         }
     }
 
-    /// Unscale and check, hook, clip, step (unless non-finite), scaler update.
+    /// Unscale and check, read the losses, hook, clip, step (unless non-finite), scaler update.
+    /// On a GPU the host waits for the device once here, for the skip decision (or, without a
+    /// scaler, for the losses' values), and once more when clipping by norm.
     fn optimizer_step<M: Model<P, D>>(
         &self,
         model: &mut M,
         st: &mut LoopState<P, D>,
         mut grads: Vec<Option<Tensor<P::Param, D>>>,
-        loss: f64,
+        losses: &[Tensor<P::Full, D>],
     ) -> Result<StepLog, Error> {
         let scale = st.scaler.scale();
         let mut found_inf = false;
@@ -724,6 +726,15 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
             let mut storages: Vec<_> = grads.iter_mut().flatten().map(|g| g.storage_mut()).collect();
             found_inf = D::unscale_check_all(&mut storages, inv);
         }
+        let mut loss_sum = 0.0;
+        for l in losses {
+            let value = l.item()?.as_f64();
+            if !<P::Scaler as GradScaler>::ENABLED && !value.is_finite() {
+                return Err(self.non_finite("training loss", value, st));
+            }
+            loss_sum += value;
+        }
+        let loss = loss_sum / losses.len().max(1) as f64;
         {
             let names: Vec<String> = params(model).iter().map(|p| p.name().to_owned()).collect();
             let named: Vec<(&str, &Tensor<P::Param, D>)> = names
@@ -970,15 +981,15 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
     }
 }
 
-/// The value of a loss that can be trained on: a one-element tensor.
-fn checked_loss<E: Float, D: Backend>(loss: &Tensor<E, D>) -> Result<f64, Error> {
+/// A loss that can be trained on is a one-element tensor.
+fn scalar_loss<E: Float, D: Backend>(loss: &Tensor<E, D>) -> Result<(), Error> {
     if loss.numel() != 1 {
         return Err(Error::InvalidModel(format!(
             "training_step must return a scalar loss (shape []), got {:?}; reduce it with mean() or sum()",
             loss.shape()
         )));
     }
-    Ok(loss.item()?.as_f64())
+    Ok(())
 }
 
 /// One CSV row per optimizer step, streamed to a file as training runs.
@@ -1091,11 +1102,8 @@ fn clip<E: Float, D: Backend>(
         }
         ClipAlgorithm::Norm => {
             let mut grads: Vec<&mut Tensor<E, D>> = grads.collect();
-            let norm = grads
-                .iter()
-                .map(|g| D::sum_squares(g.storage()))
-                .sum::<f64>()
-                .sqrt();
+            let storages: Vec<_> = grads.iter().map(|g| g.storage()).collect();
+            let norm = D::sums_of_squares(&storages).into_iter().sum::<f64>().sqrt();
             // torch.clamp(coef, max=1.0) keeps a NaN, where f64::min would drop it.
             let coef = limit / (norm + 1e-6);
             let coef = if coef.is_nan() { coef } else { coef.min(1.0) };

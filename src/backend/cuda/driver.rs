@@ -59,7 +59,9 @@ pub(crate) trait Driver: Send + Sync {
     /// # Safety
     /// `ptr` came from this driver's `alloc` and is not used afterwards.
     unsafe fn free(&self, ptr: u64);
-    /// Host to device.
+    /// Host to device, queued behind the work before it: `src` may be reused as soon as this
+    /// returns, and the host does not wait for the device (the NVIDIA driver stages the bytes in
+    /// pinned memory; a copy from pageable memory would wait for every queued kernel first).
     ///
     /// # Safety
     /// `dst` holds at least `src.len()` bytes.
@@ -93,6 +95,34 @@ pub(crate) trait Driver: Send + Sync {
     /// # Safety
     /// The pointers hold the operands of the sizes `g` gives.
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String>;
+}
+
+/// Counts the host's waits for the device, the cost a training step should pay once: a copy to
+/// the host or a synchronisation counts when this thread queued work since its last wait (one on
+/// an idle device returns at once and is not counted). Both drivers count the same way, so a test
+/// on the emulation counts what a GPU would wait for. Per thread, so what one thread's code costs
+/// is not mixed with another's.
+pub(super) mod waits {
+    use core::cell::Cell;
+
+    std::thread_local! {
+        static QUEUED: Cell<bool> = const { Cell::new(false) };
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Work (a launch, a copy, a product) was queued.
+    pub(in super::super) fn queued() {
+        QUEUED.with(|q| q.set(true));
+    }
+    /// The host waited for everything queued so far.
+    pub(in super::super) fn waited() {
+        if QUEUED.with(|q| q.replace(false)) {
+            COUNT.with(|c| c.set(c.get() + 1));
+        }
+    }
+    pub(in super::super) fn count() -> u64 {
+        COUNT.with(Cell::get)
+    }
 }
 
 /// The environment variable that picks the GPU by its CUDA index (default 0; as
@@ -170,6 +200,14 @@ pub fn synchronize() -> Result<(), Error> {
         op: "synchronize",
         reason,
     })
+}
+
+/// How many times this thread has waited for the GPU to finish work it queued: copies to the host
+/// (a loss's value, the scaler's skip decision, a gradient norm) and [`synchronize`]; a copy to
+/// the GPU never waits. An optimizer step of `Trainer::fit` waits once, twice when it clips by
+/// norm. For profiling and tests: compare two readings.
+pub fn host_waits() -> u64 {
+    waits::count()
 }
 
 /// What runs the GPU backend in this process ("NVIDIA H200 (sm_90) ..." or the emulation), or why

@@ -1,7 +1,8 @@
 //! [`Backend`] for [`Gpu`]: tensors in device memory, every op a launch of a `kernels.cu` kernel
-//! or a cuBLAS product through the [`Driver`] of this process. Host synchronisations: copies to
-//! the host (`to_array`, a loss's value), the scaler's found-inf flag (once per step) and
-//! `argmax`'s indices.
+//! or a cuBLAS product through the [`Driver`] of this process. Copies to the GPU never make the
+//! host wait (the driver stages them in pinned memory); copies to the host do: `to_array`, a
+//! loss's value, the scaler's found-inf flag, the gradient norms (all in one copy) and `argmax`'s
+//! indices. A training step waits once ([`host_waits`](super::host_waits) counts).
 
 use core::ffi::c_void;
 use core::marker::PhantomData;
@@ -297,13 +298,9 @@ fn reduce<E: Float>(
 
 /// The f64 sum of every element (of its square when `square`), scaled, into `out` (one element of
 /// type `T`): two passes, block partials then one block.
-fn total<E: Float, T: Float>(
-    op: &'static str,
-    s: &GpuStorage<E>,
-    square: bool,
-    scale: f64,
-    out: &GpuStorage<T>,
-) {
+/// The sum (of squares when `square`) of `s` times `scale`, written as a `T` at device address
+/// `out`.
+fn total<E: Float, T: Float>(op: &'static str, s: &GpuStorage<E>, square: bool, scale: f64, out: u64) {
     let n = s.len() as i64;
     let g = blocks(s.len());
     let partials = GpuStorage::<f64>::empty(op, &[g as usize]);
@@ -314,7 +311,7 @@ fn total<E: Float, T: Float>(
         (g, 1),
         args![x, n, sq, p],
     );
-    let (count, o) = (g as i64, out.ptr);
+    let (count, o) = (g as i64, out);
     launch(
         op,
         format!("sum_finish_{}", suffix::<T>()),
@@ -642,7 +639,7 @@ impl Backend for Gpu {
             None => {
                 let shape = if keepdim { vec![1; s.shape.len()] } else { vec![] };
                 let out = GpuStorage::<E>::empty("sum", &shape);
-                total("sum", s, false, scale, &out);
+                total::<E, E>("sum", s, false, scale, out.ptr);
                 out
             }
             Some(ax) => {
@@ -1092,9 +1089,15 @@ impl Backend for Gpu {
     }
 
     fn sum_squares<E: Float>(s: &GpuStorage<E>) -> f64 {
-        let out = GpuStorage::<f64>::empty("sum_squares", &[]);
-        total("sum_squares", s, true, 1.0, &out);
-        Self::to_array(&out)[[]]
+        Self::sums_of_squares(&[s])[0]
+    }
+
+    fn sums_of_squares<E: Float>(tensors: &[&GpuStorage<E>]) -> Vec<f64> {
+        let out = Buffer::new("sum_squares", tensors.len() * 8);
+        for (i, s) in tensors.iter().enumerate() {
+            total::<E, f64>("sum_squares", s, true, 1.0, out.ptr + 8 * i as u64);
+        }
+        out.read::<f64>("sum_squares", tensors.len())
     }
 
     unsafe fn add_in_place_unchecked<E: Float>(a: &mut GpuStorage<E>, b: &GpuStorage<E>) {

@@ -9,7 +9,7 @@ use core::ffi::c_void;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use super::driver::{Blocks, Driver, EMULATOR_ENV, Gemm};
+use super::driver::{Blocks, Driver, EMULATOR_ENV, Gemm, waits};
 use crate::dtype::DType;
 use crate::error::Error;
 
@@ -101,16 +101,19 @@ impl Driver for Host {
         self.blocks.release(ptr);
     }
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
+        waits::queued();
         // SAFETY: the caller's contract; host memory on both sides.
         unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
     }
     unsafe fn download(&self, dst: &mut [u8], src: u64) -> Result<(), String> {
+        waits::waited();
         // SAFETY: as `upload`.
         unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
     unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), String> {
+        waits::queued();
         // SAFETY: as `upload` (`copy` allows overlap).
         unsafe { core::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
@@ -122,6 +125,7 @@ impl Driver for Host {
         block: u32,
         args: &mut [*mut c_void],
     ) -> Result<(), String> {
+        waits::queued();
         let c = CString::new(name).map_err(|e| e.to_string())?;
         // SAFETY: the caller's contract; the launch is synchronous.
         match unsafe { (self.launch)(c.as_ptr(), grid.0, grid.1, block, args.as_mut_ptr()) } {
@@ -130,9 +134,11 @@ impl Driver for Host {
         }
     }
     fn synchronize(&self) -> Result<(), String> {
+        waits::waited();
         Ok(())
     }
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
+        waits::queued();
         // An empty k writes nothing, as the weakest reading of cuBLAS allows (C is left as the
         // block held it), so the backend must not rely on a GEMM to zero its output.
         if g.k == 0 {

@@ -25,7 +25,7 @@ mod gpu;
 mod host;
 mod nvidia;
 
-pub use driver::{DEVICE_ENV, EMULATOR_ENV, describe, synchronize, use_emulator};
+pub use driver::{DEVICE_ENV, EMULATOR_ENV, describe, host_waits, synchronize, use_emulator};
 pub use gpu::{GpuStorage, NOT_ON_THE_GPU};
 pub use nvidia::TF32_ENV;
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::Mutex;
 
-use super::driver::{Blocks, DEVICE_ENV, Driver, Gemm, lock};
+use super::driver::{Blocks, DEVICE_ENV, Driver, Gemm, lock, waits};
 use crate::dtype::DType;
 use crate::error::Error;
 
@@ -27,7 +27,38 @@ pub(super) struct Cuda {
     /// synchronises the device, and cuMemAlloc costs as much as a small kernel). Every launch and
     /// copy is on the legacy stream, in order, so a block freed by one op is safe for the next.
     memory: Blocks,
+    /// Pinned host memory that uploads are copied through (see [`Staging`]).
+    staging: Mutex<Staging>,
 }
+
+/// A pinned host buffer that uploads are copied into before an asynchronous copy to the device,
+/// so an upload never waits for the kernels queued before it (a copy from pageable memory does).
+/// Filled front to back; every wait for the device (a copy to the host, a synchronisation) has
+/// finished every copy out of it, so the next upload starts at the front again. An upload that
+/// finds it full waits (counted) and starts at the front; longer ones go through it in pieces.
+struct Staging {
+    /// `STAGING_BYTES` of pinned memory, allocated at the first upload (null until then).
+    base: *mut u8,
+    used: usize,
+}
+
+impl Staging {
+    /// Where the next `len` bytes (at most [`STAGING_BYTES`]) go, and whether the device must be
+    /// waited for first (the buffer is full: they go at the front again).
+    fn take(&mut self, len: usize) -> (usize, bool) {
+        let wait = self.used + len > STAGING_BYTES;
+        if wait {
+            self.used = 0;
+        }
+        let at = self.used;
+        self.used += len;
+        (at, wait)
+    }
+}
+
+/// The staging buffer's size: a batch of a few thousand features, every pointer and length table
+/// of a step, many times over.
+const STAGING_BYTES: usize = 4 << 20;
 
 /// An allocation's size as the cache buckets it: multiples of 512 bytes up to 1 MiB, of 2 MiB
 /// above.
@@ -37,7 +68,8 @@ fn bucket(bytes: usize) -> usize {
 }
 
 // SAFETY: the context, module and cuBLAS handle are process-wide driver objects; every call makes
-// the context current first, and cuBLAS calls are serialised by `blas_lock`.
+// the context current first, and cuBLAS calls are serialised by `blas_lock`. The staging buffer's
+// pointer is only used under its mutex.
 unsafe impl Send for Cuda {}
 // SAFETY: as above.
 unsafe impl Sync for Cuda {}
@@ -152,6 +184,10 @@ impl Cuda {
             blas,
             blocks: (sms * 4).clamp(1, 1024),
             memory: Blocks::default(),
+            staging: Mutex::new(Staging {
+                base: core::ptr::null_mut(),
+                used: 0,
+            }),
         })
     }
 
@@ -296,16 +332,47 @@ impl Driver for Cuda {
     }
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
         let _current = self.current()?;
-        // SAFETY: the caller's contract.
-        unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(words)
+        let mut st = lock(&self.staging);
+        if st.base.is_null() {
+            // SAFETY: a plain pinned allocation, kept for the life of the process.
+            st.base = unsafe { cu::malloc_host(STAGING_BYTES, 0) }.map_err(words)? as *mut u8;
+        }
+        for (i, piece) in src.chunks(STAGING_BYTES).enumerate() {
+            let (at, wait_first) = st.take(piece.len());
+            if wait_first {
+                // Every copy out of the buffer is done after this wait.
+                cu::ctx::synchronize().map_err(words)?;
+                waits::waited();
+            }
+            // SAFETY: `take` keeps `at + len <= STAGING_BYTES`, and no queued copy reads this
+            // range (it lies past every copy queued since the last wait).
+            let staged = unsafe {
+                let at = st.base.add(at);
+                core::ptr::copy_nonoverlapping(piece.as_ptr(), at, piece.len());
+                core::slice::from_raw_parts(at as *const u8, piece.len())
+            };
+            let to = dst + (i * STAGING_BYTES) as u64;
+            // SAFETY: the caller's contract for `dst`; `staged` is pinned and stays untouched
+            // until the next wait, which comes after this copy on the legacy stream.
+            unsafe { cu::memcpy_htod_async(to, staged, cu::stream::null()) }.map_err(words)?;
+            waits::queued();
+        }
+        Ok(())
     }
     unsafe fn download(&self, dst: &mut [u8], src: u64) -> Result<(), String> {
         let _current = self.current()?;
-        // SAFETY: the caller's contract; synchronous on the legacy stream, after every launch.
-        unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(words)
+        // Held across the copy, so no upload stages into the buffer while it is being emptied.
+        let mut st = lock(&self.staging);
+        // SAFETY: the caller's contract; synchronous on the legacy stream, after every launch
+        // and copy queued before it.
+        unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(words)?;
+        waits::waited();
+        st.used = 0;
+        Ok(())
     }
     unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), String> {
         let _current = self.current()?;
+        waits::queued();
         // SAFETY: the caller's contract.
         unsafe { cu::memcpy_dtod_sync(dst, src, bytes) }.map_err(words)
     }
@@ -318,13 +385,18 @@ impl Driver for Cuda {
     ) -> Result<(), String> {
         let _current = self.current()?;
         let f = self.function(name)?;
+        waits::queued();
         // SAFETY: the caller's contract; the null stream orders every launch and copy.
         unsafe { cu::launch_kernel(f, (grid.0, grid.1, 1), (block, 1, 1), 0, cu::stream::null(), args) }
             .map_err(words)
     }
     fn synchronize(&self) -> Result<(), String> {
         let _current = self.current()?;
-        cu::ctx::synchronize().map_err(words)
+        let mut st = lock(&self.staging);
+        cu::ctx::synchronize().map_err(words)?;
+        waits::waited();
+        st.used = 0;
+        Ok(())
     }
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
         use cublas_sys::cublasComputeType_t::*;
@@ -386,6 +458,7 @@ impl Driver for Cuda {
             blas_int("a leading dimension", cm.ldc)?,
         );
         let _one_at_a_time = lock(&BLAS_LOCK);
+        waits::queued();
         // SAFETY: the caller's contract; sizes as cuBLAS's column-major view of the row-major data.
         unsafe {
             cudarc::cublas::result::gemm_ex(
@@ -509,6 +582,21 @@ mod tests {
             cb: false,
         });
         assert_eq!((empty.ld_first, empty.ld_second, empty.ldc), (3, 1, 3));
+    }
+
+    #[test]
+    fn staged_uploads_fill_the_buffer_front_to_back_and_wait_only_when_it_is_full() {
+        let mut st = Staging {
+            base: core::ptr::null_mut(),
+            used: 0,
+        };
+        assert_eq!(st.take(100), (0, false));
+        assert_eq!(st.take(28), (100, false));
+        assert_eq!(st.take(STAGING_BYTES - 128), (128, false));
+        assert_eq!(st.take(1), (0, true), "full: wait, then the front");
+        assert_eq!(st.take(STAGING_BYTES - 1), (1, false));
+        st.used = 0; // as after a copy to the host
+        assert_eq!(st.take(STAGING_BYTES), (0, false));
     }
 
     #[test]
