@@ -42,6 +42,41 @@ pub(crate) struct Gemm {
     pub cb: bool,
 }
 
+/// One kernel of kernels.cu, named by static parts (`sum_partial` for `f16` is `sum_partial_f16`,
+/// the cast from `bf16` to `f32` is `cast_bf16_f32`): a launch formats no string, and the NVIDIA
+/// driver looks its function up by this key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Kernel {
+    base: &'static str,
+    ty: &'static str,
+    to: Option<&'static str>,
+}
+
+impl Kernel {
+    /// Kernel `base` for the element type (or size class) `ty`.
+    pub(crate) const fn new(base: &'static str, ty: &'static str) -> Kernel {
+        Kernel { base, ty, to: None }
+    }
+    /// The cast from `from` to `to`.
+    pub(crate) const fn cast(from: &'static str, to: &'static str) -> Kernel {
+        Kernel {
+            base: "cast",
+            ty: from,
+            to: Some(to),
+        }
+    }
+}
+
+impl core::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}_{}", self.base, self.ty)?;
+        match self.to {
+            Some(to) => write!(f, "_{to}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A device the GPU backend can run on. Errors are the driver's words.
 pub(crate) trait Driver: Send + Sync {
     /// What runs the kernels, for messages and the quickstart's table.
@@ -76,14 +111,14 @@ pub(crate) trait Driver: Send + Sync {
     /// # Safety
     /// Both hold at least `bytes` bytes.
     unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), String>;
-    /// Launches kernel `name` of kernels.cu on `grid` blocks of `block` threads.
+    /// Launches `kernel` on `grid` blocks of `block` threads.
     ///
     /// # Safety
     /// `args` points to values of exactly the kernel's parameter types, and the pointers among
     /// them to device memory the kernel may read and write.
     unsafe fn launch(
         &self,
-        name: &str,
+        kernel: Kernel,
         grid: (u32, u32),
         block: u32,
         args: &mut [*mut c_void],
@@ -299,6 +334,12 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_names_are_kernels_cu_names() {
+        assert_eq!(Kernel::new("sum_partial", "f16").to_string(), "sum_partial_f16");
+        assert_eq!(Kernel::cast("bf16", "f32").to_string(), "cast_bf16_f32");
+    }
 
     #[test]
     fn the_device_index_comes_from_nbit_cuda_device() {

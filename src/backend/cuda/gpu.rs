@@ -9,7 +9,7 @@ use core::marker::PhantomData;
 
 use ndarray::ArrayD;
 
-use super::driver::{Driver, Gemm, driver, fail};
+use super::driver::{Driver, Gemm, Kernel, driver, fail};
 use crate::backend::rows_of;
 use crate::backend::{
     AdamWStep, Backend, Binary, Compare, ComplexBackend, ComplexUnary, Conv2dGeometry, SgdStep, Unary,
@@ -176,12 +176,12 @@ macro_rules! args {
     ($($a:expr),* $(,)?) => { &mut [$(&$a as *const _ as *mut c_void),*] };
 }
 
-/// Launches `name` on `grid` x `grid_y` blocks of the driver's block size.
-fn launch(op: &'static str, name: String, grid: (u32, u32), args: &mut [*mut c_void]) {
+/// Launches `kernel` on `grid` x `grid_y` blocks of the driver's block size.
+fn launch(op: &'static str, kernel: Kernel, grid: (u32, u32), args: &mut [*mut c_void]) {
     let d = drv();
     // SAFETY: every caller passes the kernel's parameter types, with device pointers from live
     // storages of the sizes the kernel reads.
-    unsafe { d.launch(&name, grid, d.block(), args) }.unwrap_or_else(|e| fail(op, e));
+    unsafe { d.launch(kernel, grid, d.block(), args) }.unwrap_or_else(|e| fail(op, e));
 }
 
 /// Blocks for a grid-stride kernel over `n` items.
@@ -259,7 +259,7 @@ fn copy_into<E: Element>(op: &'static str, x: u64, out: u64, g: Geometry) {
     let n: i64 = g.shape[..g.ndim as usize].iter().product();
     launch(
         op,
-        format!("copy_{}", size_suffix::<E>()),
+        Kernel::new("copy", size_suffix::<E>()),
         (blocks(n as usize), 1),
         args![x, out, n, g],
     );
@@ -289,7 +289,7 @@ fn reduce<E: Float>(
     let (x, o) = (s.ptr, out.ptr);
     launch(
         op,
-        format!("reduce_{}", suffix::<E>()),
+        Kernel::new("reduce", suffix::<E>()),
         (blocks(n_out as usize), 1),
         args![x, o, n_out, n_red, keep, red, scale],
     );
@@ -307,14 +307,14 @@ fn total<E: Float, T: Float>(op: &'static str, s: &GpuStorage<E>, square: bool, 
     let (x, p, sq) = (s.ptr, partials.ptr, square as i32);
     launch(
         op,
-        format!("sum_partial_{}", suffix::<E>()),
+        Kernel::new("sum_partial", suffix::<E>()),
         (g, 1),
         args![x, n, sq, p],
     );
     let (count, o) = (g as i64, out);
     launch(
         op,
-        format!("sum_finish_{}", suffix::<T>()),
+        Kernel::new("sum_finish", suffix::<T>()),
         (1, 1),
         args![p, count, o, scale],
     );
@@ -347,7 +347,7 @@ fn unary_into<E: Float>(op: Unary, x: u64, out: u64, n: usize) {
     let n = n as i64;
     launch(
         "unary",
-        format!("unary_{}", suffix::<E>()),
+        Kernel::new("unary", suffix::<E>()),
         (blocks(n as usize), 1),
         args![x, out, n, code, a, b],
     );
@@ -376,7 +376,7 @@ fn binary_into<E: Float>(op: Binary, a: &GpuStorage<E>, b: &GpuStorage<E>, out: 
     let (pa, pb) = (a.ptr, b.ptr);
     launch(
         "binary",
-        format!("binary_{}", suffix::<E>()),
+        Kernel::new("binary", suffix::<E>()),
         (blocks(n as usize), 1),
         args![pa, pb, out, n, code, g],
     );
@@ -529,7 +529,7 @@ impl Backend for Gpu {
         let (o, n) = (out.ptr, out.len() as i64);
         launch(
             "full",
-            format!("fill_{}", size_suffix::<E>()),
+            Kernel::new("fill", size_suffix::<E>()),
             (blocks(n as usize), 1),
             args![o, n, bits],
         );
@@ -564,7 +564,7 @@ impl Backend for Gpu {
         let (x, o, n) = (s.ptr, out.ptr, s.len() as i64);
         launch(
             "cast",
-            format!("cast_{}_{}", suffix::<A>(), suffix::<B>()),
+            Kernel::cast(suffix::<A>(), suffix::<B>()),
             (blocks(s.len()), 1),
             args![x, o, n],
         );
@@ -588,7 +588,7 @@ impl Backend for Gpu {
         let (px, py, pd, o, n) = (x.ptr, y.ptr, dy.ptr, out.ptr, x.len() as i64);
         launch(
             "unary_backward",
-            format!("unary_backward_{}", suffix::<E>()),
+            Kernel::new("unary_backward", suffix::<E>()),
             (blocks(x.len()), 1),
             args![px, py, pd, o, n, code, a, b],
         );
@@ -704,7 +704,7 @@ impl Backend for Gpu {
         let grid = (rows.clamp(1, drv().max_blocks() as usize)) as u32;
         launch(
             "softmax",
-            format!("softmax_{}", suffix::<E>()),
+            Kernel::new("softmax", suffix::<E>()),
             (grid, 1),
             args![px, o, r, c, l],
         );
@@ -722,7 +722,7 @@ impl Backend for Gpu {
         let grid = (rows.clamp(1, drv().max_blocks() as usize)) as u32;
         launch(
             "softmax_backward",
-            format!("softmax_backward_{}", suffix::<E>()),
+            Kernel::new("softmax_backward", suffix::<E>()),
             (grid, 1),
             args![py, pd, o, r, c, l],
         );
@@ -737,7 +737,7 @@ impl Backend for Gpu {
         let (p, pt, o) = (logp.ptr, t.ptr, out.ptr);
         launch(
             "nll_loss",
-            format!("nll_loss_{}", suffix::<E>()),
+            Kernel::new("nll_loss", suffix::<E>()),
             (1, 1),
             args![p, pt, o, rows, cols],
         );
@@ -756,7 +756,7 @@ impl Backend for Gpu {
         let (pd, pt, o) = (dy.ptr, t.ptr, out.ptr);
         launch(
             "nll_loss_backward",
-            format!("nll_loss_backward_{}", suffix::<E>()),
+            Kernel::new("nll_loss_backward", suffix::<E>()),
             (blocks(out.len()), 1),
             args![pd, pt, o, rows, cols],
         );
@@ -776,7 +776,7 @@ impl Backend for Gpu {
         let (r, c) = (rows as i64, cols as i64);
         launch(
             "layer_norm",
-            format!("layer_norm_{}", suffix::<E>()),
+            Kernel::new("layer_norm", suffix::<E>()),
             (row_blocks(rows), 1),
             args![px, pw, pb, py, ps, r, c, eps],
         );
@@ -797,7 +797,7 @@ impl Backend for Gpu {
         let s = suffix::<E>();
         launch(
             "layer_norm_backward",
-            format!("layer_norm_backward_{s}"),
+            Kernel::new("layer_norm_backward", s),
             (row_blocks(rows), 1),
             args![px, pw, ps, pd, pdx, r, c],
         );
@@ -807,7 +807,7 @@ impl Backend for Gpu {
             let (pdw, pdb) = (ptr_or_null(dw.as_ref()), ptr_or_null(db.as_ref()));
             launch(
                 "layer_norm_backward",
-                format!("layer_norm_params_{s}"),
+                Kernel::new("layer_norm_params", s),
                 (blocks(cols), 1),
                 args![px, ps, pd, pdw, pdb, r, c],
             );
@@ -828,7 +828,7 @@ impl Backend for Gpu {
         let (x, o, pi, m) = (s.ptr, out.ptr, idx.ptr, index.len() as i64);
         launch(
             "index_select",
-            format!("index_select_{}", size_suffix::<E>()),
+            Kernel::new("index_select", size_suffix::<E>()),
             (blocks(out.len()), 1),
             args![x, o, pi, outer, n, m, inner],
         );
@@ -847,7 +847,7 @@ impl Backend for Gpu {
         let (ps, pa, pi, m) = (src.ptr, acc.ptr, idx.ptr, index.len() as i64);
         launch(
             "index_add",
-            format!("index_add_{}", suffix::<E>()),
+            Kernel::new("index_add", suffix::<E>()),
             (blocks(src.len()), 1),
             args![ps, pa, pi, outer, n, m, inner],
         );
@@ -867,7 +867,7 @@ impl Backend for Gpu {
         let (x, o, pi, total) = (s.ptr, out.ptr, idx.ptr, index.len() as i64);
         launch(
             "gather",
-            format!("gather_{}", size_suffix::<E>()),
+            Kernel::new("gather", size_suffix::<E>()),
             (blocks(index.len()), 1),
             args![x, o, pi, total, n, m, inner],
         );
@@ -887,7 +887,7 @@ impl Backend for Gpu {
         let (ps, pa, pi, total) = (src.ptr, acc.ptr, idx.ptr, index.len() as i64);
         launch(
             "scatter_add",
-            format!("scatter_add_{}", suffix::<E>()),
+            Kernel::new("scatter_add", suffix::<E>()),
             (blocks(index.len()), 1),
             args![ps, pa, pi, total, n, m, inner],
         );
@@ -918,7 +918,7 @@ impl Backend for Gpu {
         let (x, o, l) = (s.ptr, out.ptr, largest as i32);
         launch(
             "arg_extreme",
-            format!("arg_extreme_{}", suffix::<E>()),
+            Kernel::new("arg_extreme", suffix::<E>()),
             (blocks(count), 1),
             args![x, o, outer, n, inner, l],
         );
@@ -951,7 +951,7 @@ impl Backend for Gpu {
         let (pc, pa, pb, o, n) = (cond.ptr, a.ptr, b.ptr, out.ptr, out.len() as i64);
         launch(
             "select",
-            format!("select_{}", suffix::<E>()),
+            Kernel::new("select", suffix::<E>()),
             (blocks(out.len()), 1),
             args![pc, pa, pb, o, n, g],
         );
@@ -982,7 +982,7 @@ impl Backend for Gpu {
         let (pa, pb, o, n) = (a.ptr, b.ptr, out.ptr, out.len() as i64);
         launch(
             "compare",
-            format!("compare_{}", suffix::<E>()),
+            Kernel::new("compare", suffix::<E>()),
             (blocks(out.len()), 1),
             args![pa, pb, o, n, code, g],
         );
@@ -999,7 +999,7 @@ impl Backend for Gpu {
         let (px, o) = (x.ptr, out.ptr);
         launch(
             "unfold2d",
-            format!("unfold2d_{}", suffix::<E>()),
+            Kernel::new("unfold2d", suffix::<E>()),
             (blocks(out.len()), 1),
             args![px, o, g],
         );
@@ -1018,7 +1018,7 @@ impl Backend for Gpu {
         let (pc, o) = (cols.ptr, out.ptr);
         launch(
             "fold2d",
-            format!("fold2d_{}", suffix::<E>()),
+            Kernel::new("fold2d", suffix::<E>()),
             (blocks(out.len()), 1),
             args![pc, o, g],
         );
@@ -1030,7 +1030,7 @@ impl Backend for Gpu {
         let (o, n) = (out.ptr, out.len() as i64);
         launch(
             "dropout_mask",
-            format!("dropout_mask_{}", suffix::<E>()),
+            Kernel::new("dropout_mask", suffix::<E>()),
             (blocks(out.len()), 1),
             args![o, n, p, seed],
         );
@@ -1042,7 +1042,7 @@ impl Backend for Gpu {
         let (x, n, f) = (s.ptr, s.len() as i64, found.ptr);
         launch(
             "any_non_finite",
-            format!("non_finite_{}", suffix::<E>()),
+            Kernel::new("non_finite", suffix::<E>()),
             (blocks(s.len()), 1),
             args![x, n, f],
         );
@@ -1069,7 +1069,7 @@ impl Backend for Gpu {
             let (p, l, f) = (ptrs.ptr, lens.ptr, found.ptr);
             launch(
                 "unscale",
-                format!("unscale_check_{}", suffix::<E>()),
+                Kernel::new("unscale_check", suffix::<E>()),
                 (blocks(longest), chunk.len() as u32),
                 args![p, l, factor, f],
             );
@@ -1128,7 +1128,7 @@ impl Backend for Gpu {
         let comp = compensation.map_or(0u64, |c| c.ptr);
         launch(
             "sgd_step",
-            format!("sgd_step_{}", suffix::<E>()),
+            Kernel::new("sgd_step", suffix::<E>()),
             (blocks(n as usize), 1),
             args![p, g, buf, comp, n, h],
         );
@@ -1165,7 +1165,7 @@ impl Backend for Gpu {
         let comp = compensation.map_or(0u64, |c| c.ptr);
         launch(
             "adamw_step",
-            format!("adamw_step_{}", suffix::<E>()),
+            Kernel::new("adamw_step", suffix::<E>()),
             (blocks(n as usize), 1),
             args![p, g, m, v, comp, n, h],
         );
@@ -1193,7 +1193,7 @@ fn widened<C: ComplexElement>(z: &GpuStorage<C>) -> GpuStorage<Complex<f64>> {
     }
     let out = GpuStorage::<Complex<f64>>::empty("cmatmul", &z.shape);
     let (x, o, n) = (z.ptr, out.ptr, 2 * z.len() as i64);
-    let name = format!("cast_{}_f64", suffix::<C::Real>());
+    let name = Kernel::cast(suffix::<C::Real>(), "f64");
     launch("cmatmul", name, (blocks(n as usize), 1), args![x, o, n]);
     out
 }
@@ -1205,7 +1205,7 @@ fn narrowed<C: ComplexElement>(z: GpuStorage<Complex<f64>>) -> GpuStorage<C> {
     }
     let out = GpuStorage::<C>::empty("cmatmul", &z.shape);
     let (x, o, n) = (z.ptr, out.ptr, 2 * z.len() as i64);
-    let name = format!("cast_f64_{}", suffix::<C::Real>());
+    let name = Kernel::cast("f64", suffix::<C::Real>());
     launch("cmatmul", name, (blocks(n as usize), 1), args![x, o, n]);
     out
 }
@@ -1298,7 +1298,7 @@ impl ComplexBackend for Gpu {
         let (pa, pb, o, n) = (a.ptr, b.ptr, out.ptr, out.len() as i64);
         launch(
             "cbinary",
-            format!("cbinary_{}", complex_suffix::<C>()),
+            Kernel::new("cbinary", complex_suffix::<C>()),
             (blocks(out.len()), 1),
             args![pa, pb, o, n, code, g],
         );
@@ -1317,7 +1317,7 @@ impl ComplexBackend for Gpu {
         let (x, o, n) = (z.ptr, out.ptr, z.len() as i64);
         launch(
             "cunary",
-            format!("cunary_{}", complex_suffix::<C>()),
+            Kernel::new("cunary", complex_suffix::<C>()),
             (blocks(z.len()), 1),
             args![x, o, n, code, c],
         );
@@ -1362,7 +1362,7 @@ impl ComplexBackend for Gpu {
         let (x, o, n) = (z.ptr, out.ptr, z.len() as i64);
         launch(
             "cabs",
-            format!("cabs_{}", complex_suffix::<C>()),
+            Kernel::new("cabs", complex_suffix::<C>()),
             (blocks(z.len()), 1),
             args![x, o, n],
         );

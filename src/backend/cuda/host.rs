@@ -9,7 +9,7 @@ use core::ffi::c_void;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use super::driver::{Blocks, Driver, EMULATOR_ENV, Gemm, waits};
+use super::driver::{Blocks, Driver, EMULATOR_ENV, Gemm, Kernel, waits};
 use crate::dtype::DType;
 use crate::error::Error;
 
@@ -120,17 +120,17 @@ impl Driver for Host {
     }
     unsafe fn launch(
         &self,
-        name: &str,
+        kernel: Kernel,
         grid: (u32, u32),
         block: u32,
         args: &mut [*mut c_void],
     ) -> Result<(), String> {
         waits::queued();
-        let c = CString::new(name).map_err(|e| e.to_string())?;
+        let c = CString::new(kernel.to_string()).map_err(|e| e.to_string())?;
         // SAFETY: the caller's contract; the launch is synchronous.
         match unsafe { (self.launch)(c.as_ptr(), grid.0, grid.1, block, args.as_mut_ptr()) } {
             0 => Ok(()),
-            _ => Err(format!("the emulation has no kernel '{name}' (rebuild it)")),
+            _ => Err(format!("the emulation has no kernel '{kernel}' (rebuild it)")),
         }
     }
     fn synchronize(&self) -> Result<(), String> {

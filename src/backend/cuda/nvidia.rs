@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::Mutex;
 
-use super::driver::{Blocks, DEVICE_ENV, Driver, Gemm, lock, waits};
+use super::driver::{Blocks, DEVICE_ENV, Driver, Gemm, Kernel, lock, waits};
 use crate::dtype::DType;
 use crate::error::Error;
 
@@ -20,7 +20,7 @@ pub(super) struct Cuda {
     arch: String,
     ctx: cu_sys::CUcontext,
     module: cu_sys::CUmodule,
-    functions: Mutex<HashMap<String, usize>>,
+    functions: Mutex<HashMap<Kernel, usize>>,
     blas: cublas_sys::cublasHandle_t,
     blocks: u32,
     /// Allocations by bucketed size, freed ones reused before asking the driver (cuMemFree
@@ -204,16 +204,17 @@ impl Cuda {
         Ok(Current(before))
     }
 
-    fn function(&self, name: &str) -> Result<cu_sys::CUfunction, String> {
+    fn function(&self, kernel: Kernel) -> Result<cu_sys::CUfunction, String> {
         let mut f = lock(&self.functions);
-        if let Some(&p) = f.get(name) {
+        if let Some(&p) = f.get(&kernel) {
             return Ok(p as cu_sys::CUfunction);
         }
+        // The name is formatted once per kernel, at its first launch.
+        let name = CString::new(kernel.to_string()).map_err(|e| e.to_string())?;
         // SAFETY: the module loaded in `start`.
-        let func =
-            unsafe { cu::module::get_function(self.module, CString::new(name).map_err(|e| e.to_string())?) }
-                .map_err(|e| format!("kernel '{name}': {}", words(e)))?;
-        f.insert(name.to_owned(), func as usize);
+        let func = unsafe { cu::module::get_function(self.module, name) }
+            .map_err(|e| format!("kernel '{kernel}': {}", words(e)))?;
+        f.insert(kernel, func as usize);
         Ok(func)
     }
 }
@@ -378,13 +379,13 @@ impl Driver for Cuda {
     }
     unsafe fn launch(
         &self,
-        name: &str,
+        kernel: Kernel,
         grid: (u32, u32),
         block: u32,
         args: &mut [*mut c_void],
     ) -> Result<(), String> {
         let _current = self.current()?;
-        let f = self.function(name)?;
+        let f = self.function(kernel)?;
         waits::queued();
         // SAFETY: the caller's contract; the null stream orders every launch and copy.
         unsafe { cu::launch_kernel(f, (grid.0, grid.1, 1), (block, 1, 1), 0, cu::stream::null(), args) }
