@@ -2,8 +2,9 @@
 //!
 //! A weights file holds the parameters under PyTorch's `state_dict` names in their stored dtype,
 //! so `safetensors.torch.load_file` reads it and `save_file(model.state_dict())` writes one nbit
-//! reads. A checkpoint adds the optimizer state (`exp_avg.0.weight`, ...) and, in the header's
-//! metadata, the precision, epoch, step, optimizer, scheduler and gradient-scaler state.
+//! reads. A checkpoint adds the optimizer state (`exp_avg.0.weight`, ...), the run's record
+//! (`nbit.record.history`, a byte tensor; see `record.rs`) and, in the header's metadata, the
+//! precision, epoch, step, optimizer, scheduler, gradient-scaler and callback state.
 //!
 //! Writes are atomic: the bytes go to a temporary file beside the target, are synced, then renamed
 //! over it, so a crash or a full disk never leaves a half-written file where a good one was.
@@ -36,9 +37,30 @@ fn st_dtype(d: DType) -> StDtype {
 /// A named tensor as little-endian bytes in its own dtype, ready to serialise.
 pub(crate) struct Encoded {
     name: String,
-    dtype: DType,
+    dtype: StDtype,
     shape: Vec<usize>,
     bytes: Vec<u8>,
+}
+
+impl Encoded {
+    /// The encoded bytes.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// The name prefix of a checkpoint's record tensors (see `record.rs`): bytes, not parameters.
+pub(crate) const RECORD_PREFIX: &str = "nbit.record.";
+
+/// A record tensor: `bytes` as a U8 tensor named [`RECORD_PREFIX`] + `name`.
+pub(crate) fn encode_record(name: &str, bytes: Vec<u8>) -> Encoded {
+    Encoded {
+        name: format!("{RECORD_PREFIX}{name}"),
+        dtype: StDtype::U8,
+        shape: vec![bytes.len()],
+        bytes,
+    }
 }
 
 /// Encodes one tensor.
@@ -49,7 +71,7 @@ pub(crate) fn encode<E: Float, D: Backend>(name: &str, t: &Tensor<E, D>) -> Enco
     }
     Encoded {
         name: name.to_owned(),
-        dtype: E::DTYPE,
+        dtype: st_dtype(E::DTYPE),
         shape: t.shape().to_vec(),
         bytes,
     }
@@ -60,7 +82,7 @@ pub(crate) fn to_bytes(tensors: &[Encoded], meta: HashMap<String, String>) -> Re
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|t| {
-            TensorView::new(st_dtype(t.dtype), t.shape.clone(), &t.bytes)
+            TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
                 .map(|v| (t.name.clone(), v))
                 .map_err(|e| Error::InvalidData(format!("cannot serialise tensor '{}': {e}", t.name)))
         })
@@ -159,6 +181,14 @@ impl Loaded {
             &info.shape,
             &self.bytes[self.data_start + start..self.data_start + end],
         ))
+    }
+
+    /// The bytes of record tensor `name` (see [`encode_record`]), if the file has it.
+    pub(crate) fn record(&self, name: &str) -> Option<&[u8]> {
+        match self.view(&format!("{RECORD_PREFIX}{name}"))? {
+            (StDtype::U8, _, bytes) => Some(bytes),
+            _ => None,
+        }
     }
 
     fn err(&self, problem: String) -> Error {
@@ -269,9 +299,10 @@ impl Loaded {
         let expected = |name: &str| {
             ours.contains(&name)
                 || (is_checkpoint
-                    && crate::optim::STATE_PREFIXES
-                        .iter()
-                        .any(|prefix| name.strip_prefix(prefix).is_some_and(|n| ours.contains(&n))))
+                    && (name.starts_with(RECORD_PREFIX)
+                        || crate::optim::STATE_PREFIXES
+                            .iter()
+                            .any(|prefix| name.strip_prefix(prefix).is_some_and(|n| ours.contains(&n)))))
         };
         let unexpected: Vec<String> = self.names().into_iter().filter(|n| !expected(n)).collect();
         if unexpected.is_empty() {

@@ -846,11 +846,12 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         path: &Path,
     ) -> Result<(), Error> {
         let (state, second, mut meta) = st.optimizer.export();
-        record::save(report, &st.callbacks, &mut meta);
+        let history = record::save(report, &st.callbacks, &mut meta);
         let mut tensors: Vec<checkpoint::Encoded> = params(model)
             .iter()
             .map(|p| checkpoint::encode(p.name(), p.value()))
             .collect();
+        tensors.push(history);
         tensors.extend(state.iter().map(|(n, t)| checkpoint::encode(n, t)));
         tensors.extend(second.iter().map(|(n, t)| checkpoint::encode(n, t)));
         meta.insert("format".into(), checkpoint::FORMAT.into());
@@ -940,7 +941,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 ));
             }
         }
-        let mut rec = record::load(&meta).map_err(bad)?;
+        let mut rec = record::load(&meta, file.record("history")).map_err(bad)?;
         // Lightning's rule: a callback's state carries over only to the same callback (the same
         // folder for ModelCheckpoint and the CSV logger); otherwise it starts fresh, with a note.
         let mc_dir = self.cfg.model_checkpoint.as_ref().map(|m| m.dirpath.as_path());

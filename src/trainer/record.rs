@@ -3,17 +3,24 @@
 //! best score and patience counter, ModelCheckpoint's best score and file) and the CSV logger's
 //! file (Lightning stores each callback's `state_dict` in its checkpoints the same way).
 //!
-//! Everything is checkpoint metadata (text): numbers as the hexadecimal bits of their f64 or f32,
-//! so every value, NaN included, comes back bit for bit.
+//! The step history, which grows with every step, is a byte tensor (`nbit.record.history`, 40
+//! bytes a step, little-endian); the rest is checkpoint metadata (text), numbers as the
+//! hexadecimal bits of their f64 or f32. Every value, NaN included, comes back bit for bit. (In the
+//! header, a long run's history outgrew safetensors' 100 MB header limit near 1.7 million steps,
+//! which the command line's defaults reach.)
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::callbacks::{Best, Watch};
+use super::checkpoint::{self, Encoded};
 use super::{FitReport, Metrics, StepLog};
 use crate::error::Error;
 
-const HISTORY: &str = "record.history";
+/// The history's record tensor (under [`checkpoint::RECORD_PREFIX`]).
+const HISTORY: &str = "history";
+/// Bytes per step in it: step, epoch, loss bits, scale bits with the skip flag at bit 32, lr bits.
+const STEP_BYTES: usize = 40;
 const VALIDATION: &str = "record.validation";
 const EARLY_STOPPING: &str = "record.early_stopping";
 const BEST_SCORE: &str = "record.model_checkpoint.best_score";
@@ -49,24 +56,20 @@ fn unoptional(s: &str) -> Option<Option<f64>> {
     }
 }
 
-/// Writes the record of `report` and `callbacks` into checkpoint metadata.
-pub(crate) fn save(report: &FitReport, callbacks: &CallbackState, meta: &mut HashMap<String, String>) {
-    let history: Vec<String> = report
-        .history
-        .iter()
-        .map(|s| {
-            format!(
-                "{} {} {} {:x} {} {}",
-                s.step,
-                s.epoch,
-                bits(s.loss),
-                s.scale.to_bits(),
-                u8::from(s.skipped),
-                bits(s.lr)
-            )
-        })
-        .collect();
-    meta.insert(HISTORY.into(), history.join(";"));
+/// Writes the record of `report` and `callbacks` into checkpoint metadata, and returns the
+/// history's record tensor.
+pub(crate) fn save(
+    report: &FitReport,
+    callbacks: &CallbackState,
+    meta: &mut HashMap<String, String>,
+) -> Encoded {
+    let mut history = Vec::with_capacity(report.history.len() * STEP_BYTES);
+    for s in &report.history {
+        let scale = u64::from(s.scale.to_bits()) | (u64::from(s.skipped) << 32);
+        for word in [s.step, s.epoch, s.loss.to_bits(), scale, s.lr.to_bits()] {
+            history.extend_from_slice(&word.to_le_bytes());
+        }
+    }
     let validation: Vec<String> = report
         .validation
         .iter()
@@ -84,6 +87,7 @@ pub(crate) fn save(report: &FitReport, callbacks: &CallbackState, meta: &mut Has
     if let Some(path) = &report.metrics_csv {
         meta.insert(METRICS_CSV.into(), path.display().to_string());
     }
+    checkpoint::encode_record(HISTORY, history)
 }
 
 /// What [`load`] read from a checkpoint.
@@ -96,9 +100,9 @@ pub(crate) struct Record {
     pub metrics_csv: Option<PathBuf>,
 }
 
-/// Reads the record from checkpoint metadata. A checkpoint written before nbit kept records has
-/// none of its keys: an empty record. A malformed value is an error naming the key.
-pub(crate) fn load(meta: &HashMap<String, String>) -> Result<Record, Error> {
+/// Reads the record from checkpoint metadata and the history's bytes. A checkpoint written before
+/// nbit kept records has none of them: an empty record. A malformed value is an error naming it.
+pub(crate) fn load(meta: &HashMap<String, String>, history: Option<&[u8]>) -> Result<Record, Error> {
     let bad = |key: &str| Error::InvalidData(format!("the metadata '{key}' is malformed"));
     let rows = |key: &str| {
         meta.get(key)
@@ -106,26 +110,29 @@ pub(crate) fn load(meta: &HashMap<String, String>) -> Result<Record, Error> {
             .unwrap_or_default()
     };
     let mut r = Record::default();
-    for row in rows(HISTORY) {
-        let f: Vec<&str> = row.split(' ').collect();
-        let step = || -> Option<StepLog> {
-            let [step, epoch, loss, scale, skipped, lr] = f.as_slice() else {
-                return None;
-            };
-            Some(StepLog {
-                step: step.parse().ok()?,
-                epoch: epoch.parse().ok()?,
-                loss: unbits(loss)?,
-                scale: f32::from_bits(u32::from_str_radix(scale, 16).ok()?),
-                skipped: match *skipped {
-                    "0" => false,
-                    "1" => true,
-                    _ => return None,
-                },
-                lr: unbits(lr)?,
-            })
-        };
-        r.history.push(step().ok_or_else(|| bad(HISTORY))?);
+    let history = history.unwrap_or_default();
+    if !history.len().is_multiple_of(STEP_BYTES) {
+        return Err(Error::InvalidData(format!(
+            "the step history holds {} bytes, not a whole number of {STEP_BYTES}-byte steps",
+            history.len()
+        )));
+    }
+    for step in history.chunks_exact(STEP_BYTES) {
+        let w = |i: usize| u64::from_le_bytes(step[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        let (scale, skipped) = (w(3) as u32, w(3) >> 32);
+        if skipped > 1 {
+            return Err(Error::InvalidData(
+                "the step history is malformed (a skip flag other than 0 or 1)".into(),
+            ));
+        }
+        r.history.push(StepLog {
+            step: w(0),
+            epoch: w(1),
+            loss: f64::from_bits(w(2)),
+            scale: f32::from_bits(scale),
+            skipped: skipped == 1,
+            lr: f64::from_bits(w(4)),
+        });
     }
     for row in rows(VALIDATION) {
         let f: Vec<&str> = row.split(' ').collect();
@@ -196,8 +203,8 @@ mod tests {
         callbacks.watch.wait = 2;
         callbacks.best.score = Some(0.75);
         let mut meta = HashMap::new();
-        save(&report, &callbacks, &mut meta);
-        let r = load(&meta).unwrap();
+        let history = save(&report, &callbacks, &mut meta);
+        let r = load(&meta, Some(history.bytes())).unwrap();
         assert_eq!(r.history.len(), 2);
         assert_eq!(r.history[0], report.history[0]);
         assert!(r.history[1].loss.is_nan() && r.history[1].skipped && r.history[1].scale == 32768.0);
@@ -206,9 +213,49 @@ mod tests {
         assert_eq!(r.callbacks.best.score, Some(0.75));
         assert_eq!(r.best_model, report.best_model);
         assert_eq!(r.metrics_csv, report.metrics_csv);
-        // No record keys (an older checkpoint): an empty record. A malformed one: an error.
-        assert!(load(&HashMap::new()).unwrap().history.is_empty());
-        meta.insert(HISTORY.into(), "1 0 zz".into());
-        assert!(load(&meta).unwrap_err().to_string().contains("record.history"));
+        // No record (an older checkpoint): an empty record. Malformed ones: errors.
+        assert!(load(&HashMap::new(), None).unwrap().history.is_empty());
+        let msg = load(&meta, Some(&history.bytes()[1..])).unwrap_err().to_string();
+        assert!(msg.contains("whole number of 40-byte steps"), "{msg}");
+        let mut flag = history.bytes().to_vec();
+        flag[3 * 8 + 4] = 2;
+        assert!(
+            load(&meta, Some(&flag))
+                .unwrap_err()
+                .to_string()
+                .contains("skip flag")
+        );
+        meta.insert(VALIDATION.into(), "1 0 zz".into());
+        let msg = load(&meta, Some(history.bytes())).unwrap_err().to_string();
+        assert!(msg.contains("record.validation"), "{msg}");
+    }
+
+    /// The header (metadata) does not grow with the run: a million steps' history is a tensor
+    /// of 40 bytes a step, and the metadata stays the size of the callbacks' state. In the
+    /// header, as before, it took 58 bytes a step and broke safetensors' 100 MB header limit near
+    /// 1.7 million steps.
+    #[test]
+    fn a_long_runs_history_stays_out_of_the_header() {
+        let step = StepLog {
+            step: 1,
+            epoch: 0,
+            loss: 0.1,
+            scale: 1.0,
+            skipped: false,
+            lr: 0.1,
+        };
+        let report = FitReport {
+            history: vec![step; 1_000_000],
+            ..FitReport::empty()
+        };
+        let mut meta = HashMap::new();
+        let history = save(&report, &CallbackState::default(), &mut meta);
+        let header: usize = meta.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(header < 200, "{header} bytes of metadata");
+        assert_eq!(history.bytes().len(), 40_000_000);
+        assert_eq!(
+            load(&meta, Some(history.bytes())).unwrap().history.len(),
+            1_000_000
+        );
     }
 }
