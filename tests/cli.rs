@@ -1079,3 +1079,50 @@ fn an_unknown_gemm_kernel_in_the_environment_names_the_variable_and_the_choices(
         "{err}"
     );
 }
+
+/// `nbit fit ... | head -1`: a reader that goes away ends the output quietly with exit 0, as other
+/// command-line tools do (it was a panic, "failed printing to stdout: Broken pipe", exit 101).
+#[test]
+fn a_closed_pipe_on_stdout_ends_quietly() {
+    let data = good_csv();
+    let weights = dir().join(format!("pipe-{}.safetensors", std::process::id()));
+    let w = p(&weights);
+    for args in [
+        vec![
+            "fit",
+            "--data",
+            p(&data),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--save",
+            w,
+        ],
+        vec![
+            "fit",
+            "--data",
+            p(&data),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--json",
+        ],
+        vec!["predict", "--data", p(&data), "--init", w],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nbit"))
+            .args(&args)
+            .env_remove("RUST_BACKTRACE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before nbit writes a byte
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(
+            !err.contains("internal error") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+    }
+}

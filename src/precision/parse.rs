@@ -96,20 +96,47 @@ pub fn parse_precision<'a>(value: impl Into<PrecisionInput<'a>>) -> Result<Parse
     })
 }
 
-/// The valid value a near miss (case, spaces, underscores, the type name) most likely meant.
+/// The valid value a near miss most likely meant: the same but for case, separators (`bf16mixed`,
+/// `BF16_MIXED`) or the type name (`Mixed<BF16>`), else the closest value within two typos
+/// (`bf16-mxed`) with the same digits.
 fn suggest(text: &str) -> Option<&'static str> {
-    let norm = |s: &str| s.trim().to_ascii_lowercase().replace(['_', ' '], "-");
+    let norm = |s: &str| {
+        s.to_ascii_lowercase()
+            .chars()
+            .filter(|c| !matches!(c, '-' | '_' | ' '))
+            .collect::<String>()
+    };
     let wanted = norm(text);
-    PrecisionKind::ALL
+    // The bits are the meaning: `8-true` is not a typo of `16-true`.
+    let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+    let candidates = PrecisionKind::ALL
         .into_iter()
-        .find(|k| norm(k.name()) == wanted || norm(k.type_name()) == wanted)
-        .map(PrecisionKind::name)
-        .or_else(|| {
-            LEGACY
-                .iter()
-                .find(|(a, ..)| norm(a) == wanted)
-                .map(|(_, k, _)| k.name())
-        })
+        .flat_map(|k| [(k.name(), k.name()), (k.type_name(), k.name())])
+        .chain(LEGACY.iter().map(|(a, k, _)| (*a, k.name())));
+    let (distance, best) = candidates
+        .map(|(spelling, canonical)| (norm(spelling), canonical))
+        .filter(|(spelling, _)| digits(spelling) == digits(&wanted))
+        .map(|(spelling, canonical)| (edit_distance(&spelling, &wanted), canonical))
+        .min_by_key(|&(d, _)| d)?;
+    (distance <= 2).then_some(best)
+}
+
+/// Levenshtein distance (insertions, deletions and substitutions of one character).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 impl core::str::FromStr for PrecisionKind {
@@ -123,6 +150,25 @@ impl core::str::FromStr for PrecisionKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_near_miss_is_told_the_value_it_resembles() {
+        let meant = |typo: &str| match parse_precision(typo) {
+            Err(Error::UnknownPrecision { suggestion, .. }) => suggestion,
+            other => panic!("{typo}: {other:?}"),
+        };
+        assert_eq!(meant("bf16mixed"), Some("bf16-mixed"));
+        assert_eq!(meant("BF16_MIXED"), Some("bf16-mixed"));
+        assert_eq!(meant("16mixed"), Some("16-mixed"));
+        assert_eq!(meant("bf16-mxed"), Some("bf16-mixed"));
+        assert_eq!(meant("32-ture"), Some("32-true"));
+        assert_eq!(meant("Mixed<BF16>"), Some("bf16-mixed"));
+        assert_eq!(meant("8-true"), None);
+        assert_eq!(meant("int8"), None);
+        assert_eq!(meant("8"), None);
+        let msg = parse_precision("bf16mixed").unwrap_err().to_string();
+        assert!(msg.contains("did you mean 'bf16-mixed'?"), "{msg}");
+    }
 
     #[test]
     fn canonical_strings_round_trip() {

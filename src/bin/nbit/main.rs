@@ -83,7 +83,10 @@ fn main() -> ExitCode {
     })();
     match result {
         Ok((report, (json, log, checkpoint))) => {
-            run::print_report(&report, json);
+            if let Err(e) = run::print_report(&report, json) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             let Some(step) = report.interrupted_at_step else {
                 return ExitCode::SUCCESS;
             };

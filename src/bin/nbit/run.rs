@@ -163,7 +163,7 @@ impl RunJob for Run {
                     text.push_str(&vals.join(","));
                     text.push('\n');
                 }
-                let _ = std::io::stdout().write_all(text.as_bytes());
+                emit(&text)?;
             }
         }
         report.parameter_bytes = nbit::nn::parameter_bytes(&model.net.parameters());
@@ -172,42 +172,59 @@ impl RunJob for Run {
     }
 }
 
-pub(crate) fn print_report(r: &Report, json: bool) {
+/// Writes `text` to stdout. A reader that has gone (`nbit fit | head -1`) ends the output quietly,
+/// as other command-line tools do; any other failure (a full disk) is an error.
+pub(crate) fn emit(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Io {
+            path: "standard output".into(),
+            action: "write",
+            reason: e.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The report as a table (or JSON) on stdout.
+pub(crate) fn print_report(r: &Report, json: bool) -> Result<(), Error> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-        );
-        return;
+        let text = serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        return emit(&(text + "\n"));
     }
     if r.command == "predict" {
-        return;
+        return Ok(());
     }
     let layers: Vec<String> = r.layers.iter().map(usize::to_string).collect();
-    println!("precision      {}", r.precision);
-    println!("accelerator    {} ({})", r.accelerator, r.device);
-    println!("layers         {}", layers.join("-"));
+    let mut lines = Vec::new();
+    lines.push(format!("precision      {}", r.precision));
+    lines.push(format!("accelerator    {} ({})", r.accelerator, r.device));
+    lines.push(format!("layers         {}", layers.join("-")));
     if r.command == "fit" {
-        println!("epochs         {}", r.epochs);
-        println!("steps          {} ({} skipped)", r.global_step, r.skipped_steps);
+        lines.push(format!("epochs         {}", r.epochs));
+        lines.push(format!(
+            "steps          {} ({} skipped)",
+            r.global_step, r.skipped_steps
+        ));
         if let Some(l) = r.final_loss {
-            println!("final loss     {l:.6}");
+            lines.push(format!("final loss     {l:.6}"));
         }
         if let Some(s) = r.samples_per_sec {
-            println!("samples/s      {s:.0}");
+            lines.push(format!("samples/s      {s:.0}"));
         }
     }
     if let Some(l) = r.val_loss {
-        println!("val loss       {l:.6}");
+        lines.push(format!("val loss       {l:.6}"));
     }
     if let Some(a) = r.val_accuracy {
-        println!("val accuracy   {:.2}%", 100.0 * a);
+        lines.push(format!("val accuracy   {:.2}%", 100.0 * a));
     }
-    println!(
+    lines.push(format!(
         "params         {} bytes ({:.4} MB by Lightning's rule)",
         r.parameter_bytes, r.param_mb
-    );
+    ));
     for n in &r.notes {
-        println!("note           {n}");
+        lines.push(format!("note           {n}"));
     }
+    emit(&(lines.join("\n") + "\n"))
 }
