@@ -62,6 +62,9 @@ pub enum Targets {
     None,
 }
 
+/// The column that holds the labels unless another is named (`--label-column`).
+pub const DEFAULT_LABEL: &str = "label";
+
 /// The largest class index a CSV label may hold (class counts beyond it could never be trained).
 pub const MAX_CLASS_INDEX: u64 = u32::MAX as u64;
 
@@ -152,28 +155,58 @@ impl Dataset {
     /// for regression), every other column is a feature. Numbers only, no quoted fields. Every
     /// problem is an error naming the file, line and column.
     pub fn read_csv(path: &std::path::Path, task: Task) -> Result<Dataset, Error> {
+        Self::read_csv_labelled(path, task, DEFAULT_LABEL)
+    }
+
+    /// [`Dataset::read_csv`] with the labels in column `label` (`--label-column`):
+    ///
+    /// ```
+    /// # use nbit::data::{Dataset, Task};
+    /// let d = Dataset::parse_csv_labelled("t.csv", "x,target\n0.5,1\n", Task::Classification, "target")?;
+    /// assert_eq!((d.len(), d.num_features()), (1, 1));
+    /// # Ok::<(), nbit::Error>(())
+    /// ```
+    pub fn read_csv_labelled(path: &std::path::Path, task: Task, label: &str) -> Result<Dataset, Error> {
         let (name, text) = read_text(path)?;
-        Self::parse_csv(&name, &text, task)
+        Self::parse_csv_labelled(&name, &text, task, label)
     }
 
     /// Like [`Dataset::read_csv`], but a `label` column is optional (and ignored): rows to predict.
     pub fn read_csv_features(path: &std::path::Path) -> Result<Dataset, Error> {
+        Self::read_csv_features_labelled(path, DEFAULT_LABEL)
+    }
+
+    /// [`Dataset::read_csv_features`], ignoring column `label` when there is one.
+    pub fn read_csv_features_labelled(path: &std::path::Path, label: &str) -> Result<Dataset, Error> {
         let (name, text) = read_text(path)?;
-        Self::parse_csv_with(&name, &text, Task::Regression, false)
+        Self::parse_csv_with(&name, &text, Task::Regression, label, false)
     }
 
     /// [`Dataset::read_csv`] on text already in memory; `name` is used in messages.
     pub fn parse_csv(name: &str, text: &str, task: Task) -> Result<Dataset, Error> {
-        Self::parse_csv_with(name, text, task, true)
+        Self::parse_csv_labelled(name, text, task, DEFAULT_LABEL)
     }
 
-    fn parse_csv_with(name: &str, text: &str, task: Task, need_label: bool) -> Result<Dataset, Error> {
+    /// [`Dataset::read_csv_labelled`] on text already in memory; `name` is used in messages.
+    pub fn parse_csv_labelled(name: &str, text: &str, task: Task, label: &str) -> Result<Dataset, Error> {
+        Self::parse_csv_with(name, text, task, label, true)
+    }
+
+    fn parse_csv_with(
+        name: &str,
+        text: &str,
+        task: Task,
+        label: &str,
+        need_label: bool,
+    ) -> Result<Dataset, Error> {
         let bad = |msg: String| Err(Error::InvalidData(format!("'{name}' {msg}")));
         // Spreadsheets save UTF-8 CSV with a byte-order mark before the first column's name.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
         let Some((_, header)) = lines.next() else {
-            return bad("is empty: expected a header row naming the columns, one of them 'label'".into());
+            return bad(format!(
+                "is empty: expected a header row naming the columns, one of them '{label}'"
+            ));
         };
         let columns: Vec<&str> = header.split(',').map(str::trim).collect();
         if let Some((i, c)) = columns
@@ -187,16 +220,19 @@ impl Dataset {
                 i + 1
             ));
         }
-        let label_col = columns.iter().position(|c| *c == "label");
+        let label_col = columns.iter().position(|c| *c == label);
         if need_label && label_col.is_none() {
             return bad(format!(
-                "has no 'label' column in its header (columns: {})",
+                "has no '{label}' column in its header (columns: {}); name the column that holds \
+                 the labels with --label-column",
                 columns.join(", ")
             ));
         }
         let n_features = columns.len() - usize::from(label_col.is_some());
         if n_features == 0 {
-            return bad("has only a 'label' column: at least one feature column is needed".into());
+            return bad(format!(
+                "has only a '{label}' column: at least one feature column is needed"
+            ));
         }
         let (mut features, mut labels) = (Vec::new(), Vec::new());
         for (i, line) in lines {

@@ -1126,3 +1126,75 @@ fn a_closed_pipe_on_stdout_ends_quietly() {
         );
     }
 }
+
+/// `--label-column NAME` reads the labels from another column (`target` here), in fit, validate
+/// and predict; without it, the missing `label` column's message names the option.
+#[test]
+fn the_label_column_can_be_named() {
+    let csv = std::fs::read_to_string(good_csv())
+        .unwrap()
+        .replace("a,b,c,label", "target,a,b,c");
+    // The label moved to the first column: rotate each row's last field to the front.
+    let rows: Vec<String> = csv
+        .lines()
+        .enumerate()
+        .map(|(i, l)| match i {
+            0 => l.to_string(),
+            _ => {
+                let (rest, y) = l.rsplit_once(',').unwrap();
+                format!("{y},{rest}")
+            }
+        })
+        .collect();
+    let data = write(
+        &format!("target-{}.csv", std::process::id()),
+        &(rows.join("\n") + "\n"),
+    );
+    let weights = dir().join(format!("target-{}.safetensors", std::process::id()));
+    let (d, w) = (p(&data), p(&weights));
+    let no_option = nbit(&["fit", "--data", d, "--epochs", "1", "--no-progress"]);
+    let err = String::from_utf8_lossy(&no_option.stderr);
+    assert_eq!(no_option.status.code(), Some(2));
+    assert!(
+        err.contains("no 'label' column") && err.contains("--label-column"),
+        "{err}"
+    );
+    let fit = nbit(&[
+        "fit",
+        "--data",
+        d,
+        "--label-column",
+        "target",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--json",
+        "--save",
+        w,
+    ]);
+    assert_eq!(
+        fit.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&fit.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&fit.stdout).unwrap();
+    assert_eq!(report["layers"][0], 3, "three features: a, b, c");
+    let validate = nbit(&[
+        "validate",
+        "--data",
+        d,
+        "--label-column",
+        "target",
+        "--init",
+        w,
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&validate.stdout).unwrap();
+    assert!(report["val_accuracy"].as_f64().unwrap() > 0.5, "{report}");
+    let predict = nbit(&["predict", "--data", d, "--label-column", "target", "--init", w]);
+    let text = String::from_utf8_lossy(&predict.stdout);
+    assert_eq!(text.lines().count(), 61, "a header and 60 rows: {text}");
+}

@@ -65,9 +65,12 @@ macro_rules! option_groups {
 option_groups! {
     /// Options of every command.
     Common {
-        /// CSV file with a header row; the column `label` holds class indices (or targets)
+        /// CSV file with a header row; the column `label` (or --label-column) holds class indices (or targets)
         #[arg(long)]
         data: Option<PathBuf>,
+        /// The CSV column that holds the labels [default: label]
+        #[arg(long)]
+        label_column: Option<String>,
         /// classification or regression [default: classification]
         #[arg(long)]
         task: Option<String>,

@@ -113,6 +113,11 @@ pub(crate) struct Plan {
     pub(crate) batch_size: usize,
 }
 
+/// The CSV column of the labels (--label-column).
+fn label(opts: &Opts) -> &str {
+    opts.label_column.as_deref().unwrap_or(nbit::data::DEFAULT_LABEL)
+}
+
 /// The rows to train on and to validate on, as fit chooses them; validate chooses the same
 /// validation rows, so it reproduces fit's validation metrics.
 fn held_out(
@@ -124,7 +129,7 @@ fn held_out(
     match (&opts.val_data, opts.val_split) {
         (Some(_), Some(f)) => Err(invalid("--val-split", f, "not used together with --val-data")),
         (Some(p), None) => {
-            let v = Dataset::read_csv(p, task)?;
+            let v = Dataset::read_csv_labelled(p, task, label(opts))?;
             if v.num_features() != data.num_features() {
                 return Err(Error::InvalidData(format!(
                     "'{}' has {} feature columns but '{}' has {}",
@@ -189,9 +194,13 @@ pub(crate) fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
         }
     }
     let (train, val) = if command == "predict" {
-        (Dataset::read_csv_features(&data_path)?, None)
+        (
+            Dataset::read_csv_features_labelled(&data_path, label(&opts))?,
+            None,
+        )
     } else {
-        held_out(&opts, Dataset::read_csv(&data_path, task)?, &data_path, task)?
+        let data = Dataset::read_csv_labelled(&data_path, task, label(&opts))?;
+        held_out(&opts, data, &data_path, task)?
     };
     let features = train.num_features();
     let (train, val) = match command {
