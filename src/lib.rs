@@ -259,7 +259,8 @@ pub use precision::{
 };
 pub use trainer::{
     ClipAlgorithm, EarlyStopping, FitReport, Metrics, MlpModel, Mode, Model, ModelCheckpoint, Monitor,
-    StepInfo, StepLog, Summary, Trainer, TrainerBuilder, TrainerConfig, mlp_sizes, write_atomic,
+    StepInfo, StepLog, Summary, Trainer, TrainerBuilder, TrainerConfig, mlp_sizes, saved_precision,
+    write_atomic,
 };
 
 /// The names most programs need: `use nbit::prelude::*;`. The `ndarray` and `half` that nbit's

@@ -1198,3 +1198,50 @@ fn the_label_column_can_be_named() {
     let text = String::from_utf8_lossy(&predict.stdout);
     assert_eq!(text.lines().count(), 61, "a header and 60 rows: {text}");
 }
+
+/// Weights record the precision they were trained under, and `validate` (as `predict`) runs them
+/// under it unless --precision says otherwise: the README's validate line, which gives no
+/// precision, reproduces bf16-mixed fit's validation loss bit for bit (it scored under 32-true).
+#[test]
+fn validate_runs_weights_under_the_precision_they_were_saved_under() {
+    let data = good_csv();
+    let weights = dir().join(format!("saved-precision-{}.safetensors", std::process::id()));
+    let (d, w) = (p(&data), p(&weights));
+    let common = ["--data", d, "--val-split", "0.25", "--batch-size", "4", "--json"];
+    let fit = nbit(
+        &[
+            &[
+                "fit",
+                "--precision",
+                "bf16-mixed",
+                "--epochs",
+                "3",
+                "--no-progress",
+                "--save",
+                w,
+            ][..],
+            &common,
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        fit.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&fit.stderr)
+    );
+    let fit: serde_json::Value = serde_json::from_slice(&fit.stdout).unwrap();
+    let validate = nbit(&[&["validate", "--init", w][..], &common].concat());
+    let err = String::from_utf8_lossy(&validate.stderr);
+    assert!(
+        err.contains("precision bf16-mixed from") && err.contains("--precision overrides"),
+        "{err}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&validate.stdout).unwrap();
+    assert_eq!(report["precision"], "bf16-mixed");
+    assert_eq!(report["val_loss"], fit["val_loss"]);
+    let forced = nbit(&[&["validate", "--init", w, "--precision", "64-true"][..], &common].concat());
+    let report: serde_json::Value = serde_json::from_slice(&forced.stdout).unwrap();
+    assert_eq!(report["precision"], "64-true");
+    assert_ne!(report["val_loss"], fit["val_loss"]);
+}

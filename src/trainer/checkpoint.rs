@@ -333,6 +333,19 @@ impl Loaded {
     }
 }
 
+/// The precision a weights file or checkpoint was saved under (`Trainer::save_weights` and
+/// checkpoints record it; a file from PyTorch has none: `Ok(None)`).
+pub fn saved_precision(path: &Path) -> Result<Option<crate::PrecisionKind>, Error> {
+    let file = Loaded::read(path)?;
+    match file.metadata().get("precision") {
+        None => Ok(None),
+        Some(p) => p
+            .parse()
+            .map(Some)
+            .map_err(|e: Error| file.err(format!("its metadata names an unknown precision: {e}"))),
+    }
+}
+
 /// The layer widths `[inputs, hidden..., outputs]` of an MLP weights file (`0.weight`, `2.weight`,
 /// ... as `torch.nn.Sequential` of Linear and ReLU writes them).
 pub fn mlp_sizes(path: &Path) -> Result<Vec<usize>, Error> {

@@ -38,7 +38,7 @@ use crate::scaler::{GradScaler, ScalerState};
 use crate::tensor::Tensor;
 
 pub use callbacks::{EarlyStopping, Mode, ModelCheckpoint, Monitor};
-pub use checkpoint::{mlp_sizes, write_atomic};
+pub use checkpoint::{mlp_sizes, saved_precision, write_atomic};
 pub use model::{Metrics, MlpModel, Model, StepInfo};
 
 /// How gradients are clipped (Lightning's `gradient_clip_algorithm`).

@@ -66,10 +66,23 @@ fn main() -> ExitCode {
     let (command, opts) = Cli::parse().command.into_opts();
     let result = (|| {
         let plan = plan::plan(command, opts)?;
-        let sel = Selection::parse(
-            plan.opts.precision.as_deref().unwrap_or("32-true"),
-            plan.opts.accelerator.as_deref().unwrap_or("auto"),
-        )?;
+        // validate and predict run the weights under the precision they were saved under (so
+        // validate reproduces fit's metrics); fit, or a file without one, under Lightning's default.
+        let saved = match (&plan.opts.precision, &plan.opts.init, command) {
+            (None, Some(init), "validate" | "predict") => nbit::saved_precision(init)?.map(|p| (p, init)),
+            _ => None,
+        };
+        if let Some((p, init)) = saved {
+            eprintln!(
+                "note: precision {} from '{}', the precision it was saved under (--precision overrides)",
+                p.name(),
+                init.display()
+            );
+        }
+        let precision = saved.map_or(plan.opts.precision.as_deref().unwrap_or("32-true"), |(p, _)| {
+            p.name()
+        });
+        let sel = Selection::parse(precision, plan.opts.accelerator.as_deref().unwrap_or("auto"))?;
         if let Some(n) = sel.notice() {
             eprintln!("note: {n}");
         }
