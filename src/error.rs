@@ -29,6 +29,8 @@ pub enum Error {
         why: String,
         /// The nearest supported choice.
         advice: String,
+        /// Set when accelerator `auto` chose the device: why it could not choose the GPU.
+        auto: Option<String>,
     },
     /// A device that exists as a type but cannot run work in this process.
     DeviceUnavailable {
@@ -151,11 +153,16 @@ impl core::fmt::Display for Error {
                 device,
                 why,
                 advice,
+                auto,
             } => {
                 write!(
                     f,
-                    "precision '{precision}' is not supported on accelerator '{device}': {why}; {advice}"
-                )
+                    "precision '{precision}' is not supported on accelerator '{device}'"
+                )?;
+                if let Some(no_gpu) = auto {
+                    write!(f, " (which accelerator 'auto' chose: {no_gpu})")?;
+                }
+                write!(f, ": {why}; {advice}")
             }
             Error::DeviceUnavailable { device, reason } => {
                 write!(f, "accelerator '{device}' is not usable here: {reason}")

@@ -1245,3 +1245,27 @@ fn validate_runs_weights_under_the_precision_they_were_saved_under() {
     assert_eq!(report["precision"], "64-true");
     assert_ne!(report["val_loss"], fit["val_loss"]);
 }
+
+/// Where no GPU can run (always in a build without `cuda`), `--accelerator auto` with 16-mixed says
+/// that auto chose the CPU and why, and `--accelerator gpu` leads with the missing feature, not
+/// with the driver (installing a driver would not help a build without the feature).
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn auto_says_it_chose_the_cpu_and_gpu_names_the_missing_feature() {
+    let data = good_csv();
+    fails(
+        &data,
+        &["--accelerator", "auto", "--precision", "16-mixed"],
+        &[
+            "not supported on accelerator 'cpu' (which accelerator 'auto' chose: no usable GPU, as nbit was built without its `cuda` feature",
+            "bf16-mixed",
+        ],
+    );
+    fails(
+        &data,
+        &["--accelerator", "gpu"],
+        &[
+            "accelerator 'gpu' is not usable here: nbit was built without its `cuda` feature (rebuild with `--features cuda`)",
+        ],
+    );
+}

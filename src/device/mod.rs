@@ -90,7 +90,10 @@ impl Device for Gpu {
 #[cfg(not(feature = "cuda"))]
 fn gpu_without_backend(driver: Result<usize, String>) -> Result<(), Error> {
     let reason = match driver {
-        Err(reason) => format!("{reason}; use accelerator 'cpu' (or 'auto') on this machine"),
+        Err(reason) => format!(
+            "nbit was built without its `cuda` feature (rebuild with `--features cuda`), and {reason}; \
+             use accelerator 'cpu' (or 'auto') on this machine"
+        ),
         Ok(n) => format!(
             "nbit was built without its `cuda` feature (the driver reports {n} device{}): rebuild \
              with `--features cuda`, or use accelerator 'cpu' or 'auto'",
