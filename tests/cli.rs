@@ -1269,3 +1269,66 @@ fn auto_says_it_chose_the_cpu_and_gpu_names_the_missing_feature() {
         ],
     );
 }
+
+/// A resume from a checkpoint already at --epochs (or --max-steps) trains nothing and says so, as
+/// Lightning prints "`max_epochs=1` reached" (it exited 0 without a word).
+#[test]
+fn a_resume_with_nothing_left_to_train_says_so() {
+    let data = good_csv();
+    let ckpt = dir().join(format!("done-{}.safetensors", std::process::id()));
+    let (d, c) = (p(&data), p(&ckpt));
+    let first = nbit(&[
+        "fit",
+        "--data",
+        d,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10",
+        "--no-progress",
+        "--checkpoint",
+        c,
+    ]);
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let again = nbit(&[
+        "fit",
+        "--data",
+        d,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "10",
+        "--no-progress",
+        "--resume",
+        c,
+    ]);
+    let out = String::from_utf8_lossy(&again.stdout);
+    assert_eq!(again.status.code(), Some(0));
+    assert!(out.contains("steps          12 (0 skipped)"), "{out}");
+    assert!(
+        out.contains("the checkpoint has 2 epochs done and max_epochs is 1: nothing left to train (`max_epochs=1` reached)"),
+        "{out}"
+    );
+    let steps = nbit(&[
+        "fit",
+        "--data",
+        d,
+        "--max-steps",
+        "5",
+        "--batch-size",
+        "10",
+        "--no-progress",
+        "--resume",
+        c,
+    ]);
+    let out = String::from_utf8_lossy(&steps.stdout);
+    assert!(
+        out.contains("the checkpoint is at step 12 and max_steps is 5"),
+        "{out}"
+    );
+}

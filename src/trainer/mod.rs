@@ -481,6 +481,21 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
         let mut report = FitReport::empty();
         if let Some(path) = resume {
             report.notes = self.restore(model, &mut st, &mut report, path)?;
+            // Lightning trains nothing then and says "`max_epochs=N` reached": say it too.
+            let done = match (self.cfg.max_steps, self.cfg.max_epochs) {
+                (Some(m), _) if st.global_step >= m => Some(format!(
+                    "the checkpoint is at step {} and max_steps is {m}: nothing left to train \
+                     (`max_steps={m}` reached); raise max_steps (--max-steps) to train on",
+                    st.global_step
+                )),
+                (_, Some(m)) if st.epoch >= m => Some(format!(
+                    "the checkpoint has {} epochs done and max_epochs is {m}: nothing left to train \
+                     (`max_epochs={m}` reached); raise max_epochs (--epochs) to train on",
+                    st.epoch
+                )),
+                _ => None,
+            };
+            report.notes.extend(done);
         }
         // A resumed run's step log starts with the steps before the checkpoint.
         let mut log = match &self.cfg.log_csv {
