@@ -96,7 +96,8 @@ pub(crate) trait Driver: Send + Sync {
     unsafe fn free(&self, ptr: u64);
     /// Host to device, queued behind the work before it: `src` may be reused as soon as this
     /// returns, and the host does not wait for the device (the NVIDIA driver stages the bytes in
-    /// pinned memory; a copy from pageable memory would wait for every queued kernel first).
+    /// pinned memory, and waits only when that is full; a copy from pageable memory would wait for
+    /// every queued kernel first).
     ///
     /// # Safety
     /// `dst` holds at least `src.len()` bytes.
@@ -132,11 +133,13 @@ pub(crate) trait Driver: Send + Sync {
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String>;
 }
 
-/// Counts the host's waits for the device, the cost a training step should pay once: a copy to
-/// the host or a synchronisation counts when this thread queued work since its last wait (one on
-/// an idle device returns at once and is not counted). Both drivers count the same way, so a test
-/// on the emulation counts what a GPU would wait for. Per thread, so what one thread's code costs
-/// is not mixed with another's.
+/// Counts the host's waits for the device, the cost a training step should pay once. What counts:
+/// a copy to the host or a synchronisation by a thread that queued work (a launch, a copy, a
+/// product) since its own last wait. Per thread, so what one thread's code costs is not mixed with
+/// another's (a thread's wait also waits for other threads' work on the legacy stream, uncounted).
+/// Both drivers count their copies and launches the same way, so a test on the emulation counts
+/// what a GPU waits for, except one case the emulation never meets: more than 4 MiB uploaded
+/// between two waits fills the NVIDIA driver's staging buffer, which then waits (counted there).
 pub(super) mod waits {
     use core::cell::Cell;
 
@@ -239,8 +242,9 @@ pub fn synchronize() -> Result<(), Error> {
 
 /// How many times this thread has waited for the GPU to finish work it queued: copies to the host
 /// (a loss's value, the scaler's skip decision, a gradient norm) and [`synchronize`]; a copy to
-/// the GPU never waits. An optimizer step of `Trainer::fit` waits once, twice when it clips by
-/// norm. For profiling and tests: compare two readings.
+/// the GPU waits only when more than 4 MiB go up between two waits (or where pinned memory cannot
+/// be had). An optimizer step of `Trainer::fit` waits once, twice when it clips by norm. For
+/// profiling and tests: compare two readings.
 pub fn host_waits() -> u64 {
     waits::count()
 }

@@ -1,6 +1,6 @@
 //! [`Backend`] for [`Gpu`]: tensors in device memory, every op a launch of a `kernels.cu` kernel
-//! or a cuBLAS product through the [`Driver`] of this process. Copies to the GPU never make the
-//! host wait (the driver stages them in pinned memory); copies to the host do: `to_array`, a
+//! or a cuBLAS product through the [`Driver`] of this process. Copies to the GPU do not make the
+//! host wait (the driver stages them in pinned memory, 4 MiB between waits); copies to the host do: `to_array`, a
 //! loss's value, the scaler's found-inf flag, the gradient norms (all in one copy) and `argmax`'s
 //! indices. A training step waits once ([`host_waits`](super::host_waits) counts).
 

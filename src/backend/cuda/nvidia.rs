@@ -36,23 +36,29 @@ pub(super) struct Cuda {
 /// Filled front to back; every wait for the device (a copy to the host, a synchronisation) has
 /// finished every copy out of it, so the next upload starts at the front again. An upload that
 /// finds it full waits (counted) and starts at the front; longer ones go through it in pieces.
+/// Where pinned memory cannot be had, uploads are plain synchronous copies (each a wait).
 struct Staging {
     /// `STAGING_BYTES` of pinned memory, allocated at the first upload (null until then).
     base: *mut u8,
     used: usize,
+    /// The pinned allocation failed: copy from pageable memory.
+    unpinned: bool,
 }
 
 impl Staging {
-    /// Where the next `len` bytes (at most [`STAGING_BYTES`]) go, and whether the device must be
-    /// waited for first (the buffer is full: they go at the front again).
-    fn take(&mut self, len: usize) -> (usize, bool) {
-        let wait = self.used + len > STAGING_BYTES;
-        if wait {
-            self.used = 0;
-        }
-        let at = self.used;
+    /// Whether `len` more bytes (at most [`STAGING_BYTES`]) fit before the next wait.
+    fn fits(&self, len: usize) -> bool {
+        self.used + len <= STAGING_BYTES
+    }
+    /// The offset of the next `len` bytes, which [`Staging::fits`] (after a wait, the front).
+    fn take(&mut self, len: usize) -> usize {
+        debug_assert!(self.fits(len));
         self.used += len;
-        (at, wait)
+        self.used - len
+    }
+    /// Every copy out of the buffer has finished (the host waited for the device).
+    fn emptied(&mut self) {
+        self.used = 0;
     }
 }
 
@@ -187,6 +193,7 @@ impl Cuda {
             staging: Mutex::new(Staging {
                 base: core::ptr::null_mut(),
                 used: 0,
+                unpinned: false,
             }),
         })
     }
@@ -334,17 +341,28 @@ impl Driver for Cuda {
     unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<(), String> {
         let _current = self.current()?;
         let mut st = lock(&self.staging);
-        if st.base.is_null() {
+        if st.base.is_null() && !st.unpinned {
             // SAFETY: a plain pinned allocation, kept for the life of the process.
-            st.base = unsafe { cu::malloc_host(STAGING_BYTES, 0) }.map_err(words)? as *mut u8;
+            match unsafe { cu::malloc_host(STAGING_BYTES, 0) } {
+                Ok(p) => st.base = p as *mut u8,
+                Err(_) => st.unpinned = true,
+            }
+        }
+        if st.unpinned {
+            // SAFETY: the caller's contract; waits for the work queued before it.
+            unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(words)?;
+            waits::queued();
+            waits::waited();
+            return Ok(());
         }
         for (i, piece) in src.chunks(STAGING_BYTES).enumerate() {
-            let (at, wait_first) = st.take(piece.len());
-            if wait_first {
+            if !st.fits(piece.len()) {
                 // Every copy out of the buffer is done after this wait.
                 cu::ctx::synchronize().map_err(words)?;
                 waits::waited();
+                st.emptied();
             }
+            let at = st.take(piece.len());
             // SAFETY: `take` keeps `at + len <= STAGING_BYTES`, and no queued copy reads this
             // range (it lies past every copy queued since the last wait).
             let staged = unsafe {
@@ -361,6 +379,10 @@ impl Driver for Cuda {
         Ok(())
     }
     unsafe fn download(&self, dst: &mut [u8], src: u64) -> Result<(), String> {
+        // A copy of nothing need not wait for the stream, so it must not empty the buffer.
+        if dst.is_empty() {
+            return Ok(());
+        }
         let _current = self.current()?;
         // Held across the copy, so no upload stages into the buffer while it is being emptied.
         let mut st = lock(&self.staging);
@@ -368,14 +390,15 @@ impl Driver for Cuda {
         // and copy queued before it.
         unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(words)?;
         waits::waited();
-        st.used = 0;
+        st.emptied();
         Ok(())
     }
     unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), String> {
         let _current = self.current()?;
-        waits::queued();
         // SAFETY: the caller's contract.
-        unsafe { cu::memcpy_dtod_sync(dst, src, bytes) }.map_err(words)
+        unsafe { cu::memcpy_dtod_sync(dst, src, bytes) }.map_err(words)?;
+        waits::queued();
+        Ok(())
     }
     unsafe fn launch(
         &self,
@@ -396,7 +419,7 @@ impl Driver for Cuda {
         let mut st = lock(&self.staging);
         cu::ctx::synchronize().map_err(words)?;
         waits::waited();
-        st.used = 0;
+        st.emptied();
         Ok(())
     }
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
@@ -590,14 +613,16 @@ mod tests {
         let mut st = Staging {
             base: core::ptr::null_mut(),
             used: 0,
+            unpinned: false,
         };
-        assert_eq!(st.take(100), (0, false));
-        assert_eq!(st.take(28), (100, false));
-        assert_eq!(st.take(STAGING_BYTES - 128), (128, false));
-        assert_eq!(st.take(1), (0, true), "full: wait, then the front");
-        assert_eq!(st.take(STAGING_BYTES - 1), (1, false));
-        st.used = 0; // as after a copy to the host
-        assert_eq!(st.take(STAGING_BYTES), (0, false));
+        assert_eq!(st.take(100), 0);
+        assert_eq!(st.take(28), 100);
+        assert!(st.fits(STAGING_BYTES - 128));
+        assert_eq!(st.take(STAGING_BYTES - 128), 128);
+        assert!(!st.fits(1), "full: the upload waits first");
+        st.emptied(); // after the wait
+        assert_eq!(st.take(1), 0);
+        assert!(st.fits(STAGING_BYTES - 1) && !st.fits(STAGING_BYTES));
     }
 
     #[test]
