@@ -205,29 +205,21 @@ impl Selection {
     pub fn parse<'a>(precision: impl Into<PrecisionInput<'a>>, accelerator: &str) -> Result<Self, Error> {
         let parsed = parse_precision(precision)?;
         let device = parse_accelerator(accelerator)?;
-        let mut sel = Selection::new(parsed.kind, device).map_err(|e| match e {
+        let mut sel = Selection::new(parsed.kind, device).map_err(|mut e| {
             // Say that `auto` chose the device, and why not the GPU.
-            Error::Unsupported {
-                precision,
-                device,
-                why,
-                advice,
-                auto: None,
-            } if accelerator == "auto" => Error::Unsupported {
-                precision,
-                device,
-                why,
-                advice,
-                auto: Some(match <crate::device::Gpu as crate::device::Device>::probe() {
+            if let Error::Unsupported { auto, .. } = &mut e
+                && accelerator == "auto"
+            {
+                *auto = Some(match <crate::device::Gpu as crate::device::Device>::probe() {
                     Err(Error::DeviceUnavailable { reason, .. }) => {
                         // The reason without its advice to use the CPU, which is what happened.
                         let reason = reason.split("; use accelerator").next().unwrap_or(&reason);
                         format!("no usable GPU, as {reason}")
                     }
                     _ => "no usable GPU".into(),
-                }),
-            },
-            other => other,
+                });
+            }
+            e
         })?;
         sel.notice = parsed.notice;
         Ok(sel)

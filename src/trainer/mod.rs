@@ -956,7 +956,7 @@ impl<P: Precision, D: Supports<P> + Backend> Trainer<P, D> {
                 ));
             }
         }
-        let mut rec = record::load(&meta, file.record("history")).map_err(bad)?;
+        let mut rec = record::load(&meta, file.record(record::HISTORY)).map_err(bad)?;
         // Lightning's rule: a callback's state carries over only to the same callback (the same
         // folder for ModelCheckpoint and the CSV logger); otherwise it starts fresh, with a note.
         let mc_dir = self.cfg.model_checkpoint.as_ref().map(|m| m.dirpath.as_path());

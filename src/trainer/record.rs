@@ -18,7 +18,7 @@ use super::{FitReport, Metrics, StepLog};
 use crate::error::Error;
 
 /// The history's record tensor (under [`checkpoint::RECORD_PREFIX`]).
-const HISTORY: &str = "history";
+pub(crate) const HISTORY: &str = "history";
 /// Bytes per step in it: step, epoch, loss bits, scale bits with the skip flag at bit 32, lr bits.
 const STEP_BYTES: usize = 40;
 const VALIDATION: &str = "record.validation";
