@@ -167,12 +167,13 @@
 //! ## Where nbit differs from Lightning, on purpose
 //!
 //! - **16-mixed on the CPU is refused.** Lightning silently switches it to bf16-mixed with a
-//!   warning; nbit makes `Trainer<Mixed<F16>, Cpu>` a compile error and the string pair an `Err`,
+//!   warning; nbit makes `Trainer::<Mixed<F16>, Cpu>::new()` a compile error and the string pair an `Err`,
 //!   both naming bf16-mixed as the fix. A precision should mean what it says.
 //! - **The TPU column follows the seed documentation** (bf16-mixed allowed, 16-mixed and 64-true
 //!   refused). Current Lightning rejects both mixed modes on TPU.
-//! - **There is no TPU runtime yet.** The [`Tpu`] type exists so code can be written and checked
-//!   against its column; building a trainer on it returns [`Error::DeviceUnavailable`].
+//! - **There is no TPU backend yet.** The [`Tpu`] type exists so code can be written and checked
+//!   against its column (`Supports`); it lacks [`Runs`], so building a trainer on it is a compile
+//!   error that says so, and [`launch`] with `"tpu"` returns [`Error::DeviceUnavailable`].
 //! - **`"auto"` never picks a device nbit cannot run on**: not a TPU, and a GPU only when nbit was
 //!   built with its `cuda` feature and the driver, a device, NVRTC and cuBLAS answer; otherwise
 //!   `cpu`.
@@ -248,7 +249,7 @@ pub mod tensor;
 mod trainer;
 
 pub use autograd::Grads;
-pub use backend::{BackendJob, WithBackend};
+pub use backend::WithBackend;
 pub use device::{Cpu, Device, DeviceKind, Gpu, Tpu, parse_accelerator};
 pub use dtype::{BF16, DType, Dtype, Element, F16, F32, F64, Float, HalfDtype, Promote};
 pub use error::Error;

@@ -12,11 +12,17 @@
 //! The `support_matrix!` invocation at the bottom of this file is the only source of this table.
 //! Each row names a precision and the devices it runs on, and generates:
 //!
-//! - a *gate* trait for the precision (such as [`RunsMixedF16`]) implemented for exactly those
-//!   devices, whose `#[diagnostic::on_unimplemented]` text explains a refused cell and names the
-//!   nearest supported choice;
-//! - `impl<D: Gate> Supports<Precision> for D`, so `Cpu: Supports<Mixed<F16>>` fails through the
-//!   gate and rustc prints the gate's text;
+//! - a *gate* trait for the precision (such as [`RunsMixedF16`]), implemented for the
+//!   `(precision, device)` pairs of exactly those devices, whose `#[diagnostic::on_unimplemented]`
+//!   text explains a refused cell and names the nearest supported choice;
+//! - `impl<D> Supports<Precision> for D where (Precision, D): Gate<D>`, so `Cpu: Supports<Mixed<F16>>`
+//!   fails through the gate and rustc prints the gate's text.
+//!
+//!   Why a pair and not the device: rustc reports the bound the user wrote (`D: Runs<P>`) in place
+//!   of the one that failed when both are about the same type, and that would hide the gate's text
+//!   behind a generic one. A gate on the pair is about another type, so its text is the error
+//!   whichever way the cell is reached. The gate impls are `#[diagnostic::do_not_recommend]`, so the
+//!   error does not list them (with the macro's source) as "other types that implement" the gate;
 //! - the run-time table ([`PrecisionKind::supported_on`]) and the arms of [`dispatch`], so strings
 //!   from a config file reach exactly the same cells and get the same advice.
 //!
@@ -28,17 +34,18 @@
 //! with an `Err` for strings); and current Lightning rejects both mixed modes on TPU, where nbit
 //! follows the seed documentation's table (bf16-mixed allowed).
 
-use crate::backend::{Backend, BackendJob, WithBackend};
+use crate::backend::{Backend, WithBackend};
 use crate::device::{Cpu, DeviceKind, Gpu, Tpu, parse_accelerator};
 use crate::dtype::{BF16, F16, F32, F64};
 use crate::precision::{Mixed, PrecisionInput, PrecisionKind, True, parse_precision};
 use crate::{Error, Precision};
 
-/// `Self` (a device) can train under the precision `P`.
+/// `Self` (a device) may train under the precision `P`: the support matrix.
 ///
 /// Implemented by the table in this module for the built-in precisions, and by users for their
-/// own precisions. [`Trainer<P, D>`](crate::Trainer) requires it, so naming a trainer for a
-/// refused cell does not compile:
+/// own precisions. Building a trainer for a refused cell does not compile, and the error is the
+/// cell's own explanation and advice, however the pair is reached (directly, through [`Runs`],
+/// or through a generic function):
 ///
 /// ```compile_fail,E0277
 /// use nbit::prelude::*;
@@ -46,27 +53,20 @@ use crate::{Error, Precision};
 /// let trainer = Trainer::<Mixed<F16>, Cpu>::new();
 /// ```
 ///
-/// Generic code states the bound once:
-///
-/// ```
-/// use nbit::prelude::*;
-/// fn describe<P: Precision, D: Supports<P>>(_: &Trainer<P, D>) -> String {
-///     format!("{} on {}", P::NAME, D::KIND)
-/// }
-/// let t = Trainer::<Mixed<BF16>, Cpu>::new()?;
-/// assert_eq!(describe(&t), "bf16-mixed on cpu");
-/// # Ok::<(), nbit::Error>(())
-/// ```
+/// `Supports` is the matrix alone, checked for every device type whether or not this build has
+/// its kernels (a [`Job`] from [`dispatch`] is generic over it). Code that trains states
+/// [`Runs<P>`](Runs) instead: the matrix plus the device's kernels.
 #[diagnostic::on_unimplemented(
     message = "the precision `{P}` is not supported on `{Self}`",
     label = "`{P}` cannot run on `{Self}`",
-    note = "a precision runs on a device only where `Supports<{P}>` is implemented for it; \
-            the built-in table is in `nbit::matrix`"
+    note = "a precision runs on a device only where `Supports<{P}>` is implemented for it (the built-in \
+            table is in `nbit::matrix`); code that trains states `{Self}: Runs<{P}>`, which includes it"
 )]
 pub trait Supports<P: Precision>: WithBackend {}
 
-/// `Self` (a device) may train under `P` *and* nbit has its kernels: [`Supports<P>`] plus
-/// [`Backend`]. The one bound generic training code needs:
+/// `Self` (a device) may train under `P` *and* this build has its kernels: [`Supports<P>`] plus
+/// [`Backend`]. The one bound generic training code needs, and what [`Trainer::new`](crate::Trainer::new)
+/// requires:
 ///
 /// ```
 /// use nbit::prelude::*;
@@ -88,13 +88,69 @@ pub trait Supports<P: Precision>: WithBackend {}
 /// # Ok::<(), nbit::Error>(())
 /// ```
 ///
-/// `Supports` is the matrix (what may run where, checked for every device type); `Runs` is what
-/// this build of nbit can run: every allowed cell of `Cpu` today. `Gpu` and `Tpu` have no backend
-/// yet, so `Runs<_>` is not implemented for them; [`launch`] turns a run-time choice of those into
-/// the device's error instead.
+/// Called for a refused cell, `train::<Mixed<F16>, Cpu>` fails with the matrix's message for that
+/// cell, as naming the trainer directly does. `Cpu` has kernels in every build, `Gpu` with the
+/// `cuda` feature, `Tpu` not yet; for a device without them the error says so and what to use.
+/// [`launch`] turns a run-time choice of such a device into the device's error instead.
+#[cfg_attr(
+    feature = "cuda",
+    diagnostic::on_unimplemented(
+        message = "`{Self}` cannot train `{P}` in this build of nbit",
+        label = "`{Self}` has no `Runs<{P}>` in this build",
+        note = "`Runs<{P}>` is the support matrix (`Supports<{P}>`) plus the device's kernels (`Backend`)",
+        note = "`Cpu` and `Gpu` have kernels in this build, `Tpu` has no backend yet: train on `Cpu` or `Gpu`, \
+                or choose the device at run time with `nbit::launch`, which returns this as an error"
+    )
+)]
+#[cfg_attr(
+    not(feature = "cuda"),
+    diagnostic::on_unimplemented(
+        message = "`{Self}` cannot train `{P}` in this build of nbit",
+        label = "`{Self}` has no `Runs<{P}>` in this build",
+        note = "`Runs<{P}>` is the support matrix (`Supports<{P}>`) plus the device's kernels (`Backend`)",
+        note = "`Cpu` has kernels in every build, `Gpu` when nbit is built with its `cuda` feature \
+                (`features = [\"cuda\"]`), `Tpu` has no backend yet: train on `Cpu`, or choose the \
+                device at run time with `nbit::launch`, which returns this as an error"
+    )
+)]
 pub trait Runs<P: Precision>: Supports<P> + Backend {}
 
-impl<P: Precision, D: Supports<P> + Backend> Runs<P> for D {}
+// One impl per device, not a blanket `impl<D: Supports<P> + Backend>`: for a type parameter no
+// impl applies, so rustc asks for `D: Runs<P>` itself (through a blanket impl it would ask for
+// `Supports` and `Backend` separately). For a concrete device rustc looks through the impl: to the
+// matrix's gate, whose text is the cell's explanation, then to the kernels, whose absence (`Tpu`;
+// `Gpu` without `cuda`) is `Runs`'s own message.
+//
+// The kernels bound is `for<'a> D: HasBackend`: a bound on no type parameter that does not hold
+// (`Tpu: Backend` today) is an error where it is written, and the binder makes it a bound rustc
+// checks where the impl is used instead. `HasBackend` is `Backend` one step removed, so rustc
+// reaches it after the gate and the matrix's explanation is the first error.
+// (Written out rather than generated, so that rustc's "`Runs<P>` is implemented for `Cpu`" hint
+// shows this line, not a macro.)
+impl<P: Precision> Runs<P> for Cpu
+where
+    Cpu: Supports<P>,
+    for<'a> Cpu: HasBackend,
+{
+}
+impl<P: Precision> Runs<P> for Gpu
+where
+    Gpu: Supports<P>,
+    for<'a> Gpu: HasBackend,
+{
+}
+impl<P: Precision> Runs<P> for Tpu
+where
+    Tpu: Supports<P>,
+    for<'a> Tpu: HasBackend,
+{
+}
+
+/// [`Backend`], one step removed: the kernels part of a device's [`Runs`] impl, implemented for
+/// every `Backend`, so that rustc reports a refused cell before a missing backend.
+pub trait HasBackend: Backend {}
+
+impl<D: Backend> HasBackend for D {}
 
 /// Work that needs a device's kernels (a training run), started by [`launch`] for the precision
 /// and accelerator a user named at run time:
@@ -127,19 +183,7 @@ struct OnBackend<J>(J);
 impl<J: RunJob> Job for OnBackend<J> {
     type Output = Result<J::Output, Error>;
     fn run<P: Precision, D: Supports<P>>(self) -> Self::Output {
-        D::with_backend(WithPrecision::<J, P>(self.0, core::marker::PhantomData))?
-    }
-}
-
-struct WithPrecision<J, P>(J, core::marker::PhantomData<P>);
-
-impl<J: RunJob, P: Precision, D: Supports<P>> BackendJob<D> for WithPrecision<J, P> {
-    type Output = Result<J::Output, Error>;
-    fn run(self) -> Self::Output
-    where
-        D: Backend,
-    {
-        self.0.run::<P, D>()
+        D::with_backend::<P, J>(self.0)
     }
 }
 
@@ -264,10 +308,10 @@ pub fn dispatch<'a, J: Job>(
     Selection::parse(precision, accelerator)?.run(job)
 }
 
-/// Text explaining why a cell is refused and what to use instead, with `{Self}` filled in.
+/// Text explaining why a cell is refused and what to use instead, with `{D}` filled in.
 pub(crate) fn refusal(precision: PrecisionKind, device: DeviceKind) -> (String, String) {
     let (why, advice) = refusal_template(precision);
-    let fill = |s: &str| s.replace("{Self}", device.type_name());
+    let fill = |s: &str| s.replace("{D}", device.type_name());
     (fill(why), fill(advice))
 }
 
@@ -306,9 +350,12 @@ macro_rules! support_matrix {
     (@row $(#[$doc:meta])* $ty:ty, [$($dev:ident),*], $gate:ident, $why:literal, $label:literal, $advice:literal) => {
         $(#[$doc])*
         #[diagnostic::on_unimplemented(message = $why, label = $label, note = $advice)]
-        pub trait $gate: WithBackend {}
-        $(impl $gate for $dev {})*
-        impl<D: $gate> Supports<$ty> for D {}
+        pub trait $gate<D> {}
+        $(
+            #[diagnostic::do_not_recommend]
+            impl $gate<$dev> for ($ty, $dev) {}
+        )*
+        impl<D: WithBackend> Supports<$ty> for D where ($ty, D): $gate<D> {}
     };
     (@arms $p:ident, $d:ident, $job:ident, $kind:ident, $ty:ty, [$($dev:ident),*]) => {
         $(
@@ -329,40 +376,40 @@ impl PrecisionKind {
 }
 
 // THE SUPPORT MATRIX. One row per precision: the devices it runs on. A device missing from a row
-// is a refused cell; the row's texts say why and what to use instead ({Self} is the device).
+// is a refused cell; the row's texts say why and what to use instead ({D} is the device).
 support_matrix! {
     /// Devices that run 16-mixed. Missing: `Cpu` (fp16 autocast with loss scaling is a CUDA
     /// feature; CPUs get the same memory savings from bf16 without a scaler) and `Tpu` (XLA
     /// computes in bf16).
     Mixed16 = Mixed<F16> => [Gpu], gate RunsMixedF16,
-        refused "16-mixed (`Mixed<F16>`) does not run on `{Self}`: fp16 mixed precision with a dynamic gradient scaler needs a CUDA GPU",
+        refused "16-mixed (`Mixed<F16>`) does not run on `{D}`: fp16 mixed precision with a dynamic gradient scaler needs a CUDA GPU",
         label "16-mixed is GPU-only",
-        instead "use `Mixed<BF16>` (precision \"bf16-mixed\") on `{Self}`, or run `Mixed<F16>` on `Gpu`";
+        instead "use `Mixed<BF16>` (precision \"bf16-mixed\") on `{D}`, or run `Mixed<F16>` on `Gpu`";
     /// Devices that run bf16-mixed: all of them.
     MixedBf16 = Mixed<BF16> => [Cpu, Gpu, Tpu], gate RunsMixedBf16,
-        refused "bf16-mixed (`Mixed<BF16>`) does not run on `{Self}`",
+        refused "bf16-mixed (`Mixed<BF16>`) does not run on `{D}`",
         label "bf16-mixed is not available here",
-        instead "use `True<F32>` (precision \"32-true\") on `{Self}`";
+        instead "use `True<F32>` (precision \"32-true\") on `{D}`";
     /// Devices that run 16-true: all of them.
     True16 = True<F16> => [Cpu, Gpu, Tpu], gate RunsTrueF16,
-        refused "16-true (`True<F16>`) does not run on `{Self}`",
+        refused "16-true (`True<F16>`) does not run on `{D}`",
         label "16-true is not available here",
-        instead "use `True<F32>` (precision \"32-true\") on `{Self}`";
+        instead "use `True<F32>` (precision \"32-true\") on `{D}`";
     /// Devices that run bf16-true: all of them.
     TrueBf16 = True<BF16> => [Cpu, Gpu, Tpu], gate RunsTrueBf16,
-        refused "bf16-true (`True<BF16>`) does not run on `{Self}`",
+        refused "bf16-true (`True<BF16>`) does not run on `{D}`",
         label "bf16-true is not available here",
-        instead "use `True<F32>` (precision \"32-true\") on `{Self}`";
+        instead "use `True<F32>` (precision \"32-true\") on `{D}`";
     /// Devices that run 32-true: all of them.
     True32 = True<F32> => [Cpu, Gpu, Tpu], gate RunsTrueF32,
-        refused "32-true (`True<F32>`) does not run on `{Self}`",
+        refused "32-true (`True<F32>`) does not run on `{D}`",
         label "32-true is not available here",
-        instead "use `True<F64>` (precision \"64-true\") on `{Self}`";
+        instead "use `True<F64>` (precision \"64-true\") on `{D}`";
     /// Devices that run 64-true. Missing: `Tpu` (TPUs have no float64 arithmetic).
     True64 = True<F64> => [Cpu, Gpu], gate RunsTrueF64,
-        refused "64-true (`True<F64>`) does not run on `{Self}`: TPUs have no float64 arithmetic",
+        refused "64-true (`True<F64>`) does not run on `{D}`: TPUs have no float64 arithmetic",
         label "64-true is not available on TPUs",
-        instead "use `True<F32>` (precision \"32-true\") on `{Self}`, or run `True<F64>` on `Cpu` or `Gpu`";
+        instead "use `True<F32>` (precision \"32-true\") on `{D}`, or run `True<F64>` on `Cpu` or `Gpu`";
 }
 
 #[cfg(test)]

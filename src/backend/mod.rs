@@ -23,57 +23,60 @@ use crate::device::Gpu;
 use crate::device::{Cpu, Device, Tpu};
 use crate::dtype::{ComplexElement, Element, Float};
 use crate::error::Error;
+use crate::matrix::{RunJob, Supports};
+use crate::precision::Precision;
 
 pub use cpu::{
     GEMM_KERNEL_ENV, THREADS_ENV, gemm_kernel_from_env, kernel_name, num_threads, retain_freed_memory,
     set_num_threads, threads_from_env,
 };
 
-/// Work that needs a device's kernels; see [`WithBackend::with_backend`].
-pub trait BackendJob<D> {
-    /// What the job returns.
-    type Output;
-    /// Runs the job (only called for devices that have a backend).
-    fn run(self) -> Self::Output
-    where
-        D: Backend;
-}
-
-/// Every device: runs a [`BackendJob`] with its kernels where nbit has them, or says why not. Lets
-/// code generic over any `D: Supports<P>` (such as a [`Job`](crate::Job) from
-/// [`dispatch`](crate::dispatch)) reach `Trainer::fit`, which needs a [`Backend`];
+/// Every device: runs a [`RunJob`] with its kernels where this build has them, or says why not.
+/// Lets code generic over any `D: Supports<P>` (such as a [`Job`](crate::Job) from
+/// [`dispatch`](crate::dispatch)) reach `Trainer::fit`, which needs [`Runs<P>`](crate::Runs);
 /// [`launch`](crate::launch) is built on it.
 pub trait WithBackend: Device {
-    /// Runs `job` with this device's kernels, or returns why this device cannot run it (no
-    /// backend yet, no hardware).
-    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error>;
+    /// Runs `job` under `P` with this device's kernels, or returns why this device cannot run it
+    /// (no backend in this build, no hardware).
+    fn with_backend<P: Precision, J: RunJob>(job: J) -> Result<J::Output, Error>
+    where
+        Self: Supports<P>;
 }
 
 impl WithBackend for Cpu {
-    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error> {
-        Ok(job.run())
+    fn with_backend<P: Precision, J: RunJob>(job: J) -> Result<J::Output, Error>
+    where
+        Self: Supports<P>,
+    {
+        job.run::<P, Self>()
     }
 }
 
 /// For devices without a backend: the probe's reason, else that the backend is missing.
-fn no_backend<D: Device, T>(device: &'static str) -> Result<T, Error> {
+fn no_backend<D: Device, T>(device: &'static str, reason: &str) -> Result<T, Error> {
     D::probe()?;
     Err(Error::DeviceUnavailable {
         device,
-        reason: "nbit has no backend for it yet".into(),
+        reason: reason.into(),
     })
 }
 
 #[cfg(not(feature = "cuda"))]
 impl WithBackend for Gpu {
-    fn with_backend<J: BackendJob<Self>>(_job: J) -> Result<J::Output, Error> {
-        no_backend::<Self, _>("gpu")
+    fn with_backend<P: Precision, J: RunJob>(_job: J) -> Result<J::Output, Error>
+    where
+        Self: Supports<P>,
+    {
+        no_backend::<Self, _>("gpu", "nbit has no backend for it in this build")
     }
 }
 
 impl WithBackend for Tpu {
-    fn with_backend<J: BackendJob<Self>>(_job: J) -> Result<J::Output, Error> {
-        no_backend::<Self, _>("tpu")
+    fn with_backend<P: Precision, J: RunJob>(_job: J) -> Result<J::Output, Error>
+    where
+        Self: Supports<P>,
+    {
+        no_backend::<Self, _>("tpu", "nbit has no backend for it yet")
     }
 }
 

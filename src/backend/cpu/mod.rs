@@ -264,6 +264,8 @@ fn cast_slice_body<A: Float, B: Float>(src: &[A], dst: &mut [B]) {
     }
 }
 
+// Not listed in "the trait is implemented for" hints: the `Runs` error explains which devices have kernels.
+#[diagnostic::do_not_recommend]
 impl Backend for Cpu {
     type Storage<E: Element> = ArrayD<E>;
 

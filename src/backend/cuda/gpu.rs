@@ -491,6 +491,7 @@ fn as_bytes<T: Copy>(s: &[T]) -> &[u8] {
     unsafe { core::slice::from_raw_parts(s.as_ptr() as *const u8, size_of_val(s)) }
 }
 
+#[diagnostic::do_not_recommend]
 impl Backend for Gpu {
     type Storage<E: Element> = GpuStorage<E>;
 

@@ -32,9 +32,10 @@ pub use nvidia::TF32_ENV;
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use crate::backend::{BackendJob, WithBackend};
+use crate::backend::WithBackend;
 use crate::device::{Device, DeviceKind, Gpu};
 use crate::error::Error;
+use crate::{Precision, RunJob, Supports};
 
 impl Device for Gpu {
     const KIND: DeviceKind = DeviceKind::Gpu;
@@ -49,9 +50,12 @@ impl Device for Gpu {
 }
 
 impl WithBackend for Gpu {
-    fn with_backend<J: BackendJob<Self>>(job: J) -> Result<J::Output, Error> {
+    fn with_backend<P: Precision, J: RunJob>(job: J) -> Result<J::Output, Error>
+    where
+        Self: Supports<P>,
+    {
         Self::probe()?;
-        driver::catch(|| Ok(job.run()))
+        driver::catch(|| job.run::<P, Self>())
     }
 }
 
