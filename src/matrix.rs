@@ -189,14 +189,113 @@ impl<J: RunJob> Job for OnBackend<J> {
 
 /// Parses a precision and an accelerator as [`dispatch`] does, then runs `job` with the types
 /// and the device's kernels. Errors: an unknown string, a refused cell (with advice), or a device
-/// this build cannot run (no backend, no hardware), each as a value.
+/// this build cannot run (no backend, no hardware), each as a value. A legacy spelling (`"bf16"`,
+/// `16`) prints Lightning's notice on stderr, as the command line does; [`Selection::parse`] hands
+/// it to the caller instead. [`launch!`](crate::launch!) is the closure form.
 pub fn launch<'a, J: RunJob>(
     precision: impl Into<PrecisionInput<'a>>,
     accelerator: &str,
     job: J,
 ) -> Result<J::Output, Error> {
-    Selection::parse(precision, accelerator)?.launch(job)
+    Selection::parse_noted(precision, accelerator)?.launch(job)
 }
+
+/// Runs an expression with the precision and device types a user named as strings: the closure
+/// form of [`launch()`].
+///
+/// `nbit::launch!(precision, accelerator, |P, D| body)` parses both values as [`launch()`] does,
+/// then evaluates `body` with `P` and `D` naming the chosen types (`D: Runs<P>` holds). `body`
+/// returns `Result<T, nbit::Error>`, and so does the macro, with the same errors as `launch`.
+///
+/// ```
+/// use nbit::prelude::*;
+/// use nbit::data::{DataLoader, Dataset};
+/// use nbit::nn::Task;
+/// use nbit::optim::{Optimization, Sgd};
+///
+/// fn train<P: Precision, D: Runs<P>>(data: &DataLoader) -> Result<f64, Error> {
+///     let trainer = Trainer::<P, D>::builder().max_epochs(2).enable_progress_bar(false).build()?;
+///     let opt = Optimization::new(Sgd::new(0.1));
+///     let mut model = trainer.init_module(|ctx| MlpModel::new(ctx, &[2, 4, 2], Task::Classification, opt))?;
+///     Ok(trainer.fit(&mut model, data, None)?.history.len() as f64)
+/// }
+/// let x = nbit::ndarray::array![[0.0, 1.0], [1.0, 0.0]];
+/// let data = DataLoader::new(Dataset::classification(x, vec![0, 1])?, 1)?;
+///
+/// let steps = nbit::launch!("bf16-mixed", "cpu", |P, D| train::<P, D>(&data))?;
+/// assert_eq!(steps, 4.0);
+/// let name = nbit::launch!(64, "cpu", |P, D| Ok(format!("{} on {}", P::NAME, D::KIND)))?;
+/// assert_eq!(name, "64-true on cpu");
+/// let refused = nbit::launch!("16-mixed", "cpu", |P, D| train::<P, D>(&data)).unwrap_err();
+/// assert!(refused.to_string().contains("bf16-mixed"));
+/// # Ok::<(), nbit::Error>(())
+/// ```
+///
+/// Rust has no generic closures, so the macro writes one arm per cell this build can run, each a
+/// plain closure over that cell's concrete types: `body` borrows or moves local variables as a
+/// closure does, is compiled once per cell, and must return the same type in every cell. For a
+/// job that needs a name or its own type parameters, implement [`RunJob`].
+#[macro_export]
+macro_rules! launch {
+    ($precision:expr, $accelerator:expr, |$p:ident, $d:ident| $body:expr $(,)?) => {
+        $crate::matrix::Selection::parse_noted($precision, $accelerator).and_then(
+            |__nbit_selection: $crate::matrix::Selection| {
+                $crate::__launch_cell!(__nbit_selection, MixedBf16 = Mixed<BF16> on Cpu, $p, $d, $body);
+                $crate::__launch_cell!(__nbit_selection, TrueBf16 = True<BF16> on Cpu, $p, $d, $body);
+                $crate::__launch_cell!(__nbit_selection, True16 = True<F16> on Cpu, $p, $d, $body);
+                $crate::__launch_cell!(__nbit_selection, True32 = True<F32> on Cpu, $p, $d, $body);
+                $crate::__launch_cell!(__nbit_selection, True64 = True<F64> on Cpu, $p, $d, $body);
+                $crate::__launch_gpu_cells!(__nbit_selection, $p, $d, $body);
+                ::core::result::Result::Err(__nbit_selection.unlaunched())
+            },
+        )
+    };
+}
+
+/// One arm of [`launch!`]: runs `body` with `P` and `D` when the selection is this cell. The
+/// arm fails to compile if the cell lacks `Runs`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __launch_cell {
+    ($sel:ident, $kind:ident = $prec:ident<$dt:ident> on $dev:ident, $p:ident, $d:ident, $body:expr) => {
+        if $sel.precision() == $crate::PrecisionKind::$kind && $sel.device() == $crate::DeviceKind::$dev {
+            #[allow(non_camel_case_types, dead_code)]
+            type $p = $crate::$prec<$crate::$dt>;
+            #[allow(non_camel_case_types, dead_code)]
+            type $d = $crate::$dev;
+            $crate::matrix::assert_runs::<$p, $d>();
+            return (|| $body)();
+        }
+    };
+}
+
+/// The GPU's arms of [`launch!`]: none without the `cuda` feature (the selection's error then
+/// says to build with it).
+#[cfg(not(feature = "cuda"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __launch_gpu_cells {
+    ($sel:ident, $p:ident, $d:ident, $body:expr) => {};
+}
+
+/// The GPU's arms of [`launch!`].
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __launch_gpu_cells {
+    ($sel:ident, $p:ident, $d:ident, $body:expr) => {
+        $crate::__launch_cell!($sel, Mixed16 = Mixed<F16> on Gpu, $p, $d, $body);
+        $crate::__launch_cell!($sel, MixedBf16 = Mixed<BF16> on Gpu, $p, $d, $body);
+        $crate::__launch_cell!($sel, TrueBf16 = True<BF16> on Gpu, $p, $d, $body);
+        $crate::__launch_cell!($sel, True16 = True<F16> on Gpu, $p, $d, $body);
+        $crate::__launch_cell!($sel, True32 = True<F32> on Gpu, $p, $d, $body);
+        $crate::__launch_cell!($sel, True64 = True<F64> on Gpu, $p, $d, $body);
+    };
+}
+
+/// Compiles only for a cell with `Runs`: [`launch!`]'s check of its own arms.
+#[doc(hidden)]
+pub fn assert_runs<P: Precision, D: Runs<P>>() {}
 
 /// A generic computation over a precision and device, run by [`dispatch`] for the pair a user
 /// named at run time.
@@ -269,6 +368,42 @@ impl Selection {
         Ok(sel)
     }
 
+    /// [`Selection::parse`], then Lightning's notice for a legacy spelling printed on stderr as
+    /// `note: ...` (what [`launch()`], [`dispatch`] and the command line do).
+    pub fn parse_noted<'a>(
+        precision: impl Into<PrecisionInput<'a>>,
+        accelerator: &str,
+    ) -> Result<Self, Error> {
+        let sel = Selection::parse(precision, accelerator)?;
+        if let Some(n) = sel.notice() {
+            eprintln!("note: {n}");
+        }
+        Ok(sel)
+    }
+
+    /// Why [`launch!`](crate::launch!) has no arm for this selection: the device's error (no
+    /// backend in this build, no hardware), as [`launch()`] returns it.
+    #[doc(hidden)]
+    pub fn unlaunched(&self) -> Error {
+        struct Nothing;
+        impl RunJob for Nothing {
+            type Output = ();
+            fn run<P: Precision, D: Runs<P>>(self) -> Result<(), Error> {
+                Ok(())
+            }
+        }
+        match self.launch(Nothing) {
+            Err(e) => e,
+            Ok(()) => Error::DeviceUnavailable {
+                device: self.device.name(),
+                reason: format!(
+                    "nbit::launch! has no arm for {} on it (a bug in nbit)",
+                    self.precision.name()
+                ),
+            },
+        }
+    }
+
     /// The precision chosen.
     pub fn precision(&self) -> PrecisionKind {
         self.precision
@@ -298,14 +433,14 @@ impl Selection {
 /// Maps a precision value and an accelerator string to their types and runs `job` with them.
 ///
 /// Every error is a value: an unknown string lists the valid ones; a refused pair carries the
-/// same explanation and advice as the compile error for the same types. Use [`Selection::parse`]
-/// to see the notice Lightning prints for legacy spellings.
+/// same explanation and advice as the compile error for the same types. A legacy spelling prints
+/// Lightning's notice on stderr, as [`launch()`] does; [`Selection::parse`] returns it instead.
 pub fn dispatch<'a, J: Job>(
     precision: impl Into<PrecisionInput<'a>>,
     accelerator: &str,
     job: J,
 ) -> Result<J::Output, Error> {
-    Selection::parse(precision, accelerator)?.run(job)
+    Selection::parse_noted(precision, accelerator)?.run(job)
 }
 
 /// Text explaining why a cell is refused and what to use instead, with `{D}` filled in.

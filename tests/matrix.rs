@@ -245,3 +245,79 @@ fn trainers_on_absent_hardware_are_errors() {
         }
     }
 }
+
+#[test]
+fn the_launch_macro_reaches_every_cell_this_build_runs_and_refuses_the_rest_as_launch_does() {
+    let data = [1.0_f64, 2.0]; // borrowed by the body below, as a closure would
+    for p in PrecisionKind::ALL {
+        for d in DeviceKind::ALL {
+            let got = nbit::launch!(p.name(), d.name(), |P, D| Ok((P::NAME, D::KIND, data.len())));
+            struct Same;
+            impl RunJob for Same {
+                type Output = (&'static str, DeviceKind, usize);
+                fn run<P: Precision, D: Runs<P>>(self) -> Result<Self::Output, nbit::Error> {
+                    Ok((P::NAME, D::KIND, 2))
+                }
+            }
+            let want = nbit::launch(p.name(), d.name(), Same);
+            match (&got, &want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, w),
+                (Err(g), Err(w)) => assert_eq!(g.to_string(), w.to_string()),
+                _ => panic!("{p} on {d}: launch! gave {got:?}, launch gave {want:?}"),
+            }
+            // Every CPU cell the matrix allows runs in every build.
+            if d == DeviceKind::Cpu {
+                assert_eq!(got.is_ok(), p.supported_on(d), "{p} on {d}: {got:?}");
+            }
+        }
+    }
+    // The body may move what it captures: one arm runs, so one move happens.
+    let owned = String::from("moved");
+    let n = nbit::launch!("32-true", "cpu", |P, D| Ok(owned.len() + P::MODEL_BITS as usize)).unwrap();
+    assert_eq!(n, 5 + 32);
+}
+
+/// The child half of the test below: launches with a legacy spelling and exits.
+#[test]
+fn legacy_spelling_child() {
+    if std::env::var_os("NBIT_TEST_LEGACY_CHILD").is_none() {
+        return;
+    }
+    let name = nbit::launch!("bf16", "cpu", |P, D| Ok(P::NAME)).unwrap();
+    assert_eq!(name, "bf16-mixed");
+    struct Name;
+    impl RunJob for Name {
+        type Output = &'static str;
+        fn run<P: Precision, D: Runs<P>>(self) -> Result<&'static str, nbit::Error> {
+            Ok(P::NAME)
+        }
+    }
+    assert_eq!(nbit::launch("bf16", "cpu", Name).unwrap(), "bf16-mixed");
+}
+
+#[test]
+fn launch_prints_lightnings_notice_for_a_legacy_spelling_as_the_command_line_does() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "matrix::legacy_spelling_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("NBIT_TEST_LEGACY_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let notes: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("note: precision"))
+        .collect();
+    assert_eq!(notes.len(), 2, "{stderr}");
+    assert!(
+        notes[0].contains("'bf16'") && notes[0].contains("'bf16-mixed'"),
+        "{}",
+        notes[0]
+    );
+    assert_eq!(notes[0], notes[1]);
+}

@@ -68,16 +68,6 @@ fn train<P: Precision, D: Runs<P>>(data: &DataLoader) -> Result<(f64, f64), Erro
     Ok((before, trainer.validate(&mut model, data)?.loss()))
 }
 
-/// Calls `train` with the types a run-time choice names.
-struct Train(DataLoader);
-
-impl RunJob for Train {
-    type Output = (f64, f64);
-    fn run<P: Precision, D: Runs<P>>(self) -> Result<(f64, f64), Error> {
-        train::<P, D>(&self.0)
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let precision = args.first().map_or("bf16-mixed", String::as_str);
@@ -88,7 +78,8 @@ fn main() {
     let y = nbit::ndarray::Array2::from_shape_fn((128, 1), |(i, _)| (1.5 * xs[i]).sin());
     let run = Dataset::regression(x, y)
         .and_then(|ds| DataLoader::new(ds, 32))
-        .and_then(|data| nbit::launch(precision, accelerator, Train(data)));
+        // `launch!` calls `train` with the types the two strings name.
+        .and_then(|data| nbit::launch!(precision, accelerator, |P, D| train::<P, D>(&data)));
     match run {
         Ok((before, after)) => {
             println!("{precision} on {accelerator}: mean absolute error {before:.4} -> {after:.4}");

@@ -82,10 +82,7 @@ fn main() -> ExitCode {
         let precision = saved.map_or(plan.opts.precision.as_deref().unwrap_or("32-true"), |(p, _)| {
             p.name()
         });
-        let sel = Selection::parse(precision, plan.opts.accelerator.as_deref().unwrap_or("auto"))?;
-        if let Some(n) = sel.notice() {
-            eprintln!("note: {n}");
-        }
+        let sel = Selection::parse_noted(precision, plan.opts.accelerator.as_deref().unwrap_or("auto"))?;
         let outputs = (
             plan.opts.json,
             plan.opts.log_csv.clone(),
