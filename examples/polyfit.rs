@@ -49,7 +49,7 @@ struct Linear<P: Precision> {
 
 impl<P: Precision> Model<P> for Linear<P> {
     fn training_step(&mut self, _: &Autocast<P>, b: &Batch, _: &StepInfo) -> Result<Tensor<P::Full>, Error> {
-        let pred = b.features::<P::Param, Cpu>().matmul(self.u.value())?;
+        let pred = b.input::<P, Cpu>().matmul(self.u.value())?;
         Ok(pred
             .mse_loss(&b.values::<P::Param, Cpu>().expect("targets"))?
             .cast::<P::Full>())
@@ -72,9 +72,7 @@ impl<P: Precision> Model<P> for Linear<P> {
         })
     }
     fn predict_step(&mut self, _: &Autocast<P>, b: &Batch) -> Result<Tensor<P::Full>, Error> {
-        Ok(b.features::<P::Param, Cpu>()
-            .matmul(self.u.value())?
-            .cast::<P::Full>())
+        Ok(b.input::<P, Cpu>().matmul(self.u.value())?.cast::<P::Full>())
     }
     fn configure_optimizers(&self) -> Optimization {
         // The loss's Hessian is (2/m) Q^T Q = (2/m) I, so lr = m/4 halves the error every step.

@@ -407,6 +407,31 @@ fn permutation(n: usize, seed: u64) -> Vec<usize> {
 }
 
 /// One batch of rows.
+///
+/// Which dtype to read it in follows one rule, Lightning's: **a model's input is in the dtype of
+/// its parameters, `P::Param`** ([`Batch::input`]). Under a mixed precision that is f32 (the
+/// master weights), and autocast casts to the 16-bit compute dtype inside each matmul-class op,
+/// as PyTorch's autocast does with an f32 input; under a true precision it is the precision's own
+/// dtype, as Lightning's `convert_input` casts the batch. Regression targets meet the output in
+/// the loss, so read them in `P::Full`, the dtype losses are computed in
+/// (`batch.values::<P::Full, D>()`, as the built-in models do).
+///
+/// | precision | `input::<P, D>()` | activations | targets (`P::Full`) |
+/// |---|---|---|---|
+/// | 16-mixed, bf16-mixed | f32 | f16 / bf16 in matmuls, f32 elsewhere | f32 |
+/// | 16-true, bf16-true | f16 / bf16 | f16 / bf16 | f32 |
+/// | 32-true | f32 | f32 | f32 |
+/// | 64-true | f64 | f64 | f64 |
+///
+/// ```
+/// use nbit::prelude::*;
+/// use nbit::data::{Batch, Dataset};
+/// let batch = Batch::from(Dataset::classification(nbit::ndarray::array![[0.5, 1.0]], vec![1])?);
+/// assert_eq!(batch.input::<Mixed<BF16>, Cpu>().dtype(), DType::F32);
+/// assert_eq!(batch.input::<True<BF16>, Cpu>().dtype(), DType::BF16);
+/// assert_eq!(batch.input::<True<F64>, Cpu>().dtype(), DType::F64);
+/// # Ok::<(), nbit::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     data: Dataset,
@@ -430,7 +455,14 @@ impl Batch {
         self.data.is_empty()
     }
 
-    /// The features as a `[rows, features]` tensor of `E` (rounded once from f64).
+    /// The features as a model's input under `P`: a `[rows, features]` tensor of `P::Param`,
+    /// the dtype Lightning hands a model (see [`Batch`]).
+    pub fn input<P: Precision, D: Backend>(&self) -> Tensor<P::Param, D> {
+        self.features::<P::Param, D>()
+    }
+
+    /// The features as a `[rows, features]` tensor of `E` (rounded once from f64). For a model's
+    /// input, [`Batch::input`] picks `E` by Lightning's rule.
     pub fn features<E: Float, D: Backend>(&self) -> Tensor<E, D> {
         Tensor::from_array(self.data.features.mapv(E::from_f64).into_dyn())
     }
@@ -443,7 +475,8 @@ impl Batch {
         }
     }
 
-    /// The regression targets as a `[rows, outputs]` tensor of `E`, for regression data.
+    /// The regression targets as a `[rows, outputs]` tensor of `E`, for regression data (read
+    /// them in `P::Full`, the loss's dtype; see [`Batch`]).
     pub fn values<E: Float, D: Backend>(&self) -> Option<Tensor<E, D>> {
         match &self.data.targets {
             Targets::Values(v) => Some(Tensor::from_array(v.mapv(E::from_f64).into_dyn())),

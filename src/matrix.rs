@@ -127,24 +127,12 @@ pub trait Runs<P: Precision>: Supports<P> + Backend {}
 // reaches it after the gate and the matrix's explanation is the first error.
 // (Written out rather than generated, so that rustc's "`Runs<P>` is implemented for `Cpu`" hint
 // shows this line, not a macro.)
-impl<P: Precision> Runs<P> for Cpu
-where
-    Cpu: Supports<P>,
-    for<'a> Cpu: HasBackend,
-{
-}
-impl<P: Precision> Runs<P> for Gpu
-where
-    Gpu: Supports<P>,
-    for<'a> Gpu: HasBackend,
-{
-}
-impl<P: Precision> Runs<P> for Tpu
-where
-    Tpu: Supports<P>,
-    for<'a> Tpu: HasBackend,
-{
-}
+#[rustfmt::skip]
+impl<P: Precision> Runs<P> for Cpu where Cpu: Supports<P>, for<'a> Cpu: HasBackend {}
+#[rustfmt::skip]
+impl<P: Precision> Runs<P> for Gpu where Gpu: Supports<P>, for<'a> Gpu: HasBackend {}
+#[rustfmt::skip]
+impl<P: Precision> Runs<P> for Tpu where Tpu: Supports<P>, for<'a> Tpu: HasBackend {}
 
 /// [`Backend`], one step removed: the kernels part of a device's [`Runs`] impl, implemented for
 /// every `Backend`, so that rustc reports a refused cell before a missing backend.

@@ -394,7 +394,10 @@ impl<P: Precision, D: Backend> Module<P, D> for Sequential<P, D> {
 
 impl<P: Precision, D: Backend> Model<P, D> for Sequential<P, D> {
     fn forward(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error> {
-        Ok(Module::forward(self, ac, &batch.features::<P::Compute, D>())?.cast())
+        // The input as Lightning hands it over (`P::Param`), then rounded once to the activations'
+        // dtype, as autocast rounds an f32 input at the first matmul-class layer.
+        let x = batch.input::<P, D>().cast::<P::Compute>();
+        Ok(Module::forward(self, ac, &x)?.cast())
     }
     fn configure_optimizers(&self) -> Optimization {
         self.optimization

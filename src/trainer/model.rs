@@ -81,7 +81,7 @@ impl Metrics {
 ///
 /// impl<P: Precision> Model<P> for Logistic<P> {
 ///     fn forward(&mut self, ac: &Autocast<P>, batch: &Batch) -> Result<Tensor<P::Full>, Error> {
-///         Ok(self.layer.forward(ac, &batch.features::<P::Param, Cpu>())?.cast())
+///         Ok(self.layer.forward(ac, &batch.input::<P, Cpu>())?.cast())
 ///     }
 ///     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param>> { self.layer.parameters_mut() }
 ///     fn configure_optimizers(&self) -> Optimization { Optimization::new(Sgd::new(0.5)) }
@@ -225,7 +225,7 @@ impl<P: Precision, D: Backend> MlpModel<P, D> {
 
 impl<P: Precision, D: Backend> Model<P, D> for MlpModel<P, D> {
     fn forward(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error> {
-        Ok(self.net.forward(ac, &batch.features::<P::Param, D>())?.cast())
+        Ok(self.net.forward(ac, &batch.input::<P, D>())?.cast())
     }
 
     /// The network's task decides the loss (cross-entropy or MSE); a batch with the other kind of

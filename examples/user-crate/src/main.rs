@@ -27,7 +27,7 @@ impl<P: Precision, D: Backend> Residual<P, D> {
 
 impl<P: Precision, D: Backend> Model<P, D> for Residual<P, D> {
     fn forward(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error> {
-        let h = self.inp.forward(ac, &batch.features::<P::Param, D>())?.tanh();
+        let h = self.inp.forward(ac, &batch.input::<P, D>())?.tanh();
         let h = h.add(&self.mid.forward(ac, &h)?.tanh())?;
         Ok(self.out.forward(ac, &h)?.cast())
     }
