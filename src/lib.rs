@@ -259,8 +259,8 @@ pub use precision::{
     parse_precision,
 };
 pub use trainer::{
-    ClipAlgorithm, EarlyStopping, FitReport, Metrics, MlpModel, Mode, Model, ModelCheckpoint, Monitor,
-    StepInfo, StepLog, Summary, Trainer, TrainerBuilder, TrainerConfig, mlp_sizes, saved_precision,
+    ClipAlgorithm, EarlyStopping, FitReport, LayerSummary, Metrics, MlpModel, Mode, Model, ModelCheckpoint,
+    Monitor, StepInfo, StepLog, Summary, Trainer, TrainerBuilder, TrainerConfig, mlp_sizes, saved_precision,
     write_atomic,
 };
 

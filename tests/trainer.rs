@@ -529,7 +529,12 @@ fn summary_counts_parameters_and_sizes_by_lightnings_rule() {
     let t = quiet::<Mixed<BF16>>().build().unwrap();
     let mut m = mlp(&t, Optimization::new(AdamW::default()));
     let s = t.summary(&mut m);
-    assert_eq!(s.layers, [("0".to_string(), 80), ("2".to_string(), 51)]);
+    let rows: Vec<(&str, &str, usize)> = s
+        .layers
+        .iter()
+        .map(|l| (l.name.as_str(), l.kind.as_str(), l.params))
+        .collect();
+    assert_eq!(rows, [("0", "Linear", 80), ("1", "ReLU", 0), ("2", "Linear", 51)]);
     assert_eq!(s.total, 131);
     assert_eq!(
         s.size_mb,
@@ -542,7 +547,14 @@ fn summary_counts_parameters_and_sizes_by_lightnings_rule() {
             .size_mb,
         131.0 * 2.0 / 1e6
     );
-    assert!(s.to_string().contains("131 trainable params"));
+    let text = s.to_string();
+    assert!(text.contains("\n1 | 1    | ReLU   | 0\n"), "{text}");
+    assert!(
+        text.contains(
+            "\n131       Trainable params\n0         Non-trainable params\n131       Total params\n"
+        ),
+        "{text}"
+    );
 }
 
 #[test]

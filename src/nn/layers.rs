@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::optim::{AdamW, Optimization};
 use crate::precision::Precision;
 use crate::tensor::{ConvOptions, Tensor};
-use crate::trainer::Model;
+use crate::trainer::{LayerSummary, Model};
 
 type Act<P, D> = Tensor<<P as Precision>::Compute, D>;
 
@@ -37,6 +37,18 @@ pub trait Module<P: Precision, D: Backend = Cpu> {
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
         Vec::new()
     }
+
+    /// The layer's type in a model summary. Default: the Rust type's name without its path or
+    /// type parameters (`Conv2d`); nbit's activations give PyTorch's (`ReLU`, `GELU`).
+    fn kind(&self) -> &'static str {
+        short_type_name(core::any::type_name::<Self>())
+    }
+}
+
+/// `a::b::Name<X, Y>` as `Name`.
+fn short_type_name(full: &'static str) -> &'static str {
+    let plain = full.split('<').next().unwrap_or(full);
+    plain.rsplit("::").next().unwrap_or(plain)
 }
 
 impl<P: Precision, D: Backend> Module<P, D> for Linear<P, D> {
@@ -245,7 +257,7 @@ impl<P: Precision, D: Backend> Module<P, D> for Dropout {
 }
 
 macro_rules! activations {
-    ($($(#[$doc:meta])* $name:ident => $method:ident;)*) => {$(
+    ($($(#[$doc:meta])* $name:ident => $method:ident, $torch:literal;)*) => {$(
         $(#[$doc])*
         #[derive(Clone, Copy, Debug, Default)]
         pub struct $name;
@@ -254,21 +266,24 @@ macro_rules! activations {
             fn forward(&self, _ac: &Autocast<P, D>, x: &Act<P, D>) -> Result<Act<P, D>, Error> {
                 Ok(x.$method())
             }
+            fn kind(&self) -> &'static str {
+                $torch
+            }
         }
     )*};
 }
 
 activations! {
     /// `torch.nn.ReLU`.
-    Relu => relu;
+    Relu => relu, "ReLU";
     /// `torch.nn.GELU()` (exact).
-    Gelu => gelu;
+    Gelu => gelu, "GELU";
     /// `torch.nn.GELU(approximate='tanh')`.
-    GeluTanh => gelu_tanh;
+    GeluTanh => gelu_tanh, "GELU";
     /// `torch.nn.Tanh`.
-    Tanh => tanh;
+    Tanh => tanh, "Tanh";
     /// `torch.nn.Sigmoid`.
-    Sigmoid => sigmoid;
+    Sigmoid => sigmoid, "Sigmoid";
 }
 
 /// Reshapes every row: `[batch, ...]` to `[batch, shape...]` (`torch.nn.Unflatten(1, shape)`
@@ -393,6 +408,16 @@ impl<P: Precision, D: Backend> Module<P, D> for Sequential<P, D> {
 }
 
 impl<P: Precision, D: Backend> Model<P, D> for Sequential<P, D> {
+    fn layers(&mut self) -> Vec<LayerSummary> {
+        self.modules
+            .iter_mut()
+            .enumerate()
+            .map(|(i, m)| {
+                let params = m.parameters_mut().iter().map(|p| p.numel()).sum();
+                LayerSummary::new(i.to_string(), m.kind(), params)
+            })
+            .collect()
+    }
     fn forward(&mut self, ac: &Autocast<P, D>, batch: &Batch) -> Result<Tensor<P::Full, D>, Error> {
         // The input as Lightning hands it over (`P::Param`), then rounded once to the activations'
         // dtype, as autocast rounds an f32 input at the first matmul-class layer.

@@ -236,6 +236,27 @@ impl<P: Precision, D: Backend> Mlp<P, D> {
             .flat_map(|l| [&mut l.weight, &mut l.bias])
             .collect()
     }
+
+    /// The summary's rows, as PyTorch's `Sequential(Linear, ReLU, ..., Linear)` names them.
+    pub fn layers(&self) -> Vec<crate::trainer::LayerSummary> {
+        let mut rows = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let params = l.weight.numel() + l.bias.numel();
+            rows.push(crate::trainer::LayerSummary::new(
+                (2 * i).to_string(),
+                "Linear",
+                params,
+            ));
+            if i + 1 < self.layers.len() {
+                rows.push(crate::trainer::LayerSummary::new(
+                    (2 * i + 1).to_string(),
+                    "ReLU",
+                    0,
+                ));
+            }
+        }
+        rows
+    }
 }
 
 /// The index of the first largest value (as `torch.argmax`); 0 for an empty row.

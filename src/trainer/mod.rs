@@ -39,7 +39,7 @@ use crate::{Device, Runs};
 
 pub use callbacks::{EarlyStopping, Mode, ModelCheckpoint, Monitor};
 pub use checkpoint::{mlp_sizes, saved_precision, write_atomic};
-pub use model::{Metrics, MlpModel, Model, StepInfo};
+pub use model::{LayerSummary, Metrics, MlpModel, Model, StepInfo};
 
 /// How gradients are clipped (Lightning's `gradient_clip_algorithm`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -840,7 +840,8 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
     /// its `configure_optimizers` will hold.
     pub fn summary<M: Model<P, D>>(&self, model: &mut M) -> Summary {
         let optimization = model.configure_optimizers();
-        Summary::new::<P, D>(&params(model), &optimization)
+        let layers = model.layers();
+        Summary::new::<P, D>(layers, &params(model), &optimization)
     }
 
     /// Writes the parameters as a safetensors file with PyTorch's `state_dict` names, in their
@@ -1142,12 +1143,33 @@ fn clip<E: Float, D: Backend>(
     }
 }
 
-/// Parameter counts per layer and the model size by Lightning's rule: count × the precision's bits
-/// (32 for the mixed precisions) / 8 / 1e6 MB.
+/// A model summary: Lightning's `ModelSummary` table, its totals, and the optimizer state. The
+/// model size follows Lightning's rule: parameters × the precision's bits (32 for the mixed
+/// precisions, whose weights are f32) / 8 / 1e6 MB.
+///
+/// ```
+/// use nbit::prelude::*;
+/// use nbit::nn::Task;
+/// use nbit::optim::{AdamW, Optimization};
+/// let trainer = Trainer::<Mixed<BF16>, Cpu>::new()?;
+/// let mut model = trainer.init_module(|ctx| {
+///     MlpModel::new(ctx, &[4, 8, 3], Task::Classification, Optimization::new(AdamW::default()))
+/// })?;
+/// let summary = trainer.summary(&mut model);
+/// assert_eq!(summary.to_string().lines().take(5).collect::<Vec<_>>(), [
+///     "  | Name | Type   | Params",
+///     "--------------------------",
+///     "0 | 0    | Linear | 40",
+///     "1 | 1    | ReLU   | 0",
+///     "2 | 2    | Linear | 27",
+/// ]);
+/// assert!(summary.to_string().contains("67        Trainable params"));
+/// # Ok::<(), nbit::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
-    /// `(layer, parameters)` in order; a layer is the name before the last dot.
-    pub layers: Vec<(String, usize)>,
+    /// The model's layers in order, parameterless ones included ([`Model::layers`]).
+    pub layers: Vec<LayerSummary>,
     /// All parameters.
     pub total: usize,
     /// Estimated size in MB.
@@ -1163,17 +1185,10 @@ pub struct Summary {
 
 impl Summary {
     fn new<P: Precision, D: Backend>(
+        layers: Vec<LayerSummary>,
         params: &[&Parameter<P::Param, D>],
         optimization: &Optimization,
     ) -> Self {
-        let mut layers: Vec<(String, usize)> = Vec::new();
-        for p in params {
-            let layer = p.name().rsplit_once('.').map_or(p.name(), |(l, _)| l).to_owned();
-            match layers.last_mut() {
-                Some((l, n)) if *l == layer => *n += p.numel(),
-                _ => layers.push((layer, p.numel())),
-            }
-        }
         let total = params.iter().map(|p| p.numel()).sum::<usize>();
         Summary {
             layers,
@@ -1190,21 +1205,50 @@ impl Summary {
     }
 }
 
+/// A parameter count as Lightning prints it (`get_human_readable_count`): `131`, `38.3 K`, `123 K`,
+/// `1.2 M`.
+pub(crate) fn readable_count(n: usize) -> String {
+    const UNITS: [&str; 5] = [" ", "K", "M", "B", "T"];
+    let digits = if n == 0 { 1 } else { n.ilog10() as usize + 1 };
+    let groups = digits.div_ceil(3).min(UNITS.len());
+    let scaled = n as f64 / 10f64.powi(3 * (groups as i32 - 1));
+    if groups == 1 || scaled >= 100.0 {
+        format!("{} {}", scaled as u64, UNITS[groups - 1])
+    } else {
+        format!("{scaled:.1} {}", UNITS[groups - 1])
+    }
+}
+
 impl core::fmt::Display for Summary {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        writeln!(f, "  | Name | Params")?;
-        for (i, (name, n)) in self.layers.iter().enumerate() {
-            writeln!(f, "{i:<2}| {name:<4} | {n}")?;
+        let counts: Vec<String> = self.layers.iter().map(|l| readable_count(l.params)).collect();
+        let width =
+            |header: &str, cells: &mut dyn Iterator<Item = usize>| cells.fold(header.len(), usize::max);
+        let wi = (self.layers.len().max(1) - 1).to_string().len();
+        let wn = width("Name", &mut self.layers.iter().map(|l| l.name.len()));
+        let wt = width("Type", &mut self.layers.iter().map(|l| l.kind.len()));
+        let wp = width("Params", &mut counts.iter().map(String::len));
+        let header = format!("{:wi$} | {:wn$} | {:wt$} | {:wp$}", "", "Name", "Type", "Params");
+        let rule = "-".repeat(header.len());
+        writeln!(f, "{}", header.trim_end())?;
+        writeln!(f, "{rule}")?;
+        for (i, (l, n)) in self.layers.iter().zip(&counts).enumerate() {
+            let row = format!("{i:<wi$} | {:wn$} | {:wt$} | {n:wp$}", l.name, l.kind);
+            writeln!(f, "{}", row.trim_end())?;
         }
-        writeln!(f, "{} trainable params", self.total)?;
-        write!(
+        writeln!(f, "{rule}")?;
+        let total = readable_count(self.total);
+        writeln!(f, "{total:<10}Trainable params")?;
+        writeln!(f, "{:<10}Non-trainable params", readable_count(0))?;
+        writeln!(f, "{total:<10}Total params")?;
+        writeln!(
             f,
-            "{:.3} Total estimated model params size (MB) under {}",
+            "{:<10.3}Total estimated model params size (MB) under {}",
             self.size_mb, self.precision
         )?;
         write!(
             f,
-            "\n{:.3} Optimizer state size (MB) ({})",
+            "{:<10.3}Optimizer state size (MB) ({})",
             self.optimizer_state_bytes as f64 / 1e6,
             self.optimizer
         )
@@ -1220,6 +1264,25 @@ fn params<P: Precision, D: Backend, M: Model<P, D>>(model: &mut M) -> Vec<&Param
 mod tests {
     use super::*;
     use crate::{Cpu, F32, Mixed, True};
+
+    #[test]
+    fn parameter_counts_read_as_lightning_prints_them() {
+        // Lightning's get_human_readable_count for the same numbers.
+        let cases = [
+            (0, "0  "),
+            (131, "131  "),
+            (999, "999  "),
+            (1000, "1.0 K"),
+            (4640, "4.6 K"),
+            (38282, "38.3 K"),
+            (123_456, "123 K"),
+            (1_234_567, "1.2 M"),
+            (9_999_999_999, "10.0 B"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(readable_count(n), want, "{n}");
+        }
+    }
 
     #[test]
     fn defaults_are_lightnings() {

@@ -183,6 +183,45 @@ pub trait Model<P: Precision, D: Backend = Cpu> {
     /// The trainable parameters, in a fixed order (their names are the checkpoint's keys). The
     /// trainer reads and updates them through this one list.
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>>;
+
+    /// The rows of [`Trainer::summary`](crate::Trainer::summary): each layer's name, type and
+    /// parameter count, parameterless layers included (Lightning's `ModelSummary`). Default: one
+    /// row per parameter-name prefix (`"0"` for `0.weight` and `0.bias`), of unknown type (`-`), as
+    /// the parameter list cannot tell a type or see a layer without parameters; [`Sequential`]
+    /// (crate::nn::Sequential) and [`MlpModel`] list their layers.
+    fn layers(&mut self) -> Vec<LayerSummary> {
+        let mut rows: Vec<LayerSummary> = Vec::new();
+        for p in self.parameters_mut() {
+            let name = p.name().rsplit_once('.').map_or(p.name(), |(l, _)| l);
+            match rows.last_mut() {
+                Some(row) if row.name == name => row.params += p.numel(),
+                _ => rows.push(LayerSummary::new(name, "-", p.numel())),
+            }
+        }
+        rows
+    }
+}
+
+/// One row of a model summary: a layer's name, its type and its parameter count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerSummary {
+    /// The layer's name (its parameters' prefix, or its index in a `Sequential`).
+    pub name: String,
+    /// The layer's type, as PyTorch names it (`Linear`, `ReLU`), or `-` where unknown.
+    pub kind: String,
+    /// Its trainable parameters (0 for an activation, a reshape).
+    pub params: usize,
+}
+
+impl LayerSummary {
+    /// A row.
+    pub fn new(name: impl Into<String>, kind: impl Into<String>, params: usize) -> Self {
+        LayerSummary {
+            name: name.into(),
+            kind: kind.into(),
+            params,
+        }
+    }
 }
 
 /// Rows whose largest output (first on ties) is at the row's class: top-1 accuracy's numerator.
@@ -262,5 +301,9 @@ impl<P: Precision, D: Backend> Model<P, D> for MlpModel<P, D> {
 
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
         self.net.parameters_mut()
+    }
+
+    fn layers(&mut self) -> Vec<LayerSummary> {
+        self.net.layers()
     }
 }
