@@ -1332,3 +1332,57 @@ fn a_resume_with_nothing_left_to_train_says_so() {
         "{out}"
     );
 }
+
+#[test]
+fn a_resume_says_what_it_changes_and_refuses_another_optimizer() {
+    let data = good_csv();
+    let ckpt = dir().join("cli.changes.ckpt.safetensors");
+    let base = ["fit", "--data", p(&data), "--precision", "32-true"];
+    let first = nbit(
+        &[
+            &base[..],
+            &["--epochs", "1", "--batch-size", "20", "--lr", "0.01"],
+            &["--checkpoint", p(&ckpt)],
+        ]
+        .concat(),
+    );
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+
+    // The report's notes (stdout) say what the resume changes.
+    let (code, out, err) = run(&[
+        &base[..],
+        &["--epochs", "2", "--batch-size", "10", "--lr", "0.001"],
+        &["--resume", p(&ckpt)],
+    ]
+    .concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("(lr 0.01 -> 0.001)"), "{out}");
+    assert!(out.contains("batch size 20; this run trains on at 10"), "{out}");
+
+    // Unchanged settings: no notes about them.
+    let (code, _, err) = run(&[
+        &base[..],
+        &["--epochs", "2", "--batch-size", "20", "--lr", "0.01"],
+        &["--resume", p(&ckpt)],
+    ]
+    .concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        !err.contains("trained with") && !err.contains("batch size"),
+        "{err}"
+    );
+
+    // Another optimizer cannot take over the state: refused, naming the one to use.
+    let (code, _, err) = run(&[
+        &base[..],
+        &["--epochs", "2", "--optimizer", "sgd"],
+        &["--resume", p(&ckpt)],
+    ]
+    .concat());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--optimizer adamw"), "{err}");
+}

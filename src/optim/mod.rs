@@ -363,6 +363,9 @@ pub(crate) type Exported<E, D> = (
     HashMap<String, String>,
 );
 
+/// The checkpoint metadata key of [`OptimizerState::settings`].
+pub(crate) const SETTINGS: &str = "optimizer_settings";
+
 /// An optimizer with its per-parameter state.
 #[derive(Clone, Debug)]
 pub struct OptimizerState<E: Float, D: Backend> {
@@ -550,6 +553,60 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         Ok(())
     }
 
+    /// The optimizer, its settings, the scheduler and the update rounding, as a checkpoint
+    /// records them (under [`SETTINGS`]) to compare on resume.
+    pub(crate) fn settings(&self) -> String {
+        let mut kv: Vec<(&str, String)> = match self.config.optimizer {
+            Optimizer::Sgd(o) => vec![
+                ("lr", o.lr.to_string()),
+                ("momentum", o.momentum.to_string()),
+                ("dampening", o.dampening.to_string()),
+                ("nesterov", o.nesterov.to_string()),
+                ("weight_decay", o.weight_decay.to_string()),
+            ],
+            Optimizer::AdamW(o) => vec![
+                ("lr", o.lr.to_string()),
+                ("betas", format!("({}, {})", o.betas.0, o.betas.1)),
+                ("eps", o.eps.to_string()),
+                ("weight_decay", o.weight_decay.to_string()),
+            ],
+        };
+        let scheduler = self.config.scheduler.map_or("none".into(), |s| format!("{s:?}"));
+        kv.push(("scheduler", scheduler));
+        kv.push(("update_rounding", self.config.update_rounding.name().into()));
+        kv.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The settings that differ between two [`OptimizerState::settings`] strings, as
+    /// `lr 0.01 -> 0.001`.
+    pub(crate) fn settings_changes(theirs: &str, ours: &str) -> Vec<String> {
+        let pairs = |s: &str| -> Vec<(String, String)> {
+            s.split("; ")
+                .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        };
+        let (theirs, ours) = (pairs(theirs), pairs(ours));
+        let mut changes: Vec<String> = ours
+            .iter()
+            .filter_map(|(k, v)| match theirs.iter().find(|(tk, _)| tk == k) {
+                Some((_, tv)) if tv != v => Some(format!("{k} {tv} -> {v}")),
+                None => Some(format!("{k} (new) {v}")),
+                _ => None,
+            })
+            .collect();
+        changes.extend(
+            theirs
+                .iter()
+                .filter(|(k, _)| !ours.iter().any(|(ok, _)| ok == k))
+                .map(|(k, v)| format!("{k} {v} -> (none)")),
+        );
+        changes
+    }
+
     /// The state as named tensors (`exp_avg.0.weight`, ...) and scalars, for checkpoints.
     pub(crate) fn export(&self) -> Exported<E, D> {
         let (mut first, mut second, mut steps) = (Vec::new(), Vec::new(), Vec::new());
@@ -577,6 +634,7 @@ impl<E: Float, D: Backend> OptimizerState<E, D> {
         );
         meta.insert("optimizer_steps".into(), self.steps.to_string());
         meta.insert("scheduler_steps".into(), self.scheduler_steps.to_string());
+        meta.insert(SETTINGS.into(), self.settings());
         (first, second, meta)
     }
 

@@ -353,6 +353,8 @@ const SCALER_KEYS: [&str; 5] = [
 
 /// Where a fit is: everything a checkpoint must restore for an exact resume.
 struct LoopState<P: Precision, D: Backend> {
+    /// The training loader's batch size (recorded in checkpoints to compare on resume).
+    batch_size: usize,
     epoch: u64,
     batch_in_epoch: usize,
     global_step: u64,
@@ -479,6 +481,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         let optimizer =
             OptimizerState::new(model.configure_optimizers(), &params(model))?.with_seed(self.cfg.seed);
         let mut st = LoopState::<P, D> {
+            batch_size: train.batch_size(),
             epoch: 0,
             batch_in_epoch: 0,
             global_step: 0,
@@ -885,6 +888,11 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         meta.insert("batch_in_epoch".into(), st.batch_in_epoch.to_string());
         meta.insert("global_step".into(), st.global_step.to_string());
         meta.insert("skipped_steps".into(), st.skipped.to_string());
+        meta.insert("batch_size".into(), st.batch_size.to_string());
+        meta.insert(
+            "accumulate_grad_batches".into(),
+            self.cfg.accumulate_grad_batches.to_string(),
+        );
         if let Some(s) = st.scaler.state() {
             let values = [
                 s.scale.to_string(),
@@ -900,6 +908,61 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
 
     /// Reads everything a resume needs from `path` and checks it, then writes it into `model`
     /// and `st`: a checkpoint that fails any check leaves both exactly as they were.
+    /// Notes for what this run sets differently from the checkpoint it resumes (checkpoints
+    /// from before these were recorded have nothing to compare): the optimizer's settings, which
+    /// apply from here on (Lightning would restore the checkpoint's learning rate instead), the
+    /// batch size, and gradient accumulation. A different optimizer is refused by its import.
+    fn changed_since(
+        &self,
+        meta: &HashMap<String, String>,
+        st: &LoopState<P, D>,
+        epoch: u64,
+        batch_in_epoch: usize,
+    ) -> Result<Vec<String>, Error> {
+        let mut notes = Vec::new();
+        let ours = st.optimizer.settings();
+        let changes = meta.get(crate::optim::SETTINGS).map_or(Vec::new(), |theirs| {
+            OptimizerState::<P::Param, D>::settings_changes(theirs, &ours)
+        });
+        if !changes.is_empty() {
+            notes.push(format!(
+                "the optimizer's settings differ from the checkpoint's ({}): this run continues \
+                 the checkpoint's optimizer state with its own settings (Lightning would keep the \
+                 checkpoint's learning rate)",
+                changes.join(", ")
+            ));
+        }
+        if meta.contains_key("batch_size") {
+            let theirs = meta_value::<usize>(meta, "batch_size")?;
+            let ours = st.batch_size;
+            if theirs != ours {
+                notes.push(match batch_in_epoch {
+                    0 => format!(
+                        "the checkpoint's steps used batch size {theirs}; this run trains on at {ours}"
+                    ),
+                    n => format!(
+                        "the checkpoint stopped after {n} batches of {theirs} rows in epoch {}; at batch \
+                         size {ours} this run skips that epoch's first {n} batches ({} rows, where the \
+                         checkpoint had seen {}) and trains on at {ours}",
+                        epoch + 1,
+                        n * ours,
+                        n * theirs
+                    ),
+                });
+            }
+        }
+        if meta.contains_key("accumulate_grad_batches") {
+            let theirs = meta_value::<usize>(meta, "accumulate_grad_batches")?;
+            let ours = self.cfg.accumulate_grad_batches;
+            if theirs != ours {
+                notes.push(format!(
+                    "the checkpoint's steps accumulated {theirs} batches each; this run accumulates {ours}"
+                ));
+            }
+        }
+        Ok(notes)
+    }
+
     fn restore<M: Model<P, D>>(
         &self,
         model: &mut M,
@@ -948,6 +1011,10 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             counter("skipped_steps")?,
         );
         let batch_in_epoch = meta_value::<usize>(&meta, "batch_in_epoch").map_err(bad)?;
+        notes.extend(
+            self.changed_since(&meta, st, epoch, batch_in_epoch)
+                .map_err(bad)?,
+        );
         let mut scaler = st.scaler.clone();
         if scaler.state().is_some() {
             if SCALER_KEYS.iter().any(|k| meta.contains_key(*k)) || from.is_none() {
@@ -991,6 +1058,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             p.set(v)?;
         }
         *st = LoopState {
+            batch_size: st.batch_size,
             epoch,
             batch_in_epoch,
             global_step,
