@@ -546,7 +546,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         let mut done = self.cfg.max_steps.is_some_and(|m| st.global_step >= m);
         while !done && st.epoch < max_epochs {
             let batches = train.epoch_indices(st.epoch);
-            let bar = progress::Bar::new(self.cfg.enable_progress_bar, st.epoch, batches.len() as u64);
+            let mut bar = progress::Bar::new(self.cfg.enable_progress_bar, st.epoch, batches.len() as u64);
             // Gradients are None until the loss reaches a parameter (PyTorch's `.grad is None`).
             let mut bufs: Vec<Option<Tensor<P::Param, D>>> = vec![None; model.parameters_mut().len()];
             let mut micro = 0usize;
@@ -613,11 +613,8 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
                 }
                 report.history.push(step);
                 micro = 0;
-                if st.global_step.is_multiple_of(self.cfg.log_every_n_steps as u64)
-                    || report.history.len() == 1
-                {
-                    bar.message(step.loss, st.skipped);
-                }
+                // Every step, as Lightning's bar shows the latest loss.
+                bar.message(step.loss, st.skipped);
                 if self.cfg.max_steps.is_some_and(|m| st.global_step >= m) {
                     done = true;
                     break;
