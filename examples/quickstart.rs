@@ -54,16 +54,10 @@ impl RunJob for Train<'_> {
         let start = Instant::now();
         let report = trainer.fit(&mut model, &train_loader, Some(&val_loader))?;
         let secs = start.elapsed().as_secs_f64();
-        let last_epoch: Vec<f64> = report
-            .history
-            .iter()
-            .filter(|s| s.epoch + 1 == report.epochs)
-            .map(|s| s.loss)
-            .collect();
         Ok(Row {
             precision: P::NAME,
             val_accuracy: trainer.validate(&mut model, &val_loader)?.accuracy(),
-            final_loss: last_epoch.iter().sum::<f64>() / last_epoch.len().max(1) as f64,
+            final_loss: report.final_loss().unwrap_or(f64::NAN),
             samples_per_sec: report.samples as f64 / secs,
             param_mb: trainer.summary(&mut model).size_mb,
             skipped: report.skipped_steps,

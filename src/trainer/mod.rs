@@ -289,7 +289,7 @@ pub struct StepLog {
 }
 
 /// What [`Trainer::fit`] did.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct FitReport {
     /// Every optimizer step of the run, in order (a resumed run's includes the steps before the
     /// checkpoint, read from it).
@@ -322,23 +322,27 @@ pub struct FitReport {
 }
 
 impl FitReport {
-    /// A report of nothing yet.
-    fn empty() -> FitReport {
-        FitReport {
-            history: Vec::new(),
-            epochs: 0,
-            global_step: 0,
-            skipped_steps: 0,
-            validation: Vec::new(),
-            parameter_bytes: 0,
-            optimizer_state_bytes: 0,
-            notes: Vec::new(),
-            samples: 0,
-            interrupted: false,
-            stopped_early: None,
-            best_model: None,
-            metrics_csv: None,
-        }
+    /// The training loss a run ends at: the mean loss of the last epoch's steps, the epoch cut
+    /// short included (Lightning's epoch-level `train_loss`), over the steps whose loss is finite.
+    /// One step's loss is too noisy to report (at batch size 1 it is often 0.000000); `None`
+    /// before any step.
+    ///
+    /// ```
+    /// # use nbit::{FitReport, StepLog};
+    /// let step = |epoch, loss| StepLog { step: 0, epoch, loss, scale: 1.0, skipped: false, lr: 0.1 };
+    /// let mut r = FitReport::default();
+    /// r.history = vec![step(0, 9.0), step(1, 0.5), step(1, 0.0), step(1, f64::INFINITY)];
+    /// assert_eq!(r.final_loss(), Some(0.25));
+    /// ```
+    pub fn final_loss(&self) -> Option<f64> {
+        let last = self.history.last()?.epoch;
+        let losses: Vec<f64> = self
+            .history
+            .iter()
+            .filter(|s| s.epoch == last && s.loss.is_finite())
+            .map(|s| s.loss)
+            .collect();
+        (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64)
     }
 }
 
@@ -490,7 +494,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             optimizer,
             callbacks: record::CallbackState::default(),
         };
-        let mut report = FitReport::empty();
+        let mut report = FitReport::default();
         if let Some(path) = resume {
             report.notes = self.restore(model, &mut st, &mut report, path)?;
             // Lightning trains nothing then and says "`max_epochs=N` reached": say it too.

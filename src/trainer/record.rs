@@ -196,7 +196,7 @@ mod tests {
             }],
             best_model: Some((PathBuf::from("dir with space/best.safetensors"), 0.75)),
             metrics_csv: Some(PathBuf::from("logs/version_3/metrics.csv")),
-            ..FitReport::empty()
+            ..FitReport::default()
         };
         let mut callbacks = CallbackState::default();
         callbacks.watch.best = Some(0.5);
@@ -246,7 +246,7 @@ mod tests {
         };
         let report = FitReport {
             history: vec![step; 1_000_000],
-            ..FitReport::empty()
+            ..FitReport::default()
         };
         let mut meta = HashMap::new();
         let history = save(&report, &CallbackState::default(), &mut meta);

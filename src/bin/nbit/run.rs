@@ -117,7 +117,7 @@ impl RunJob for Run {
                 };
                 let secs = start.elapsed().as_secs_f64();
                 report.samples_per_sec = Some(fit.samples as f64 / secs.max(1e-9));
-                report.final_loss = fit.history.last().map(|s| s.loss);
+                report.final_loss = fit.final_loss();
                 report.epochs = fit.epochs;
                 report.global_step = fit.global_step;
                 report.skipped_steps = fit.skipped_steps;
@@ -186,6 +186,15 @@ pub(crate) fn emit(text: &str) -> Result<(), Error> {
     }
 }
 
+/// A loss with six decimals, or in scientific notation where six decimals would show 0.000000.
+fn loss_text(l: f64) -> String {
+    if l != 0.0 && l.abs() < 5e-7 {
+        format!("{l:.3e}")
+    } else {
+        format!("{l:.6}")
+    }
+}
+
 /// The report as a table (or JSON) on stdout.
 pub(crate) fn print_report(r: &Report, json: bool) -> Result<(), Error> {
     if json {
@@ -207,7 +216,10 @@ pub(crate) fn print_report(r: &Report, json: bool) -> Result<(), Error> {
             r.global_step, r.skipped_steps
         ));
         if let Some(l) = r.final_loss {
-            lines.push(format!("final loss     {l:.6}"));
+            lines.push(format!(
+                "final loss     {} (mean of the last epoch's steps)",
+                loss_text(l)
+            ));
         }
         if let Some(s) = r.samples_per_sec {
             lines.push(format!("samples/s      {s:.0}"));
@@ -227,4 +239,14 @@ pub(crate) fn print_report(r: &Report, json: bool) -> Result<(), Error> {
         lines.push(format!("note           {n}"));
     }
     emit(&(lines.join("\n") + "\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_tiny_loss_is_not_printed_as_zero() {
+        assert_eq!(super::loss_text(0.036968), "0.036968");
+        assert_eq!(super::loss_text(3.2e-9), "3.200e-9");
+        assert_eq!(super::loss_text(0.0), "0.000000");
+    }
 }
