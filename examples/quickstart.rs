@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use nbit::data::{DataLoader, Dataset, Task};
 use nbit::optim::{AdamW, Optimization};
-use nbit::plot::Chart;
+use nbit::plot::{Chart, Series};
 use nbit::{Device, DeviceKind, Error, MlpModel, Precision, PrecisionKind, RunJob, Runs, Selection, Trainer};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/digits.csv");
@@ -23,7 +23,8 @@ struct Row {
     samples_per_sec: f64,
     param_mb: f64,
     skipped: u64,
-    curves: Chart,
+    train_curve: Series,
+    val_curve: Option<Series>,
 }
 
 /// Trains under whatever precision and device `dispatch` selected.
@@ -61,7 +62,8 @@ impl RunJob for Train<'_> {
             samples_per_sec: report.samples as f64 / secs,
             param_mb: trainer.summary(&mut model).size_mb,
             skipped: report.skipped_steps,
-            curves: Chart::from_report(P::NAME, &report),
+            train_curve: nbit::plot::training_loss(P::NAME, &report),
+            val_curve: nbit::plot::validation_loss(P::NAME, &report),
         })
     }
 }
@@ -82,7 +84,7 @@ fn main() -> Result<(), Error> {
         "{:<12} {:>10} {:>11} {:>10} {:>9} {:>8}",
         "precision", "val acc", "final loss", "samples/s", "param MB", "skipped"
     );
-    let mut charts = Vec::new();
+    let mut curves: Vec<(Series, Option<Series>)> = Vec::new();
     for kind in PrecisionKind::ALL {
         match Selection::new(kind, DeviceKind::Cpu) {
             Ok(sel) => {
@@ -99,7 +101,7 @@ fn main() -> Result<(), Error> {
                     r.param_mb,
                     r.skipped
                 );
-                charts.push(r.curves);
+                curves.push((r.train_curve, r.val_curve));
             }
             Err(e) => println!("{:<12} refused: {e}", kind.name()),
         }
@@ -121,7 +123,7 @@ fn main() -> Result<(), Error> {
                 r.skipped,
                 nbit::Gpu::describe()
             );
-            charts.push(r.curves);
+            curves.push((r.train_curve, r.val_curve));
         }
         Err(e) => println!("\n16-mixed on the GPU: not run ({e})"),
     }
@@ -132,7 +134,17 @@ fn main() -> Result<(), Error> {
     println!("param MB follows Lightning's rule: parameters x bits (32 for mixed precisions) / 8 / 1e6.");
     let plot = std::path::Path::new(PLOT);
     let _ = std::fs::create_dir_all(plot.parent().expect("a folder"));
-    nbit::plot::write_svg(plot, &charts)?;
-    println!("Loss curves of every precision, side by side: {PLOT}");
+    // One chart per curve with every precision overlaid on a log axis, where their differences
+    // (bf16's coarser rounding, 16-true's stall) stay visible after the first epochs.
+    let mut train_chart = Chart::new("Training loss by precision", "step", "loss").log_y();
+    let mut val_chart = Chart::new("Validation loss by precision", "step", "loss").log_y();
+    for (t, v) in curves {
+        train_chart = train_chart.series(t);
+        if let Some(v) = v {
+            val_chart = val_chart.series(v);
+        }
+    }
+    nbit::plot::write_svg(plot, &[train_chart, val_chart])?;
+    println!("Training and validation loss of every precision, overlaid: {PLOT}");
     Ok(())
 }

@@ -1386,3 +1386,36 @@ fn a_resume_says_what_it_changes_and_refuses_another_optimizer() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--optimizer adamw"), "{err}");
 }
+
+#[test]
+fn a_resumed_runs_plot_holds_the_whole_history_on_a_log_axis() {
+    let data = good_csv();
+    let ckpt = dir().join("cli.plot.ckpt.safetensors");
+    let plot = dir().join("cli.resumed.svg");
+    let base = ["fit", "--data", p(&data), "--batch-size", "10"];
+    let first = nbit(&[&base[..], &["--epochs", "2", "--checkpoint", p(&ckpt)]].concat());
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let (code, _, err) = run(&[
+        &base[..],
+        &["--epochs", "4", "--resume", p(&ckpt), "--plot", p(&plot)],
+    ]
+    .concat());
+    assert_eq!(code, Some(0), "{err}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    // Steps 1..=24: ticks 5, 10, 15, 20. The resumed steps alone (13..=24) would tick 14, 16, ...
+    for tick in [">5<", ">10<", ">15<", ">20<"] {
+        assert!(svg.contains(tick), "no x tick {tick}: {svg}");
+    }
+    assert!(svg.contains("loss (log scale)"), "{svg}");
+    // Another scale is named, with the values that work.
+    let (code, _, err) = run(&[&base[..], &["--plot", p(&plot), "--plot-scale", "ln"]].concat());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--plot-scale = ln") && err.contains("log or linear"),
+        "{err}"
+    );
+}

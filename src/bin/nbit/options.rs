@@ -159,6 +159,9 @@ option_groups! {
         /// Draw the training loss per step and the validation loss per epoch to this SVG file
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// The --plot's loss axis: log or linear [default: log]
+        #[arg(long)]
+        plot_scale: Option<String>,
         /// Resume training from a checkpoint written by --checkpoint
         #[arg(long)]
         resume: Option<PathBuf>,

@@ -104,6 +104,8 @@ fn check_paths(o: &Opts) -> Result<(), Error> {
 /// Everything resolved from the options before the precision and device are known.
 pub(crate) struct Plan {
     pub(crate) command: &'static str,
+    /// Whether --plot draws the loss on a log axis (--plot-scale).
+    pub(crate) plot_log: bool,
     pub(crate) opts: Opts,
     pub(crate) task: Task,
     pub(crate) train: Option<Dataset>,
@@ -177,6 +179,11 @@ pub(crate) fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
         .data
         .clone()
         .ok_or_else(|| invalid("--data", "(missing)", "a CSV file to read"))?;
+    let plot_log = match opts.plot_scale.as_deref().unwrap_or("log") {
+        "log" => true,
+        "linear" => false,
+        other => return Err(invalid("--plot-scale", other, "log or linear")),
+    };
     let batch_size = match opts.batch_size.unwrap_or(1) {
         b if b >= 1 => b as usize,
         b => return Err(invalid("--batch-size", b, "at least 1")),
@@ -280,6 +287,7 @@ pub(crate) fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
     optimization.optimizer.validate()?;
     Ok(Plan {
         command,
+        plot_log,
         opts,
         task,
         train,

@@ -130,7 +130,11 @@ impl RunJob for Run {
                 if let Some(path) = &o.plot {
                     let sizes: Vec<String> = plan.sizes.iter().map(usize::to_string).collect();
                     let title = format!("MLP {} under {}", sizes.join("-"), P::NAME);
-                    nbit::plot::write_svg(path, &[nbit::plot::Chart::from_report(title, &fit)])?;
+                    let mut chart = nbit::plot::Chart::from_report(title, &fit);
+                    if plan.plot_log {
+                        chart = chart.log_y();
+                    }
+                    nbit::plot::write_svg(path, &[chart])?;
                 }
                 if fit.interrupted {
                     // As Lightning on KeyboardInterrupt: what follows fit (--save) does not run.
