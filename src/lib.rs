@@ -102,7 +102,7 @@
 //! prediction have defaults. [`nn`] has PyTorch's layers ([`nn::Linear`], [`nn::Conv2d`],
 //! [`nn::Conv1d`], [`nn::Embedding`], [`nn::LayerNorm`], [`nn::Dropout`], the activations), each an
 //! [`nn::Module`], and [`nn::Sequential`] chains them into a model. Code generic over the
-//! precision and device takes one bound, [`Runs<P>`](Runs), and [`launch`] runs it for strings
+//! precision and device takes one bound, [`Runs<P>`](Runs), and [`launch()`] (or [`launch!`]) runs it for strings
 //! from a command line. `examples/cnn_digits.rs` and `examples/user-crate/` show both.
 //!
 //! ## CPU kernels and threads
@@ -173,7 +173,7 @@
 //!   refused). Current Lightning rejects both mixed modes on TPU.
 //! - **There is no TPU backend yet.** The [`Tpu`] type exists so code can be written and checked
 //!   against its column (`Supports`); it lacks [`Runs`], so building a trainer on it is a compile
-//!   error that says so, and [`launch`] with `"tpu"` returns [`Error::DeviceUnavailable`].
+//!   error that says so, and [`launch()`] with `"tpu"` returns [`Error::DeviceUnavailable`].
 //! - **`"auto"` never picks a device nbit cannot run on**: not a TPU, and a GPU only when nbit was
 //!   built with its `cuda` feature and the driver, a device, NVRTC and cuBLAS answer; otherwise
 //!   `cpu`.

@@ -34,7 +34,7 @@ pub use cpu::{
 /// Every device: runs a [`RunJob`] with its kernels where this build has them, or says why not.
 /// Lets code generic over any `D: Supports<P>` (such as a [`Job`](crate::Job) from
 /// [`dispatch`](crate::dispatch)) reach `Trainer::fit`, which needs [`Runs<P>`](crate::Runs);
-/// [`launch`](crate::launch) is built on it.
+/// [`launch()`](crate::launch()) is built on it.
 pub trait WithBackend: Device {
     /// Runs `job` under `P` with this device's kernels, or returns why this device cannot run it
     /// (no backend in this build, no hardware).

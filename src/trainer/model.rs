@@ -187,8 +187,8 @@ pub trait Model<P: Precision, D: Backend = Cpu> {
     /// The rows of [`Trainer::summary`](crate::Trainer::summary): each layer's name, type and
     /// parameter count, parameterless layers included (Lightning's `ModelSummary`). Default: one
     /// row per parameter-name prefix (`"0"` for `0.weight` and `0.bias`), of unknown type (`-`), as
-    /// the parameter list cannot tell a type or see a layer without parameters; [`Sequential`]
-    /// (crate::nn::Sequential) and [`MlpModel`] list their layers.
+    /// the parameter list cannot tell a type or see a layer without parameters;
+    /// [`Sequential`](crate::nn::Sequential) and [`MlpModel`] list their layers.
     fn layers(&mut self) -> Vec<LayerSummary> {
         let mut rows: Vec<LayerSummary> = Vec::new();
         for p in self.parameters_mut() {
