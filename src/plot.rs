@@ -396,7 +396,11 @@ fn panel(out: &mut String, chart: &Chart, x0: f64) {
             count_label(t)
         );
     }
-    let yticks = if log { log_ticks(ylo, yhi) } else { ticks(ylo, yhi) };
+    // A log axis over less than a decade has too few round powers: take linear round values.
+    let yticks = match log_ticks(ylo, yhi) {
+        t if log && t.len() >= 3 => t,
+        _ => ticks(ylo, yhi),
+    };
     for t in yticks {
         let y = f.y(t);
         let _ = write!(

@@ -894,9 +894,10 @@ fn plot_draws_training_and_validation_loss() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&svg).unwrap();
-    // 45 training rows in batches of 9: 5 steps per epoch, 15 points; 3 validation points.
+    // 45 training rows in batches of 9: 5 steps per epoch, 15 points (a band of every step's
+    // lowest and highest value per pixel column, and the smoothed line); 3 validation points.
     let polylines: Vec<&str> = text.split("<polyline").skip(1).collect();
-    assert_eq!(polylines.len(), 2, "{text}");
+    assert_eq!(polylines.len(), 3, "{text}");
     let points = |s: &str| {
         s.split("points=\"")
             .nth(1)
@@ -907,7 +908,8 @@ fn plot_draws_training_and_validation_loss() {
             .split(' ')
             .count()
     };
-    assert_eq!((points(polylines[0]), points(polylines[1])), (15, 3));
+    let counts = (points(polylines[0]), points(polylines[1]), points(polylines[2]));
+    assert_eq!(counts, (30, 15, 3));
     assert!(text.contains("MLP 3-128-3 under 32-true") && text.contains("validation loss"));
 
     let bad = nbit(&[
