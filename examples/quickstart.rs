@@ -129,7 +129,7 @@ fn main() -> Result<(), Error> {
     }
     println!(
         "\n16-mixed (fp16 with a loss scaler) needs a CUDA GPU: on the CPU use bf16-mixed, which keeps f32 master\n\
-         weights and needs no scaler. In code, Trainer<Mixed<F16>, Cpu> does not compile."
+         weights and needs no scaler. In code, Trainer::<Mixed<F16>, Cpu>::new() does not compile."
     );
     println!("param MB follows Lightning's rule: parameters x bits (32 for mixed precisions) / 8 / 1e6.");
     let plot = std::path::Path::new(PLOT);

@@ -419,7 +419,7 @@ fn permutation(n: usize, seed: u64) -> Vec<usize> {
 /// | precision | `input::<P, D>()` | activations | targets (`P::Full`) |
 /// |---|---|---|---|
 /// | 16-mixed, bf16-mixed | f32 | f16 / bf16 in matmuls, f32 elsewhere | f32 |
-/// | 16-true, bf16-true | f16 / bf16 | f16 / bf16 | f32 |
+/// | 16-true, bf16-true | f16 / bf16 | f16 / bf16 | f16 / bf16 |
 /// | 32-true | f32 | f32 | f32 |
 /// | 64-true | f64 | f64 | f64 |
 ///

@@ -135,7 +135,9 @@ impl<P: Precision> Runs<P> for Gpu where Gpu: Supports<P>, for<'a> Gpu: HasBacke
 impl<P: Precision> Runs<P> for Tpu where Tpu: Supports<P>, for<'a> Tpu: HasBackend {}
 
 /// [`Backend`], one step removed: the kernels part of a device's [`Runs`] impl, implemented for
-/// every `Backend`, so that rustc reports a refused cell before a missing backend.
+/// every `Backend`, so that rustc reports a refused cell before a missing backend. Not a bound for
+/// user code: state `Runs<P>` or `Backend`.
+#[doc(hidden)]
 pub trait HasBackend: Backend {}
 
 impl<D: Backend> HasBackend for D {}
@@ -221,8 +223,11 @@ pub fn launch<'a, J: RunJob>(
 ///
 /// Rust has no generic closures, so the macro writes one arm per cell this build can run, each a
 /// plain closure over that cell's concrete types: `body` borrows or moves local variables as a
-/// closure does, is compiled once per cell, and must return the same type in every cell. For a
-/// job that needs a name or its own type parameters, implement [`RunJob`].
+/// closure does, is compiled once per cell, and must return the same type in every cell. `P` and
+/// `D` are type aliases of those concrete types, not type parameters: `P::NAME`, `D::KIND` and
+/// generic calls such as `train::<P, D>()` work, while an associated type is written
+/// [`ParamOf<P>`](crate::ParamOf) (or `<P as Precision>::Param`), as `P::Param` is ambiguous for
+/// a concrete type. For a job that needs a name or its own type parameters, implement [`RunJob`].
 #[macro_export]
 macro_rules! launch {
     ($precision:expr, $accelerator:expr, |$p:ident, $d:ident| $body:expr $(,)?) => {
@@ -247,12 +252,18 @@ macro_rules! launch {
 macro_rules! __launch_cell {
     ($sel:ident, $kind:ident = $prec:ident<$dt:ident> on $dev:ident, $p:ident, $d:ident, $body:expr) => {
         if $sel.precision() == $crate::PrecisionKind::$kind && $sel.device() == $crate::DeviceKind::$dev {
+            #[allow(unused_imports)]
+            use $crate::{Device as _, Precision as _};
             #[allow(non_camel_case_types, dead_code)]
             type $p = $crate::$prec<$crate::$dt>;
             #[allow(non_camel_case_types, dead_code)]
             type $d = $crate::$dev;
             $crate::matrix::assert_runs::<$p, $d>();
-            return (|| $body)();
+            // As `launch` does: the device must answer, and its failures are errors, not panics.
+            if let ::core::result::Result::Err(e) = <$d as $crate::Device>::probe() {
+                return ::core::result::Result::Err(e);
+            }
+            return <$d as $crate::backend::Backend>::catch_device_failures(|| $body);
         }
     };
 }

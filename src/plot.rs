@@ -356,12 +356,20 @@ fn panel(out: &mut String, chart: &Chart, x0: f64) {
         lines.iter().flatten().chain(raw)
     };
     let (xlo, xhi) = range(drawn().map(|p| p.0));
-    let (ylo, yhi) = range(drawn().map(|p| p.1).filter(|&y| !log || y > 0.0));
     let (ylo, yhi) = if log {
-        let (lo, hi) = if ylo > 0.0 { (ylo, yhi) } else { (1e-3, 1.0) };
+        // range() widens one value by +-0.5, which a log axis cannot take: widen by 2x instead.
+        let positive = || drawn().map(|p| p.1).filter(|&y| y.is_finite() && y > 0.0);
+        let lo = positive().fold(f64::INFINITY, f64::min);
+        let hi = positive().fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = match (lo.is_finite(), lo < hi) {
+            (false, _) => (1e-3, 1.0),
+            (true, false) => (lo / 2.0, hi * 2.0),
+            (true, true) => (lo, hi),
+        };
         let pad = (hi / lo).powf(0.05);
         (lo / pad, hi * pad)
     } else {
+        let (ylo, yhi) = range(drawn().map(|p| p.1));
         let pad = 0.05 * (yhi - ylo);
         (ylo - pad, yhi + pad)
     };
@@ -621,6 +629,13 @@ mod tests {
             vec![(0.0, 1.0), (1.0, 0.0), (2.0, 0.5), (3.0, 0.25)],
         ))]);
         assert_eq!(polylines(&log).iter().map(Vec::len).collect::<Vec<_>>(), [3]);
+        // One value, small, on a log axis: drawn inside the frame.
+        let one = svg(&[Chart::new("t", "x", "y")
+            .log_y()
+            .series(Series::new("a", vec![(0.0, 1e-4), (1.0, 1e-4)]))]);
+        for (_, y) in polylines(&one).concat() {
+            assert!((TOP..=TOP + Frame::H).contains(&y), "y {y}: {one}");
+        }
         let empty = svg(&[Chart::new("none", "x", "y")]);
         assert!(empty.ends_with("</svg>\n"));
     }

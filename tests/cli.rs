@@ -1363,19 +1363,23 @@ fn a_resume_says_what_it_changes_and_refuses_another_optimizer() {
     .concat());
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("(lr 0.01 -> 0.001)"), "{out}");
-    assert!(out.contains("batch size 20; this run trains on at 10"), "{out}");
+    assert!(
+        out.contains("used batch size 20; this run continues at batch size 10"),
+        "{out}"
+    );
 
     // Unchanged settings: no notes about them.
-    let (code, _, err) = run(&[
+    let (code, out, err) = run(&[
         &base[..],
         &["--epochs", "2", "--batch-size", "20", "--lr", "0.01"],
         &["--resume", p(&ckpt)],
     ]
     .concat());
     assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("final loss"), "{out}");
     assert!(
-        !err.contains("trained with") && !err.contains("batch size"),
-        "{err}"
+        !out.contains("settings differ") && !out.contains("batch size"),
+        "{out}"
     );
 
     // Another optimizer cannot take over the state: refused, naming the one to use.

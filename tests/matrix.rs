@@ -273,7 +273,11 @@ fn the_launch_macro_reaches_every_cell_this_build_runs_and_refuses_the_rest_as_l
     }
     // The body may move what it captures: one arm runs, so one move happens.
     let owned = String::from("moved");
-    let n = nbit::launch!("32-true", "cpu", |P, D| Ok(owned.len() + P::MODEL_BITS as usize)).unwrap();
+    let n = nbit::launch!("32-true", "cpu", |P, D| {
+        let taken: String = owned; // a move, which a closure called once may make
+        Ok(taken.len() + P::MODEL_BITS as usize)
+    })
+    .unwrap();
     assert_eq!(n, 5 + 32);
 }
 

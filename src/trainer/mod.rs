@@ -239,9 +239,10 @@ impl<P: Precision, D: Runs<P>> TrainerBuilder<P, D> {
 /// `Trainer(precision=..., accelerator=...)`.
 ///
 /// Building one needs `D: Runs<P>`: the support matrix allows the pair and this build has the
-/// device's kernels. So `Trainer::<Mixed<F16>, Cpu>::new()` and `Trainer::<True<F64>, Tpu>::new()`
-/// are compile errors (one each) that say why and what to use instead, and so is a trainer for a
-/// device without a backend in this build (`Tpu`; `Gpu` without the `cuda` feature). The bound is
+/// device's kernels. So `Trainer::<Mixed<F16>, Cpu>::new()` is a compile error that says why and
+/// what to use instead, and so is a trainer for a device without a backend in this build (`Tpu`;
+/// `Gpu` without the `cuda` feature); `Trainer::<True<F64>, Tpu>::new()` is both, two errors with
+/// the matrix's first. The bound is
 /// on the constructors rather than on the type so that each mistake is one error: a bound on the
 /// type is checked again by every method call, which repeats the error. Hardware presence is
 /// checked when the trainer is built.
@@ -323,9 +324,9 @@ pub struct FitReport {
 
 impl FitReport {
     /// The training loss a run ends at: the mean loss of the last epoch's steps, the epoch cut
-    /// short included (Lightning's epoch-level `train_loss`), over the steps whose loss is finite.
-    /// One step's loss is too noisy to report (at batch size 1 it is often 0.000000); `None`
-    /// before any step.
+    /// short included (Lightning's epoch-level `train_loss`), over the steps whose loss is finite
+    /// (NaN when none is). One step's loss is too noisy to report (at batch size 1 it is often
+    /// 0.000000); `None` before any step.
     ///
     /// ```
     /// # use nbit::{FitReport, StepLog};
@@ -342,7 +343,11 @@ impl FitReport {
             .filter(|s| s.epoch == last && s.loss.is_finite())
             .map(|s| s.loss)
             .collect();
-        (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64)
+        // An epoch without one finite loss (a diverged run) ends at NaN, not at nothing.
+        Some(match losses.len() {
+            0 => f64::NAN,
+            n => losses.iter().sum::<f64>() / n as f64,
+        })
     }
 }
 
@@ -359,6 +364,8 @@ const SCALER_KEYS: [&str; 5] = [
 struct LoopState<P: Precision, D: Backend> {
     /// The training loader's batch size (recorded in checkpoints to compare on resume).
     batch_size: usize,
+    /// The training loader's batches per epoch.
+    batches_per_epoch: usize,
     epoch: u64,
     batch_in_epoch: usize,
     global_step: u64,
@@ -486,6 +493,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             OptimizerState::new(model.configure_optimizers(), &params(model))?.with_seed(self.cfg.seed);
         let mut st = LoopState::<P, D> {
             batch_size: train.batch_size(),
+            batches_per_epoch: train.len(),
             epoch: 0,
             batch_in_epoch: 0,
             global_step: 0,
@@ -556,7 +564,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             let mut micro = 0usize;
             let mut losses: Vec<Tensor<P::Full, D>> = Vec::new();
             let start = st.batch_in_epoch;
-            bar.advance(start as u64);
+            bar.advance(start.min(batches.len()) as u64);
             for (bi, idx) in batches.iter().enumerate().skip(start) {
                 let batch = train.batch(idx);
                 report.samples += batch.len();
@@ -907,8 +915,6 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         checkpoint::write_atomic(path, &checkpoint::to_bytes(&tensors, meta)?)
     }
 
-    /// Reads everything a resume needs from `path` and checks it, then writes it into `model`
-    /// and `st`: a checkpoint that fails any check leaves both exactly as they were.
     /// Notes for what this run sets differently from the checkpoint it resumes (checkpoints
     /// from before these were recorded have nothing to compare): the optimizer's settings, which
     /// apply from here on (Lightning would restore the checkpoint's learning rate instead), the
@@ -938,14 +944,18 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             let ours = st.batch_size;
             if theirs != ours {
                 notes.push(match batch_in_epoch {
-                    0 => format!(
-                        "the checkpoint's steps used batch size {theirs}; this run trains on at {ours}"
+                    0 => format!("the checkpoint's steps used batch size {theirs}; this run continues at batch size {ours}"),
+                    n if n >= st.batches_per_epoch => format!(
+                        "the checkpoint stopped after {n} batches of {theirs} rows in epoch {epoch}; at batch \
+                         size {ours} the epoch has {} batches, so this run starts at epoch {} and continues \
+                         at batch size {ours}",
+                        st.batches_per_epoch,
+                        epoch + 1
                     ),
                     n => format!(
-                        "the checkpoint stopped after {n} batches of {theirs} rows in epoch {}; at batch \
+                        "the checkpoint stopped after {n} batches of {theirs} rows in epoch {epoch}; at batch \
                          size {ours} this run skips that epoch's first {n} batches ({} rows, where the \
-                         checkpoint had seen {}) and trains on at {ours}",
-                        epoch + 1,
+                         checkpoint had seen {}) and continues at batch size {ours}",
                         n * ours,
                         n * theirs
                     ),
@@ -964,6 +974,8 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         Ok(notes)
     }
 
+    /// Reads everything a resume needs from `path` and checks it, then writes it into `model`
+    /// and `st`: a checkpoint that fails any check leaves both exactly as they were.
     fn restore<M: Model<P, D>>(
         &self,
         model: &mut M,
@@ -1060,6 +1072,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         }
         *st = LoopState {
             batch_size: st.batch_size,
+            batches_per_epoch: st.batches_per_epoch,
             epoch,
             batch_in_epoch,
             global_step,

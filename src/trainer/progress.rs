@@ -66,7 +66,13 @@ impl Bar {
     /// end of a finished bar.
     pub(crate) fn finish(&mut self) {
         if let Some((b, mut end_line)) = self.0.take() {
-            b.finish();
+            // `finish` would draw the bar full; an epoch cut short (Ctrl-C, max_steps, an error)
+            // keeps the position it reached.
+            if b.length().is_some_and(|len| b.position() < len) {
+                b.abandon();
+            } else {
+                b.finish();
+            }
             end_line();
         }
     }
@@ -165,6 +171,10 @@ mod tests {
         b.advance(2);
         drop(b); // as an error or Ctrl-C leaves the loop
         let text = screen.text();
-        assert!(text.contains("2/4") && text.ends_with('\n'), "{text:?}");
+        let last = text.rsplit('\r').next().unwrap();
+        assert!(
+            last.contains("2/4") && last.ends_with('\n'),
+            "the last frame: {text:?}"
+        );
     }
 }

@@ -42,7 +42,16 @@ impl Device for Gpu {
     /// Starts the driver (once per process): the NVIDIA driver, a device, NVRTC, the kernels and
     /// cuBLAS, or the emulation when [`EMULATOR_ENV`] names it.
     fn probe() -> Result<(), Error> {
-        driver::driver().map(|_| ())
+        driver::driver().map(|_| ()).map_err(|e| match e {
+            // What to do instead, as a build without the feature says it.
+            Error::DeviceUnavailable { device, reason } if !reason.contains("accelerator 'cpu'") => {
+                Error::DeviceUnavailable {
+                    device,
+                    reason: format!("{reason}; use accelerator 'cpu' (or 'auto') on this machine"),
+                }
+            }
+            e => e,
+        })
     }
     fn describe() -> String {
         driver::describe().unwrap_or_else(|e| e.to_string())
