@@ -111,15 +111,17 @@
 //! for AVX-512, AVX2+FMA or a portable one, chosen at run time), or on the `gemm-f64` / `gemm-f32` kernels (of the `gemm` family) for f64 and
 //! row-major f32, where it measured faster. bf16 and f16 operands are widened exactly to f32 while
 //! they are packed, so a 16-bit product runs at f32 speed with f32 accumulation. Where the CPU has
-//! AVX-512 BF16, a `vdpbf16ps` kernel can multiply bf16 pairs instead. Which kernel runs is decided
-//! once per process from what CPUID reports, never by timing, so every process on a machine makes
-//! the same choice and a seeded run writes the same bits: the dot-product kernel on AMD Zen 4 and
-//! Zen 5 (families 25 and 26), where it runs at twice the f32 FMA rate; widening everywhere else
-//! (on Intel Xeon with AVX512-FP16 the dot product runs at half the FMA rate). `NBIT_GEMM_KERNEL`
+//! AVX-512 BF16, a `vdpbf16ps` kernel can multiply bf16 pairs instead, and where it has AMX (Intel
+//! Sapphire Rapids and later, on Linux) a tile kernel (`tdpbf16ps`, through `asm!`). Which kernel
+//! runs is decided once per process from what CPUID reports, never by timing, so every process on a
+//! machine makes the same choice and a seeded run writes the same bits: the AMX tiles wherever the
+//! CPU has them; else the dot-product kernel on AMD Zen 4 and Zen 5 (families 25 and 26), where it
+//! runs at twice the f32 FMA rate; widening everywhere else (on Intel Xeon with AVX512-FP16 the
+//! dot product runs at half the FMA rate). `NBIT_GEMM_KERNEL`
 //! names another kernel ([`backend::GEMM_KERNEL_ENV`]); [`backend::kernel_name`] tells which kernel
 //! a dtype uses, and `nbit fit --json` reports it as `gemm_kernel`.
 //!
-//! Subnormal bf16 inputs: widening keeps them (exact f32 arithmetic). `vdpbf16ps` treats them as
+//! Subnormal bf16 inputs: widening keeps them (exact f32 arithmetic). `vdpbf16ps` and AMX treat them as
 //! zero and flushes subnormal results to zero whatever MXCSR says (2^-130 x 2^100 gives 0, not
 //! 2^-30). PyTorch does the same on these CPUs: oneDNN's bf16 matmul runs on `vdpbf16ps` or, on
 //! Intel with AMX, on `tdpbf16ps`, which flush alike; measured with PyTorch 2.15 on an Intel Xeon

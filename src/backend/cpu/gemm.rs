@@ -10,7 +10,8 @@
 //!
 //! Micro-kernels per instruction set, chosen once at run time: AVX-512F (12 x 32 f32, 12 x 16
 //! f64), AVX2 with FMA (6 x 16, 6 x 8), and a portable one the compiler vectorises for the
-//! baseline target. The packing buffers live per thread and are reused, so a steady training
+//! baseline target; for bf16 operands also AVX-512 BF16's `vdpbf16ps` (12 x 32) and AMX tiles
+//! (32 x 32, whose A panels are packed by rows and padded to 16 pairs of `k`). The packing buffers live per thread and are reused, so a steady training
 //! loop allocates only its outputs.
 
 use std::any::{Any, TypeId};
@@ -39,6 +40,12 @@ pub(crate) struct Kernel<T> {
     /// Operands packed as pairs of bf16 (`k` and `k + 1` in one 32-bit slot) for a dot-product
     /// instruction; the kernel then takes `kc.div_ceil(2)` steps. Only for bf16 operands.
     pub pairs: bool,
+    /// A's panels are packed by rows, `[i][step]`, rather than `[step][i]` (AMX loads a tile row
+    /// as consecutive values of `k`). Only with `pairs`.
+    pub a_rows: bool,
+    /// The steps a kernel takes are a multiple of this (the panels are zero-padded to it): 16
+    /// for AMX, whose tiles hold 16 pairs of `k`; 1 otherwise.
+    pub step_align: usize,
     /// `f(kc, a, b, c, ldc, overwrite)`: with `overwrite`, C's tile is written without being
     /// read (the first block of `k` when C starts at zero). Safety: `a` is readable for `kc * mr` values laid out `[p][i]`,
     /// `b` for `kc * nr` laid out `[p][j]`, and `c` readable and writable at `i * ldc + j` for
@@ -356,6 +363,8 @@ mod x86 {
         mr: 12,
         nr: 32,
         pairs: true,
+        a_rows: false,
+        step_align: 1,
         f: avx512_bf16_pairs,
     };
 
@@ -364,6 +373,8 @@ mod x86 {
         mr: 12,
         nr: 32,
         pairs: false,
+        a_rows: false,
+        step_align: 1,
         f: avx512_f32,
     };
     pub(super) const AVX512_F64: Kernel<f64> = Kernel {
@@ -371,6 +382,8 @@ mod x86 {
         mr: 12,
         nr: 16,
         pairs: false,
+        a_rows: false,
+        step_align: 1,
         f: avx512_f64,
     };
     pub(super) const AVX2_F32: Kernel<f32> = Kernel {
@@ -378,6 +391,8 @@ mod x86 {
         mr: 6,
         nr: 16,
         pairs: false,
+        a_rows: false,
+        step_align: 1,
         f: avx2_f32,
     };
     pub(super) const AVX2_F64: Kernel<f64> = Kernel {
@@ -385,7 +400,153 @@ mod x86 {
         mr: 6,
         nr: 8,
         pairs: false,
+        a_rows: false,
+        step_align: 1,
         f: avx2_f64,
+    };
+}
+
+/// The AMX kernel: Intel's tile matrix unit (Sapphire Rapids and later), through `asm!` because
+/// Rust's AMX intrinsics are not stable. Linux only: a process must ask the kernel for the tile
+/// state before its first tile instruction.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use super::Kernel;
+    use core::arch::asm;
+
+    /// Whether this process can run AMX bf16 tiles: CPUID reports AMX-TILE and AMX-BF16 and
+    /// Linux grants the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), asked
+    /// once per process.
+    pub(super) fn usable() -> bool {
+        use std::sync::OnceLock;
+        static USABLE: OnceLock<bool> = OnceLock::new();
+        *USABLE.get_or_init(|| {
+            // CPUID leaf 7 exists where leaf 0 says the maximum leaf is at least 7.
+            if core::arch::x86_64::__cpuid(0).eax < 7 {
+                return false;
+            }
+            let edx = core::arch::x86_64::__cpuid_count(7, 0).edx;
+            let (amx_bf16, amx_tile) = (edx >> 22 & 1 == 1, edx >> 24 & 1 == 1);
+            if !(amx_bf16 && amx_tile) {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+            const XFEATURE_XTILEDATA: i64 = 18;
+            const SYS_ARCH_PRCTL: i64 = 158;
+            let ret: i64;
+            // SAFETY: the arch_prctl system call with a request that only grants this process
+            // permission to use the tile state; it reads and writes no memory of ours.
+            unsafe {
+                asm!(
+                    "syscall",
+                    inlateout("rax") SYS_ARCH_PRCTL => ret,
+                    in("rdi") ARCH_REQ_XCOMP_PERM,
+                    in("rsi") XFEATURE_XTILEDATA,
+                    lateout("rcx") _,
+                    lateout("r11") _,
+                    options(nostack)
+                );
+            }
+            ret == 0
+        })
+    }
+
+    /// The tile configuration (`ldtilecfg`'s 64-byte operand): palette 1, all eight tiles 16
+    /// rows of 64 bytes. Tiles 0-3 hold C (16 x 16 f32 each), 4-5 A (16 rows x 16 pairs), 6-7 B
+    /// (16 pairs of rows x 16 columns).
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    static CONFIG: Config = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row
+            c[48 + t] = 16; // rows
+            t += 1;
+        }
+        Config(c)
+    };
+
+    /// The AMX bf16 kernel, 32 x 32: per 16 steps (32 values of `k`), four `tdpbf16ps` of two A
+    /// tiles by two B tiles into four C tiles. Like `vdpbf16ps`, the tile unit treats subnormal
+    /// inputs as zero and flushes subnormal results to zero.
+    ///
+    /// # Safety
+    /// As [`Kernel::f`] with `a` packed by rows (`[i][step]`, 32 rows of `steps` pairs), `b` as
+    /// `[step][j]` pairs (32 columns), `steps` a multiple of 16; [`usable`] has returned true.
+    unsafe fn amx_bf16(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, overwrite: bool) {
+        let (sa, sb, sc) = (steps * 4, 32 * 4, ldc * 4);
+        let (a, b) = (a.cast::<u8>(), b.cast::<u8>());
+        let c = [
+            c,
+            c.wrapping_add(16),
+            c.wrapping_add(16 * ldc),
+            c.wrapping_add(16 * ldc + 16),
+        ];
+        // SAFETY: the caller's contract: every tile row loaded or stored below lies inside the
+        // panels (32 rows of `steps` pairs; `steps` rows of 32 pairs) or C's 32 x 32 tile.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+            if overwrite {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            } else {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {sc}*1]",
+                    "tileloadd tmm1, [{c1} + {sc}*1]",
+                    "tileloadd tmm2, [{c2} + {sc}*1]",
+                    "tileloadd tmm3, [{c3} + {sc}*1]",
+                    c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
+                    sc = in(reg) sc,
+                    options(nostack, readonly)
+                );
+            }
+            for kb in 0..steps / 16 {
+                let a0 = a.add(kb * 64);
+                let b0 = b.add(kb * 16 * sb);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0, a1 = in(reg) a0.add(16 * sa),
+                    b0 = in(reg) b0, b1 = in(reg) b0.add(64),
+                    sa = in(reg) sa, sb = in(reg) sb,
+                    options(nostack, readonly)
+                );
+            }
+            asm!(
+                "tilestored [{c0} + {sc}*1], tmm0",
+                "tilestored [{c1} + {sc}*1], tmm1",
+                "tilestored [{c2} + {sc}*1], tmm2",
+                "tilestored [{c3} + {sc}*1], tmm3",
+                "tilerelease",
+                c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
+                sc = in(reg) sc,
+                options(nostack)
+            );
+        }
+    }
+
+    pub(super) const AMX_BF16: Kernel<f32> = Kernel {
+        name: "amx_bf16 32x32",
+        mr: 32,
+        nr: 32,
+        pairs: true,
+        a_rows: true,
+        step_align: 16,
+        f: amx_bf16,
     };
 }
 
@@ -394,6 +555,8 @@ const PORTABLE_F32: Kernel<f32> = Kernel {
     mr: 4,
     nr: 16,
     pairs: false,
+    a_rows: false,
+    step_align: 1,
     f: portable::<f32, 4, 16>,
 };
 const PORTABLE_F64: Kernel<f64> = Kernel {
@@ -401,6 +564,8 @@ const PORTABLE_F64: Kernel<f64> = Kernel {
     mr: 4,
     nr: 8,
     pairs: false,
+    a_rows: false,
+    step_align: 1,
     f: portable::<f64, 4, 8>,
 };
 
@@ -456,7 +621,7 @@ pub fn gemm_kernel_from_env() -> Result<Option<&'static str>, Error> {
             name: GEMM_KERNEL_ENV,
             value: v.to_string(),
             expected: "the name of a micro-kernel this CPU can run, as `nbit::backend::kernel_name` \
-                       prints it: 'avx512_bf16 vdpbf16ps 12x32' (bf16 only), 'avx512f 12x32', \
+                       prints it: 'amx_bf16 32x32' or 'avx512_bf16 vdpbf16ps 12x32' (bf16 only), 'avx512f 12x32', \
                        'avx2+fma 6x16' or 'portable 4x16' (f32 lanes); 'avx512f 12x16', 'avx2+fma 6x8' \
                        or 'portable 4x8' (f64 lanes); unset it to let nbit choose",
         })
@@ -502,12 +667,17 @@ fn kernel<T: Acc>() -> Kernel<T> {
 }
 
 /// The kernels that can multiply bf16 operands on this CPU: the f32 kernels (operands widened
-/// while packing) and, where the CPU has AVX-512 BF16, the `vdpbf16ps` kernel.
+/// while packing), where the CPU has AVX-512 BF16 the `vdpbf16ps` kernel, and where it has AMX
+/// (and Linux grants it) the tile kernel.
 pub(crate) fn bf16_kernels() -> Vec<Kernel<f32>> {
     let mut ks = kernels::<f32>();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
         ks.insert(0, x86::AVX512_BF16_PAIRS);
+    }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if amx::usable() {
+        ks.insert(0, amx::AMX_BF16);
     }
     ks
 }
@@ -560,8 +730,9 @@ pub(crate) fn bf16_dot_product_wins(cpu: CpuId) -> bool {
 }
 
 /// The kernel for products of `E`, chosen once per process from what the CPU reports: for bf16,
-/// where two kernels compete (widening to f32 FMAs, and the bf16 dot-product instruction), the
-/// table in [`bf16_dot_product_wins`]; [`GEMM_KERNEL_ENV`] overrides either choice.
+/// the AMX tile kernel where the CPU has AMX (Intel Sapphire Rapids and later), else the table in
+/// [`bf16_dot_product_wins`] between widening to f32 FMAs and the bf16 dot-product instruction;
+/// [`GEMM_KERNEL_ENV`] overrides the choice.
 fn kernel_for<E: Float>() -> Kernel<E::Acc> {
     if E::DTYPE != crate::DType::BF16 {
         return kernel::<E::Acc>();
@@ -572,6 +743,11 @@ fn kernel_for<E: Float>() -> Kernel<E::Acc> {
         let ks = bf16_kernels();
         if let Some(k) = overridden(&ks) {
             return k;
+        }
+        // AMX wherever the CPU has it (its tiles multiply at 16 times the f32 FMA rate); else the
+        // table's choice between the dot product and widening.
+        if let Some(&tiles) = ks.iter().find(|k| k.a_rows) {
+            return tiles;
         }
         match ks.iter().find(|k| k.pairs) {
             Some(&dot) if CpuId::this().is_some_and(bf16_dot_product_wins) => dot,
@@ -667,7 +843,7 @@ pub(crate) fn gemm_with<E: Float>(
     if same::<E, E::Acc>() {
         // f32, f64: the accumulator is the result.
         let mut c = Vec::new();
-        accumulate(kern, threads, a, b, bias, &mut c);
+        accumulate(kern, threads, a, b, bias, &mut c, b.ncols());
         let any: Box<dyn Any> = Box::new(c);
         return *any.downcast::<Vec<E>>().expect("E is its own compute type");
     }
@@ -676,12 +852,30 @@ pub(crate) fn gemm_with<E: Float>(
     thread_local! {
         static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
+    // The scratch accumulator's rows are padded off a multiple of 1 KiB: a C tile's rows 4 KiB
+    // apart share an L1 set, and a kernel that loads and stores whole tiles (AMX) then runs at
+    // two thirds of its speed.
+    let n = b.ncols();
+    let ldc = if n >= 256 && n.is_multiple_of(256) {
+        n + 16
+    } else {
+        n
+    };
     let round = |c: &mut Vec<E::Acc>| {
-        accumulate(kern, threads, a, b, bias, c);
-        let mut r = vec![E::zero(); c.len()];
-        super::parallel::par_parts(&mut r, super::parallel::PARALLEL_MIN_ELEMENTS, 64, |lo, part| {
-            round_out(&c[lo..lo + part.len()], part)
-        });
+        accumulate(kern, threads, a, b, bias, c, ldc);
+        let mut r = vec![E::zero(); a.nrows() * n];
+        if ldc == n {
+            super::parallel::par_parts(&mut r, super::parallel::PARALLEL_MIN_ELEMENTS, 64, |lo, part| {
+                round_out(&c[lo..lo + part.len()], part)
+            });
+        } else {
+            super::parallel::par_parts(&mut r, super::parallel::PARALLEL_MIN_ELEMENTS, n, |lo, part| {
+                for (i, row) in part.chunks_mut(n).enumerate() {
+                    let at = (lo / n + i) * ldc;
+                    round_out(&c[at..at + n], row);
+                }
+            });
+        }
         r
     };
     ACC.with(|cell| match cell.try_borrow_mut() {
@@ -709,6 +903,8 @@ fn same<A: 'static, B: 'static>() -> bool {
 }
 
 /// `c = op(A) op(B) (+ bias)` in the compute type, `c` resized to `m x n` (its capacity reused).
+/// `c = a @ b (+ bias)` as an `m x n` matrix whose rows are `ldc >= n` apart (the padding
+/// between rows is left unset).
 fn accumulate<E: Float>(
     kern: Kernel<E::Acc>,
     threads: usize,
@@ -716,12 +912,16 @@ fn accumulate<E: Float>(
     b: ArrayView2<E>,
     bias: Option<&[E]>,
     c: &mut Vec<E::Acc>,
+    ldc: usize,
 ) {
     let ((m, k), n) = (a.dim(), b.ncols());
     debug_assert_eq!(b.nrows(), k);
+    debug_assert!(ldc >= n);
+    // C's shape as the caller sees it (`m` and `n` swap below when C^T is computed).
+    let (c_rows, c_cols) = (m, n);
     let zero = <E::Acc as Acc>::c(0.0);
     c.clear();
-    c.reserve(m * n);
+    c.reserve(m * ldc);
     // The accumulator starts as the bias, so `a @ b + bias` is rounded once. Without a bias the
     // first block of `k` writes C without reading it, so C is never zeroed first (and its
     // fresh pages are never read before written, which would cost a copy-on-write fault each).
@@ -729,13 +929,13 @@ fn accumulate<E: Float>(
     match bias {
         Some(v) => {
             debug_assert_eq!(v.len(), n);
-            let mut row = vec![zero; n];
-            E::widen_slice(v, &mut row);
+            let mut row = vec![zero; ldc];
+            E::widen_slice(v, &mut row[..n]);
             for _ in 0..m {
                 c.extend_from_slice(&row);
             }
         }
-        None if !overwrite_first => c.resize(m * n, zero),
+        None if !overwrite_first => c.resize(m * ldc, zero),
         None => {}
     }
     if m > 0 && n > 0 && k > 0 {
@@ -748,7 +948,7 @@ fn accumulate<E: Float>(
             let out = Out {
                 ptr: c.as_mut_ptr(),
                 rs: 1,
-                cs: n,
+                cs: ldc,
             };
             (b.reversed_axes(), a.reversed_axes(), n, m, out)
         } else {
@@ -759,7 +959,7 @@ fn accumulate<E: Float>(
                 n,
                 Out {
                     ptr: c.as_mut_ptr(),
-                    rs: n,
+                    rs: ldc,
                     cs: 1,
                 },
             )
@@ -799,9 +999,16 @@ fn accumulate<E: Float>(
             for_ranges_with(threads, len, 0, align, run);
         }
         if overwrite_first {
-            // SAFETY: the first block of `k` wrote every element of the `m x n` C (each tile
-            // of each thread's range, whole or through the edge tile) through `out`.
-            unsafe { c.set_len(m * n) };
+            if ldc > c_cols {
+                for i in 0..c_rows {
+                    // SAFETY: row i's padding, inside the `c_rows * ldc` reserved above.
+                    unsafe { c.as_mut_ptr().add(i * ldc + c_cols).write_bytes(0, ldc - c_cols) };
+                }
+            }
+            // SAFETY: the first block of `k` wrote every element of C (each tile of each
+            // thread's range, whole or through the edge tile) through `out`, and the padding
+            // between rows (`ldc > c_cols`) is zeroed just above.
+            unsafe { c.set_len(c_rows * ldc) };
         }
     }
 }
@@ -951,11 +1158,12 @@ unsafe fn pack<E: Float>(
 }
 
 /// Packs like [`pack`], for a [`Kernel::pairs`] kernel: values `k` and `k + 1` of a row share a
-/// 32-bit slot (bf16 bits, `k` in the low half), laid out `[panel][k / 2][i]`, zero past `rows`
-/// and past `kc`.
+/// 32-bit slot (bf16 bits, `k` in the low half), laid out `[panel][k / 2][i]` (or, `by_rows`,
+/// `[panel][i][k / 2]`), `steps` slots deep (at least `kc.div_ceil(2)`), zero past `rows` and
+/// past `kc`.
 ///
 /// # Safety
-/// As [`pack`], with `dst` holding `rows.div_ceil(w) * w * kc.div_ceil(2)` slots; `E` is bf16.
+/// As [`pack`], with `dst` holding `rows.div_ceil(w) * w * steps` slots; `E` is bf16.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_pairs<E: Float>(
     x: Operand<E>,
@@ -964,30 +1172,72 @@ unsafe fn pack_pairs<E: Float>(
     rows: usize,
     kc: usize,
     w: usize,
+    steps: usize,
+    by_rows: bool,
     dst: *mut u32,
 ) {
     debug_assert_eq!(E::DTYPE, crate::DType::BF16);
-    let steps = kc.div_ceil(2);
-    // bf16 bits: the high half of the (exact) f32 value.
-    let bits = |v: E| v.as_f32().to_bits() >> 16;
+    debug_assert!(steps >= kc.div_ceil(2));
+    // The operand's bf16 values as their bits (`E` is bf16: two bytes, the same layout).
+    let raw = x.ptr.cast::<u16>();
     for panel in 0..rows.div_ceil(w) {
         let live = w.min(rows - panel * w);
-        let base = x
-            .ptr
-            .wrapping_offset((r0 + panel * w) as isize * x.rs + p0 as isize * x.cs);
+        let base = raw.wrapping_offset((r0 + panel * w) as isize * x.rs + p0 as isize * x.cs);
         let d = dst.wrapping_add(panel * w * steps);
-        for s in 0..steps {
+        let slot = |s: usize, i: usize| if by_rows { i * steps + s } else { s * w + i };
+        // SAFETY (every read below): row i < live and depth p < kc lie inside the operand, and
+        // every slot (s < steps, i < w) inside this panel of `dst` (caller).
+        if x.cs == 1 {
+            // Rows contiguous along k (a row-major A, or B = W^T): a pair is one unaligned u32,
+            // and a row's `kc / 2` full pairs are its bytes as they are.
+            let full = kc / 2;
             for i in 0..w {
-                let at = |p: usize| {
-                    if i < live && p < kc {
-                        // SAFETY: row i < live, step p < kc: inside the operand (caller).
-                        bits(unsafe { *base.offset(i as isize * x.rs + p as isize * x.cs) })
-                    } else {
-                        0
+                let row = base.wrapping_offset(i as isize * x.rs);
+                let pairs = if i < live { full } else { 0 };
+                if by_rows {
+                    let out = d.wrapping_add(i * steps);
+                    // SAFETY: `pairs` pairs of this row, into its `steps` slots.
+                    unsafe { core::ptr::copy_nonoverlapping(row.cast::<u8>(), out.cast::<u8>(), pairs * 4) };
+                } else {
+                    for s in 0..pairs {
+                        unsafe { *d.add(s * w + i) = row.add(2 * s).cast::<u32>().read_unaligned() };
                     }
-                };
-                // SAFETY: slot (s, i) of this panel is inside `dst` (caller).
-                unsafe { *d.add(s * w + i) = at(2 * s) | at(2 * s + 1) << 16 };
+                }
+                for s in pairs..steps {
+                    let v = match i < live && 2 * s < kc {
+                        true => u32::from(unsafe { *row.add(2 * s) }),
+                        false => 0,
+                    };
+                    unsafe { *d.add(slot(s, i)) = v };
+                }
+            }
+        } else {
+            // Any other layout (contiguous along the rows, as a row-major B or A = dy^T, or
+            // strided): two values of k at a time for every row, interleaved.
+            for s in 0..steps {
+                let (lo, hi) = (2 * s, 2 * s + 1);
+                let lo_row = base.wrapping_offset(lo as isize * x.cs);
+                let hi_row = base.wrapping_offset(hi as isize * x.cs);
+                if x.rs == 1 && live == w && hi < kc {
+                    // The common case, in a loop the compiler vectorises: both rows whole.
+                    let (lo_row, hi_row) = unsafe {
+                        (
+                            core::slice::from_raw_parts(lo_row, w),
+                            core::slice::from_raw_parts(hi_row, w),
+                        )
+                    };
+                    for (i, (&l, &h)) in lo_row.iter().zip(hi_row).enumerate() {
+                        unsafe { *d.add(slot(s, i)) = u32::from(l) | u32::from(h) << 16 };
+                    }
+                    continue;
+                }
+                for i in 0..w {
+                    let at = |row: *const u16, p: usize| match i < live && p < kc {
+                        true => u32::from(unsafe { *row.offset(i as isize * x.rs) }),
+                        false => 0,
+                    };
+                    unsafe { *d.add(slot(s, i)) = at(lo_row, lo) | at(hi_row, hi) << 16 };
+                }
             }
         }
     }
@@ -1013,8 +1263,14 @@ unsafe fn block<E: Float>(
     let mc_max = MC.div_ceil(mr) * mr;
     let nc_max = NC.div_ceil(nr) * nr;
     let kc_max = KC.min(k);
-    let a_len = mc_max * kc_max;
-    let b_len = nc_max * kc_max;
+    // A pairs kernel's panels are `steps` deep, padded to its alignment (which can exceed `kc`).
+    let steps_for = |kc: usize| match kern.pairs {
+        true => kc.div_ceil(2).next_multiple_of(kern.step_align),
+        false => kc,
+    };
+    let depth_max = steps_for(kc_max).max(kc_max);
+    let a_len = mc_max * depth_max;
+    let b_len = nc_max * depth_max;
     let s_len = mr.max(nr) * kc_max;
     let words = words_for::<E::Acc>(a_len) + words_for::<E::Acc>(b_len) + words_for::<E>(s_len);
     // B transposed for the packing routine: its "rows" are C's columns.
@@ -1029,8 +1285,8 @@ unsafe fn block<E: Float>(
         let scratch: *mut E =
             align64(arena.wrapping_add(words_for::<E::Acc>(a_len) + words_for::<E::Acc>(b_len)));
         let zero = <E::Acc as Acc>::c(0.0);
-        // The largest tile of any kernel (12 x 32), on the stack.
-        let mut tile = [zero; 384];
+        // The largest tile of any kernel (AMX's 32 x 32), on the stack.
+        let mut tile = [zero; 1024];
         debug_assert!(mr * nr <= tile.len());
         for jc in (cols.0..cols.1).step_by(nc_max) {
             let nc = nc_max.min(cols.1 - jc);
@@ -1040,10 +1296,10 @@ unsafe fn block<E: Float>(
                 // SAFETY: columns jc..jc+nc of B over depth pc..pc+kc are inside B, and
                 // `bbuf` holds `nc_max * kc_max` values.
                 // SAFETY (pairs): as above; a pairs kernel only ever gets bf16 operands.
-                let steps = if kern.pairs { kc.div_ceil(2) } else { kc };
+                let steps = steps_for(kc);
                 unsafe {
                     if kern.pairs {
-                        pack_pairs(bt, jc, pc, nc, kc, nr, bbuf.cast())
+                        pack_pairs(bt, jc, pc, nc, kc, nr, steps, false, bbuf.cast())
                     } else {
                         pack(bt, jc, pc, nc, kc, nr, bbuf, scratch)
                     }
@@ -1053,7 +1309,7 @@ unsafe fn block<E: Float>(
                     // SAFETY: rows ic..ic+mc of A over depth pc..pc+kc are inside A.
                     unsafe {
                         if kern.pairs {
-                            pack_pairs(a, ic, pc, mc, kc, mr, abuf.cast())
+                            pack_pairs(a, ic, pc, mc, kc, mr, steps, kern.a_rows, abuf.cast())
                         } else {
                             pack(a, ic, pc, mc, kc, mr, abuf, scratch)
                         }
@@ -1162,6 +1418,9 @@ mod tests {
             (13, 300, 33),
             (2, 600, 70),
             (64, 1, 10),
+            // C's rows 256 apart (the 16-bit accumulator's rows are padded), also as C^T.
+            (9, 40, 256),
+            (3, 10, 512),
             (0, 5, 3),
             (5, 0, 3),
             (3, 5, 0),
@@ -1275,5 +1534,15 @@ mod tests {
         }
         assert_eq!(kernel_name::<f16>(), name, "f16 products widen to the f32 kernel");
         assert!(bf16_kernels().iter().any(|k| k.name == kernel_name::<bf16>()));
+        // Where the CPU has AMX and Linux grants it, bf16 products run on the tiles.
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if override_name().is_none() {
+            assert_eq!(
+                kernel_name::<bf16>() == "amx_bf16 32x32",
+                amx::usable(),
+                "{}",
+                kernel_name::<bf16>()
+            );
+        }
     }
 }
