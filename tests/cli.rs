@@ -994,7 +994,10 @@ fn expected_bf16_kernel() -> &'static str {
     let has = |f: &str| flags.split(' ').any(|x| x == f);
     let amd_zen4_or_5 =
         field("vendor_id") == "AuthenticAMD" && matches!(field("cpu family").as_str(), "25" | "26");
-    if has("avx512_bf16") && has("avx512f") && amd_zen4_or_5 {
+    // Linux lists amx_tile only where it supports the tile state.
+    if has("amx_bf16") && has("amx_tile") {
+        "amx_bf16 32x32"
+    } else if has("avx512_bf16") && has("avx512f") && amd_zen4_or_5 {
         "avx512_bf16 vdpbf16ps 12x32"
     } else if has("avx512f") {
         "avx512f 12x32"

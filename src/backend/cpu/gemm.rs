@@ -46,10 +46,13 @@ pub(crate) struct Kernel<T> {
     /// The steps a kernel takes are a multiple of this (the panels are zero-padded to it): 16
     /// for AMX, whose tiles hold 16 pairs of `k`; 1 otherwise.
     pub step_align: usize,
-    /// `f(kc, a, b, c, ldc, overwrite)`: with `overwrite`, C's tile is written without being
-    /// read (the first block of `k` when C starts at zero). Safety: `a` is readable for `kc * mr` values laid out `[p][i]`,
-    /// `b` for `kc * nr` laid out `[p][j]`, and `c` readable and writable at `i * ldc + j` for
-    /// `i < mr`, `j < nr`, not aliased by `a` or `b`; the CPU has the kernel's instruction set.
+    /// `f(steps, a, b, c, ldc, overwrite)`: with `overwrite`, C's tile is written without being
+    /// read (the first block of `k` when C starts at zero). `steps` is `kc`, or for a `pairs`
+    /// kernel `kc.div_ceil(2)` rounded up to `step_align`. Safety: `a` is readable for
+    /// `steps * mr` values laid out `[step][i]` (`a_rows`: `[i][step]`), `b` for `steps * nr`
+    /// laid out `[step][j]`, and `c` readable and writable at `i * ldc + j` for `i < mr`,
+    /// `j < nr`, not aliased by `a` or `b`; the CPU has the kernel's instruction set (and, for
+    /// AMX, the process has the tile state).
     pub f: unsafe fn(usize, *const T, *const T, *mut T, usize, bool),
 }
 
@@ -416,7 +419,15 @@ mod amx {
 
     /// Whether this process can run AMX bf16 tiles: CPUID reports AMX-TILE and AMX-BF16 and
     /// Linux grants the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), asked
-    /// once per process.
+    /// once per process, at its first bf16 product (or when `NBIT_GEMM_KERNEL` names the AMX
+    /// kernel; naming another kernel never asks).
+    ///
+    /// So the choice depends on the kernel as well as on CPUID: Linux before 5.16, a seccomp
+    /// filter, a hypervisor that hides the tile state, or a host process with a thread whose
+    /// `sigaltstack` is smaller than the AMX signal frame (about 11 KiB) refuses, and that process
+    /// widens instead (other bits). A grant is process-wide: a `sigaltstack` set up afterwards
+    /// must fit that frame (Rust's own threads size theirs from `AT_MINSIGSTKSZ`). A host that
+    /// must avoid both sets `NBIT_GEMM_KERNEL` to another kernel.
     pub(super) fn usable() -> bool {
         use std::sync::OnceLock;
         static USABLE: OnceLock<bool> = OnceLock::new();
@@ -477,6 +488,7 @@ mod amx {
     /// As [`Kernel::f`] with `a` packed by rows (`[i][step]`, 32 rows of `steps` pairs), `b` as
     /// `[step][j]` pairs (32 columns), `steps` a multiple of 16; [`usable`] has returned true.
     unsafe fn amx_bf16(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, overwrite: bool) {
+        debug_assert!(steps > 0 && steps.is_multiple_of(16));
         let (sa, sb, sc) = (steps * 4, 32 * 4, ldc * 4);
         let (a, b) = (a.cast::<u8>(), b.cast::<u8>());
         let c = [
@@ -540,7 +552,7 @@ mod amx {
     }
 
     pub(super) const AMX_BF16: Kernel<f32> = Kernel {
-        name: "amx_bf16 32x32",
+        name: super::AMX_NAME,
         mr: 32,
         nr: 32,
         pairs: true,
@@ -611,7 +623,12 @@ pub fn gemm_kernel_from_env() -> Result<Option<&'static str>, Error> {
     if v.is_empty() {
         return Ok(None);
     }
-    bf16_kernels()
+    // The AMX kernel is only looked for when named (looking asks Linux for the tile state).
+    let lanes = match v.eq_ignore_ascii_case(AMX_NAME) {
+        true => bf16_kernels(),
+        false => bf16_kernels_but_amx(),
+    };
+    lanes
         .into_iter()
         .map(|k| k.name)
         .chain(kernels::<f64>().into_iter().map(|k| k.name))
@@ -670,17 +687,27 @@ fn kernel<T: Acc>() -> Kernel<T> {
 /// while packing), where the CPU has AVX-512 BF16 the `vdpbf16ps` kernel, and where it has AMX
 /// (and Linux grants it) the tile kernel.
 pub(crate) fn bf16_kernels() -> Vec<Kernel<f32>> {
-    let mut ks = kernels::<f32>();
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
-        ks.insert(0, x86::AVX512_BF16_PAIRS);
-    }
+    let mut ks = bf16_kernels_but_amx();
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     if amx::usable() {
         ks.insert(0, amx::AMX_BF16);
     }
     ks
 }
+
+/// [`bf16_kernels`] without the AMX kernel, which asking for would make the process ask Linux for
+/// the tile state (a process-wide change: see [`amx::usable`]).
+fn bf16_kernels_but_amx() -> Vec<Kernel<f32>> {
+    let mut ks = kernels::<f32>();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
+        ks.insert(0, x86::AVX512_BF16_PAIRS);
+    }
+    ks
+}
+
+/// The AMX kernel's name, as [`GEMM_KERNEL_ENV`] takes it.
+const AMX_NAME: &str = "amx_bf16 32x32";
 
 /// What CPUID says about the processor: its vendor string and its family (base plus extended,
 /// as `/proc/cpuinfo`'s `cpu family`).
@@ -740,6 +767,12 @@ fn kernel_for<E: Float>() -> Kernel<E::Acc> {
     use std::sync::OnceLock;
     static BF16: OnceLock<Kernel<f32>> = OnceLock::new();
     let chosen = BF16.get_or_init(|| {
+        // A kernel named in the environment is taken without asking for AMX (unless named).
+        if override_name().is_some_and(|n| n != AMX_NAME)
+            && let Some(k) = overridden(&bf16_kernels_but_amx())
+        {
+            return k;
+        }
         let ks = bf16_kernels();
         if let Some(k) = overridden(&ks) {
             return k;
@@ -904,7 +937,7 @@ fn same<A: 'static, B: 'static>() -> bool {
 
 /// `c = op(A) op(B) (+ bias)` in the compute type, `c` resized to `m x n` (its capacity reused).
 /// `c = a @ b (+ bias)` as an `m x n` matrix whose rows are `ldc >= n` apart (the padding
-/// between rows is left unset).
+/// between rows zero, or the bias's padding).
 fn accumulate<E: Float>(
     kern: Kernel<E::Acc>,
     threads: usize,
@@ -1178,7 +1211,8 @@ unsafe fn pack_pairs<E: Float>(
 ) {
     debug_assert_eq!(E::DTYPE, crate::DType::BF16);
     debug_assert!(steps >= kc.div_ceil(2));
-    // The operand's bf16 values as their bits (`E` is bf16: two bytes, the same layout).
+    // The operand's bf16 values as their bits (`E` is bf16: two bytes, the same layout). A pair
+    // read as one u32 has the even `k` in its low half on a little-endian CPU (x86-64, aarch64).
     let raw = x.ptr.cast::<u16>();
     for panel in 0..rows.div_ceil(w) {
         let live = w.min(rows - panel * w);
@@ -1294,7 +1328,7 @@ unsafe fn block<E: Float>(
                 let kc = kc_max.min(k - pc);
                 let overwrite = overwrite_first && pc == 0;
                 // SAFETY: columns jc..jc+nc of B over depth pc..pc+kc are inside B, and
-                // `bbuf` holds `nc_max * kc_max` values.
+                // `bbuf` holds `nc_max * depth_max` slots (`depth_max >= steps`).
                 // SAFETY (pairs): as above; a pairs kernel only ever gets bf16 operands.
                 let steps = steps_for(kc);
                 unsafe {
@@ -1323,7 +1357,7 @@ unsafe fn block<E: Float>(
                             let dst = c.ptr.wrapping_add((ic + ir) * c.rs + (jc + jr) * c.cs);
                             if mlive == mr && nlive == nr && c.cs == 1 {
                                 // SAFETY: a full tile inside C with unit column stride; the
-                                // panels hold `kc` steps; the CPU has the kernel's features.
+                                // panels hold `steps` steps; the CPU has the kernel's features.
                                 unsafe { (kern.f)(steps, ap, bp, dst, c.rs, overwrite) };
                             } else {
                                 // SAFETY: `tile` is a private `mr x nr` buffer.
