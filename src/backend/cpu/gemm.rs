@@ -1214,6 +1214,10 @@ unsafe fn pack_pairs<E: Float>(
     // The operand's bf16 values as their bits (`E` is bf16: two bytes, the same layout). A pair
     // read as one u32 has the even `k` in its low half on a little-endian CPU (x86-64, aarch64).
     let raw = x.ptr.cast::<u16>();
+    // Pairs are 32-bit lanes, so f32's in-register 16 x 16 transpose moves them where a panel
+    // needs them across its rows; and a panel of another layout is built `[step][i]` here first.
+    let tp = transposer::<f32>();
+    let mut staged: Vec<u32> = Vec::new();
     for panel in 0..rows.div_ceil(w) {
         let live = w.min(rows - panel * w);
         let base = raw.wrapping_offset((r0 + panel * w) as isize * x.rs + p0 as isize * x.cs);
@@ -1225,6 +1229,20 @@ unsafe fn pack_pairs<E: Float>(
             // Rows contiguous along k (a row-major A, or B = W^T): a pair is one unaligned u32,
             // and a row's `kc / 2` full pairs are its bytes as they are.
             let full = kc / 2;
+            // Across the rows (`[step][i]`, a B = W^T): 16 rows at a time through the transpose,
+            // which takes a row stride in pairs (so an even one).
+            let transposed = match tp {
+                Some(tp) if !by_rows && x.rs % 2 == 0 && full > 0 => {
+                    for r in (0..live).step_by(16) {
+                        let src = base.wrapping_offset(r as isize * x.rs).cast::<f32>();
+                        // SAFETY: rows r.. r + 16 (at most `live`) hold `full` pairs each, and
+                        // `d` takes slot `s * w + r + i` for s < full <= steps, i < 16, r + i < w.
+                        unsafe { tp(src, x.rs / 2, (live - r).min(16), full, d.cast(), w, r) };
+                    }
+                    true
+                }
+                _ => false,
+            };
             for i in 0..w {
                 let row = base.wrapping_offset(i as isize * x.rs);
                 let pairs = if i < live { full } else { 0 };
@@ -1232,7 +1250,7 @@ unsafe fn pack_pairs<E: Float>(
                     let out = d.wrapping_add(i * steps);
                     // SAFETY: `pairs` pairs of this row, into its `steps` slots.
                     unsafe { core::ptr::copy_nonoverlapping(row.cast::<u8>(), out.cast::<u8>(), pairs * 4) };
-                } else {
+                } else if !transposed {
                     for s in 0..pairs {
                         unsafe { *d.add(s * w + i) = row.add(2 * s).cast::<u32>().read_unaligned() };
                     }
@@ -1245,9 +1263,47 @@ unsafe fn pack_pairs<E: Float>(
                     unsafe { *d.add(slot(s, i)) = v };
                 }
             }
+        } else if let Some(tp) = tp.filter(|_| by_rows && x.rs == 1 && live == w && w % 16 == 0) {
+            // Contiguous along the rows but wanted by rows (an A = dy^T): interleaved into
+            // `[step][i]` first, in the loop the compiler vectorises, then transposed into place.
+            staged.clear();
+            staged.resize(steps * w, 0);
+            for s in 0..kc.div_ceil(2) {
+                let (lo, hi) = (2 * s, 2 * s + 1);
+                // SAFETY: rows lo (and hi, when < kc) are inside the operand, `w` values each.
+                let lo_row =
+                    unsafe { core::slice::from_raw_parts(base.wrapping_offset(lo as isize * x.cs), w) };
+                let out = &mut staged[s * w..(s + 1) * w];
+                if hi < kc {
+                    let hi_row =
+                        unsafe { core::slice::from_raw_parts(base.wrapping_offset(hi as isize * x.cs), w) };
+                    for ((o, &l), &h) in out.iter_mut().zip(lo_row).zip(hi_row) {
+                        *o = u32::from(l) | u32::from(h) << 16;
+                    }
+                } else {
+                    for (o, &l) in out.iter_mut().zip(lo_row) {
+                        *o = u32::from(l);
+                    }
+                }
+            }
+            for s0 in (0..steps).step_by(16) {
+                // SAFETY: staged rows s0.. s0 + 16 (at most `steps`) hold `w` lanes each, and `d`
+                // takes slot `i * steps + s0 + r` for i < w, r < 16, s0 + r < steps.
+                unsafe {
+                    tp(
+                        staged.as_ptr().add(s0 * w).cast(),
+                        w as isize,
+                        (steps - s0).min(16),
+                        w,
+                        d.cast(),
+                        steps,
+                        s0,
+                    )
+                };
+            }
         } else {
-            // Any other layout (contiguous along the rows, as a row-major B or A = dy^T, or
-            // strided): two values of k at a time for every row, interleaved.
+            // Any other layout (contiguous along the rows, as a row-major B, or strided): two
+            // values of k at a time for every row, interleaved.
             for s in 0..steps {
                 let (lo, hi) = (2 * s, 2 * s + 1);
                 let lo_row = base.wrapping_offset(lo as isize * x.cs);
