@@ -1232,7 +1232,7 @@ unsafe fn pack_pairs<E: Float>(
             // Across the rows (`[step][i]`, a B = W^T): 16 rows at a time through the transpose,
             // which takes a row stride in pairs (so an even one).
             let transposed = match tp {
-                Some(tp) if !by_rows && x.rs % 2 == 0 && full > 0 => {
+                Some(tp) if !by_rows && x.rs.rem_euclid(2) == 0 && full > 0 => {
                     for r in (0..live).step_by(16) {
                         let src = base.wrapping_offset(r as isize * x.rs).cast::<f32>();
                         // SAFETY: rows r.. r + 16 (at most `live`) hold `full` pairs each, and
@@ -1263,7 +1263,7 @@ unsafe fn pack_pairs<E: Float>(
                     unsafe { *d.add(slot(s, i)) = v };
                 }
             }
-        } else if let Some(tp) = tp.filter(|_| by_rows && x.rs == 1 && live == w && w % 16 == 0) {
+        } else if let Some(tp) = tp.filter(|_| by_rows && x.rs == 1 && live == w && w.is_multiple_of(16)) {
             // Contiguous along the rows but wanted by rows (an A = dy^T): interleaved into
             // `[step][i]` first, in the loop the compiler vectorises, then transposed into place.
             staged.clear();
