@@ -46,6 +46,9 @@ pub(crate) struct Kernel<T> {
     /// The steps a kernel takes are a multiple of this (the panels are zero-padded to it): 16
     /// for AMX, whose tiles hold 16 pairs of `k`; 1 otherwise.
     pub step_align: usize,
+    /// Run by each thread before its first call of `f` in a product and after its last (AMX:
+    /// load the tile configuration, release the tiles), so `f` does not do it per tile.
+    pub around: Option<(unsafe fn(), unsafe fn())>,
     /// `f(steps, a, b, c, ldc, overwrite)`: with `overwrite`, C's tile is written without being
     /// read (the first block of `k` when C starts at zero). `steps` is `kc`, or for a `pairs`
     /// kernel `kc.div_ceil(2)` rounded up to `step_align`. Safety: `a` is readable for
@@ -368,6 +371,7 @@ mod x86 {
         pairs: true,
         a_rows: false,
         step_align: 1,
+        around: None,
         f: avx512_bf16_pairs,
     };
 
@@ -378,6 +382,7 @@ mod x86 {
         pairs: false,
         a_rows: false,
         step_align: 1,
+        around: None,
         f: avx512_f32,
     };
     pub(super) const AVX512_F64: Kernel<f64> = Kernel {
@@ -387,6 +392,7 @@ mod x86 {
         pairs: false,
         a_rows: false,
         step_align: 1,
+        around: None,
         f: avx512_f64,
     };
     pub(super) const AVX2_F32: Kernel<f32> = Kernel {
@@ -396,6 +402,7 @@ mod x86 {
         pairs: false,
         a_rows: false,
         step_align: 1,
+        around: None,
         f: avx2_f32,
     };
     pub(super) const AVX2_F64: Kernel<f64> = Kernel {
@@ -405,6 +412,7 @@ mod x86 {
         pairs: false,
         a_rows: false,
         step_align: 1,
+        around: None,
         f: avx2_f64,
     };
 }
@@ -486,7 +494,8 @@ mod amx {
     ///
     /// # Safety
     /// As [`Kernel::f`] with `a` packed by rows (`[i][step]`, 32 rows of `steps` pairs), `b` as
-    /// `[step][j]` pairs (32 columns), `steps` a multiple of 16; [`usable`] has returned true.
+    /// `[step][j]` pairs (32 columns), `steps` a multiple of 16; [`usable`] has returned true and
+    /// this thread has run [`configure`] since its last [`release`].
     unsafe fn amx_bf16(steps: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, overwrite: bool) {
         debug_assert!(steps > 0 && steps.is_multiple_of(16));
         let (sa, sb, sc) = (steps * 4, 32 * 4, ldc * 4);
@@ -500,7 +509,6 @@ mod amx {
         // SAFETY: the caller's contract: every tile row loaded or stored below lies inside the
         // panels (32 rows of `steps` pairs; `steps` rows of 32 pairs) or C's 32 x 32 tile.
         unsafe {
-            asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
             if overwrite {
                 asm!(
                     "tilezero tmm0",
@@ -543,12 +551,29 @@ mod amx {
                 "tilestored [{c1} + {sc}*1], tmm1",
                 "tilestored [{c2} + {sc}*1], tmm2",
                 "tilestored [{c3} + {sc}*1], tmm3",
-                "tilerelease",
                 c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
                 sc = in(reg) sc,
                 options(nostack)
             );
         }
+    }
+
+    /// Loads the tile configuration: before a thread's first [`amx_bf16`] in a product.
+    ///
+    /// # Safety
+    /// [`usable`] has returned true.
+    unsafe fn configure() {
+        // SAFETY: reads the 64-byte configuration; the caller's contract grants the tile state.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly)) };
+    }
+
+    /// Releases the tiles (back to their initial state): after a thread's last [`amx_bf16`].
+    ///
+    /// # Safety
+    /// [`usable`] has returned true.
+    unsafe fn release() {
+        // SAFETY: touches only this thread's tile state.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
     pub(super) const AMX_BF16: Kernel<f32> = Kernel {
@@ -558,6 +583,7 @@ mod amx {
         pairs: true,
         a_rows: true,
         step_align: 16,
+        around: Some((configure, release)),
         f: amx_bf16,
     };
 }
@@ -569,6 +595,7 @@ const PORTABLE_F32: Kernel<f32> = Kernel {
     pairs: false,
     a_rows: false,
     step_align: 1,
+    around: None,
     f: portable::<f32, 4, 16>,
 };
 const PORTABLE_F64: Kernel<f64> = Kernel {
@@ -578,6 +605,7 @@ const PORTABLE_F64: Kernel<f64> = Kernel {
     pairs: false,
     a_rows: false,
     step_align: 1,
+    around: None,
     f: portable::<f64, 4, 8>,
 };
 
@@ -1333,6 +1361,16 @@ unsafe fn pack_pairs<E: Float>(
     }
 }
 
+/// Runs a kernel's clean-up when dropped (also when a panic unwinds through the product).
+struct Defer(unsafe fn());
+
+impl Drop for Defer {
+    fn drop(&mut self) {
+        // SAFETY: built only from a kernel's `around`, after its set-up ran on this thread.
+        unsafe { (self.0)() };
+    }
+}
+
 /// The blocked product for output rows `rows.0..rows.1` and columns `cols.0..cols.1`.
 ///
 /// # Safety
@@ -1369,6 +1407,11 @@ unsafe fn block<E: Float>(
         rs: b.cs,
         cs: b.rs,
     };
+    // SAFETY: the CPU runs the kernel (the caller's contract), so its set-up too.
+    if let Some((before, _)) = kern.around {
+        unsafe { before() };
+    }
+    let _after = kern.around.map(|(_, after)| Defer(after));
     with_arena(words, |arena| {
         let abuf: *mut E::Acc = align64(arena);
         let bbuf: *mut E::Acc = align64(arena.wrapping_add(words_for::<E::Acc>(a_len)));
