@@ -30,6 +30,9 @@ const KC: usize = 256;
 /// Columns of the packed B block: `KC x NC` lanes stay in L2.
 const NC: usize = 1024;
 
+/// A kernel's per-thread set-up and clean-up (see [`Kernel::around`]).
+pub(crate) type Around = (unsafe fn(), unsafe fn());
+
 /// One micro-kernel: `C[0..mr, 0..nr] += A_panel * B_panel`.
 #[derive(Clone, Copy)]
 pub(crate) struct Kernel<T> {
@@ -48,7 +51,7 @@ pub(crate) struct Kernel<T> {
     pub step_align: usize,
     /// Run by each thread before its first call of `f` in a product and after its last (AMX:
     /// load the tile configuration, release the tiles), so `f` does not do it per tile.
-    pub around: Option<(unsafe fn(), unsafe fn())>,
+    pub around: Option<Around>,
     /// `f(steps, a, b, c, ldc, overwrite)`: with `overwrite`, C's tile is written without being
     /// read (the first block of `k` when C starts at zero). `steps` is `kc`, or for a `pairs`
     /// kernel `kc.div_ceil(2)` rounded up to `step_align`. Safety: `a` is readable for
