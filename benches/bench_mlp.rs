@@ -22,36 +22,63 @@ use nbit::optim::{Optimization, Sgd};
 use nbit::prelude::*;
 
 /// The system allocator, counting calls and bytes: the report gives heap allocations per
-/// training step (the steady state, after the warm-up epoch).
+/// training step (the steady state, after the warm-up epoch), and the live heap at rest and at
+/// its peak.
 struct Counting;
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
+static LIVE: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
+fn grew(bytes: usize) {
+    let live = LIVE.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+    PEAK.fetch_max(live, Ordering::Relaxed);
+}
 
 // SAFETY: every call is forwarded to `System` unchanged; the counters are only statistics.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        grew(layout.size());
         // SAFETY: the caller's contract is System's.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        grew(layout.size());
         // SAFETY: as above.
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
         BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        grew(new_size);
         // SAFETY: as above.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
+}
+
+/// The process's peak resident set (VmHWM) in bytes, from /proc/self/status (Linux).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Starts the peak resident set again from the current one (Linux: `5` to clear_refs), so that
+/// the peak measured after it is training's, not the data set-up's; whether that worked.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 #[global_allocator]
@@ -126,7 +153,11 @@ fn run<P: Precision, D: Runs<P>>(a: &Args) -> Result<f64, Error> {
     let y = (0..a.samples)
         .map(|_| (next() * a.classes as f64) as usize % a.classes)
         .collect();
-    let data = DataLoader::new(Dataset::classification(x, y)?, a.batch)?;
+    // Features held in the dtype the model reads: f32 (32-true, mixed), bf16 / f16 (true
+    // 16-bit) or f64.
+    let data = DataLoader::new(Dataset::classification(x, y)?.for_precision::<P>()?, a.batch)?;
+    let data_bytes = data.dataset().features().nbytes();
+    let heap_before_model = LIVE.load(Ordering::Relaxed);
     let mut builder = Trainer::<P, D>::builder().enable_progress_bar(false).seed(1);
     if let Some(t) = a.threads {
         builder = builder.num_threads(t);
@@ -143,7 +174,13 @@ fn run<P: Precision, D: Runs<P>>(a: &Args) -> Result<f64, Error> {
     let mut rates = Vec::new();
     let mut last = f64::NAN;
     let (mut allocs, mut bytes, mut steps) = (0u64, 0u64, 0u64);
+    let mut rss_reset = false;
     for epoch in 0..a.epochs {
+        if epoch == 1 || a.epochs == 1 {
+            // The peaks from here on are the timed fits'.
+            PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+            rss_reset = reset_peak_rss();
+        }
         let (a0, b0) = (ALLOCS.load(Ordering::Relaxed), BYTES.load(Ordering::Relaxed));
         let start = Instant::now();
         let r = trainer.fit(&mut model, &data, None)?;
@@ -175,6 +212,25 @@ fn run<P: Precision, D: Runs<P>>(a: &Args) -> Result<f64, Error> {
         "heap allocations per step: {} ({:.1} MB; timed fits, their set-up included)",
         allocs / steps,
         bytes as f64 / steps as f64 / 1e6
+    );
+    let mb = |b: u64| b as f64 / 1e6;
+    let summary = trainer.summary(&mut model);
+    let param_bytes = summary.total * std::mem::size_of::<P::Param>();
+    println!(
+        "memory (MB): data {:.1} ({} features); parameters {:.1} ({}); optimizer state {:.1}; \
+         heap peak in a fit {:.1} (beyond the data: parameters, gradients, optimizer state, \
+         activations, workspace); peak RSS {}",
+        mb(data_bytes as u64),
+        data.dataset().features().dtype(),
+        mb(param_bytes as u64),
+        <P::Param as nbit::Element>::DTYPE,
+        mb(summary.optimizer_state_bytes as u64),
+        mb(PEAK.load(Ordering::Relaxed).saturating_sub(heap_before_model)),
+        match peak_rss() {
+            Some(r) if rss_reset => format!("{:.1} (reset before the timed fits)", mb(r)),
+            Some(r) => format!("{:.1} (whole process)", mb(r)),
+            None => "unknown".into(),
+        }
     );
     Ok(median)
 }

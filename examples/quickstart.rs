@@ -50,8 +50,11 @@ impl RunJob for Train<'_> {
                 Optimization::new(AdamW::default()),
             )
         })?;
-        let train_loader = DataLoader::new(train.clone(), BATCH)?.shuffle(true).seed(0);
-        let val_loader = DataLoader::new(val.clone(), 256)?;
+        // The features held in the dtype the model reads (f32, or bf16 under bf16-true).
+        let train_loader = DataLoader::new(train.clone().for_precision::<P>()?, BATCH)?
+            .shuffle(true)
+            .seed(0);
+        let val_loader = DataLoader::new(val.clone().for_precision::<P>()?, 256)?;
         let start = Instant::now();
         let report = trainer.fit(&mut model, &train_loader, Some(&val_loader))?;
         let secs = start.elapsed().as_secs_f64();

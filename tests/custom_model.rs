@@ -202,7 +202,10 @@ fn digits_cnn<P: Precision, D: Runs<P>>() -> Result<f64, Error> {
     let nbit::data::Targets::Classes(labels) = data.targets() else {
         unreachable!("read as classification")
     };
-    let scaled = Dataset::classification(data.features().mapv(|v| v / 16.0), labels.clone())?;
+    let scaled = Dataset::classification(
+        data.features().to_array::<f64>().mapv(|v| v / 16.0),
+        labels.clone(),
+    )?;
     let (train, val) = scaled.split(0.2, 0)?;
     let trainer = Trainer::<P, D>::builder()
         .max_epochs(3)

@@ -125,8 +125,10 @@ fn other_roundings_are_refused_where_weights_are_not_16_bit() {
     let mut m = t
         .init_module(|ctx| MlpModel::new(ctx, &[2, 3], nbit::nn::Task::Regression, config))
         .unwrap();
-    let data =
-        nbit::data::Dataset::regression(ndarray::Array2::zeros((4, 2)), ndarray::Array2::zeros((4, 3)));
+    let data = nbit::data::Dataset::regression(
+        ndarray::Array2::<f64>::zeros((4, 2)),
+        ndarray::Array2::zeros((4, 3)),
+    );
     let loader = nbit::data::DataLoader::new(data.unwrap(), 2).unwrap();
     let msg = t.fit(&mut m, &loader, None).unwrap_err().to_string();
     assert!(msg.contains("update_rounding"), "{msg}");

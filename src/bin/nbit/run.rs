@@ -102,7 +102,7 @@ impl RunJob for Run {
             report.notes.extend(trainer.load_weights(&mut model, init)?);
         }
         let loader = |d: Dataset, shuffle: bool| -> Result<DataLoader, Error> {
-            Ok(DataLoader::new(d, plan.batch_size)?
+            Ok(DataLoader::new(d.for_precision::<P>()?, plan.batch_size)?
                 .shuffle(shuffle)
                 .seed(o.seed.unwrap_or(0)))
         };
