@@ -29,6 +29,21 @@ const MC: usize = 192;
 const KC: usize = 256;
 /// Columns of the packed B block: `KC x NC` lanes stay in L2.
 const NC: usize = 1024;
+/// The deepest product a pairs kernel takes in one pass over `k` (see [`Dest::Round`]): a tile
+/// is summed over all of `k` and rounded at once, so no f32 accumulator of C exists.
+const K_WHOLE: usize = 4096;
+/// Bytes of a packed block of B when `k` is taken whole (about a quarter of L2), and of A's
+/// (which is then packed once for all of a thread's rows where they fit, not once per block of
+/// B).
+#[cfg(not(test))]
+const WHOLE_B_BYTES: usize = 512 << 10;
+#[cfg(not(test))]
+const WHOLE_A_BYTES: usize = 1 << 20;
+// Small blocks under test, so that the tests' small products span several.
+#[cfg(test)]
+const WHOLE_B_BYTES: usize = 8 << 10;
+#[cfg(test)]
+const WHOLE_A_BYTES: usize = 16 << 10;
 
 /// A kernel's per-thread set-up and clean-up (see [`Kernel::around`]).
 pub(crate) type Around = (unsafe fn(), unsafe fn());
@@ -858,6 +873,23 @@ struct Out<T> {
 unsafe impl<T: Send> Send for Out<T> {}
 unsafe impl<T: Send> Sync for Out<T> {}
 
+/// Where a product's tiles go.
+#[derive(Clone, Copy)]
+enum Dest<'a, E: Float> {
+    /// Added to an accumulator of `E::Acc`, a block of `k` at a time; with `overwrite_first`
+    /// (no bias), the first block writes it without reading it.
+    Acc { out: Out<E::Acc>, overwrite_first: bool },
+    /// Summed over all of `k` in a tile on the stack, the bias added, and rounded once into the
+    /// output of `E`: the rounding is the tile's epilogue, so C is written once, in `E`. The bias
+    /// is widened and indexed by the output's columns; `bias_by_rows` when the product is
+    /// computed transposed (C^T), whose rows are the output's columns.
+    Round {
+        out: Out<E>,
+        bias: Option<&'a [E::Acc]>,
+        bias_by_rows: bool,
+    },
+}
+
 thread_local! {
     /// Packing space of this thread, kept between calls (8-byte words, carved at 64-byte
     /// alignment).
@@ -911,6 +943,31 @@ pub(crate) fn gemm_with<E: Float>(
         let any: Box<dyn Any> = Box::new(c);
         return *any.downcast::<Vec<E>>().expect("E is its own compute type");
     }
+    let ((m, k), n) = (a.dim(), b.ncols());
+    if kern.pairs && (1..=K_WHOLE).contains(&k) && m > 0 && n > 0 {
+        // Each tile summed over all of `k` and rounded in its epilogue: no f32 accumulator,
+        // and C written once, in bf16.
+        let bias_acc = bias.map(|v| {
+            let mut w = vec![<E::Acc as Acc>::c(0.0); v.len()];
+            E::widen_slice(v, &mut w);
+            w
+        });
+        let mut r: Vec<E> = Vec::with_capacity(m * n);
+        let out = Out {
+            ptr: r.as_mut_ptr(),
+            rs: n,
+            cs: 1,
+        };
+        product(kern, threads, a, b, out, |out, transposed| Dest::Round {
+            out,
+            bias: bias_acc.as_deref(),
+            bias_by_rows: transposed,
+        });
+        // SAFETY: `product` wrote every element of the `m x n` output (every tile of every
+        // thread's range, whole or through the edge tile), each once.
+        unsafe { r.set_len(m * n) };
+        return r;
+    }
     // 16-bit: the f32 accumulator is scratch, kept per thread (a fresh one when in use), so
     // a training loop does not map and fault in a new one for every product.
     thread_local! {
@@ -919,7 +976,6 @@ pub(crate) fn gemm_with<E: Float>(
     // The scratch accumulator's rows are padded off a multiple of 1 KiB: a C tile's rows 4 KiB
     // apart share an L1 set, and a kernel that loads and stores whole tiles (AMX) then runs at
     // two thirds of its speed.
-    let n = b.ncols();
     let ldc = if n >= 256 && n.is_multiple_of(256) {
         n + 16
     } else {
@@ -1003,65 +1059,15 @@ fn accumulate<E: Float>(
         None => {}
     }
     if m > 0 && n > 0 && k > 0 {
-        let (mr, nr) = (kern.mr, kern.nr);
-        // Fraction of the kernels' multiply-adds that land inside C, for C and for C^T.
-        let used = |m: usize, n: usize| (m * n) as f64 / (m.div_ceil(mr) * mr * n.div_ceil(nr) * nr) as f64;
-        // A narrow C (a classifier's 10 outputs against 32-wide tiles) wastes most of each tile:
-        // compute C^T = B^T A^T instead, written through C's strides.
-        let (a, b, m, n, out) = if used(n, m) > 1.25 * used(m, n) {
-            let out = Out {
-                ptr: c.as_mut_ptr(),
-                rs: 1,
-                cs: ldc,
-            };
-            (b.reversed_axes(), a.reversed_axes(), n, m, out)
-        } else {
-            (
-                a,
-                b,
-                m,
-                n,
-                Out {
-                    ptr: c.as_mut_ptr(),
-                    rs: ldc,
-                    cs: 1,
-                },
-            )
+        let out = Out {
+            ptr: c.as_mut_ptr(),
+            rs: ldc,
+            cs: 1,
         };
-        let (opa, opb) = (
-            Operand {
-                ptr: a.as_ptr(),
-                rs: a.strides()[0],
-                cs: a.strides()[1],
-            },
-            Operand {
-                ptr: b.as_ptr(),
-                rs: b.strides()[0],
-                cs: b.strides()[1],
-            },
-        );
-        let fmas = m.saturating_mul(n).saturating_mul(k);
-        let threads = if fmas < PARALLEL_MIN_FMAS { 1 } else { threads };
-        // Split the dimension with more tiles, on tile boundaries, so threads write disjoint
-        // parts of C and each packs only what it reads.
-        let by_cols = n.div_ceil(nr) >= m.div_ceil(mr);
-        let (len, align) = if by_cols { (n, nr) } else { (m, mr) };
-        let run = |lo: usize, hi: usize| {
-            let (rows, cols) = if by_cols {
-                ((0, m), (lo, hi))
-            } else {
-                ((lo, hi), (0, n))
-            };
-            // SAFETY: `opa`/`opb` describe the live views `a`, `b`; `out` is `c` seen as
-            // `m x n`, and this call writes only rows `rows` x columns `cols` of it, disjoint
-            // from other calls.
-            unsafe { block(kern, opa, opb, out, k, rows, cols, overwrite_first) };
-        };
-        if threads <= 1 {
-            run(0, len);
-        } else {
-            for_ranges_with(threads, len, 0, align, run);
-        }
+        product(kern, threads, a, b, out, |out, _| Dest::Acc {
+            out,
+            overwrite_first,
+        });
         if overwrite_first {
             if ldc > c_cols {
                 for i in 0..c_rows {
@@ -1074,6 +1080,71 @@ fn accumulate<E: Float>(
             // between rows (`ldc > c_cols`) is zeroed just above.
             unsafe { c.set_len(c_rows * ldc) };
         }
+    }
+}
+
+/// Runs `C = op(A) op(B)` (`A` `m x k`, `B` `k x n`) over threads into `dest(out, transposed)`,
+/// where `out` is C (`m x n` through its strides), or C^T when a narrow C is computed
+/// transposed. `m`, `n`, `k` > 0.
+fn product<'a, E: Float, T>(
+    kern: Kernel<E::Acc>,
+    threads: usize,
+    a: ArrayView2<E>,
+    b: ArrayView2<E>,
+    out: Out<T>,
+    dest: impl Fn(Out<T>, bool) -> Dest<'a, E> + Sync,
+) {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    let (mr, nr) = (kern.mr, kern.nr);
+    // Fraction of the kernels' multiply-adds that land inside C, for C and for C^T.
+    let used = |m: usize, n: usize| (m * n) as f64 / (m.div_ceil(mr) * mr * n.div_ceil(nr) * nr) as f64;
+    // A narrow C (a classifier's 10 outputs against 32-wide tiles) wastes most of each tile:
+    // compute C^T = B^T A^T instead, written through C's strides.
+    let transposed = used(n, m) > 1.25 * used(m, n);
+    let (a, b, m, n, out) = if transposed {
+        let out = Out {
+            ptr: out.ptr,
+            rs: out.cs,
+            cs: out.rs,
+        };
+        (b.reversed_axes(), a.reversed_axes(), n, m, out)
+    } else {
+        (a, b, m, n, out)
+    };
+    let dest = dest(out, transposed);
+    let (opa, opb) = (
+        Operand {
+            ptr: a.as_ptr(),
+            rs: a.strides()[0],
+            cs: a.strides()[1],
+        },
+        Operand {
+            ptr: b.as_ptr(),
+            rs: b.strides()[0],
+            cs: b.strides()[1],
+        },
+    );
+    let fmas = m.saturating_mul(n).saturating_mul(k);
+    let threads = if fmas < PARALLEL_MIN_FMAS { 1 } else { threads };
+    // Split the dimension with more tiles, on tile boundaries, so threads write disjoint
+    // parts of C and each packs only what it reads.
+    let by_cols = n.div_ceil(nr) >= m.div_ceil(mr);
+    let (len, align) = if by_cols { (n, nr) } else { (m, mr) };
+    let run = |lo: usize, hi: usize| {
+        let (rows, cols) = if by_cols {
+            ((0, m), (lo, hi))
+        } else {
+            ((lo, hi), (0, n))
+        };
+        // SAFETY: `opa`/`opb` describe the live views `a`, `b`; `dest` is C seen as
+        // `m x n`, and this call writes only rows `rows` x columns `cols` of it, disjoint
+        // from other calls.
+        unsafe { block(kern, opa, opb, dest, k, rows, cols) };
+    };
+    if threads <= 1 {
+        run(0, len);
+    } else {
+        for_ranges_with(threads, len, 0, align, run);
     }
 }
 
@@ -1377,27 +1448,38 @@ impl Drop for Defer {
 /// The blocked product for output rows `rows.0..rows.1` and columns `cols.0..cols.1`.
 ///
 /// # Safety
-/// `a` is `m x k` and `b` `k x n` for an `m` covering `rows` and an `n` covering `cols`; `c`
-/// is a live `m x n` output that no other thread reads or writes in this block.
-#[allow(clippy::too_many_arguments)]
+/// `a` is `m x k` and `b` `k x n` for an `m` covering `rows` and an `n` covering `cols`; the
+/// destination is a live `m x n` output that no other thread reads or writes in this block; a
+/// [`Dest::Round`] product has `k <= K_WHOLE` and a bias (if any) as long as the output's columns.
 unsafe fn block<E: Float>(
     kern: Kernel<E::Acc>,
     a: Operand<E>,
     b: Operand<E>,
-    c: Out<E::Acc>,
+    dest: Dest<'_, E>,
     k: usize,
     rows: (usize, usize),
     cols: (usize, usize),
-    overwrite_first: bool,
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
-    let mc_max = MC.div_ceil(mr) * mr;
-    let nc_max = NC.div_ceil(nr) * nr;
-    let kc_max = KC.min(k);
+    let whole = matches!(dest, Dest::Round { .. });
     // A pairs kernel's panels are `steps` deep, padded to its alignment (which can exceed `kc`).
     let steps_for = |kc: usize| match kern.pairs {
         true => kc.div_ceil(2).next_multiple_of(kern.step_align),
         false => kc,
+    };
+    // Taking `k` whole, the blocks are narrowed so that each stays about L2's size.
+    let (mc_max, nc_max, kc_max) = if whole {
+        let row_bytes = steps_for(k) * 2 * size_of::<E>();
+        let fit = |bytes: usize, align: usize, most: usize| {
+            ((bytes / row_bytes / align).max(1) * align).min(most.div_ceil(align) * align)
+        };
+        (
+            fit(WHOLE_A_BYTES, mr, rows.1 - rows.0),
+            fit(WHOLE_B_BYTES, nr, NC),
+            k,
+        )
+    } else {
+        (MC.div_ceil(mr) * mr, NC.div_ceil(nr) * nr, KC.min(k))
     };
     let depth_max = steps_for(kc_max).max(kc_max);
     let a_len = mc_max * depth_max;
@@ -1424,11 +1506,11 @@ unsafe fn block<E: Float>(
         // The largest tile of any kernel (AMX's 32 x 32), on the stack.
         let mut tile = [zero; 1024];
         debug_assert!(mr * nr <= tile.len());
+        let mut packed_a = None;
         for jc in (cols.0..cols.1).step_by(nc_max) {
             let nc = nc_max.min(cols.1 - jc);
             for pc in (0..k).step_by(kc_max) {
                 let kc = kc_max.min(k - pc);
-                let overwrite = overwrite_first && pc == 0;
                 // SAFETY: columns jc..jc+nc of B over depth pc..pc+kc are inside B, and
                 // `bbuf` holds `nc_max * depth_max` slots (`depth_max >= steps`).
                 // SAFETY (pairs): as above; a pairs kernel only ever gets bf16 operands.
@@ -1442,37 +1524,65 @@ unsafe fn block<E: Float>(
                 };
                 for ic in (rows.0..rows.1).step_by(mc_max) {
                     let mc = mc_max.min(rows.1 - ic);
-                    // SAFETY: rows ic..ic+mc of A over depth pc..pc+kc are inside A.
-                    unsafe {
-                        if kern.pairs {
-                            pack_pairs(a, ic, pc, mc, kc, mr, steps, kern.a_rows, abuf.cast())
-                        } else {
-                            pack(a, ic, pc, mc, kc, mr, abuf, scratch)
-                        }
-                    };
+                    // A's block is packed already when it is the last one packed (one block of
+                    // rows and of `k`: then A is packed once, not once per block of B).
+                    if packed_a.replace((ic, pc)) != Some((ic, pc)) {
+                        // SAFETY: rows ic..ic+mc of A over depth pc..pc+kc are inside A.
+                        unsafe {
+                            if kern.pairs {
+                                pack_pairs(a, ic, pc, mc, kc, mr, steps, kern.a_rows, abuf.cast())
+                            } else {
+                                pack(a, ic, pc, mc, kc, mr, abuf, scratch)
+                            }
+                        };
+                    }
                     for ir in (0..mc).step_by(mr) {
                         let ap = abuf.wrapping_add(ir * steps);
                         let mlive = mr.min(mc - ir);
                         for jr in (0..nc).step_by(nr) {
                             let bp = bbuf.wrapping_add(jr * steps);
                             let nlive = nr.min(nc - jr);
-                            let dst = c.ptr.wrapping_add((ic + ir) * c.rs + (jc + jr) * c.cs);
-                            if mlive == mr && nlive == nr && c.cs == 1 {
-                                // SAFETY: a full tile inside C with unit column stride; the
-                                // panels hold `steps` steps; the CPU has the kernel's features.
-                                unsafe { (kern.f)(steps, ap, bp, dst, c.rs, overwrite) };
-                            } else {
-                                // SAFETY: `tile` is a private `mr x nr` buffer.
-                                unsafe { (kern.f)(steps, ap, bp, tile.as_mut_ptr(), nr, true) };
-                                for i in 0..mlive {
-                                    for j in 0..nlive {
-                                        // SAFETY: (ic+ir+i, jc+jr+j) is inside this block of C.
-                                        unsafe {
-                                            let o = dst.add(i * c.rs + j * c.cs);
-                                            let t = tile[i * nr + j];
-                                            *o = if overwrite { t } else { *o + t };
+                            let (i0, j0) = (ic + ir, jc + jr);
+                            match dest {
+                                Dest::Acc {
+                                    out: c,
+                                    overwrite_first,
+                                } => {
+                                    let overwrite = overwrite_first && pc == 0;
+                                    let dst = c.ptr.wrapping_add(i0 * c.rs + j0 * c.cs);
+                                    // SAFETY: (i0, j0) is this block's tile of C, whose first
+                                    // `mlive x nlive` elements are inside C.
+                                    unsafe {
+                                        add_tile(
+                                            kern, steps, ap, bp, dst, c, mlive, nlive, overwrite, &mut tile,
+                                        )
+                                    };
+                                }
+                                Dest::Round {
+                                    out,
+                                    bias,
+                                    bias_by_rows,
+                                } => {
+                                    // The tile starts as the bias (or is written over), takes
+                                    // all of `k`, and is rounded into the output.
+                                    if let Some(v) = bias {
+                                        if bias_by_rows {
+                                            for i in 0..mlive {
+                                                tile[i * nr..(i + 1) * nr].fill(v[i0 + i]);
+                                            }
+                                        } else {
+                                            tile[..nlive].copy_from_slice(&v[j0..j0 + nlive]);
+                                            for i in 1..mlive {
+                                                tile.copy_within(..nlive, i * nr);
+                                            }
                                         }
                                     }
+                                    // SAFETY: `tile` is a private `mr x nr` buffer; the panels
+                                    // hold `steps` steps; the CPU has the kernel's features.
+                                    unsafe { (kern.f)(steps, ap, bp, tile.as_mut_ptr(), nr, bias.is_none()) };
+                                    // SAFETY: (i0, j0) is this block's tile of the output, whose
+                                    // first `mlive x nlive` elements are inside it.
+                                    unsafe { round_tile(&tile, nr, out, i0, j0, mlive, nlive) };
                                 }
                             }
                         }
@@ -1481,6 +1591,80 @@ unsafe fn block<E: Float>(
             }
         }
     });
+}
+
+/// One tile of `C += A_panel B_panel` (or `=`, with `overwrite`) into an accumulator: straight
+/// into C when the tile is whole and C's rows are contiguous, else through `tile`.
+///
+/// # Safety
+/// As [`Kernel::f`] for the panels; `dst` is element `(i0, j0)` of `c`, and the `mlive x nlive`
+/// elements from it are inside C and this thread's.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn add_tile<T: Acc>(
+    kern: Kernel<T>,
+    steps: usize,
+    ap: *const T,
+    bp: *const T,
+    dst: *mut T,
+    c: Out<T>,
+    mlive: usize,
+    nlive: usize,
+    overwrite: bool,
+    tile: &mut [T; 1024],
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    if mlive == mr && nlive == nr && c.cs == 1 {
+        // SAFETY: a full tile inside C with unit column stride (the caller's contract).
+        unsafe { (kern.f)(steps, ap, bp, dst, c.rs, overwrite) };
+        return;
+    }
+    // SAFETY: `tile` is a private `mr x nr` buffer.
+    unsafe { (kern.f)(steps, ap, bp, tile.as_mut_ptr(), nr, true) };
+    for i in 0..mlive {
+        for j in 0..nlive {
+            // SAFETY: (i0 + i, j0 + j) is inside this block of C.
+            unsafe {
+                let o = dst.add(i * c.rs + j * c.cs);
+                let t = tile[i * nr + j];
+                *o = if overwrite { t } else { *o + t };
+            }
+        }
+    }
+}
+
+/// Rounds the first `mlive x nlive` values of a tile (rows `nr` apart) into the output at
+/// `(i0, j0)`.
+///
+/// # Safety
+/// The `mlive x nlive` elements of `out` from `(i0, j0)` are inside it and this thread's.
+unsafe fn round_tile<E: Float>(
+    tile: &[E::Acc],
+    nr: usize,
+    out: Out<E>,
+    i0: usize,
+    j0: usize,
+    mlive: usize,
+    nlive: usize,
+) {
+    let at = out.ptr.wrapping_add(i0 * out.rs + j0 * out.cs);
+    if out.cs == 1 {
+        for i in 0..mlive {
+            // SAFETY: row i's `nlive` elements from `at` are inside the output (the contract).
+            let row = unsafe { std::slice::from_raw_parts_mut(at.add(i * out.rs), nlive) };
+            round_out(&tile[i * nr..i * nr + nlive], row);
+        }
+    } else {
+        for i in 0..mlive {
+            for j in 0..nlive {
+                // SAFETY: as above.
+                unsafe {
+                    at.add(i * out.rs + j * out.cs)
+                        .write(E::from_acc(tile[i * nr + j]))
+                };
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1557,6 +1741,9 @@ mod tests {
             // C's rows 256 apart (the 16-bit accumulator's rows are padded), also as C^T.
             (9, 40, 256),
             (3, 10, 512),
+            // Deeper than K_WHOLE, a pairs kernel takes `k` a block at a time into an
+            // accumulator (below it, whole, in blocks that the tests' budgets keep small).
+            (3, K_WHOLE + 4, 40),
             (0, 5, 3),
             (5, 0, 3),
             (3, 5, 0),
