@@ -1481,7 +1481,8 @@ unsafe fn block<E: Float>(
     } else {
         (MC.div_ceil(mr) * mr, NC.div_ceil(nr) * nr, KC.min(k))
     };
-    let depth_max = steps_for(kc_max).max(kc_max);
+    // Slots of `E::Acc` per packed row: a pair of bf16 per slot for a pairs kernel.
+    let depth_max = if kern.pairs { steps_for(kc_max) } else { kc_max };
     let a_len = mc_max * depth_max;
     let b_len = nc_max * depth_max;
     let s_len = mr.max(nr) * kc_max;

@@ -222,6 +222,27 @@ fn zip_map<E: Float, const N: usize>(inputs: [&[E]; N], out: &mut [E], f: impl F
     }
 }
 
+/// A new vector of `len` values written by `f(lo, part)`, which fills `part` with the values at
+/// `lo..lo + part.len()`. Parts are split across threads above `min_len`, and each is filled
+/// [`CHUNK`] values at a time in a buffer in L1 and copied out, so the vector's memory is written
+/// once, never cleared first (clearing was a tenth of a bf16-mixed step).
+fn par_new<T: Element>(len: usize, min_len: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    par_parts(&mut out.spare_capacity_mut()[..len], min_len, CHUNK, |lo, part| {
+        let mut buf = [T::default(); CHUNK];
+        for (i, dst) in part.chunks_mut(CHUNK).enumerate() {
+            let b = &mut buf[..dst.len()];
+            f(lo + i * CHUNK, b);
+            // SAFETY: `MaybeUninit<T>` has `T`'s layout, `b` is initialised, and the two are
+            // distinct buffers of `dst.len()` values.
+            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), dst.as_mut_ptr().cast::<T>(), dst.len()) };
+        }
+    });
+    // SAFETY: the parts cover `0..len` (`par_parts`), and every value of each was written.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// [`zip_map`] over arrays of one shape.
 /// Split across threads above [`PARALLEL_MIN_ELEMENTS`].
 fn map_n<E: Float, const N: usize>(
@@ -230,8 +251,7 @@ fn map_n<E: Float, const N: usize>(
 ) -> ArrayD<E> {
     let shape = xs[0].shape().to_vec();
     let data = xs.map(standard);
-    let mut out = vec![E::zero(); data[0].len()];
-    par_parts(&mut out, PARALLEL_MIN_ELEMENTS, CHUNK, |lo, part| {
+    let out = par_new(data[0].len(), PARALLEL_MIN_ELEMENTS, |lo, part| {
         zip_map(data.each_ref().map(|d| &d[lo..lo + part.len()]), part, &f)
     });
     from_vec(&shape, out)
@@ -307,8 +327,7 @@ impl Backend for Cpu {
             return downcast(s.clone());
         }
         let src = standard(s);
-        let mut out = vec![B::zero(); src.len()];
-        par_parts(&mut out, PARALLEL_MIN_ELEMENTS, CHUNK, |lo, part| {
+        let out = par_new(src.len(), PARALLEL_MIN_ELEMENTS, |lo, part| {
             cast_slice(&src[lo..lo + part.len()], part)
         });
         from_vec(s.shape(), out)
