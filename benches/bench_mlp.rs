@@ -69,8 +69,13 @@ unsafe impl GlobalAlloc for Counting {
 
 /// The process's peak resident set (VmHWM) in bytes, from /proc/self/status (Linux).
 fn peak_rss() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// A size from /proc/self/status (Linux), in bytes.
+fn status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -174,12 +179,13 @@ fn run<P: Precision, D: Runs<P>>(a: &Args) -> Result<f64, Error> {
     let mut rates = Vec::new();
     let mut last = f64::NAN;
     let (mut allocs, mut bytes, mut steps) = (0u64, 0u64, 0u64);
-    let mut rss_reset = false;
+    let (mut rss_reset, mut rss_at_reset) = (false, None);
     for epoch in 0..a.epochs {
         if epoch == 1 || a.epochs == 1 {
             // The peaks from here on are the timed fits'.
             PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
             rss_reset = reset_peak_rss();
+            rss_at_reset = status_bytes("VmRSS:");
         }
         let (a0, b0) = (ALLOCS.load(Ordering::Relaxed), BYTES.load(Ordering::Relaxed));
         let start = Instant::now();
@@ -227,7 +233,11 @@ fn run<P: Precision, D: Runs<P>>(a: &Args) -> Result<f64, Error> {
         mb(summary.optimizer_state_bytes as u64),
         mb(PEAK.load(Ordering::Relaxed).saturating_sub(heap_before_model)),
         match peak_rss() {
-            Some(r) if rss_reset => format!("{:.1} (reset before the timed fits)", mb(r)),
+            Some(r) if rss_reset => format!(
+                "{:.1} (reset before the timed fits, at {:.1})",
+                mb(r),
+                mb(rss_at_reset.unwrap_or(0))
+            ),
             Some(r) => format!("{:.1} (whole process)", mb(r)),
             None => "unknown".into(),
         }

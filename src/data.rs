@@ -805,6 +805,53 @@ mod tests {
     }
 
     #[test]
+    fn features_held_in_the_precisions_dtype_give_the_same_batches() {
+        use crate::prelude::*;
+        let x = array![[0.1, -2.5e-3, 1.0 / 3.0], [7.0, 1e-8, -65504.0]];
+        let ds = Dataset::classification(x.clone(), vec![0, 1]).unwrap();
+        fn same<P: Precision>(ds: &Dataset, dtype: DType, bytes: usize) {
+            let held = ds.clone().for_precision::<P>().unwrap();
+            assert_eq!(
+                (held.features().dtype(), held.features().nbytes()),
+                (dtype, bytes)
+            );
+            // The input is rounded once from f64 either way, so the batches are the same bits.
+            let (a, b) = (Batch::from(ds.clone()), Batch::from(held.clone()));
+            assert_eq!(
+                a.input::<P, Cpu>().to_vec(),
+                b.input::<P, Cpu>().to_vec(),
+                "{}",
+                P::NAME
+            );
+            assert_eq!(held.subset(&[1]).features().dtype(), dtype);
+            assert!(held.check_representable::<P>().is_ok());
+        }
+        same::<True<BF16>>(&ds, DType::BF16, 12);
+        same::<True<F16>>(&ds, DType::F16, 12);
+        same::<Mixed<BF16>>(&ds, DType::F32, 24);
+        same::<True<F32>>(&ds, DType::F32, 24);
+        same::<True<F64>>(&ds, DType::F64, 48);
+        // A value the precision cannot hold is the same error as at fit time.
+        let big = Dataset::classification(array![[1.0, 7.0e4]], vec![0]).unwrap();
+        let msg = big.clone().for_precision::<True<F16>>().unwrap_err().to_string();
+        assert!(msg.contains("row 1, column 2") && msg.contains("70000"), "{msg}");
+        // Held in f32, the check still sees what f16 cannot hold (the check's cached largest
+        // value travels with the converted data).
+        let f32_held = big.for_precision::<Mixed<BF16>>().unwrap();
+        assert!(f32_held.check_representable::<True<F16>>().is_err());
+        assert!(f32_held.check_representable::<True<BF16>>().is_ok());
+        // Features given in f32 stay f32.
+        let ds32 = Dataset::classification(x.mapv(|v| v as f32), vec![0, 1]).unwrap();
+        assert_eq!(ds32.features().dtype(), DType::F32);
+        assert!(
+            Dataset::classification(array![[f32::NAN]], vec![0])
+                .unwrap_err()
+                .to_string()
+                .contains("NaN")
+        );
+    }
+
+    #[test]
     fn bad_data_is_an_error() {
         assert!(
             Dataset::classification(array![[1.0, f64::NAN]], vec![0])
