@@ -38,7 +38,7 @@ const K_WHOLE: usize = 4096;
 #[cfg(not(test))]
 const WHOLE_B_BYTES: usize = 512 << 10;
 #[cfg(not(test))]
-const WHOLE_A_BYTES: usize = 1 << 20;
+const WHOLE_A_BYTES: usize = 512 << 10;
 // Small blocks under test, so that the tests' small products span several.
 #[cfg(test)]
 const WHOLE_B_BYTES: usize = 8 << 10;
@@ -1139,7 +1139,18 @@ fn product<'a, E: Float, T>(
         // SAFETY: `opa`/`opb` describe the live views `a`, `b`; `dest` is C seen as
         // `m x n`, and this call writes only rows `rows` x columns `cols` of it, disjoint
         // from other calls.
-        unsafe { block(kern, opa, opb, dest, k, rows, cols) };
+        unsafe {
+            match dest {
+                Dest::Acc { out, overwrite_first } => {
+                    block(kern, opa, opb, out, overwrite_first, k, rows, cols)
+                }
+                Dest::Round {
+                    out,
+                    bias,
+                    bias_by_rows,
+                } => block_whole(kern, opa, opb, out, bias, bias_by_rows, k, rows, cols),
+            }
+        };
     };
     if threads <= 1 {
         run(0, len);
@@ -1455,32 +1466,19 @@ unsafe fn block<E: Float>(
     kern: Kernel<E::Acc>,
     a: Operand<E>,
     b: Operand<E>,
-    dest: Dest<'_, E>,
+    c: Out<E::Acc>,
+    overwrite_first: bool,
     k: usize,
     rows: (usize, usize),
     cols: (usize, usize),
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
-    let whole = matches!(dest, Dest::Round { .. });
     // A pairs kernel's panels are `steps` deep, padded to its alignment (which can exceed `kc`).
     let steps_for = |kc: usize| match kern.pairs {
         true => kc.div_ceil(2).next_multiple_of(kern.step_align),
         false => kc,
     };
-    // Taking `k` whole, the blocks are narrowed so that each stays about L2's size.
-    let (mc_max, nc_max, kc_max) = if whole {
-        let row_bytes = steps_for(k) * 2 * size_of::<E>();
-        let fit = |bytes: usize, align: usize, most: usize| {
-            ((bytes / row_bytes / align).max(1) * align).min(most.div_ceil(align) * align)
-        };
-        (
-            fit(WHOLE_A_BYTES, mr, rows.1 - rows.0),
-            fit(WHOLE_B_BYTES, nr, NC),
-            k,
-        )
-    } else {
-        (MC.div_ceil(mr) * mr, NC.div_ceil(nr) * nr, KC.min(k))
-    };
+    let (mc_max, nc_max, kc_max) = (MC.div_ceil(mr) * mr, NC.div_ceil(nr) * nr, KC.min(k));
     // Slots of `E::Acc` per packed row: a pair of bf16 per slot for a pairs kernel.
     let depth_max = if kern.pairs { steps_for(kc_max) } else { kc_max };
     let a_len = mc_max * depth_max;
@@ -1544,49 +1542,156 @@ unsafe fn block<E: Float>(
                             let bp = bbuf.wrapping_add(jr * steps);
                             let nlive = nr.min(nc - jr);
                             let (i0, j0) = (ic + ir, jc + jr);
-                            match dest {
-                                Dest::Acc {
-                                    out: c,
-                                    overwrite_first,
-                                } => {
-                                    let overwrite = overwrite_first && pc == 0;
-                                    let dst = c.ptr.wrapping_add(i0 * c.rs + j0 * c.cs);
-                                    // SAFETY: (i0, j0) is this block's tile of C, whose first
-                                    // `mlive x nlive` elements are inside C.
-                                    unsafe {
-                                        add_tile(
-                                            kern, steps, ap, bp, dst, c, mlive, nlive, overwrite, &mut tile,
-                                        )
-                                    };
+                            let overwrite = overwrite_first && pc == 0;
+                            let dst = c.ptr.wrapping_add(i0 * c.rs + j0 * c.cs);
+                            // SAFETY: (i0, j0) is this block's tile of C, whose first
+                            // `mlive x nlive` elements are inside C.
+                            unsafe {
+                                add_tile(kern, steps, ap, bp, dst, c, mlive, nlive, overwrite, &mut tile)
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// [`block`] for a [`Dest::Round`] product (a pairs kernel, `0 < k <= K_WHOLE`). Both blocks
+/// are packed for all of `k`, in slices `KC` deep; each row of tiles is summed over every slice
+/// into a buffer of `mr x nc` sums (the A slice in use stays in L1 while B's stream past it),
+/// starting from the bias, and is then rounded into the output: C is written once, in `E`.
+///
+/// # Safety
+/// As [`block`]; `out` is the live `m x n` output, and a bias is as long as its columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_whole<E: Float>(
+    kern: Kernel<E::Acc>,
+    a: Operand<E>,
+    b: Operand<E>,
+    out: Out<E>,
+    bias: Option<&[E::Acc]>,
+    bias_by_rows: bool,
+    k: usize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+) {
+    debug_assert!(kern.pairs && k > 0 && k <= K_WHOLE);
+    let (mr, nr) = (kern.mr, kern.nr);
+    let steps_for = |kc: usize| kc.div_ceil(2).next_multiple_of(kern.step_align);
+    let slices = k.div_ceil(KC);
+    // Slots (pairs) per packed row in each slice, and in all of them.
+    let slice_steps = steps_for(KC.min(k));
+    let row_slots = slices * slice_steps;
+    // Blocks of about L2's size.
+    let fit = |bytes: usize, align: usize, most: usize| {
+        ((bytes / (row_slots * 4) / align).max(1) * align).min(most.div_ceil(align) * align)
+    };
+    let (mc_max, nc_max) = (
+        fit(WHOLE_A_BYTES, mr, rows.1 - rows.0),
+        fit(WHOLE_B_BYTES, nr, NC),
+    );
+    let (a_len, b_len, c_len) = (mc_max * row_slots, nc_max * row_slots, mr * nc_max);
+    let words = words_for::<u32>(a_len) + words_for::<u32>(b_len) + words_for::<E::Acc>(c_len);
+    // B transposed for the packing routine: its "rows" are C's columns.
+    let bt = Operand {
+        ptr: b.ptr,
+        rs: b.cs,
+        cs: b.rs,
+    };
+    // SAFETY: the CPU runs the kernel (the caller's contract), so its set-up too.
+    if let Some((before, _)) = kern.around {
+        unsafe { before() };
+    }
+    let _after = kern.around.map(|(_, after)| Defer(after));
+    with_arena(words, |arena| {
+        let abuf: *mut u32 = align64(arena);
+        let bbuf: *mut u32 = align64(arena.wrapping_add(words_for::<u32>(a_len)));
+        let cbuf: *mut E::Acc =
+            align64(arena.wrapping_add(words_for::<u32>(a_len) + words_for::<u32>(b_len)));
+        // Rows r0..r0+n of `x` in panels `w` wide, slice `s` at `s * padded rows * slice_steps`.
+        let pack_all = |x: Operand<E>, r0: usize, n: usize, w: usize, by_rows: bool, dst: *mut u32| {
+            let pad = n.div_ceil(w) * w;
+            for s in 0..slices {
+                let (pc, kc) = (s * KC, KC.min(k - s * KC));
+                // SAFETY: rows r0..r0+n over depth pc..pc+kc are inside `x`; the slice's
+                // `pad * steps_for(kc)` slots lie inside `dst`'s `pad * row_slots`.
+                unsafe {
+                    pack_pairs(
+                        x,
+                        r0,
+                        pc,
+                        n,
+                        kc,
+                        w,
+                        steps_for(kc),
+                        by_rows,
+                        dst.add(s * pad * slice_steps),
+                    )
+                };
+            }
+        };
+        let mut packed_a = None;
+        for jc in (cols.0..cols.1).step_by(nc_max) {
+            let nc = nc_max.min(cols.1 - jc);
+            let nc_pad = nc.div_ceil(nr) * nr;
+            pack_all(bt, jc, nc, nr, false, bbuf);
+            for ic in (rows.0..rows.1).step_by(mc_max) {
+                let mc = mc_max.min(rows.1 - ic);
+                let mc_pad = mc.div_ceil(mr) * mr;
+                // Packed already when it is the block packed last (then A is packed once).
+                if packed_a.replace(ic) != Some(ic) {
+                    pack_all(a, ic, mc, mr, kern.a_rows, abuf);
+                }
+                for ir in (0..mc).step_by(mr) {
+                    let mlive = mr.min(mc - ir);
+                    let i0 = ic + ir;
+                    // The row of tiles starts as the bias (or the first slice writes over it).
+                    if let Some(v) = bias {
+                        // SAFETY: `cbuf` holds `mr * nc_max >= mr * nc_pad` sums, this
+                        // thread's, and nothing else refers to them while this slice lives.
+                        let sums = unsafe { std::slice::from_raw_parts_mut(cbuf, mr * nc_pad) };
+                        for (t, tile) in sums.chunks_mut(mr * nr).enumerate() {
+                            let (j0, nlive) = (jc + t * nr, nr.min(nc - t * nr));
+                            if bias_by_rows {
+                                for i in 0..mlive {
+                                    tile[i * nr..(i + 1) * nr].fill(v[i0 + i]);
                                 }
-                                Dest::Round {
-                                    out,
-                                    bias,
-                                    bias_by_rows,
-                                } => {
-                                    // The tile starts as the bias (or is written over), takes
-                                    // all of `k`, and is rounded into the output.
-                                    if let Some(v) = bias {
-                                        if bias_by_rows {
-                                            for i in 0..mlive {
-                                                tile[i * nr..(i + 1) * nr].fill(v[i0 + i]);
-                                            }
-                                        } else {
-                                            tile[..nlive].copy_from_slice(&v[j0..j0 + nlive]);
-                                            for i in 1..mlive {
-                                                tile.copy_within(..nlive, i * nr);
-                                            }
-                                        }
-                                    }
-                                    // SAFETY: `tile` is a private `mr x nr` buffer; the panels
-                                    // hold `steps` steps; the CPU has the kernel's features.
-                                    unsafe { (kern.f)(steps, ap, bp, tile.as_mut_ptr(), nr, bias.is_none()) };
-                                    // SAFETY: (i0, j0) is this block's tile of the output, whose
-                                    // first `mlive x nlive` elements are inside it.
-                                    unsafe { round_tile(&tile, nr, out, i0, j0, mlive, nlive) };
+                            } else {
+                                tile[..nlive].copy_from_slice(&v[j0..j0 + nlive]);
+                                for i in 1..mlive {
+                                    tile.copy_within(..nlive, i * nr);
                                 }
                             }
                         }
+                    }
+                    for s in 0..slices {
+                        let steps = steps_for(KC.min(k - s * KC));
+                        let ap = abuf.wrapping_add(s * mc_pad * slice_steps + ir * steps);
+                        for (t, jr) in (0..nc).step_by(nr).enumerate() {
+                            let bp = bbuf.wrapping_add(s * nc_pad * slice_steps + jr * steps);
+                            // SAFETY: the panels hold `steps` steps of this slice; the tile is an
+                            // `mr x nr` part of `sums`; the CPU has the kernel's features.
+                            unsafe {
+                                (kern.f)(
+                                    steps,
+                                    ap.cast(),
+                                    bp.cast(),
+                                    cbuf.add(t * mr * nr),
+                                    nr,
+                                    s == 0 && bias.is_none(),
+                                )
+                            };
+                        }
+                    }
+                    // SAFETY: as above; the kernels' writes are done.
+                    let sums = unsafe { std::slice::from_raw_parts(cbuf, mr * nc_pad) };
+                    for (t, jr) in (0..nc).step_by(nr).enumerate() {
+                        let nlive = nr.min(nc - jr);
+                        let tile = &sums[t * mr * nr..(t + 1) * mr * nr];
+                        // SAFETY: (i0, jc + jr) is this block's tile of the output, whose first
+                        // `mlive x nlive` elements are inside it.
+                        unsafe { round_tile(tile, nr, out, i0, jc + jr, mlive, nlive) };
                     }
                 }
             }
