@@ -1459,9 +1459,9 @@ impl Drop for Defer {
 /// The blocked product for output rows `rows.0..rows.1` and columns `cols.0..cols.1`.
 ///
 /// # Safety
-/// `a` is `m x k` and `b` `k x n` for an `m` covering `rows` and an `n` covering `cols`; the
-/// destination is a live `m x n` output that no other thread reads or writes in this block; a
-/// [`Dest::Round`] product has `k <= K_WHOLE` and a bias (if any) as long as the output's columns.
+/// `a` is `m x k` and `b` `k x n` for an `m` covering `rows` and an `n` covering `cols`; `c`
+/// is a live `m x n` accumulator that no other thread reads or writes in this block.
+#[allow(clippy::too_many_arguments)]
 unsafe fn block<E: Float>(
     kern: Kernel<E::Acc>,
     a: Operand<E>,

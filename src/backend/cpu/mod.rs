@@ -228,16 +228,21 @@ fn zip_map<E: Float, const N: usize>(inputs: [&[E]; N], out: &mut [E], f: impl F
 /// once, never cleared first (clearing was a tenth of a bf16-mixed step).
 fn par_new<T: Element>(len: usize, min_len: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
     let mut out = Vec::with_capacity(len);
-    par_parts(&mut out.spare_capacity_mut()[..len], min_len, CHUNK, |lo, part| {
-        let mut buf = [T::default(); CHUNK];
-        for (i, dst) in part.chunks_mut(CHUNK).enumerate() {
-            let b = &mut buf[..dst.len()];
-            f(lo + i * CHUNK, b);
-            // SAFETY: `MaybeUninit<T>` has `T`'s layout, `b` is initialised, and the two are
-            // distinct buffers of `dst.len()` values.
-            unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), dst.as_mut_ptr().cast::<T>(), dst.len()) };
-        }
-    });
+    par_parts(
+        &mut out.spare_capacity_mut()[..len],
+        min_len,
+        CHUNK,
+        |lo, part| {
+            let mut buf = [T::default(); CHUNK];
+            for (i, dst) in part.chunks_mut(CHUNK).enumerate() {
+                let b = &mut buf[..dst.len()];
+                f(lo + i * CHUNK, b);
+                // SAFETY: `MaybeUninit<T>` has `T`'s layout, `b` is initialised, and the two are
+                // distinct buffers of `dst.len()` values.
+                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), dst.as_mut_ptr().cast::<T>(), dst.len()) };
+            }
+        },
+    );
     // SAFETY: the parts cover `0..len` (`par_parts`), and every value of each was written.
     unsafe { out.set_len(len) };
     out
