@@ -267,7 +267,12 @@ impl Dataset {
     /// ```
     pub fn for_precision<P: Precision>(self) -> Result<Dataset, Error> {
         self.check_representable::<P>()?;
-        let largest = self.largest.clone();
+        // The largest magnitude as held: rounding is monotonic, so it is the largest value
+        // rounded (65510 held in bf16 is 65536, past f16's range).
+        let largest = OnceLock::new();
+        if let Some(&(features, values)) = self.largest.get() {
+            let _ = largest.set((<P::Param as Float>::from_f64(features).as_f64(), values));
+        }
         Ok(Dataset {
             features: self.features.stored_as::<P::Param>(),
             targets: self.targets,
@@ -505,18 +510,20 @@ impl Dataset {
                 num(E::max_value().as_f64())
             )))
         }
-        let targets = match &self.targets {
-            Targets::Values(v) => Some(Features::F64(v.clone())),
-            Targets::Classes(_) | Targets::None => None,
-        };
         let (features, values) = *self.largest.get_or_init(|| {
-            let values = targets.as_ref().map_or(0.0, Features::largest);
+            let values = match &self.targets {
+                Targets::Values(v) => v.iter().fold(0.0f64, |m, x| m.max(x.abs())),
+                Targets::Classes(_) | Targets::None => 0.0,
+            };
             (self.features.largest(), values)
         });
         check::<P::Compute>("feature", &self.features, features, P::NAME)?;
-        match &targets {
-            Some(t) => check::<P::Full>("target", t, values, P::NAME),
-            None => Ok(()),
+        match &self.targets {
+            // The targets are copied only to find the one to report.
+            Targets::Values(v) if !num_traits::Float::is_finite(<P::Full as Float>::from_f64(values)) => {
+                check::<P::Full>("target", &Features::F64(v.clone()), values, P::NAME)
+            }
+            Targets::Values(_) | Targets::Classes(_) | Targets::None => Ok(()),
         }
     }
 
@@ -835,11 +842,22 @@ mod tests {
         let big = Dataset::classification(array![[1.0, 7.0e4]], vec![0]).unwrap();
         let msg = big.clone().for_precision::<True<F16>>().unwrap_err().to_string();
         assert!(msg.contains("row 1, column 2") && msg.contains("70000"), "{msg}");
-        // Held in f32, the check still sees what f16 cannot hold (the check's cached largest
-        // value travels with the converted data).
+        // Held in f32, the check still sees what f16 cannot hold (the largest value found
+        // travels with the converted data).
         let f32_held = big.for_precision::<Mixed<BF16>>().unwrap();
         assert!(f32_held.check_representable::<True<F16>>().is_err());
         assert!(f32_held.check_representable::<True<BF16>>().is_ok());
+        // ... as held: 65510 fits f16 (65504 + half an ulp rounds down), but held in bf16 it
+        // is 65536, which does not.
+        let edge = Dataset::classification(array![[65510.0]], vec![0]).unwrap();
+        assert!(edge.check_representable::<True<F16>>().is_ok());
+        let in_bf16 = edge.for_precision::<True<BF16>>().unwrap();
+        assert_eq!(in_bf16.features().to_array::<f64>()[[0, 0]], 65536.0);
+        let msg = in_bf16
+            .check_representable::<True<F16>>()
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("65536"), "{msg}");
         // Features given in f32 stay f32.
         let ds32 = Dataset::classification(x.mapv(|v| v as f32), vec![0, 1]).unwrap();
         assert_eq!(ds32.features().dtype(), DType::F32);

@@ -16,6 +16,7 @@
 
 use std::any::{Any, TypeId};
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use ndarray::ArrayView2;
 
@@ -1017,6 +1018,18 @@ fn round_out_body<E: Float>(src: &[E::Acc], dst: &mut [E]) {
     E::round_slice(src, dst)
 }
 
+isa_dispatch! {
+    /// Rounds f32 sums into output not yet written, compiled for the best instruction set.
+    fn round_into<E: Float>(src: &[E::Acc], dst: &mut [MaybeUninit<E>]) => round_into_body
+}
+
+#[inline(always)]
+fn round_into_body<E: Float>(src: &[E::Acc], dst: &mut [MaybeUninit<E>]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(E::from_acc(*s));
+    }
+}
+
 /// Whether `A` and `B` are one type.
 fn same<A: 'static, B: 'static>() -> bool {
     TypeId::of::<A>() == TypeId::of::<B>()
@@ -1756,9 +1769,11 @@ unsafe fn round_tile<E: Float>(
     let at = out.ptr.wrapping_add(i0 * out.rs + j0 * out.cs);
     if out.cs == 1 {
         for i in 0..mlive {
-            // SAFETY: row i's `nlive` elements from `at` are inside the output (the contract).
-            let row = unsafe { std::slice::from_raw_parts_mut(at.add(i * out.rs), nlive) };
-            round_out(&tile[i * nr..i * nr + nlive], row);
+            // SAFETY: row i's `nlive` elements from `at` are inside the output and this
+            // thread's (the contract); seen as `MaybeUninit`, since they are not written yet.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(at.add(i * out.rs).cast::<MaybeUninit<E>>(), nlive) };
+            round_into(&tile[i * nr..i * nr + nlive], row);
         }
     } else {
         for i in 0..mlive {
