@@ -498,11 +498,7 @@ impl Backend for Cpu {
             let cols = shape.iter().product::<usize>().max(1);
             let data = standard(s);
             let mut acc = vec![0.0f64; cols];
-            for row in data.chunks_exact(cols) {
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v.as_f64();
-                }
-            }
+            add_rows(&data, &mut acc);
             return from_vec(shape, acc.into_iter().map(E::from_f64).collect());
         }
         let mut acc: ArrayD<f64> = s.mapv(|v| v.as_f64());
@@ -941,6 +937,21 @@ pub use parallel::{THREADS_ENV, num_threads, retain_freed_memory, set_num_thread
 isa_dispatch! {
     /// [`adamw_step_body`] for the best instruction set.
     fn adamw_step_isa<E: Float>(p: &mut [E], g: &[E], m: &mut [E], v: &mut [E::Moment], comp: Option<&mut [E]>, hp: &AdamWStep, offset: usize) => adamw_step_body
+}
+
+isa_dispatch! {
+    /// Adds the rows of `data` (`acc.len()` wide) into `acc` in f64, compiled for the best
+    /// instruction set (the same additions in the same order on every one).
+    fn add_rows<E: Float>(data: &[E], acc: &mut [f64]) => add_rows_body
+}
+
+#[inline(always)]
+fn add_rows_body<E: Float>(data: &[E], acc: &mut [f64]) {
+    for row in data.chunks_exact(acc.len()) {
+        for (a, v) in acc.iter_mut().zip(row) {
+            *a += v.as_f64();
+        }
+    }
 }
 
 isa_dispatch! {
