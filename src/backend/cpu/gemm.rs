@@ -1018,18 +1018,6 @@ fn round_out_body<E: Float>(src: &[E::Acc], dst: &mut [E]) {
     E::round_slice(src, dst)
 }
 
-isa_dispatch! {
-    /// Rounds f32 sums into output not yet written, compiled for the best instruction set.
-    fn round_into<E: Float>(src: &[E::Acc], dst: &mut [MaybeUninit<E>]) => round_into_body
-}
-
-#[inline(always)]
-fn round_into_body<E: Float>(src: &[E::Acc], dst: &mut [MaybeUninit<E>]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        d.write(E::from_acc(*s));
-    }
-}
-
 /// Whether `A` and `B` are one type.
 fn same<A: 'static, B: 'static>() -> bool {
     TypeId::of::<A>() == TypeId::of::<B>()
@@ -1753,7 +1741,8 @@ unsafe fn add_tile<T: Acc>(
 }
 
 /// Rounds the first `mlive x nlive` values of a tile (rows `nr` apart) into the output at
-/// `(i0, j0)`.
+/// `(i0, j0)`, compiled for the best instruction set once per tile (a dispatch per row cost as
+/// much as the rounding of a short row).
 ///
 /// # Safety
 /// The `mlive x nlive` elements of `out` from `(i0, j0)` are inside it and this thread's.
@@ -1766,23 +1755,59 @@ unsafe fn round_tile<E: Float>(
     mlive: usize,
     nlive: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        unsafe fn avx512<E: Float>(
+            t: &[E::Acc],
+            nr: usize,
+            o: Out<E>,
+            i0: usize,
+            j0: usize,
+            m: usize,
+            n: usize,
+        ) {
+            // SAFETY: the caller's contract.
+            unsafe { round_tile_body(t, nr, o, i0, j0, m, n) }
+        }
+        if super::isa() == super::Isa::Avx512 {
+            // SAFETY: the CPU has these features (`isa`); the rest is the caller's contract.
+            return unsafe { avx512(tile, nr, out, i0, j0, mlive, nlive) };
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { round_tile_body(tile, nr, out, i0, j0, mlive, nlive) }
+}
+
+/// [`round_tile`]'s work.
+///
+/// # Safety
+/// As [`round_tile`].
+#[inline(always)]
+unsafe fn round_tile_body<E: Float>(
+    tile: &[E::Acc],
+    nr: usize,
+    out: Out<E>,
+    i0: usize,
+    j0: usize,
+    mlive: usize,
+    nlive: usize,
+) {
     let at = out.ptr.wrapping_add(i0 * out.rs + j0 * out.cs);
-    if out.cs == 1 {
-        for i in 0..mlive {
+    for i in 0..mlive {
+        let src = &tile[i * nr..i * nr + nlive];
+        if out.cs == 1 {
             // SAFETY: row i's `nlive` elements from `at` are inside the output and this
             // thread's (the contract); seen as `MaybeUninit`, since they are not written yet.
             let row =
                 unsafe { std::slice::from_raw_parts_mut(at.add(i * out.rs).cast::<MaybeUninit<E>>(), nlive) };
-            round_into(&tile[i * nr..i * nr + nlive], row);
-        }
-    } else {
-        for i in 0..mlive {
-            for j in 0..nlive {
+            for (d, s) in row.iter_mut().zip(src) {
+                d.write(E::from_acc(*s));
+            }
+        } else {
+            for (j, s) in src.iter().enumerate() {
                 // SAFETY: as above.
-                unsafe {
-                    at.add(i * out.rs + j * out.cs)
-                        .write(E::from_acc(tile[i * nr + j]))
-                };
+                unsafe { at.add(i * out.rs + j * out.cs).write(E::from_acc(*s)) };
             }
         }
     }
