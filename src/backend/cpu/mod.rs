@@ -199,7 +199,36 @@ const CHUNK: usize = 256;
 /// loop the compiler vectorises. Types with [`Float::SLICE_CONVERSIONS`] (f16) go a chunk at a
 /// time: inputs widened and results rounded by the slice conversions (F16C), `f` looping over
 /// the compute type in between. The same arithmetic and single rounding either way.
-fn zip_map<E: Float, const N: usize>(inputs: [&[E]; N], out: &mut [E], f: impl Fn([E::Acc; N]) -> E::Acc) {
+///
+/// Compiled for the best instruction set, with `f` inlined into it.
+fn zip_map<E: Float, const N: usize, F: Fn([E::Acc; N]) -> E::Acc>(inputs: [&[E]; N], out: &mut [E], f: &F) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        fn avx512<E: Float, const N: usize, F: Fn([E::Acc; N]) -> E::Acc>(x: [&[E]; N], o: &mut [E], f: &F) {
+            zip_map_body(x, o, f)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<E: Float, const N: usize, F: Fn([E::Acc; N]) -> E::Acc>(x: [&[E]; N], o: &mut [E], f: &F) {
+            zip_map_body(x, o, f)
+        }
+        match isa() {
+            // SAFETY: `isa` detected these features on this CPU.
+            Isa::Avx512 => return unsafe { avx512(inputs, out, f) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { avx2(inputs, out, f) },
+            Isa::Baseline => {}
+        }
+    }
+    zip_map_body(inputs, out, f)
+}
+
+#[inline(always)]
+fn zip_map_body<E: Float, const N: usize, F: Fn([E::Acc; N]) -> E::Acc>(
+    inputs: [&[E]; N],
+    out: &mut [E],
+    f: &F,
+) {
     let inputs = inputs.map(|x| &x[..out.len()]);
     if !E::SLICE_CONVERSIONS {
         for (i, o) in out.iter_mut().enumerate() {
