@@ -857,6 +857,18 @@ struct Operand<E> {
     cs: isize,
 }
 
+impl<E> Operand<E> {
+    /// The operand transposed (its strides swapped): B for the packing routine, whose "rows"
+    /// are C's columns.
+    fn t(self) -> Self {
+        Operand {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
 // SAFETY: an `Operand` is only built from a borrowed array view that outlives every thread that
 // reads it (the threads are joined inside `gemm`), and it is only read.
 unsafe impl<E: Sync> Send for Operand<E> {}
@@ -1450,6 +1462,18 @@ unsafe fn pack_pairs<E: Float>(
 /// Runs a kernel's clean-up when dropped (also when a panic unwinds through the product).
 struct Defer(unsafe fn());
 
+/// Runs `kern`'s per-thread set-up (if it has one); its clean-up runs when the guard returned
+/// drops.
+///
+/// # Safety
+/// The CPU runs the kernel.
+unsafe fn set_up<T>(kern: &Kernel<T>) -> Option<Defer> {
+    let (before, after) = kern.around?;
+    // SAFETY: the caller's contract.
+    unsafe { before() };
+    Some(Defer(after))
+}
+
 impl Drop for Defer {
     fn drop(&mut self) {
         // SAFETY: built only from a kernel's `around`, after its set-up ran on this thread.
@@ -1486,17 +1510,9 @@ unsafe fn block<E: Float>(
     let b_len = nc_max * depth_max;
     let s_len = mr.max(nr) * kc_max;
     let words = words_for::<E::Acc>(a_len) + words_for::<E::Acc>(b_len) + words_for::<E>(s_len);
-    // B transposed for the packing routine: its "rows" are C's columns.
-    let bt = Operand {
-        ptr: b.ptr,
-        rs: b.cs,
-        cs: b.rs,
-    };
+    let bt = b.t();
     // SAFETY: the CPU runs the kernel (the caller's contract), so its set-up too.
-    if let Some((before, _)) = kern.around {
-        unsafe { before() };
-    }
-    let _after = kern.around.map(|(_, after)| Defer(after));
+    let _after = unsafe { set_up(&kern) };
     with_arena(words, |arena| {
         let abuf: *mut E::Acc = align64(arena);
         let bbuf: *mut E::Acc = align64(arena.wrapping_add(words_for::<E::Acc>(a_len)));
@@ -1594,17 +1610,9 @@ unsafe fn block_whole<E: Float>(
     );
     let (a_len, b_len, c_len) = (mc_max * row_slots, nc_max * row_slots, mr * nc_max);
     let words = words_for::<u32>(a_len) + words_for::<u32>(b_len) + words_for::<E::Acc>(c_len);
-    // B transposed for the packing routine: its "rows" are C's columns.
-    let bt = Operand {
-        ptr: b.ptr,
-        rs: b.cs,
-        cs: b.rs,
-    };
+    let bt = b.t();
     // SAFETY: the CPU runs the kernel (the caller's contract), so its set-up too.
-    if let Some((before, _)) = kern.around {
-        unsafe { before() };
-    }
-    let _after = kern.around.map(|(_, after)| Defer(after));
+    let _after = unsafe { set_up(&kern) };
     with_arena(words, |arena| {
         let abuf: *mut u32 = align64(arena);
         let bbuf: *mut u32 = align64(arena.wrapping_add(words_for::<u32>(a_len)));
