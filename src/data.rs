@@ -123,12 +123,10 @@ features_from!(f64 => F64, f32 => F32, f16 => F16, bf16 => BF16);
 impl Features {
     /// The dtype the values are held in.
     pub fn dtype(&self) -> DType {
-        match self {
-            Features::F64(_) => DType::F64,
-            Features::F32(_) => DType::F32,
-            Features::F16(_) => DType::F16,
-            Features::BF16(_) => DType::BF16,
+        fn of<E: Element>(_: &Array2<E>) -> DType {
+            E::DTYPE
         }
+        each_dtype!(self, a => of(a))
     }
 
     /// `(rows, columns)`.

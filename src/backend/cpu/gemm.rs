@@ -1698,9 +1698,14 @@ unsafe fn block_whole<E: Float>(
                     for (t, jr) in (0..nc).step_by(nr).enumerate() {
                         let nlive = nr.min(nc - jr);
                         let tile = &sums[t * mr * nr..(t + 1) * mr * nr];
-                        // SAFETY: (i0, jc + jr) is this block's tile of the output, whose first
-                        // `mlive x nlive` elements are inside it.
-                        unsafe { round_tile(tile, nr, out, i0, jc + jr, mlive, nlive) };
+                        // The output from (i0, jc + jr), this block's tile.
+                        let at = Out {
+                            ptr: out.ptr.wrapping_add(i0 * out.rs + (jc + jr) * out.cs),
+                            ..out
+                        };
+                        // SAFETY: the tile's first `mlive x nlive` elements are inside the
+                        // output and this thread's.
+                        unsafe { round_tile(tile, nr, at, (mlive, nlive)) };
                     }
                 }
             }
@@ -1748,43 +1753,27 @@ unsafe fn add_tile<T: Acc>(
     }
 }
 
-/// Rounds the first `mlive x nlive` values of a tile (rows `nr` apart) into the output at
-/// `(i0, j0)`, compiled for the best instruction set once per tile (a dispatch per row cost as
-/// much as the rounding of a short row).
+/// Rounds the first `mlive x nlive` values of a tile (rows `nr` apart) into `out`, the output
+/// seen from the tile's first element; compiled for the best instruction set once per tile (a
+/// dispatch per row cost as much as the rounding of a short row).
 ///
 /// # Safety
-/// The `mlive x nlive` elements of `out` from `(i0, j0)` are inside it and this thread's.
-unsafe fn round_tile<E: Float>(
-    tile: &[E::Acc],
-    nr: usize,
-    out: Out<E>,
-    i0: usize,
-    j0: usize,
-    mlive: usize,
-    nlive: usize,
-) {
+/// The `mlive x nlive` elements of `out` are inside the output and this thread's.
+unsafe fn round_tile<E: Float>(tile: &[E::Acc], nr: usize, out: Out<E>, (mlive, nlive): (usize, usize)) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-        unsafe fn avx512<E: Float>(
-            t: &[E::Acc],
-            nr: usize,
-            o: Out<E>,
-            i0: usize,
-            j0: usize,
-            m: usize,
-            n: usize,
-        ) {
+        unsafe fn avx512<E: Float>(tile: &[E::Acc], nr: usize, out: Out<E>, live: (usize, usize)) {
             // SAFETY: the caller's contract.
-            unsafe { round_tile_body(t, nr, o, i0, j0, m, n) }
+            unsafe { round_tile_body(tile, nr, out, live) }
         }
         if super::isa() == super::Isa::Avx512 {
             // SAFETY: the CPU has these features (`isa`); the rest is the caller's contract.
-            return unsafe { avx512(tile, nr, out, i0, j0, mlive, nlive) };
+            return unsafe { avx512(tile, nr, out, (mlive, nlive)) };
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { round_tile_body(tile, nr, out, i0, j0, mlive, nlive) }
+    unsafe { round_tile_body(tile, nr, out, (mlive, nlive)) }
 }
 
 /// [`round_tile`]'s work.
@@ -1792,30 +1781,21 @@ unsafe fn round_tile<E: Float>(
 /// # Safety
 /// As [`round_tile`].
 #[inline(always)]
-unsafe fn round_tile_body<E: Float>(
-    tile: &[E::Acc],
-    nr: usize,
-    out: Out<E>,
-    i0: usize,
-    j0: usize,
-    mlive: usize,
-    nlive: usize,
-) {
-    let at = out.ptr.wrapping_add(i0 * out.rs + j0 * out.cs);
+unsafe fn round_tile_body<E: Float>(tile: &[E::Acc], nr: usize, out: Out<E>, (mlive, nlive): (usize, usize)) {
     for i in 0..mlive {
         let src = &tile[i * nr..i * nr + nlive];
+        let row = out.ptr.wrapping_add(i * out.rs);
         if out.cs == 1 {
-            // SAFETY: row i's `nlive` elements from `at` are inside the output and this
-            // thread's (the contract); seen as `MaybeUninit`, since they are not written yet.
-            let row =
-                unsafe { std::slice::from_raw_parts_mut(at.add(i * out.rs).cast::<MaybeUninit<E>>(), nlive) };
+            // SAFETY: row i's `nlive` elements are inside the output and this thread's (the
+            // contract); seen as `MaybeUninit`, since they are not written yet.
+            let row = unsafe { std::slice::from_raw_parts_mut(row.cast::<MaybeUninit<E>>(), nlive) };
             for (d, s) in row.iter_mut().zip(src) {
                 d.write(E::from_acc(*s));
             }
         } else {
             for (j, s) in src.iter().enumerate() {
                 // SAFETY: as above.
-                unsafe { at.add(i * out.rs + j * out.cs).write(E::from_acc(*s)) };
+                unsafe { row.add(j * out.cs).write(E::from_acc(*s)) };
             }
         }
     }
