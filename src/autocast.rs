@@ -3,8 +3,8 @@
 //!
 //! | op class | runs in | ops |
 //! |---|---|---|
-//! | lower precision | `P::Compute` | matmul, linear, conv1d, conv2d (bias add included) |
-//! | fp32 | `P::Full` (inputs cast up) | softmax, log_softmax, cross_entropy, nll_loss, mse_loss, l1_loss, huber_loss, smooth_l1_loss, binary_cross_entropy_with_logits, sum, mean, exp, log, pow, layer_norm |
+//! | lower precision | `P::Compute` | matmul (batched too), linear, conv1d, conv2d (bias add included), the products of scaled_dot_product_attention |
+//! | fp32 | `P::Full` (inputs cast up) | softmax, log_softmax (along any axis), attention's softmax, cross_entropy, nll_loss, mse_loss, l1_loss, huber_loss, smooth_l1_loss, binary_cross_entropy_with_logits, sum, mean, exp, log, pow, layer_norm |
 //! | promote | the wider input dtype ([`Promote`]) | add, sub, mul, div on different dtypes |
 //! | everything else | its input dtype | relu, gelu, tanh, abs, sigmoid, dropout, reshape, transpose (call the tensor method) |
 //!
@@ -206,6 +206,63 @@ impl<P: Precision, D: Backend> Autocast<P, D> {
         log => log;
         /// `x ^ p`, in `P::Full`.
         powf => powf(p: f64);
+    }
+
+    /// Softmax along `dim` (negative counts from the end), in `P::Full`.
+    pub fn softmax_axis<X: Float>(&self, x: &Tensor<X, D>, dim: isize) -> Result<Full<P, D>, Error> {
+        x.cast::<P::Full>().softmax_axis(dim)
+    }
+
+    /// Log-softmax along `dim`, in `P::Full`.
+    pub fn log_softmax_axis<X: Float>(&self, x: &Tensor<X, D>, dim: isize) -> Result<Full<P, D>, Error> {
+        x.cast::<P::Full>().log_softmax_axis(dim)
+    }
+
+    /// `torch.nn.functional.scaled_dot_product_attention`: `softmax(q k^T / sqrt(d) + mask) v`
+    /// over the last two axes of `q` `[.., t, d]`, `k` `[.., s, d]` and `v` `[.., s, dv]`, the
+    /// leading axes broadcast (batch, heads). As in PyTorch's math path, `q` is scaled in the
+    /// compute dtype and both products run there (matmul class), while the mask is added and the
+    /// softmax taken in `P::Full` (fp32 class), the probabilities rounded once to the compute
+    /// dtype. (PyTorch's fused CPU kernel keeps the scores in f32 instead; measured on
+    /// `nn.Transformer` in tests/transformer.rs, the two are equally far from f64.)
+    /// `mask` is additive (`-inf` hides a position; see [`Tensor::causal_mask`] and
+    /// [`Tensor::to_additive_mask`]) and broadcasts to `[.., t, s]`; `is_causal` adds the causal
+    /// mask. Dropout on the probabilities with probability `dropout_p` in training passes only.
+    pub fn scaled_dot_product_attention(
+        &self,
+        q: &Compute<P, D>,
+        k: &Compute<P, D>,
+        v: &Compute<P, D>,
+        mask: Option<&Full<P, D>>,
+        dropout_p: f64,
+        is_causal: bool,
+    ) -> Result<Compute<P, D>, Error> {
+        let d = q.shape().last().copied().unwrap_or(1);
+        let scores = q
+            .mul_scalar(1.0 / (d.max(1) as f64).sqrt())
+            .batched_matmul(k, false, true)?
+            .cast::<P::Full>();
+        let mut scores = match mask {
+            Some(m) => scores.add(m)?,
+            None => scores,
+        };
+        if is_causal {
+            let (t, s) = (
+                scores.shape()[scores.shape().len() - 2],
+                k.shape()[k.shape().len() - 2],
+            );
+            let causal = Tensor::<P::Full, D>::causal_mask(t.max(s))
+                .narrow(0, 0, t)?
+                .narrow(1, 0, s)?;
+            scores = scores.add(&causal)?;
+        }
+        let mut probs = scores.softmax_axis(-1)?.cast::<P::Compute>();
+        if dropout_p > 0.0
+            && let Some(seed) = self.next_seed()
+        {
+            probs = probs.dropout(dropout_p, seed)?;
+        }
+        probs.matmul(v)
     }
 
     /// Cross-entropy of logits against class indices, in `P::Full`.

@@ -124,6 +124,11 @@ fn storage_round_trips_ones<E: Float>() {
     let r = Gpu::reshape(&s, &[6, 5]);
     assert_eq!(down(&r), Cpu::reshape(&a, &[6, 5]));
     assert_eq!(down(&Gpu::transpose(&s)), Cpu::transpose(&a));
+    let p = array::<E>(&[2, 3, 4, 5], 5);
+    let permuted = Cpu::permute(&p, &[2, 0, 3, 1]);
+    assert_eq!(permuted.shape(), &[4, 2, 5, 3]);
+    assert_eq!(permuted[[3, 1, 4, 2]], p[[1, 2, 3, 4]]);
+    assert_eq!(down(&Gpu::permute(&up(&p), &[2, 0, 3, 1])), permuted);
     assert_eq!(
         down(&Gpu::broadcast_to(&up(&array::<E>(&[3, 1], 3)), &[2, 3, 4])),
         Cpu::broadcast_to(&array::<E>(&[3, 1], 3), &[2, 3, 4])
@@ -296,6 +301,33 @@ fn matmul_ones<E: Float>() {
                 tol::<E>(8.0) * k as f64,
             );
         }
+    }
+    // A batch of products, each transposition; every matrix of the batch its own product.
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (batch, m, k, n) = (3, 4, 6, 5);
+        let a = array::<E>(&if ta { [batch, k, m] } else { [batch, m, k] }, 15);
+        let b = array::<E>(&if tb { [batch, n, k] } else { [batch, k, n] }, 16);
+        let got = Gpu::matmul(&up(&a), &up(&b), ta, tb, None);
+        let want = Cpu::matmul(&a, &b, ta, tb, None);
+        assert_eq!(want.shape(), &[batch, m, n]);
+        let second = Cpu::matmul(
+            &a.index_axis(nbit::ndarray::Axis(0), 1).to_owned(),
+            &b.index_axis(nbit::ndarray::Axis(0), 1).to_owned(),
+            ta,
+            tb,
+            None,
+        );
+        assert_eq!(
+            want.index_axis(nbit::ndarray::Axis(0), 1),
+            second,
+            "batch 1 is its own product"
+        );
+        assert_close(
+            &format!("batched matmul {ta} {tb} {}", E::DTYPE),
+            &down(&got),
+            &want,
+            tol::<E>(8.0) * k as f64,
+        );
     }
     // An empty inner dimension is zeros (plus the bias).
     let z = Gpu::matmul(
@@ -1069,5 +1101,26 @@ fn an_optimizer_step_waits_for_the_gpu_once_and_once_more_to_clip_by_norm() {
             1,
             "16-mixed accumulating, {hidden:?}"
         );
+    }
+}
+
+#[test]
+fn a_transformer_trains_on_the_gpu_with_the_cpus_numbers() {
+    // nn.Transformer (attention's batched products, permutes, masks, softmax, layer norms) forward
+    // and backward in f64 on the Gpu backend and on the CPU: the output and every gradient.
+    gpu();
+    let r = crate::transformer::reference();
+    let case = &r["cases"][1];
+    let (g, c) = (
+        crate::transformer::run::<True<F64>, Gpu>(case),
+        crate::transformer::run::<True<F64>, Cpu>(case),
+    );
+    let tol = if real() { 1e-12 } else { 1e-14 };
+    let e = crate::transformer::error(&g.out, &c.out);
+    assert!(e < tol, "output differs by {e:e}");
+    assert_eq!(g.grads.len(), c.grads.len());
+    for (k, v) in &c.grads {
+        let e = crate::transformer::error(&g.grads[k], v);
+        assert!(e < tol, "gradient of {k} differs by {e:e}");
     }
 }

@@ -172,6 +172,43 @@ fn reductions_and_shapes() {
     check("reshape", vec![v(&[3, 4], 45)], |t| t[0].reshape(&[2, 6]));
     check("transpose", vec![v(&[3, 4], 46)], |t| Ok(t[0].transpose()));
     check("transpose 3-D", vec![v(&[2, 3, 4], 47)], |t| Ok(t[0].transpose()));
+    check("permute", vec![v(&[2, 3, 4], 120)], |t| t[0].permute(&[2, 0, 1]));
+    check("swapaxes", vec![v(&[2, 3, 4, 2], 121)], |t| t[0].swapaxes(1, -1));
+    check("unsqueeze, squeeze", vec![v(&[2, 3], 122)], |t| {
+        t[0].unsqueeze(1)?.mul(&t[0].unsqueeze(-1)?)?.squeeze(1)
+    });
+    check("expand", vec![v(&[3, 1], 123)], |t| t[0].expand(&[2, 3, 4]));
+    check("triu", vec![v(&[2, 3, 4], 124)], |t| t[0].triu(1));
+    check("tril", vec![v(&[4, 3], 125)], |t| t[0].tril(-1));
+    check("masked_fill", vec![v(&[3, 4], 126)], |t| {
+        let mask = T::from_vec(&[4], vec![0.0, 1.0, 0.0, 1.0])?;
+        t[0].masked_fill(&mask, -7.0)
+    });
+}
+
+#[test]
+fn batched_matmul_and_softmax_along_an_axis() {
+    check(
+        "batched matmul",
+        vec![v(&[2, 3, 4], 130), v(&[2, 4, 5], 131)],
+        |t| t[0].matmul(&t[1]),
+    );
+    check(
+        "matmul broadcasting batch axes",
+        vec![v(&[2, 1, 3, 4], 132), v(&[3, 4, 2], 133)],
+        |t| t[0].matmul(&t[1]),
+    );
+    check(
+        "matmul of a batch and a matrix",
+        vec![v(&[2, 3, 4], 134), v(&[4, 5], 135)],
+        |t| t[0].matmul(&t[1]),
+    );
+    check("softmax along axis 1", vec![v(&[2, 3, 4], 136)], |t| {
+        t[0].softmax_axis(1)
+    });
+    check("log_softmax along axis 0", vec![v(&[3, 4], 137)], |t| {
+        t[0].log_softmax_axis(0)
+    });
 }
 
 #[test]

@@ -22,5 +22,6 @@ mod numerics;
 mod pytorch_reference;
 mod tensor_ops;
 mod trainer;
+mod transformer;
 mod ui;
 mod update_rounding;

@@ -303,3 +303,104 @@ fn layers_embedding_layer_norm_and_dropout() {
     );
     assert!(Dropout::new(1.5).is_err());
 }
+
+#[test]
+fn batched_products_are_the_products_of_their_matrices_in_every_dtype() {
+    fn each<E: nbit::Float>() {
+        let a = Tensor::<f64>::from_vec(
+            &[2, 3, 3, 4],
+            (0..72).map(|i| ((i * 37) % 23) as f64 / 7.0 - 1.5).collect(),
+        )
+        .unwrap()
+        .cast::<E>();
+        let b = Tensor::<f64>::from_vec(
+            &[3, 4, 5],
+            (0..60).map(|i| ((i * 11) % 19) as f64 / 5.0 - 2.0).collect(),
+        )
+        .unwrap()
+        .cast::<E>();
+        let c = a.matmul(&b).unwrap();
+        assert_eq!(c.shape(), &[2, 3, 3, 5]);
+        for i in 0..2 {
+            for j in 0..3 {
+                let ai = a
+                    .narrow(0, i, 1)
+                    .unwrap()
+                    .narrow(1, j, 1)
+                    .unwrap()
+                    .reshape(&[3, 4])
+                    .unwrap();
+                let bj = b.narrow(0, j, 1).unwrap().reshape(&[4, 5]).unwrap();
+                let want = ai.matmul(&bj).unwrap().to_vec();
+                let got = c.narrow(0, i, 1).unwrap().narrow(1, j, 1).unwrap().to_vec();
+                assert_eq!(got, want, "{} matrix ({i}, {j})", E::DTYPE);
+            }
+        }
+    }
+    each::<f64>();
+    each::<f32>();
+    each::<nbit::half::bf16>();
+    each::<nbit::half::f16>();
+    // Enough small products (attention's heads) to split the batch across threads: the same bits.
+    let x = Tensor::<f32>::from_vec(
+        &[600, 16, 32],
+        (0..600 * 512).map(|i| ((i * 13) % 31) as f32 / 8.0).collect(),
+    )
+    .unwrap();
+    let y = x.matmul(&x.transpose()).unwrap();
+    for i in [0, 299, 599] {
+        let xi = x.narrow(0, i, 1).unwrap().reshape(&[16, 32]).unwrap();
+        assert_eq!(
+            y.narrow(0, i, 1).unwrap().to_vec(),
+            xi.matmul(&xi.transpose()).unwrap().to_vec()
+        );
+    }
+}
+
+#[test]
+fn layout_ops_masks_and_their_errors() -> Result<(), Error> {
+    let x = seq(&[2, 3, 4], |i| i as f64);
+    let p = x.permute(&[2, 0, 1])?;
+    assert_eq!(p.shape(), &[4, 2, 3]);
+    assert_eq!(
+        p.narrow(0, 3, 1)?.to_vec(),
+        vec![3.0, 7.0, 11.0, 15.0, 19.0, 23.0]
+    );
+    assert_eq!(x.swapaxes(0, -1)?.shape(), &[4, 3, 2]);
+    assert_eq!(x.unsqueeze(-1)?.shape(), &[2, 3, 4, 1]);
+    assert_eq!(x.unsqueeze(0)?.squeeze(0)?.shape(), &[2, 3, 4]);
+    assert_eq!(x.squeeze(1)?.shape(), &[2, 3, 4], "only a size-1 axis goes");
+    assert_eq!(
+        seq(&[3], |i| i as f64).expand(&[2, 3])?.to_vec(),
+        vec![0., 1., 2., 0., 1., 2.]
+    );
+    let m = seq(&[2, 2], |i| i as f64).triu(0)?;
+    assert_eq!(m.to_vec(), vec![0.0, 1.0, 0.0, 3.0]);
+    let causal = Tensor::<f64>::causal_mask(3);
+    assert_eq!(causal.to_vec()[1], f64::NEG_INFINITY);
+    assert_eq!(causal.to_vec()[3], 0.0);
+    let scores = seq(&[3, 3], |_| 1.0).add(&causal)?.softmax_axis(-1)?;
+    assert_eq!(
+        scores.to_vec(),
+        vec![1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]
+    );
+    let pad = Tensor::<f64>::from_vec(&[1, 3], vec![0.0, 0.0, 1.0])?.to_additive_mask();
+    assert_eq!(pad.to_vec(), vec![0.0, 0.0, f64::NEG_INFINITY]);
+    let filled =
+        seq(&[2, 3], |i| i as f64).masked_fill(&Tensor::from_vec(&[3], vec![1.0, 0.0, 0.0])?, 9.0)?;
+    assert_eq!(filled.to_vec(), vec![9.0, 1.0, 2.0, 9.0, 4.0, 5.0]);
+    // Softmax along a middle axis sums to one along it.
+    let s = x.mul_scalar(0.1).softmax_axis(1)?.sum_axis(1, false)?;
+    assert!(s.to_vec().iter().all(|v| (v - 1.0).abs() < 1e-12));
+
+    let msg = |e: Error| e.to_string();
+    assert!(msg(x.permute(&[0, 1]).unwrap_err()).contains("every axis"));
+    assert!(msg(x.swapaxes(0, 3).unwrap_err()).contains("dim 3"));
+    assert!(msg(x.expand(&[2, 5, 4]).unwrap_err()).contains("expand"));
+    assert!(msg(seq(&[3], |i| i as f64).matmul(&x).unwrap_err()).contains("at least two axes"));
+    assert!(msg(x.matmul(&seq(&[2, 5, 2], |i| i as f64)).unwrap_err()).contains("columns"));
+    assert!(msg(x.matmul(&seq(&[3, 4, 2], |i| i as f64)).unwrap_err()).contains("broadcast"));
+    assert!(msg(x.masked_fill(&seq(&[5], |_| 1.0), 0.0).unwrap_err()).contains("masked_fill"));
+    assert!(seq(&[3], |i| i as f64).triu(0).is_err());
+    Ok(())
+}

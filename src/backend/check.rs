@@ -71,10 +71,23 @@ pub(super) fn matrix_axes(shape: &[usize]) -> Check {
     })
 }
 
-/// `op(a) @ op(b) (+ bias)`: 2-D operands whose inner sizes agree, a bias of `[n]`.
+/// `op(a) @ op(b) (+ bias)`: 2-D operands whose inner sizes agree, a bias of `[n]`; or a batch:
+/// two 3-D operands with one batch size and no bias.
 pub(super) fn matmul(a: &[usize], b: &[usize], ta: bool, tb: bool, bias: Option<&[usize]>) -> Check {
+    if a.len() == 3 && b.len() == 3 {
+        ensure(a[0] == b[0], || {
+            format!("the batches of {a:?} and {b:?} must have one size")
+        })?;
+        ensure(bias.is_none(), || "a batched product takes no bias".to_string())?;
+        return matmul_2d(&a[1..], &b[1..], ta, tb, None);
+    }
+    matmul_2d(a, b, ta, tb, bias)
+}
+
+/// `op(a) @ op(b) (+ bias)`: 2-D operands whose inner sizes agree, a bias of `[n]`.
+pub(super) fn matmul_2d(a: &[usize], b: &[usize], ta: bool, tb: bool, bias: Option<&[usize]>) -> Check {
     ensure(a.len() == 2 && b.len() == 2, || {
-        format!("operands {a:?} and {b:?} must both be 2-D")
+        format!("operands {a:?} and {b:?} must both be 2-D, or both 3-D (a batch)")
     })?;
     let (k_a, k_b) = (if ta { a[0] } else { a[1] }, if tb { b[1] } else { b[0] });
     ensure(k_a == k_b, || {
@@ -91,6 +104,21 @@ pub(super) fn matmul(a: &[usize], b: &[usize], ta: bool, tb: bool, bias: Option<
         }),
         None => Ok(()),
     }
+}
+
+/// `axes` lists every axis of `shape` once.
+pub(super) fn permutation(shape: &[usize], axes: &[usize]) -> Check {
+    let mut seen = vec![false; shape.len()];
+    let ok = axes.len() == shape.len()
+        && axes
+            .iter()
+            .all(|&a| a < seen.len() && !std::mem::replace(&mut seen[a], true));
+    ensure(ok, || {
+        format!(
+            "axes {axes:?} are not a permutation of the {} axes of {shape:?}",
+            shape.len()
+        )
+    })
 }
 
 /// Log-probabilities `[rows, classes]` and one target class per row.

@@ -250,18 +250,29 @@ pub trait Backend: Device {
     /// The arguments must pass the checks that [`Backend::reshape`] makes; the kernel may read
     /// or write out of bounds otherwise.
     unsafe fn reshape_unchecked<E: Element>(s: &Self::Storage<E>, shape: &[usize]) -> Self::Storage<E>;
-    /// Swaps the last two axes (materialised).
+    /// Swaps the last two axes (materialised): [`Backend::permute`] with those two exchanged.
     fn transpose<E: Element>(s: &Self::Storage<E>) -> Self::Storage<E> {
-        require::<Self>("transpose", check::matrix_axes(Self::shape(s)));
-        // SAFETY: the arguments passed the checks of `transpose_unchecked`'s contract.
-        unsafe { Self::transpose_unchecked(s) }
+        let shape = Self::shape(s);
+        require::<Self>("transpose", check::matrix_axes(shape));
+        let n = shape.len();
+        let mut axes: Vec<usize> = (0..n).collect();
+        axes.swap(n - 2, n - 1);
+        // SAFETY: `axes` is a permutation of the axes of `s` (it has at least two).
+        unsafe { Self::permute_unchecked(s, &axes) }
     }
-    /// [`Backend::transpose`] without its checks: the kernel each backend implements.
+    /// The axes reordered (materialised, row-major): axis `i` of the result is axis `axes[i]` of
+    /// `s`, as `torch.permute`.
+    fn permute<E: Element>(s: &Self::Storage<E>, axes: &[usize]) -> Self::Storage<E> {
+        require::<Self>("permute", check::permutation(Self::shape(s), axes));
+        // SAFETY: the arguments passed the checks of `permute_unchecked`'s contract.
+        unsafe { Self::permute_unchecked(s, axes) }
+    }
+    /// [`Backend::permute`] without its checks: the kernel each backend implements.
     ///
     /// # Safety
-    /// The arguments must pass the checks that [`Backend::transpose`] makes; the kernel may read
+    /// The arguments must pass the checks that [`Backend::permute`] makes; the kernel may read
     /// or write out of bounds otherwise.
-    unsafe fn transpose_unchecked<E: Element>(s: &Self::Storage<E>) -> Self::Storage<E>;
+    unsafe fn permute_unchecked<E: Element>(s: &Self::Storage<E>, axes: &[usize]) -> Self::Storage<E>;
     /// Converts every element, rounding to nearest even.
     fn cast<A: Float, B: Float>(s: &Self::Storage<A>) -> Self::Storage<B>;
 
@@ -381,7 +392,9 @@ pub trait Backend: Device {
 
     /// `a @ b (+ bias)` for 2-D operands, optionally transposing either first; `bias` (`[n]`) is
     /// added to every row before the single rounding, as PyTorch's `addmm` does in `linear`.
-    /// 16-bit operands accumulate in f32.
+    /// 16-bit operands accumulate in f32. Two 3-D operands are a batch of products, `[batch, m,
+    /// n]` from `[batch, m, k]` and `[batch, k, n]` (the transpositions apply to the last two
+    /// axes; no bias), as PyTorch's `bmm`.
     fn matmul<E: Float>(
         a: &Self::Storage<E>,
         b: &Self::Storage<E>,
@@ -933,7 +946,7 @@ pub trait ComplexBackend: Backend {
     ) -> Self::Storage<C> {
         require::<Self>(
             "cmatmul",
-            check::matmul(Self::shape(a), Self::shape(b), ta, tb, None),
+            check::matmul_2d(Self::shape(a), Self::shape(b), ta, tb, None),
         );
         // SAFETY: the arguments passed the checks of `cmatmul_unchecked`'s contract.
         unsafe { Self::cmatmul_unchecked(a, b, ta, ca, tb, cb) }

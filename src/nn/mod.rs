@@ -11,11 +11,16 @@
 use core::marker::PhantomData;
 
 mod layers;
+mod transformer;
 
 pub use crate::tensor::Parameter;
 pub use layers::{
     Conv1d, Conv2d, Dropout, Embedding, Flatten, Gelu, GeluTanh, LayerNorm, Module, Relu, Reshape,
     Sequential, Sigmoid, Tanh,
+};
+pub use transformer::{
+    Activation, LayerOptions, Masks, MultiheadAttention, PositionalEncoding, Transformer, TransformerDecoder,
+    TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer, TransformerOptions,
 };
 
 use crate::autocast::Autocast;

@@ -19,6 +19,7 @@
 mod complex;
 
 pub use complex::ComplexOps;
+mod layout;
 mod ops;
 mod parameter;
 pub use parameter::Parameter;

@@ -115,8 +115,9 @@ impl<E: Float, D: Backend> Tensor<E, D> {
         self.binary_op(Binary::Div, other, "div")
     }
 
-    /// `op(self) @ op(other) (+ bias)` for 2-D tensors, `op` a transpose where asked; the bias
-    /// (`[n]`) is added before the single rounding.
+    /// `op(self) @ op(other) (+ bias)` for two 2-D tensors, or for two 3-D tensors with one batch
+    /// size (no bias), `op` a transpose of the last two axes where asked; the bias (`[n]`) is
+    /// added before the single rounding.
     pub(crate) fn matmul_t(
         &self,
         other: &Self,
@@ -125,11 +126,17 @@ impl<E: Float, D: Backend> Tensor<E, D> {
         bias: Option<&Self>,
     ) -> Result<Self, Error> {
         let (sa, sb) = (self.shape(), other.shape());
-        if sa.len() != 2 || sb.len() != 2 {
-            return Err(mismatch("matmul", sa, sb, "both operands must be 2-D"));
+        let r = sa.len().saturating_sub(2);
+        if !(sa.len() == sb.len() && (sa.len() == 2 || sa.len() == 3 && sa[0] == sb[0] && bias.is_none())) {
+            return Err(mismatch(
+                "matmul",
+                sa,
+                sb,
+                "both operands must be 2-D, or 3-D with one batch size",
+            ));
         }
-        let k_a = if ta { sa[0] } else { sa[1] };
-        let k_b = if tb { sb[1] } else { sb[0] };
+        let k_a = if ta { sa[r] } else { sa[r + 1] };
+        let k_b = if tb { sb[r + 1] } else { sb[r] };
         if k_a != k_b {
             return Err(mismatch(
                 "matmul",
@@ -138,7 +145,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
                 "the left's columns must equal the right's rows",
             ));
         }
-        let n = if tb { sb[0] } else { sb[1] };
+        let n = if tb { sb[r] } else { sb[r + 1] };
         if let Some(bias) = bias
             && bias.shape() != [n]
         {
@@ -175,9 +182,49 @@ impl<E: Float, D: Backend> Tensor<E, D> {
         }))
     }
 
-    /// Matrix product of 2-D tensors `[m, k] @ [k, n]`. 16-bit operands accumulate in f32.
+    /// Matrix product with `torch.matmul`'s rules for operands of two or more axes: the last two
+    /// axes multiply (`[.., m, k] @ [.., k, n]` is `[.., m, n]`) and the axes before them
+    /// broadcast, so `[b, h, t, d] @ [b, h, d, s]` is one product per batch and head, and
+    /// `[b, t, d] @ [d, e]` applies one matrix to every batch. 16-bit operands accumulate in f32.
+    /// (A 1-D operand is an error: `unsqueeze` it.)
+    ///
+    /// ```
+    /// use nbit::tensor::Tensor;
+    /// let q = Tensor::<f64>::from_vec(&[2, 1, 3], vec![1., 0., 0., 0., 1., 0.])?;
+    /// let k = Tensor::<f64>::from_vec(&[2, 2, 3], vec![1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12.])?;
+    /// let scores = q.matmul(&k.swapaxes(1, 2)?)?;   // [2, 1, 2]
+    /// assert_eq!(scores.to_vec(), vec![1., 4., 8., 11.]);
+    /// # Ok::<(), nbit::Error>(())
+    /// ```
     pub fn matmul(&self, other: &Self) -> Result<Self, Error> {
-        self.matmul_t(other, false, false, None)
+        self.batched_matmul(other, false, false)
+    }
+
+    /// [`Tensor::matmul`] of `op(self)` and `op(other)`, `op` a transpose of the last two axes
+    /// where asked (without copying the operand).
+    pub(crate) fn batched_matmul(&self, other: &Self, ta: bool, tb: bool) -> Result<Self, Error> {
+        let (sa, sb) = (self.shape().to_vec(), other.shape().to_vec());
+        if sa.len() < 2 || sb.len() < 2 {
+            return Err(mismatch(
+                "matmul",
+                &sa,
+                &sb,
+                "both operands need at least two axes (unsqueeze a vector)",
+            ));
+        }
+        if sa.len() == 2 && sb.len() == 2 {
+            return self.matmul_t(other, ta, tb, None);
+        }
+        let (ra, rb) = (sa.len() - 2, sb.len() - 2);
+        let batch = broadcast_shapes("matmul", &sa[..ra], &sb[..rb])?;
+        let count: usize = batch.iter().product();
+        let as_batch = |t: &Self, matrix: &[usize]| -> Result<Self, Error> {
+            let full: Vec<usize> = batch.iter().chain(matrix).copied().collect();
+            t.expand(&full)?.reshape(&[count, matrix[0], matrix[1]])
+        };
+        let c = as_batch(self, &sa[ra..])?.matmul_t(&as_batch(other, &sb[rb..])?, ta, tb, None)?;
+        let out: Vec<usize> = batch.iter().chain(&c.shape()[1..]).copied().collect();
+        c.reshape(&out)
     }
 
     /// `self @ weight^T + bias` over the last axis, as `torch.nn.functional.linear`: `self` is
@@ -315,7 +362,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
         })
     }
 
-    fn softmax_op(&self, log: bool) -> Self {
+    pub(super) fn softmax_op(&self, log: bool) -> Self {
         let y = Arc::new(D::softmax(self.storage(), log));
         let (x, y2) = (self.clone(), y.clone());
         Self::from_op(y, &[self.node()], move |dy, g| {

@@ -173,12 +173,91 @@ fn gemm_into<T: CrateGemm>(a: ArrayView2<T>, b: ArrayView2<T>, bias: Option<&Arr
     dst
 }
 
-fn as_2d<T>(s: &ArrayD<T>, t: bool) -> ArrayView2<'_, T> {
+fn as_2d<T>(s: ndarray::ArrayViewD<'_, T>, t: bool) -> ArrayView2<'_, T> {
     let v = s
-        .view()
         .into_dimensionality::<Ix2>()
         .expect("matmul operands are 2-D (checked by caller)");
     if t { v.reversed_axes() } else { v }
+}
+
+/// `a @ b (+ bias)` for 2-D views (any transposition carried as strides). f64, and f32 with both
+/// operands row-major: the `gemm-f64` / `gemm-f32` kernels, measured faster there (f64 1024:
+/// 110-125 against 73-86 GFLOP/s; f32 row-major 10-20% faster). Everything else (16-bit
+/// operands, transposed or strided f32, narrow outputs): nbit's own GEMM. A kernel named by
+/// NBIT_GEMM_KERNEL runs every product it can.
+fn product<E: Float>(av: ArrayView2<'_, E>, bv: ArrayView2<'_, E>, bias: Option<&ArrayD<E>>) -> ArrayD<E> {
+    let crate_gemm = !gemm::forced::<E>()
+        && match E::DTYPE {
+            crate::DType::F64 => true,
+            crate::DType::F32 => av.strides()[1] == 1 && bv.strides()[1] == 1,
+            _ => false,
+        };
+    if !crate_gemm {
+        let bias = bias.map(|v| standard(v));
+        let (m, n) = (av.nrows(), bv.ncols());
+        return from_vec(&[m, n], gemm::gemm(av, bv, bias.as_deref()));
+    }
+    /// The product on the `gemm-f32` / `gemm-f64` kernel for `T`, when `E` is `T`.
+    fn on<T: CrateGemm, E: 'static>(
+        a: ArrayView2<'_, E>,
+        b: ArrayView2<'_, E>,
+        bias: Option<&ArrayD<E>>,
+    ) -> ArrayD<E> {
+        fn same<X: 'static, Y: 'static>(x: &X) -> &Y {
+            (x as &dyn Any)
+                .downcast_ref()
+                .expect("element type checked by DTYPE")
+        }
+        /// `v` as a view of `T`, which is `E`.
+        fn view<'a, E: 'static, T: 'static>(v: ArrayView2<'a, E>) -> ArrayView2<'a, T> {
+            assert!(same_type::<E, T>(), "element type checked by DTYPE");
+            // SAFETY: `E` and `T` are one type (asserted), so the view reads the same memory as
+            // the same elements, for the lifetime of the original view.
+            unsafe { v.raw_view().cast::<T>().deref_into_view() }
+        }
+        downcast(gemm_into(view::<E, T>(a), view::<E, T>(b), bias.map(same)).into_dyn())
+    }
+    if E::DTYPE == crate::DType::F64 {
+        on::<f64, E>(av, bv, bias)
+    } else {
+        on::<f32, E>(av, bv, bias)
+    }
+}
+
+/// `op(a[i]) @ op(b[i])` for every `i` of two 3-D operands. Products too small to split across
+/// threads (each below [`PARALLEL_MIN_FMAS`], as attention's per-head products are) run whole on
+/// different threads; larger ones one after another, each split.
+fn batched_product<E: Float>(a: &ArrayD<E>, b: &ArrayD<E>, ta: bool, tb: bool) -> ArrayD<E> {
+    let (sa, sb) = (a.shape(), b.shape());
+    let (batch, m, k) = if ta {
+        (sa[0], sa[2], sa[1])
+    } else {
+        (sa[0], sa[1], sa[2])
+    };
+    let n = if tb { sb[1] } else { sb[2] };
+    fn mat<E>(s: &ArrayD<E>, i: usize, t: bool) -> ArrayView2<'_, E> {
+        as_2d(s.index_axis(Axis(0), i), t)
+    }
+    let (each, fmas) = (m * n, m.saturating_mul(n).saturating_mul(k));
+    let mut out = vec![E::zero(); batch * each];
+    if each > 0 {
+        let shared = Disjoint::new(&mut out);
+        let run = |lo: usize, hi: usize| {
+            for i in lo..hi {
+                let c = product(mat(a, i, ta), mat(b, i, tb), None);
+                // SAFETY: matrix `i` of the output is written by this call alone.
+                let dst = unsafe { shared.range(i * each, (i + 1) * each) };
+                dst.copy_from_slice(c.as_slice().expect("a fresh product is row-major"));
+            }
+        };
+        if fmas >= PARALLEL_MIN_FMAS {
+            run(0, batch);
+        } else {
+            let min_batch = PARALLEL_MIN_FMAS.div_ceil(fmas.max(1));
+            for_ranges(batch, min_batch, 1, run);
+        }
+    }
+    from_vec(&[batch, m, n], out)
 }
 
 /// Whether `A` and `B` are one type (decided at compile time).
@@ -347,13 +426,11 @@ impl Backend for Cpu {
         from_vec(shape, standard(s).into_owned())
     }
 
-    unsafe fn transpose_unchecked<E: Element>(s: &ArrayD<E>) -> ArrayD<E> {
-        let n = s.ndim();
-        let mut v = s.view();
-        if n >= 2 {
-            v.swap_axes(n - 2, n - 1);
-        }
-        v.as_standard_layout().into_owned()
+    unsafe fn permute_unchecked<E: Element>(s: &ArrayD<E>, axes: &[usize]) -> ArrayD<E> {
+        s.view()
+            .permuted_axes(IxDyn(axes))
+            .as_standard_layout()
+            .into_owned()
     }
 
     fn cast<A: Float, B: Float>(s: &ArrayD<A>) -> ArrayD<B> {
@@ -582,45 +659,10 @@ impl Backend for Cpu {
         tb: bool,
         bias: Option<&ArrayD<E>>,
     ) -> ArrayD<E> {
-        let (av, bv) = (as_2d(a, ta), as_2d(b, tb));
-        // f64, and f32 with both operands row-major: the `gemm-f64` / `gemm-f32` kernels, measured faster there
-        // (f64 1024: 110-125 against 73-86 GFLOP/s; f32 row-major 10-20% faster). Everything
-        // else (16-bit operands, transposed or strided f32, narrow outputs): nbit's own GEMM.
-        // A kernel named by NBIT_GEMM_KERNEL runs every product it can.
-        let crate_gemm = !gemm::forced::<E>()
-            && match E::DTYPE {
-                crate::DType::F64 => true,
-                crate::DType::F32 => av.strides()[1] == 1 && bv.strides()[1] == 1,
-                _ => false,
-            };
-        let out = if crate_gemm {
-            /// The product on the `gemm-f32` / `gemm-f64` kernel for `T`, when `E` is `T`.
-            fn on<T: CrateGemm, E: 'static>(
-                a: &ArrayD<E>,
-                b: &ArrayD<E>,
-                (ta, tb): (bool, bool),
-                bias: Option<&ArrayD<E>>,
-            ) -> ArrayD<E> {
-                fn same<X: 'static, Y: 'static>(x: &X) -> &Y {
-                    (x as &dyn Any)
-                        .downcast_ref()
-                        .expect("element type checked by DTYPE")
-                }
-                let out: ArrayD<T> =
-                    gemm_into(as_2d(same(a), ta), as_2d(same(b), tb), bias.map(same)).into_dyn();
-                downcast(out)
-            }
-            if E::DTYPE == crate::DType::F64 {
-                on::<f64, E>(a, b, (ta, tb), bias)
-            } else {
-                on::<f32, E>(a, b, (ta, tb), bias)
-            }
-        } else {
-            let bias = bias.map(|v| standard(v));
-            let (m, n) = (av.nrows(), bv.ncols());
-            from_vec(&[m, n], gemm::gemm(av, bv, bias.as_deref()))
-        };
-        Self::from_array(out)
+        if a.ndim() == 3 {
+            return batched_product(a, b, ta, tb);
+        }
+        product(as_2d(a.view(), ta), as_2d(b.view(), tb), bias)
     }
 
     fn softmax<E: Float>(x: &ArrayD<E>, log: bool) -> ArrayD<E> {
@@ -1261,7 +1303,8 @@ impl ComplexBackend for Cpu {
             (z.mapv(|v| v.to_c64().re), z.mapv(|v| sign * v.to_c64().im))
         };
         let ((ar, ai), (br, bi)) = (parts(a, ca), parts(b, cb));
-        let mul = |x: &ArrayD<f64>, y: &ArrayD<f64>| gemm_into(as_2d(x, ta), as_2d(y, tb), None);
+        let mul =
+            |x: &ArrayD<f64>, y: &ArrayD<f64>| gemm_into(as_2d(x.view(), ta), as_2d(y.view(), tb), None);
         let (rr, ii, ri, ir) = (mul(&ar, &br), mul(&ai, &bi), mul(&ar, &bi), mul(&ai, &br));
         Zip::from(&rr)
             .and(&ii)

@@ -478,6 +478,49 @@ struct AdamWKernelScalars {
 }
 
 /// kernels.cu's `NBIT_NEAREST`, `NBIT_COMPENSATED`, `NBIT_STOCHASTIC`.
+/// `op(a[i]) @ op(b[i])` for every `i` of two 3-D operands (checked by `Backend::matmul`): one
+/// product per matrix, each on its slice of the buffers.
+fn batched_matmul<E: Float>(a: &GpuStorage<E>, b: &GpuStorage<E>, ta: bool, tb: bool) -> GpuStorage<E> {
+    let (batch, (m, k)) = (
+        a.shape[0],
+        if ta {
+            (a.shape[2], a.shape[1])
+        } else {
+            (a.shape[1], a.shape[2])
+        },
+    );
+    let n = if tb { b.shape[1] } else { b.shape[2] };
+    if k == 0 {
+        // An empty k is zeros: never an unwritten (recycled, dirty) block.
+        return Gpu::full(&[batch, m, n], E::zero());
+    }
+    let out = GpuStorage::<E>::empty("matmul", &[batch, m, n]);
+    let size = size_of::<E>() as u64;
+    for i in 0..batch as u64 {
+        if m == 0 || n == 0 {
+            break;
+        }
+        let g = Gemm {
+            dtype: E::DTYPE,
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            a: a.ptr + i * (m * k) as u64 * size,
+            b: b.ptr + i * (k * n) as u64 * size,
+            c: out.ptr + i * (m * n) as u64 * size,
+            bias: None,
+            ca: false,
+            cb: false,
+        };
+        // SAFETY: matrix `i` of each operand is `m x k`, `k x n` and `m x n` elements at these
+        // offsets inside buffers of `batch` such matrices (shapes checked by `Backend::matmul`).
+        unsafe { drv().gemm(&g) }.unwrap_or_else(|e| fail("matmul", e));
+    }
+    out
+}
+
 fn rounding_code(r: UpdateRounding) -> i32 {
     match r {
         UpdateRounding::Nearest => 0,
@@ -541,18 +584,16 @@ impl Backend for Gpu {
         s.copied_as("reshape", shape)
     }
 
-    unsafe fn transpose_unchecked<E: Element>(s: &GpuStorage<E>) -> GpuStorage<E> {
-        let n = s.shape.len();
-        let mut out_shape = s.shape.clone();
-        out_shape.swap(n - 2, n - 1);
-        let mut src = strides(&s.shape);
-        src.swap(n - 2, n - 1);
-        let out = GpuStorage::<E>::empty("transpose", &out_shape);
+    unsafe fn permute_unchecked<E: Element>(s: &GpuStorage<E>, axes: &[usize]) -> GpuStorage<E> {
+        let out_shape: Vec<usize> = axes.iter().map(|&a| s.shape[a]).collect();
+        let from = strides(&s.shape);
+        let src: Vec<i64> = axes.iter().map(|&a| from[a]).collect();
+        let out = GpuStorage::<E>::empty("permute", &out_shape);
         copy_into::<E>(
-            "transpose",
+            "permute",
             s.ptr,
             out.ptr,
-            Geometry::new("transpose", &out_shape, &src, &strides(&out_shape)),
+            Geometry::new("permute", &out_shape, &src, &strides(&out_shape)),
         );
         out
     }
@@ -664,6 +705,9 @@ impl Backend for Gpu {
         tb: bool,
         bias: Option<&GpuStorage<E>>,
     ) -> GpuStorage<E> {
+        if a.shape.len() == 3 {
+            return batched_matmul(a, b, ta, tb);
+        }
         let (m, k) = if ta {
             (a.shape[1], a.shape[0])
         } else {
