@@ -269,13 +269,17 @@ impl<P: Precision, D: Backend> Autocast<P, D> {
     pub fn cross_entropy<X: Float>(
         &self,
         logits: &Tensor<X, D>,
-        targets: &[usize],
+        targets: &(impl crate::tensor::Indices<D> + ?Sized),
     ) -> Result<Full<P, D>, Error> {
         logits.cast::<P::Full>().cross_entropy(targets)
     }
 
     /// Mean negative log-likelihood, in `P::Full`.
-    pub fn nll_loss<X: Float>(&self, logp: &Tensor<X, D>, targets: &[usize]) -> Result<Full<P, D>, Error> {
+    pub fn nll_loss<X: Float>(
+        &self,
+        logp: &Tensor<X, D>,
+        targets: &(impl crate::tensor::Indices<D> + ?Sized),
+    ) -> Result<Full<P, D>, Error> {
         logp.cast::<P::Full>().nll_loss(targets)
     }
 

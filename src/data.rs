@@ -24,6 +24,9 @@ use std::sync::{Arc, OnceLock};
 use half::{bf16, f16};
 use ndarray::{Array2, Axis};
 
+mod text;
+pub use text::Vocabulary;
+
 use crate::backend::{Backend, uniform};
 use crate::dtype::{DType, Element, Float};
 use crate::error::Error;
@@ -95,7 +98,26 @@ pub enum Features {
     F16(Array2<f16>),
     /// bfloat16.
     BF16(Array2<bf16>),
+    /// Token ids (`i64`, PyTorch's `LongTensor`): each row a window of a token sequence (see
+    /// [`Dataset::token_windows`]), read by a model through [`Batch::tokens`].
+    Tokens(Array2<i64>),
 }
+
+/// A value features may hold, read as f64 (exact for every one of them; ids up to 2^53).
+trait Value: Element {
+    fn value(self) -> f64;
+}
+
+macro_rules! values {
+    ($($ty:ty => $f:expr),*) => {$(
+        impl Value for $ty {
+            fn value(self) -> f64 {
+                ($f)(self)
+            }
+        }
+    )*};
+}
+values!(f64 => |x| x, f32 => f64::from, f16 => f16::to_f64, bf16 => |x: bf16| x.to_f64(), i64 => |x| x as f64);
 
 /// Runs `$body` with `$a` bound to the features' array, whatever its dtype.
 macro_rules! each_dtype {
@@ -105,6 +127,7 @@ macro_rules! each_dtype {
             Features::F32($a) => $body,
             Features::F16($a) => $body,
             Features::BF16($a) => $body,
+            Features::Tokens($a) => $body,
         }
     };
 }
@@ -118,7 +141,7 @@ macro_rules! features_from {
         }
     )*};
 }
-features_from!(f64 => F64, f32 => F32, f16 => F16, bf16 => BF16);
+features_from!(f64 => F64, f32 => F32, f16 => F16, bf16 => BF16, i64 => Tokens);
 
 impl Features {
     /// The dtype the values are held in.
@@ -145,13 +168,16 @@ impl Features {
     pub fn to_array<E: Float>(&self) -> Array2<E> {
         each_dtype!(self, a => match (a as &dyn Any).downcast_ref::<Array2<E>>() {
             Some(same) => same.clone(),
-            None => a.mapv(|v| E::from_f64(v.as_f64())),
+            None => a.mapv(|v| E::from_f64(v.value())),
         })
     }
 
     /// The features held in `E` (each value rounded once), for a real `E`; any other `E` (a
     /// complex dtype) leaves them as they are.
     fn stored_as<E: Element>(self) -> Features {
+        if let Features::Tokens(_) = self {
+            return self;
+        }
         match E::DTYPE {
             DType::F64 => Features::F64(self.to_array()),
             DType::F32 => Features::F32(self.to_array()),
@@ -168,14 +194,14 @@ impl Features {
 
     /// The largest magnitude.
     fn largest(&self) -> f64 {
-        each_dtype!(self, a => a.iter().fold(0.0f64, |m, v| m.max(v.as_f64().abs())))
+        each_dtype!(self, a => a.iter().fold(0.0f64, |m, v| m.max(v.value().abs())))
     }
 
     /// The first value (row, column, value) that is not finite once rounded to `E`.
     fn first_not_finite_in<E: Float>(&self) -> Option<(usize, usize, f64)> {
         each_dtype!(self, a => a
             .indexed_iter()
-            .map(|((r, c), v)| (r, c, v.as_f64()))
+            .map(|((r, c), v)| (r, c, v.value()))
             .find(|(_, _, v)| !E::from_f64(*v).is_finite()))
     }
 }
@@ -242,6 +268,46 @@ impl Dataset {
         check_finite("feature", &features)?;
         check_finite("target", &Features::F64(targets.clone()))?;
         Ok(Dataset::new(features, Targets::Values(targets)))
+    }
+
+    /// Rows of token ids (`[rows, length]`), no targets: a language model reads each row with
+    /// [`Batch::tokens`] and predicts every id from the ones before it. A negative id is an
+    /// error.
+    pub fn tokens(rows: Array2<i64>) -> Result<Self, Error> {
+        if let Some(((r, c), v)) = rows.indexed_iter().find(|(_, v)| **v < 0) {
+            return Err(Error::InvalidData(format!(
+                "token id at row {}, column {} is {v}: ids are 0 or more",
+                r + 1,
+                c + 1
+            )));
+        }
+        Ok(Dataset::new(Features::Tokens(rows), Targets::None))
+    }
+
+    /// A token sequence cut into windows of `seq_len + 1` ids, each window starting where the
+    /// last one's final id is (stride `seq_len`), so every id after the first is a next-token
+    /// target exactly once: inputs are a window's first `seq_len` ids, targets its last
+    /// `seq_len`. The ids that do not fill a last window are dropped.
+    ///
+    /// ```
+    /// use nbit::data::Dataset;
+    /// let ds = Dataset::token_windows(&[0, 1, 2, 3, 4, 5, 6], 3)?;
+    /// assert_eq!(ds.len(), 2); // [0 1 2 3], [3 4 5 6]
+    /// assert!(Dataset::token_windows(&[0, 1], 3).is_err());
+    /// # Ok::<(), nbit::Error>(())
+    /// ```
+    pub fn token_windows(ids: &[i64], seq_len: usize) -> Result<Self, Error> {
+        let rows = ids.len().saturating_sub(1).checked_div(seq_len).unwrap_or(0);
+        if rows == 0 {
+            return Err(Error::InvalidData(format!(
+                "{} tokens do not fill one window of {} (sequence length {seq_len} + 1): use a \
+                 longer text or a shorter sequence length (at least 1)",
+                ids.len(),
+                seq_len + 1
+            )));
+        }
+        let windows = Array2::from_shape_fn((rows, seq_len + 1), |(r, c)| ids[r * seq_len + c]);
+        Self::tokens(windows)
     }
 
     /// The dataset with its features held in the dtype precision `P`'s models read
@@ -515,7 +581,10 @@ impl Dataset {
             };
             (self.features.largest(), values)
         });
-        check::<P::Compute>("feature", &self.features, features, P::NAME)?;
+        if !matches!(self.features, Features::Tokens(_)) {
+            // Token ids are looked up, never computed with.
+            check::<P::Compute>("feature", &self.features, features, P::NAME)?;
+        }
         match &self.targets {
             // The targets are copied only to find the one to report.
             Targets::Values(v) if !num_traits::Float::is_finite(<P::Full as Float>::from_f64(values)) => {
@@ -638,6 +707,14 @@ impl Batch {
     /// Lightning's rule.
     pub fn features<E: Float, D: Backend>(&self) -> Tensor<E, D> {
         Tensor::from_array(self.data.features.to_array::<E>().into_dyn())
+    }
+
+    /// The token ids, `[rows, length]`, for token data ([`Dataset::tokens`]).
+    pub fn tokens<D: Backend>(&self) -> Option<Tensor<i64, D>> {
+        match &self.data.features {
+            Features::Tokens(t) => Some(Tensor::from_array(t.clone().into_dyn())),
+            _ => None,
+        }
     }
 
     /// The class indices, for classification data.

@@ -38,6 +38,9 @@ pub enum DType {
     C64,
     /// Complex with f64 parts (`torch.complex128`).
     C128,
+    /// 64-bit signed integers (`torch.int64`, PyTorch's `LongTensor`): token ids and class
+    /// indices.
+    I64,
 }
 
 impl DType {
@@ -51,6 +54,7 @@ impl DType {
             DType::C32 => "complex32",
             DType::C64 => "complex64",
             DType::C128 => "complex128",
+            DType::I64 => "int64",
         }
     }
 
@@ -59,7 +63,7 @@ impl DType {
         match self {
             DType::F16 | DType::BF16 => 16,
             DType::F32 | DType::C32 => 32,
-            DType::F64 | DType::C64 => 64,
+            DType::F64 | DType::C64 | DType::I64 => 64,
             DType::C128 => 128,
         }
     }
@@ -79,7 +83,7 @@ impl core::fmt::Display for DType {
 /// A value a tensor can store. Closed: every backend has kernels for exactly these types.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an element type nbit tensors can store",
-    note = "elements are f16, bf16, f32, f64 and Complex<f16 | f32 | f64>",
+    note = "elements are f16, bf16, f32, f64, Complex<f16 | f32 | f64> and i64 (ids)",
     note = "`NoComplex` is the complex type of bf16-true, which has none (PyTorch has no bfloat16 complex): \
             create complex parameters under `True<F32>`, `True<F64>` or a mixed precision"
 )]
@@ -396,6 +400,13 @@ complex_elements! {
     f16 => C32;
     f32 => C64;
     f64 => C128;
+}
+
+impl sealed::Sealed for i64 {}
+/// Integer tensors hold token ids and class indices (PyTorch's `LongTensor`); they are data, not
+/// differentiable values: no [`Float`] arithmetic runs on them.
+impl Element for i64 {
+    const DTYPE: DType = DType::I64;
 }
 
 /// A complex element: `Complex<f16>`, `Complex<f32>` or `Complex<f64>`. Kernels compute in

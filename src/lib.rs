@@ -234,6 +234,7 @@ pub mod autocast;
 mod autograd;
 pub mod backend;
 pub mod data;
+pub mod demos;
 pub mod device;
 pub mod dtype;
 mod error;

@@ -252,3 +252,129 @@ fn transformer_matches_pytorch_in_f64_f32_and_bf16_autocast() {
         }
     }
 }
+
+#[test]
+fn a_vocabulary_round_trips_through_its_file_and_rejects_others() {
+    use nbit::data::Vocabulary;
+    let dir = std::env::temp_dir().join(format!("nbit-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let v = Vocabulary::from_text("Être ou ne pas être.\n");
+    let path = dir.join("vocab.txt");
+    v.save(&path).unwrap();
+    assert_eq!(Vocabulary::load(&path).unwrap(), v);
+    let ids = v.encode("être").unwrap();
+    assert_eq!(v.decode(&ids).unwrap(), "être");
+    assert!(v.decode(&[v.len() as i64]).is_err());
+    std::fs::write(&path, "nbit-vocabulary-1 characters\n98\n97\n").unwrap();
+    let e = Vocabulary::load(&path).unwrap_err().to_string();
+    assert!(e.contains("line 3") && e.contains("increasing"), "{e}");
+    std::fs::write(&path, "hello\n").unwrap();
+    assert!(
+        Vocabulary::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("not an nbit vocabulary")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_demo_transformer_learns_a_pattern_as_a_causal_language_model() {
+    use nbit::data::{DataLoader, Dataset, Vocabulary};
+    use nbit::demos::{Transformer, TransformerConfig};
+    use nbit::optim::{AdamW, Optimization};
+    // A text whose every character follows from the two before it; chance is ln(5) = 1.61.
+    let text: String = "abcde edcba ".repeat(60);
+    let vocab = Vocabulary::from_text(&text);
+    let ids = vocab.encode(&text).unwrap();
+    let data = Dataset::token_windows(&ids, 12).unwrap();
+    assert_eq!(data.len(), (ids.len() - 1) / 12);
+    let batch = nbit::data::Batch::from(data.subset(&[1]));
+    let tokens = batch.tokens::<Cpu>().unwrap();
+    assert_eq!((tokens.shape(), tokens.dtype()), (&[1usize, 13][..], DType::I64));
+    assert_eq!(tokens.to_vec(), ids[12..25].to_vec());
+
+    fn fit<P: Precision>(data: &Dataset, vocab: usize) -> (f64, f64)
+    where
+        Cpu: Runs<P>,
+    {
+        let trainer = Trainer::<P, Cpu>::builder()
+            .max_epochs(12)
+            .seed(0)
+            .enable_progress_bar(false)
+            .build()
+            .unwrap();
+        let config = TransformerConfig {
+            vocab_size: vocab,
+            ninp: 16,
+            nhead: 2,
+            nhid: 32,
+            nlayers: 1,
+            dropout: 0.0,
+        };
+        let mut model = trainer
+            .init_module(|ctx| {
+                Ok::<_, Error>(Transformer::new(ctx, config)?.optimizer(Optimization::new(AdamW::new(1e-2))))
+            })
+            .unwrap();
+        let loader = DataLoader::new(data.clone(), 8).unwrap().shuffle(true).seed(0);
+        let before = trainer.validate(&mut model, &loader).unwrap();
+        trainer.fit(&mut model, &loader, None).unwrap();
+        let after = trainer.validate(&mut model, &loader).unwrap();
+        println!(
+            "{}: loss {:.3} -> {:.3}, next-token accuracy {:.3}",
+            P::NAME,
+            before.loss(),
+            after.loss(),
+            after.accuracy()
+        );
+        (after.loss(), after.accuracy())
+    }
+    for (loss, accuracy) in [
+        fit::<True<F32>>(&data, vocab.len()),
+        fit::<Mixed<BF16>>(&data, vocab.len()),
+    ] {
+        assert!(loss < 0.5 && accuracy > 0.8, "loss {loss}, accuracy {accuracy}");
+    }
+}
+
+#[test]
+fn the_demo_transformers_language_model_reads_no_token_after_the_one_it_predicts() {
+    use nbit::demos::{Transformer, TransformerConfig};
+    let config = TransformerConfig {
+        vocab_size: 7,
+        ninp: 8,
+        nhead: 2,
+        nhid: 16,
+        nlayers: 2,
+        dropout: 0.0,
+    };
+    let model = Transformer::<True<F64>>::new(&mut InitCtx::new(3), config).unwrap();
+    let ac = Autocast::new();
+    let ids = [3i64, 1, 4, 1, 5, 2, 6, 5];
+    let out = |ids: &[i64]| {
+        let t = Tensor::<i64>::from_vec(&[1, ids.len()], ids.to_vec()).unwrap();
+        model.forward_causal(&ac, &t).unwrap().to_vec()
+    };
+    let base = out(&ids);
+    for j in 1..ids.len() {
+        let mut changed = ids;
+        changed[j] = (changed[j] + 1) % 7;
+        let o = out(&changed);
+        // Rows (positions) before j see nothing of token j; row j does.
+        assert_eq!(o[..j * 7], base[..j * 7], "position < {j} read token {j}");
+        assert_ne!(o[j * 7..(j + 1) * 7], base[j * 7..(j + 1) * 7]);
+    }
+    // Lightning's forward lets the decoder read its target: position 0's output changes with
+    // target[0], the token it is scored against.
+    let t = |v: &[i64]| Tensor::<i64>::from_vec(&[1, v.len()], v.to_vec()).unwrap();
+    let a = model
+        .forward(&ac, &t(&ids), &t(&[1, 4, 1, 5, 2, 6, 5, 0]), None)
+        .unwrap()
+        .to_vec();
+    let b = model
+        .forward(&ac, &t(&ids), &t(&[2, 4, 1, 5, 2, 6, 5, 0]), None)
+        .unwrap()
+        .to_vec();
+    assert_ne!(a[..7], b[..7]);
+}

@@ -12,8 +12,6 @@
 //! Parameter names follow PyTorch's (`<prefix>.weight`, `<prefix>.bias`), with the prefix you
 //! give, so a `Sequential` whose prefixes are its indices loads PyTorch's `state_dict`.
 
-use ndarray::ArrayD;
-
 use super::{InitCtx, Linear, Parameter};
 use crate::autocast::Autocast;
 use crate::backend::Backend;
@@ -156,8 +154,9 @@ impl<P: Precision, D: Backend> Module<P, D> for Conv1d<P, D> {
 }
 
 /// `torch.nn.Embedding`: a table `[num, dim]` initialised from N(0, 1), looked up by index. Its
-/// input is indices, not activations, so it is not a [`Module`]: call
-/// [`Embedding::forward`] and feed the result to the next layer.
+/// input is ids (an `i64` tensor, as PyTorch's `LongTensor`), not activations, so it is the first
+/// layer of a model rather than a [`Module`] of a [`Sequential`]: call [`Embedding::forward`]
+/// and feed the result to the next layer.
 #[derive(Clone, Debug)]
 pub struct Embedding<P: Precision, D: Backend = Cpu> {
     /// `[num, dim]`.
@@ -172,13 +171,18 @@ impl<P: Precision, D: Backend> Embedding<P, D> {
         })
     }
 
-    /// The vectors of `ids`, shape `ids.shape() + [dim]`, in the compute dtype (the lookup runs
-    /// in `P::Param`, as PyTorch's autocast leaves embedding alone, then rounds once). An id out
-    /// of range is an error naming it.
-    pub fn forward(&self, ac: &Autocast<P, D>, ids: &ArrayD<usize>) -> Result<Act<P, D>, Error> {
-        let flat: Vec<usize> = ids.iter().copied().collect();
+    /// The vectors of `ids` (an `i64` tensor or `usize`s: see
+    /// [`Indices`](crate::tensor::Indices)), shape `ids.shape() + [dim]`, in the compute dtype
+    /// (the lookup runs in `P::Param`, as PyTorch's autocast leaves embedding alone, then rounds
+    /// once). An id out of range is an error naming it.
+    pub fn forward(
+        &self,
+        ac: &Autocast<P, D>,
+        ids: &(impl crate::tensor::Indices<D> + ?Sized),
+    ) -> Result<Act<P, D>, Error> {
+        let flat = ids.indices(self.weight.value().shape()[0])?;
         let rows = ac.weight(self.weight.value()).index_select(0, &flat)?;
-        let mut shape = ids.shape().to_vec();
+        let mut shape = ids.index_shape();
         shape.push(self.weight.value().shape()[1]);
         rows.reshape(&shape)
     }

@@ -19,6 +19,8 @@
 mod complex;
 
 pub use complex::ComplexOps;
+pub use ids::Indices;
+mod ids;
 mod layout;
 mod ops;
 mod parameter;

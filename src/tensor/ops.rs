@@ -380,17 +380,20 @@ impl<E: Float, D: Backend> Tensor<E, D> {
     }
 
     /// Mean negative log-likelihood of class indices `targets` under log-probabilities `self`
-    /// (`[n, classes]`), as `torch.nn.functional.nll_loss`.
-    pub fn nll_loss(&self, targets: &[usize]) -> Result<Self, Error> {
+    /// (`[n, classes]`), as `torch.nn.functional.nll_loss`. `targets` are `n` class indices (an
+    /// `i64` tensor, or `usize`s: see [`Indices`](super::Indices)).
+    pub fn nll_loss(&self, targets: &(impl super::Indices<D> + ?Sized)) -> Result<Self, Error> {
         let shape = self.shape().to_vec();
-        if shape.len() != 2 || shape[0] != targets.len() {
+        let n = targets.index_shape().iter().product::<usize>();
+        if shape.len() != 2 || shape[0] != n || targets.index_shape().len() != 1 {
             return Err(mismatch(
                 "nll_loss",
                 &shape,
-                &[targets.len()],
+                &targets.index_shape(),
                 "input [n, classes] needs n targets",
             ));
         }
+        let targets = targets.indices(usize::MAX)?;
         if let Some((index, &target)) = targets.iter().enumerate().find(|(_, t)| **t >= shape[1]) {
             return Err(Error::InvalidTarget {
                 index,
@@ -398,7 +401,6 @@ impl<E: Float, D: Backend> Tensor<E, D> {
                 classes: shape[1],
             });
         }
-        let targets = targets.to_vec();
         let data = D::nll_loss(self.storage(), &targets);
         let x = self.clone();
         Ok(Self::from_op(data, &[self.node()], move |dy, g| {
@@ -408,7 +410,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
 
     /// Cross-entropy of logits `self` (`[n, classes]`) against class indices, averaged over the
     /// batch (`torch.nn.functional.cross_entropy` with its defaults).
-    pub fn cross_entropy(&self, targets: &[usize]) -> Result<Self, Error> {
+    pub fn cross_entropy(&self, targets: &(impl super::Indices<D> + ?Sized)) -> Result<Self, Error> {
         self.log_softmax().nll_loss(targets)
     }
 
