@@ -19,7 +19,7 @@ use nbit::optim::{AdamW, Optimization};
 use nbit::prelude::*;
 
 /// The text: see examples/data/README.md for its source and licence.
-const TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/text.txt.gz");
+const TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/jargon.txt.gz");
 
 struct Settings {
     steps: u64,

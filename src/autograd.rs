@@ -19,6 +19,40 @@ use crate::tensor::Tensor;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+thread_local! {
+    /// Whether ops on this thread record the graph (see [`no_grad`]).
+    static RECORDING: core::cell::Cell<bool> = const { core::cell::Cell::new(true) };
+}
+
+/// Runs `f` without recording the graph, as PyTorch's `torch.no_grad()`: every op's result is a
+/// plain tensor, so nothing is kept for a backward pass and memory is freed as soon as a value is
+/// no longer used. The trainer evaluates (validation, prediction) this way. Applies to ops run on
+/// this thread; nests.
+///
+/// ```
+/// use nbit::tensor::Tensor;
+/// let w = Tensor::<f32>::from_vec(&[2], vec![1.0, 2.0])?.requires_grad();
+/// let y = nbit::autograd::no_grad(|| w.mul_scalar(3.0));
+/// assert!(!y.is_tracked());
+/// assert!(w.mul_scalar(3.0).is_tracked());
+/// # Ok::<(), nbit::Error>(())
+/// ```
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            RECORDING.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(RECORDING.with(|r| r.replace(false)));
+    f()
+}
+
+/// Whether ops on this thread record the graph now.
+pub(crate) fn recording() -> bool {
+    RECORDING.with(|r| r.get())
+}
+
 pub(crate) fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
@@ -120,7 +154,8 @@ impl Grads {
         self.map.remove(&id)
     }
 
-    pub(crate) fn insert_raw(&mut self, id: u64, g: Box<dyn Any + Send + Sync>) {
+    /// Puts back a gradient taken by `remove_raw` (a retained intermediate's).
+    pub(crate) fn restore(&mut self, id: u64, g: Box<dyn Any + Send + Sync>) {
         self.map.insert(id, g);
     }
 }

@@ -67,7 +67,7 @@
 //!
 //! ## Tensors, gradients and autocast
 //!
-//! [`tensor::Tensor<E, D>`](tensor::Tensor) holds elements `E` (f16, bf16, f32, f64, complex) on a
+//! [`tensor::Tensor<E, D>`](tensor::Tensor) holds elements `E` (f16, bf16, f32, f64, complex; i64 ids) on a
 //! device; on the CPU the data is an ndarray array and every kernel sits behind the
 //! [`backend::Backend`] trait. Gradients come from [`tensor::Tensor::backward`]. [`autocast::Autocast`]
 //! runs each op in the dtype the precision gives it, so one forward pass under `Mixed<BF16>` does its
@@ -81,6 +81,7 @@
 //! let ac = Autocast::<Mixed<BF16>>::new();
 //! let logits = ac.linear(&x, &w, None)?;          // matmul-class: bf16
 //! let loss = ac.cross_entropy(&logits, &[0, 2])?; // fp32-class: f32
+//! logits.retain_grad();                           // keep an intermediate's gradient, as PyTorch
 //! let grads = loss.backward()?;
 //! assert_eq!(logits.dtype(), DType::BF16);
 //! assert_eq!(grads.get(&logits).unwrap().dtype(), DType::BF16); // activation gradient: 16-bit
@@ -231,7 +232,7 @@
 #![warn(missing_docs)]
 
 pub mod autocast;
-mod autograd;
+pub mod autograd;
 pub mod backend;
 pub mod data;
 pub mod demos;

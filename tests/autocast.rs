@@ -52,6 +52,9 @@ fn step<P: Precision>() -> Flow {
     let logits = ac.linear(&hidden, &w2, Some(&b2)).unwrap();
     let loss = ac.cross_entropy(&logits, &Y).unwrap();
     assert_eq!(ac.cached(), 4, "each parameter cast once");
+    // Activation gradients are read too: keep them (PyTorch's retain_grad).
+    hidden.retain_grad();
+    logits.retain_grad();
     let grads: Grads = loss.backward().unwrap();
     let g = |d: Option<DType>| d.expect("gradient flowed");
     Flow {

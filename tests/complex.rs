@@ -77,6 +77,7 @@ fn gradients_follow_pytorchs_convention() {
     let x = R::from_vec(&[1], vec![3.0]).unwrap().requires_grad();
     let y = R::from_vec(&[1], vec![4.0]).unwrap().requires_grad();
     let z = C::complex(&x, &y).unwrap();
+    z.retain_grad();
     let l = z.abs().powf(2.0).sum();
     let g = l.backward().unwrap();
     assert_eq!(

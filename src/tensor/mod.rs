@@ -54,6 +54,8 @@ pub(crate) struct Inner<E: Element, D: Backend> {
     data: Arc<D::Storage<E>>,
     requires_grad: bool,
     grad_fn: Option<GradFn<E, D>>,
+    /// Keep this (intermediate) tensor's gradient after backward ([`Tensor::retain_grad`]).
+    retain: core::sync::atomic::AtomicBool,
 }
 
 /// An n-dimensional array of `E` on device `D`, tracked for gradients when asked.
@@ -91,6 +93,7 @@ impl<E: Element, D: Backend> Tensor<E, D> {
                 data,
                 requires_grad: false,
                 grad_fn: None,
+                retain: Default::default(),
             }),
         }
     }
@@ -137,8 +140,30 @@ impl<E: Element, D: Backend> Tensor<E, D> {
                 data: self.inner.data.clone(),
                 requires_grad: true,
                 grad_fn: None,
+                retain: Default::default(),
             }),
         }
+    }
+
+    /// Keeps this tensor's gradient in the [`Grads`] of a backward pass even though it is an
+    /// intermediate result (PyTorch's `retain_grad()`); without it only leaves (parameters and
+    /// inputs made with [`Tensor::requires_grad`]) keep theirs, and an intermediate gradient is
+    /// freed as soon as it has been passed on.
+    ///
+    /// ```
+    /// use nbit::tensor::Tensor;
+    /// let x = Tensor::<f64>::from_vec(&[2], vec![1.0, 2.0])?.requires_grad();
+    /// let h = x.mul_scalar(3.0);
+    /// h.retain_grad();
+    /// let g = h.sum().backward()?;
+    /// assert_eq!(g.get(&h).unwrap().to_vec(), vec![1.0, 1.0]);
+    /// assert_eq!(g.get(&x).unwrap().to_vec(), vec![3.0, 3.0]);
+    /// # Ok::<(), nbit::Error>(())
+    /// ```
+    pub fn retain_grad(&self) {
+        self.inner
+            .retain
+            .store(true, core::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether gradients flow through this tensor.
@@ -208,6 +233,7 @@ impl<E: Element, D: Backend> Tensor<E, D> {
                 data: old.data.clone(),
                 requires_grad: old.requires_grad,
                 grad_fn: None,
+                retain: Default::default(),
             });
         }
         let inner = Arc::get_mut(&mut self.inner).expect("uniquely owned after the copy above");
@@ -227,7 +253,7 @@ impl<E: Element, D: Backend> Tensor<E, D> {
         backward: impl Fn(&D::Storage<E>, &mut Grads) + Send + Sync + 'static,
     ) -> Self {
         let inputs: Vec<Arc<dyn Node>> = inputs.iter().flatten().cloned().collect();
-        if inputs.is_empty() {
+        if inputs.is_empty() || !autograd::recording() {
             return Self::from_arc(data.into());
         }
         Tensor {
@@ -239,6 +265,7 @@ impl<E: Element, D: Backend> Tensor<E, D> {
                     inputs,
                     backward: Box::new(backward),
                 }),
+                retain: Default::default(),
             }),
         }
     }
@@ -288,7 +315,11 @@ impl<E: Element, D: Backend> Node for Inner<E, D> {
         if let Some(dy) = g.downcast_ref::<D::Storage<E>>() {
             (f.backward)(dy, grads);
         }
-        // Keep intermediate gradients readable after the pass (PyTorch's retain_grad, always on).
-        grads.insert_raw(self.id, g);
+        // An intermediate tensor's gradient is freed once passed on, as PyTorch frees it (unless
+        // `retain_grad`): a transformer's activations have hundreds of them. Leaves (parameters,
+        // inputs that require gradients) keep theirs.
+        if self.retain.load(core::sync::atomic::Ordering::Relaxed) {
+            grads.restore(self.id, g);
+        }
     }
 }

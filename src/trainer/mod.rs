@@ -820,7 +820,9 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         let mut m = Metrics::default();
         for idx in data.epoch_indices(0) {
             let batch = data.batch(&idx);
-            m.merge(model.validation_step(&Autocast::new(), &batch)?);
+            m.merge(crate::autograd::no_grad(|| {
+                model.validation_step(&Autocast::new(), &batch)
+            })?);
         }
         Ok(m)
     }
@@ -838,7 +840,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         D::catch_device_failures(|| {
             for idx in data.epoch_indices(0) {
                 let batch = data.batch(&idx);
-                let out = model.predict_step(&Autocast::new(), &batch)?;
+                let out = crate::autograd::no_grad(|| model.predict_step(&Autocast::new(), &batch))?;
                 cols = out.shape().last().copied().unwrap_or(1);
                 rows.extend(out.to_vec().iter().map(|v| v.as_f64()));
             }
