@@ -206,7 +206,6 @@ impl<P: Precision, D: Backend> MultiheadAttention<P, D> {
         value: &Tensor<X, D>,
         masks: &Masks<'_, P, D>,
     ) -> Result<Act<P, D>, Error> {
-        let shared = query.id() == key.id() && key.id() == value.id();
         let (query, key, value) = (
             query.cast::<P::Compute>(),
             key.cast::<P::Compute>(),
@@ -241,20 +240,12 @@ impl<P: Precision, D: Backend> MultiheadAttention<P, D> {
         }
         let w = ac.weight(self.in_proj_weight.value());
         let bias = ac.weight(self.in_proj_bias.value());
-        // One product for the three projections when they share an input (self-attention), as
-        // PyTorch's `_in_projection_packed`; else one per input.
-        let (q, k, v) = if shared {
-            let qkv = q_in.linear(&w, Some(&bias))?;
-            (
-                qkv.narrow(2, 0, e)?,
-                qkv.narrow(2, e, e)?,
-                qkv.narrow(2, 2 * e, e)?,
-            )
-        } else {
-            let proj =
-                |x: &Act<P, D>, i: usize| x.linear(&w.narrow(0, i * e, e)?, Some(&bias.narrow(0, i * e, e)?));
-            (proj(&q_in, 0)?, proj(&k_in, 1)?, proj(&v_in, 2)?)
-        };
+        // One product per projection, from the rows of the packed weight: the same dot products
+        // as PyTorch's one packed product for self-attention, without splitting a `[b, t, 3E]`
+        // activation (three copies forward, three full-size gradients backward).
+        let proj =
+            |x: &Act<P, D>, i: usize| x.linear(&w.narrow(0, i * e, e)?, Some(&bias.narrow(0, i * e, e)?));
+        let (q, k, v) = (proj(&q_in, 0)?, proj(&k_in, 1)?, proj(&v_in, 2)?);
         // [b, len, E] -> [b, h, len, dh]
         let heads = |x: Act<P, D>, len: usize| x.reshape(&[b, len, h, dh])?.permute(&[0, 2, 1, 3]);
         let (q, k, v) = (heads(q, t)?, heads(k, s)?, heads(v, s)?);

@@ -666,48 +666,55 @@ impl Backend for Cpu {
     }
 
     fn softmax<E: Float>(x: &ArrayD<E>, log: bool) -> ArrayD<E> {
-        let (_, cols) = rows_of(x.shape());
+        let cols = rows_of(x.shape()).1.max(1);
         let data = standard(x);
-        let mut out = Vec::with_capacity(data.len());
-        for row in data.chunks(cols.max(1)) {
-            let max = row.iter().map(|v| v.as_f64()).fold(f64::NEG_INFINITY, f64::max);
-            let max = if max.is_finite() { max } else { 0.0 };
-            let denom: f64 = row.iter().map(|v| (v.as_f64() - max).exp()).sum();
-            if log {
-                // PyTorch's CPU kernel keeps the row's sum of exponentials, then its log, in the
-                // element type (`tmp_sum_scalar` in LogSoftmaxKernelImpl.h) before computing
-                // `x - max - lse` wide and rounding once; so does nbit. In bf16 that moves about
-                // one output in six by an ulp, and the ulps compound over a 16-true run.
-                let lse = E::from_f64(E::from_f64(denom).as_f64().ln()).as_f64();
-                out.extend(row.iter().map(|v| E::from_f64(v.as_f64() - max - lse)));
-            } else {
-                out.extend(row.iter().map(|v| E::from_f64((v.as_f64() - max).exp() / denom)));
+        let mut out = vec![E::zero(); data.len()];
+        // Rows split across threads (attention's scores are many rows); each row as before.
+        par_parts(&mut out, PARALLEL_MIN_ELEMENTS, cols, |lo, part| {
+            for (row, o) in data[lo..lo + part.len()].chunks(cols).zip(part.chunks_mut(cols)) {
+                let max = row.iter().map(|v| v.as_f64()).fold(f64::NEG_INFINITY, f64::max);
+                let max = if max.is_finite() { max } else { 0.0 };
+                let denom: f64 = row.iter().map(|v| (v.as_f64() - max).exp()).sum();
+                if log {
+                    // PyTorch's CPU kernel keeps the row's sum of exponentials, then its log, in
+                    // the element type (`tmp_sum_scalar` in LogSoftmaxKernelImpl.h) before
+                    // computing `x - max - lse` wide and rounding once; so does nbit. In bf16 that
+                    // moves about one output in six by an ulp, and the ulps compound over a
+                    // 16-true run.
+                    let lse = E::from_f64(E::from_f64(denom).as_f64().ln()).as_f64();
+                    for (o, v) in o.iter_mut().zip(row) {
+                        *o = E::from_f64(v.as_f64() - max - lse);
+                    }
+                } else {
+                    for (o, v) in o.iter_mut().zip(row) {
+                        *o = E::from_f64((v.as_f64() - max).exp() / denom);
+                    }
+                }
             }
-        }
+        });
         from_vec(x.shape(), out)
     }
 
     unsafe fn softmax_backward_unchecked<E: Float>(y: &ArrayD<E>, dy: &ArrayD<E>, log: bool) -> ArrayD<E> {
-        let (_, cols) = rows_of(y.shape());
+        let cols = rows_of(y.shape()).1.max(1);
         let (y_s, dy_s) = (standard(y), standard(dy));
-        let mut out = Vec::with_capacity(y_s.len());
-        for (yr, gr) in y_s.chunks(cols.max(1)).zip(dy_s.chunks(cols.max(1))) {
-            if log {
-                let gsum: f64 = gr.iter().map(|g| g.as_f64()).sum();
-                out.extend(
-                    yr.iter()
-                        .zip(gr)
-                        .map(|(y, g)| E::from_f64(g.as_f64() - y.as_f64().exp() * gsum)),
-                );
-            } else {
-                let dot: f64 = yr.iter().zip(gr).map(|(y, g)| y.as_f64() * g.as_f64()).sum();
-                out.extend(
-                    yr.iter()
-                        .zip(gr)
-                        .map(|(y, g)| E::from_f64(y.as_f64() * (g.as_f64() - dot))),
-                );
+        let mut out = vec![E::zero(); y_s.len()];
+        par_parts(&mut out, PARALLEL_MIN_ELEMENTS, cols, |lo, part| {
+            let (ys, gs) = (&y_s[lo..lo + part.len()], &dy_s[lo..lo + part.len()]);
+            for ((yr, gr), o) in ys.chunks(cols).zip(gs.chunks(cols)).zip(part.chunks_mut(cols)) {
+                if log {
+                    let gsum: f64 = gr.iter().map(|g| g.as_f64()).sum();
+                    for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                        *o = E::from_f64(g.as_f64() - y.as_f64().exp() * gsum);
+                    }
+                } else {
+                    let dot: f64 = yr.iter().zip(gr).map(|(y, g)| y.as_f64() * g.as_f64()).sum();
+                    for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                        *o = E::from_f64(y.as_f64() * (g.as_f64() - dot));
+                    }
+                }
             }
-        }
+        });
         from_vec(y.shape(), out)
     }
 
