@@ -307,8 +307,8 @@ fn matmul_ones<E: Float>() {
         let (batch, m, k, n) = (3, 4, 6, 5);
         let a = array::<E>(&if ta { [batch, k, m] } else { [batch, m, k] }, 15);
         let b = array::<E>(&if tb { [batch, n, k] } else { [batch, k, n] }, 16);
-        let got = Gpu::matmul(&up(&a), &up(&b), ta, tb, None);
-        let want = Cpu::matmul(&a, &b, ta, tb, None);
+        let got = Gpu::bmm(&up(&a), &up(&b), ta, tb);
+        let want = Cpu::bmm(&a, &b, ta, tb);
         assert_eq!(want.shape(), &[batch, m, n]);
         let second = Cpu::matmul(
             &a.index_axis(nbit::ndarray::Axis(0), 1).to_owned(),
@@ -329,6 +329,40 @@ fn matmul_ones<E: Float>() {
             tol::<E>(8.0) * k as f64,
         );
     }
+    // A stack of rows times a matrix (a linear layer on [b, t, k]), and the weight's gradient
+    // summed over every row: the leading axes are rows, nothing is copied.
+    let x = array::<E>(&[2, 3, 7], 17);
+    let w = array::<E>(&[5, 7], 18);
+    let y = Cpu::matmul(&x, &w, false, true, Some(&array::<E>(&[5], 19)));
+    assert_eq!(y.shape(), &[2, 3, 5]);
+    let flat = Cpu::matmul(
+        &Cpu::reshape(&x, &[6, 7]),
+        &w,
+        false,
+        true,
+        Some(&array::<E>(&[5], 19)),
+    );
+    assert_eq!(
+        Cpu::reshape(&y, &[6, 5]),
+        flat,
+        "rows of a stack are rows of a matrix"
+    );
+    let got = Gpu::matmul(&up(&x), &up(&w), false, true, Some(&up(&array::<E>(&[5], 19))));
+    assert_close(
+        &format!("stacked rows {}", E::DTYPE),
+        &down(&got),
+        &y,
+        tol::<E>(8.0) * 7.0,
+    );
+    let dw = Cpu::matmul(&y, &x, true, false, None);
+    assert_eq!(dw.shape(), &[5, 7]);
+    let got = Gpu::matmul(&up(&y), &up(&x), true, false, None);
+    assert_close(
+        &format!("summed rows {}", E::DTYPE),
+        &down(&got),
+        &dw,
+        tol::<E>(8.0) * 6.0 * 4.0,
+    );
     // An empty inner dimension is zeros (plus the bias).
     let z = Gpu::matmul(
         &up(&array::<E>(&[2, 0], 1)),

@@ -71,23 +71,30 @@ pub(super) fn matrix_axes(shape: &[usize]) -> Check {
     })
 }
 
-/// `op(a) @ op(b) (+ bias)`: 2-D operands whose inner sizes agree, a bias of `[n]`; or a batch:
-/// two 3-D operands with one batch size and no bias.
+/// `op(a) @ op(b) (+ bias)`: operands of two axes or more, read as matrices (the last axis the
+/// columns, the others merged into rows), whose inner sizes agree; a bias of `[n]`.
 pub(super) fn matmul(a: &[usize], b: &[usize], ta: bool, tb: bool, bias: Option<&[usize]>) -> Check {
-    if a.len() == 3 && b.len() == 3 {
-        ensure(a[0] == b[0], || {
-            format!("the batches of {a:?} and {b:?} must have one size")
-        })?;
-        ensure(bias.is_none(), || "a batched product takes no bias".to_string())?;
-        return matmul_2d(&a[1..], &b[1..], ta, tb, None);
-    }
-    matmul_2d(a, b, ta, tb, bias)
+    ensure(a.len() >= 2 && b.len() >= 2, || {
+        format!("operands {a:?} and {b:?} must have two axes or more")
+    })?;
+    let ((ar, ac), (br, bc)) = (super::as_matrix(a), super::as_matrix(b));
+    matmul_2d(&[ar, ac], &[br, bc], ta, tb, bias)
+}
+
+/// A batch of products: operands `[.., m, k]` and `[.., k, n]` with the same leading axes (at
+/// least one).
+pub(super) fn bmm(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Check {
+    ensure(
+        a.len() >= 3 && a.len() == b.len() && a[..a.len() - 2] == b[..b.len() - 2],
+        || format!("the batch axes of {a:?} and {b:?} must be the same (and at least one)"),
+    )?;
+    matmul_2d(&a[a.len() - 2..], &b[b.len() - 2..], ta, tb, None)
 }
 
 /// `op(a) @ op(b) (+ bias)`: 2-D operands whose inner sizes agree, a bias of `[n]`.
 pub(super) fn matmul_2d(a: &[usize], b: &[usize], ta: bool, tb: bool, bias: Option<&[usize]>) -> Check {
     ensure(a.len() == 2 && b.len() == 2, || {
-        format!("operands {a:?} and {b:?} must both be 2-D, or both 3-D (a batch)")
+        format!("operands {a:?} and {b:?} must both be 2-D")
     })?;
     let (k_a, k_b) = (if ta { a[0] } else { a[1] }, if tb { b[1] } else { b[0] });
     ensure(k_a == k_b, || {

@@ -390,11 +390,13 @@ pub trait Backend: Device {
         scale: f64,
     ) -> Self::Storage<E>;
 
-    /// `a @ b (+ bias)` for 2-D operands, optionally transposing either first; `bias` (`[n]`) is
+    /// `op(a) @ op(b) (+ bias)`, optionally transposing either operand first; `bias` (`[n]`) is
     /// added to every row before the single rounding, as PyTorch's `addmm` does in `linear`.
-    /// 16-bit operands accumulate in f32. Two 3-D operands are a batch of products, `[batch, m,
-    /// n]` from `[batch, m, k]` and `[batch, k, n]` (the transpositions apply to the last two
-    /// axes; no bias), as PyTorch's `bmm`.
+    /// 16-bit operands accumulate in f32. Each operand (two axes or more) is read as a matrix
+    /// whose columns are its last axis and whose rows are all its other axes merged, with nothing
+    /// copied: a `[b, t, k]` activation is a `[b t, k]` matrix. The result keeps `a`'s leading
+    /// axes (`[.., n]`) when `a` is not transposed, and is `[m, n]` when it is (a weight's
+    /// gradient, `dy^T x`, sums over every row).
     fn matmul<E: Float>(
         a: &Self::Storage<E>,
         b: &Self::Storage<E>,
@@ -426,6 +428,26 @@ pub trait Backend: Device {
         ta: bool,
         tb: bool,
         bias: Option<&Self::Storage<E>>,
+    ) -> Self::Storage<E>;
+
+    /// A batch of products, as PyTorch's `bmm`: `a` `[.., m, k]` and `b` `[.., k, n]` with the
+    /// same leading axes (one or more; the transpositions apply to the last two axes) give
+    /// `[.., m, n]`, one product per matrix, accumulating as [`Backend::matmul`] does.
+    fn bmm<E: Float>(a: &Self::Storage<E>, b: &Self::Storage<E>, ta: bool, tb: bool) -> Self::Storage<E> {
+        require::<Self>("bmm", check::bmm(Self::shape(a), Self::shape(b), ta, tb));
+        // SAFETY: the arguments passed the checks of `bmm_unchecked`'s contract.
+        unsafe { Self::bmm_unchecked(a, b, ta, tb) }
+    }
+    /// [`Backend::bmm`] without its checks: the kernel each backend implements.
+    ///
+    /// # Safety
+    /// The arguments must pass the checks that [`Backend::bmm`] makes; the kernel may read or
+    /// write out of bounds otherwise.
+    unsafe fn bmm_unchecked<E: Float>(
+        a: &Self::Storage<E>,
+        b: &Self::Storage<E>,
+        ta: bool,
+        tb: bool,
     ) -> Self::Storage<E>;
 
     /// Softmax (or log-softmax when `log`) over the last axis; max-subtracted, f64 denominators.
@@ -1189,6 +1211,30 @@ pub(crate) fn rows_of(shape: &[usize]) -> (usize, usize) {
     let cols = shape.last().copied().unwrap_or(1);
     let rows = shape.iter().product::<usize>().checked_div(cols).unwrap_or(0);
     (rows, cols)
+}
+
+/// An operand of [`Backend::matmul`] as a matrix: `(rows, columns)`, its last axis the columns and
+/// every other axis merged into the rows.
+pub(crate) fn as_matrix(shape: &[usize]) -> (usize, usize) {
+    match shape.split_last() {
+        Some((&cols, lead)) => (lead.iter().product(), cols),
+        None => (1, 1),
+    }
+}
+
+/// The shape of [`Backend::matmul`]'s result: `a`'s leading axes and `n` columns, or `[m, n]`
+/// when `a` is transposed.
+pub(crate) fn matmul_shape(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Vec<usize> {
+    let n = if tb { as_matrix(b).0 } else { as_matrix(b).1 };
+    if ta {
+        vec![as_matrix(a).1, n]
+    } else {
+        a[..a.len().saturating_sub(1)]
+            .iter()
+            .copied()
+            .chain([n])
+            .collect()
+    }
 }
 
 /// `(outer, n, inner)`: the sizes before, at and after `axis`.

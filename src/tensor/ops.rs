@@ -115,9 +115,9 @@ impl<E: Float, D: Backend> Tensor<E, D> {
         self.binary_op(Binary::Div, other, "div")
     }
 
-    /// `op(self) @ op(other) (+ bias)` for two 2-D tensors, or for two 3-D tensors with one batch
-    /// size (no bias), `op` a transpose of the last two axes where asked; the bias (`[n]`) is
-    /// added before the single rounding.
+    /// `op(self) @ op(other) (+ bias)`: `other` a matrix and `self` a matrix or, untransposed, a
+    /// stack of rows (`[.., k]`, its leading axes kept in the result, nothing copied), `op` a
+    /// transpose where asked; the bias (`[n]`) is added before the single rounding.
     pub(crate) fn matmul_t(
         &self,
         other: &Self,
@@ -126,17 +126,12 @@ impl<E: Float, D: Backend> Tensor<E, D> {
         bias: Option<&Self>,
     ) -> Result<Self, Error> {
         let (sa, sb) = (self.shape(), other.shape());
-        let r = sa.len().saturating_sub(2);
-        if !(sa.len() == sb.len() && (sa.len() == 2 || sa.len() == 3 && sa[0] == sb[0] && bias.is_none())) {
-            return Err(mismatch(
-                "matmul",
-                sa,
-                sb,
-                "both operands must be 2-D, or 3-D with one batch size",
-            ));
+        if sb.len() != 2 || sa.len() < 2 || (ta && sa.len() != 2) {
+            return Err(mismatch("matmul", sa, sb, "both operands must be 2-D"));
         }
+        let r = sa.len() - 2;
         let k_a = if ta { sa[r] } else { sa[r + 1] };
-        let k_b = if tb { sb[r + 1] } else { sb[r] };
+        let k_b = if tb { sb[1] } else { sb[0] };
         if k_a != k_b {
             return Err(mismatch(
                 "matmul",
@@ -145,7 +140,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
                 "the left's columns must equal the right's rows",
             ));
         }
-        let n = if tb { sb[r] } else { sb[r + 1] };
+        let n = if tb { sb[0] } else { sb[1] };
         if let Some(bias) = bias
             && bias.shape() != [n]
         {
@@ -169,6 +164,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
                 g.accumulate::<E, D>(a.id(), da);
             }
             if b.is_tracked() {
+                // Summed over every row of a stack: the backend reads `dy` and `a` as matrices.
                 let db = if tb {
                     D::matmul(dy, a.storage(), true, ta, None)
                 } else {
@@ -178,6 +174,43 @@ impl<E: Float, D: Backend> Tensor<E, D> {
             }
             if let Some(c) = c.as_ref().filter(|c| c.is_tracked()) {
                 g.accumulate::<E, D>(c.id(), D::sum_to_shape(dy, c.shape()));
+            }
+        }))
+    }
+
+    /// `op(self) @ op(other)` for two tensors of three axes or more with the same leading axes:
+    /// one product per matrix.
+    fn bmm_t(&self, other: &Self, ta: bool, tb: bool) -> Result<Self, Error> {
+        let (sa, sb) = (self.shape(), other.shape());
+        let r = sa.len() - 2;
+        let k_a = if ta { sa[r] } else { sa[r + 1] };
+        let k_b = if tb { sb[r + 1] } else { sb[r] };
+        if k_a != k_b {
+            return Err(mismatch(
+                "matmul",
+                sa,
+                sb,
+                "the left's columns must equal the right's rows",
+            ));
+        }
+        let data = D::bmm(self.storage(), other.storage(), ta, tb);
+        let (a, b) = (self.clone(), other.clone());
+        Ok(Self::from_op(data, &[self.node(), other.node()], move |dy, g| {
+            if a.is_tracked() {
+                let da = if ta {
+                    D::bmm(b.storage(), dy, tb, true)
+                } else {
+                    D::bmm(dy, b.storage(), false, !tb)
+                };
+                g.accumulate::<E, D>(a.id(), da);
+            }
+            if b.is_tracked() {
+                let db = if tb {
+                    D::bmm(dy, a.storage(), true, ta)
+                } else {
+                    D::bmm(a.storage(), dy, !ta, false)
+                };
+                g.accumulate::<E, D>(b.id(), db);
             }
         }))
     }
@@ -212,37 +245,35 @@ impl<E: Float, D: Backend> Tensor<E, D> {
                 "both operands need at least two axes (unsqueeze a vector)",
             ));
         }
-        if sa.len() == 2 && sb.len() == 2 {
+        // A matrix on the right: one product over every row of the left (nothing copied).
+        if sb.len() == 2 && (sa.len() == 2 || !ta) {
             return self.matmul_t(other, ta, tb, None);
         }
         let (ra, rb) = (sa.len() - 2, sb.len() - 2);
         let batch = broadcast_shapes("matmul", &sa[..ra], &sb[..rb])?;
-        let count: usize = batch.iter().product();
-        let as_batch = |t: &Self, matrix: &[usize]| -> Result<Self, Error> {
-            let full: Vec<usize> = batch.iter().chain(matrix).copied().collect();
-            t.expand(&full)?.reshape(&[count, matrix[0], matrix[1]])
+        let full = |t: &Self, s: &[usize]| -> Result<Self, Error> {
+            let shape: Vec<usize> = batch.iter().chain(&s[s.len() - 2..]).copied().collect();
+            t.expand(&shape)
         };
-        let c = as_batch(self, &sa[ra..])?.matmul_t(&as_batch(other, &sb[rb..])?, ta, tb, None)?;
-        let out: Vec<usize> = batch.iter().chain(&c.shape()[1..]).copied().collect();
-        c.reshape(&out)
+        full(self, &sa)?.bmm_t(&full(other, &sb)?, ta, tb)
     }
 
     /// `self @ weight^T + bias` over the last axis, as `torch.nn.functional.linear`: `self` is
-    /// `[..., in]`, `weight` `[out, in]`, `bias` `[out]`.
+    /// `[..., in]`, `weight` `[out, in]`, `bias` `[out]`; one product over every row, nothing
+    /// copied.
     pub fn linear(&self, weight: &Self, bias: Option<&Self>) -> Result<Self, Error> {
-        let shape = self.shape().to_vec();
+        let shape = self.shape();
         let (ws, input) = (weight.shape(), shape.last().copied().unwrap_or(0));
         if ws.len() != 2 || ws[1] != input || shape.is_empty() {
             return Err(mismatch(
                 "linear",
-                &shape,
+                shape,
                 ws,
                 "input [..., in] needs weight [out, in]",
             ));
         }
-        let out = ws[0];
         if let Some(b) = bias
-            && b.shape() != [out]
+            && b.shape() != [ws[0]]
         {
             return Err(mismatch(
                 "linear",
@@ -251,19 +282,14 @@ impl<E: Float, D: Backend> Tensor<E, D> {
                 "bias must be [out] for weight [out, in]",
             ));
         }
-        let rows = shape.iter().product::<usize>() / input.max(1);
-        let x2 = if shape.len() == 2 {
-            self.clone()
-        } else {
-            self.reshape(&[rows, input])?
-        };
-        let y = x2.matmul_t(weight, false, true, bias)?;
-        if shape.len() == 2 {
-            return Ok(y);
+        if shape.len() == 1 {
+            // A single row: as PyTorch, the result is `[out]`.
+            return self
+                .reshape(&[1, input])?
+                .matmul_t(weight, false, true, bias)?
+                .reshape(&[ws[0]]);
         }
-        let mut out_shape = shape;
-        *out_shape.last_mut().expect("non-empty") = out;
-        y.reshape(&out_shape)
+        self.matmul_t(weight, false, true, bias)
     }
 
     fn reduce(&self, axis: Option<usize>, keepdim: bool, mean: bool) -> Result<Self, Error> {

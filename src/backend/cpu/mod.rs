@@ -3,7 +3,7 @@
 
 use core::any::Any;
 
-use ndarray::{Array2, ArrayD, ArrayView2, Axis, Ix2, IxDyn, Zip};
+use ndarray::{Array2, ArrayD, ArrayView2, Axis, IxDyn, Zip};
 
 use num_traits::Float as _;
 
@@ -173,10 +173,13 @@ fn gemm_into<T: CrateGemm>(a: ArrayView2<T>, b: ArrayView2<T>, bias: Option<&Arr
     dst
 }
 
+/// A standard-layout operand as the matrix [`Backend::matmul`] reads (its last axis the columns,
+/// the others merged into rows; a view, nothing copied), transposed when `t`.
 fn as_2d<T>(s: ndarray::ArrayViewD<'_, T>, t: bool) -> ArrayView2<'_, T> {
+    let matrix = super::as_matrix(s.shape());
     let v = s
-        .into_dimensionality::<Ix2>()
-        .expect("matmul operands are 2-D (checked by caller)");
+        .into_shape_with_order(matrix)
+        .expect("operands are in standard layout with at least two axes (checked by caller)");
     if t { v.reversed_axes() } else { v }
 }
 
@@ -224,27 +227,44 @@ fn product<E: Float>(av: ArrayView2<'_, E>, bv: ArrayView2<'_, E>, bias: Option<
     }
 }
 
-/// `op(a[i]) @ op(b[i])` for every `i` of two 3-D operands. Products too small to split across
-/// threads (each below [`PARALLEL_MIN_FMAS`], as attention's per-head products are) run whole on
-/// different threads; larger ones one after another, each split.
+/// `op(a[i]) @ op(b[i])` for every matrix `i` of two operands with the same leading axes.
+/// Products too small to split across threads (each below [`PARALLEL_MIN_FMAS`], as attention's
+/// per-head products are) run whole on different threads; larger ones one after another, each
+/// split.
 fn batched_product<E: Float>(a: &ArrayD<E>, b: &ArrayD<E>, ta: bool, tb: bool) -> ArrayD<E> {
     let (sa, sb) = (a.shape(), b.shape());
-    let (batch, m, k) = if ta {
-        (sa[0], sa[2], sa[1])
+    let r = sa.len() - 2;
+    let batch: usize = sa[..r].iter().product();
+    let (m, k) = if ta {
+        (sa[r + 1], sa[r])
     } else {
-        (sa[0], sa[1], sa[2])
+        (sa[r], sa[r + 1])
     };
-    let n = if tb { sb[1] } else { sb[2] };
-    fn mat<E>(s: &ArrayD<E>, i: usize, t: bool) -> ArrayView2<'_, E> {
-        as_2d(s.index_axis(Axis(0), i), t)
+    let n = if tb { sb[r] } else { sb[r + 1] };
+    let (a3, b3) = (a.as_standard_layout(), b.as_standard_layout());
+    fn view3<'a, E>(
+        x: &'a ndarray::CowArray<'_, E, IxDyn>,
+        shape: (usize, usize, usize),
+    ) -> ndarray::ArrayView3<'a, E> {
+        x.view()
+            .into_shape_with_order(shape)
+            .expect("standard layout, same element count")
     }
+    fn mat<'a, E>(v: &ndarray::ArrayView3<'a, E>, i: usize, t: bool) -> ArrayView2<'a, E> {
+        let m = v.clone().index_axis_move(Axis(0), i);
+        if t { m.reversed_axes() } else { m }
+    }
+    let (av, bv) = (
+        view3(&a3, (batch, sa[r], sa[r + 1])),
+        view3(&b3, (batch, sb[r], sb[r + 1])),
+    );
     let (each, fmas) = (m * n, m.saturating_mul(n).saturating_mul(k));
     let mut out = vec![E::zero(); batch * each];
     if each > 0 {
         let shared = Disjoint::new(&mut out);
         let run = |lo: usize, hi: usize| {
             for i in lo..hi {
-                let c = product(mat(a, i, ta), mat(b, i, tb), None);
+                let c = product(mat(&av, i, ta), mat(&bv, i, tb), None);
                 // SAFETY: matrix `i` of the output is written by this call alone.
                 let dst = unsafe { shared.range(i * each, (i + 1) * each) };
                 dst.copy_from_slice(c.as_slice().expect("a fresh product is row-major"));
@@ -257,7 +277,8 @@ fn batched_product<E: Float>(a: &ArrayD<E>, b: &ArrayD<E>, ta: bool, tb: bool) -
             for_ranges(batch, min_batch, 1, run);
         }
     }
-    from_vec(&[batch, m, n], out)
+    let shape: Vec<usize> = sa[..r].iter().copied().chain([m, n]).collect();
+    from_vec(&shape, out)
 }
 
 /// Whether `A` and `B` are one type (decided at compile time).
@@ -659,10 +680,15 @@ impl Backend for Cpu {
         tb: bool,
         bias: Option<&ArrayD<E>>,
     ) -> ArrayD<E> {
-        if a.ndim() == 3 {
-            return batched_product(a, b, ta, tb);
-        }
-        product(as_2d(a.view(), ta), as_2d(b.view(), tb), bias)
+        let (sa, sb) = (a.as_standard_layout(), b.as_standard_layout());
+        let c = product(as_2d(sa.view(), ta), as_2d(sb.view(), tb), bias);
+        let shape = super::matmul_shape(a.shape(), b.shape(), ta, tb);
+        c.into_shape_with_order(IxDyn(&shape))
+            .expect("a fresh product is row-major with the result's element count")
+    }
+
+    unsafe fn bmm_unchecked<E: Float>(a: &ArrayD<E>, b: &ArrayD<E>, ta: bool, tb: bool) -> ArrayD<E> {
+        batched_product(a, b, ta, tb)
     }
 
     fn softmax<E: Float>(x: &ArrayD<E>, log: bool) -> ArrayD<E> {

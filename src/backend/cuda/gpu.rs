@@ -10,11 +10,11 @@ use core::marker::PhantomData;
 use ndarray::ArrayD;
 
 use super::driver::{Driver, Gemm, Kernel, driver, fail};
-use crate::backend::rows_of;
 use crate::backend::{
     AdamWStep, Backend, Binary, Compare, ComplexBackend, ComplexUnary, Conv2dGeometry, SgdStep, Unary,
     UpdateRounding,
 };
+use crate::backend::{as_matrix, matmul_shape, rows_of};
 use crate::device::Gpu;
 use crate::dtype::{ComplexElement, DType, Element, Float};
 use num_complex::Complex;
@@ -478,23 +478,23 @@ struct AdamWKernelScalars {
 }
 
 /// kernels.cu's `NBIT_NEAREST`, `NBIT_COMPENSATED`, `NBIT_STOCHASTIC`.
-/// `op(a[i]) @ op(b[i])` for every `i` of two 3-D operands (checked by `Backend::matmul`): one
-/// product per matrix, each on its slice of the buffers.
+/// `op(a[i]) @ op(b[i])` for every matrix `i` of two operands with the same leading axes
+/// (checked by `Backend::bmm`): one product per matrix, each on its slice of the buffers.
 fn batched_matmul<E: Float>(a: &GpuStorage<E>, b: &GpuStorage<E>, ta: bool, tb: bool) -> GpuStorage<E> {
-    let (batch, (m, k)) = (
-        a.shape[0],
-        if ta {
-            (a.shape[2], a.shape[1])
-        } else {
-            (a.shape[1], a.shape[2])
-        },
-    );
-    let n = if tb { b.shape[1] } else { b.shape[2] };
+    let r = a.shape.len() - 2;
+    let batch: usize = a.shape[..r].iter().product();
+    let (m, k) = if ta {
+        (a.shape[r + 1], a.shape[r])
+    } else {
+        (a.shape[r], a.shape[r + 1])
+    };
+    let n = if tb { b.shape[r] } else { b.shape[r + 1] };
+    let shape: Vec<usize> = a.shape[..r].iter().copied().chain([m, n]).collect();
     if k == 0 {
         // An empty k is zeros: never an unwritten (recycled, dirty) block.
-        return Gpu::full(&[batch, m, n], E::zero());
+        return Gpu::full(&shape, E::zero());
     }
-    let out = GpuStorage::<E>::empty("matmul", &[batch, m, n]);
+    let out = GpuStorage::<E>::empty("bmm", &shape);
     let size = size_of::<E>() as u64;
     for i in 0..batch as u64 {
         if m == 0 || n == 0 {
@@ -515,8 +515,8 @@ fn batched_matmul<E: Float>(a: &GpuStorage<E>, b: &GpuStorage<E>, ta: bool, tb: 
             cb: false,
         };
         // SAFETY: matrix `i` of each operand is `m x k`, `k x n` and `m x n` elements at these
-        // offsets inside buffers of `batch` such matrices (shapes checked by `Backend::matmul`).
-        unsafe { drv().gemm(&g) }.unwrap_or_else(|e| fail("matmul", e));
+        // offsets inside buffers of `batch` such matrices (shapes checked by `Backend::bmm`).
+        unsafe { drv().gemm(&g) }.unwrap_or_else(|e| fail("bmm", e));
     }
     out
 }
@@ -705,20 +705,17 @@ impl Backend for Gpu {
         tb: bool,
         bias: Option<&GpuStorage<E>>,
     ) -> GpuStorage<E> {
-        if a.shape.len() == 3 {
-            return batched_matmul(a, b, ta, tb);
-        }
-        let (m, k) = if ta {
-            (a.shape[1], a.shape[0])
-        } else {
-            (a.shape[0], a.shape[1])
-        };
-        let n = if tb { b.shape[0] } else { b.shape[1] };
+        // Each operand as a matrix: its last axis the columns, the others merged into rows (the
+        // buffers are row-major, so nothing moves).
+        let ((ar, ac), (br, bc)) = (as_matrix(&a.shape), as_matrix(&b.shape));
+        let (m, k) = if ta { (ac, ar) } else { (ar, ac) };
+        let n = if tb { br } else { bc };
+        let shape = matmul_shape(&a.shape, &b.shape, ta, tb);
         // An empty k is the bias alone, or zeros: never an unwritten (recycled, dirty) block.
         let out = match bias {
-            Some(bias) => Self::broadcast_to(bias, &[m, n]),
-            None if k == 0 => Self::full(&[m, n], E::zero()),
-            None => GpuStorage::<E>::empty("matmul", &[m, n]),
+            Some(bias) => Self::broadcast_to(bias, &shape),
+            None if k == 0 => Self::full(&shape, E::zero()),
+            None => GpuStorage::<E>::empty("matmul", &shape),
         };
         if m == 0 || n == 0 || k == 0 {
             return out;
@@ -740,6 +737,15 @@ impl Backend for Gpu {
         // SAFETY: the operands' shapes are the sizes in `g` (checked by `Backend::matmul`).
         unsafe { drv().gemm(&g) }.unwrap_or_else(|e| fail("matmul", e));
         out
+    }
+
+    unsafe fn bmm_unchecked<E: Float>(
+        a: &GpuStorage<E>,
+        b: &GpuStorage<E>,
+        ta: bool,
+        tb: bool,
+    ) -> GpuStorage<E> {
+        batched_matmul(a, b, ta, tb)
     }
 
     fn softmax<E: Float>(x: &GpuStorage<E>, log: bool) -> GpuStorage<E> {
