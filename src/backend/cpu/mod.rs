@@ -251,7 +251,7 @@ fn batched_product<E: Float>(a: &ArrayD<E>, b: &ArrayD<E>, ta: bool, tb: bool) -
             .expect("standard layout, same element count")
     }
     fn mat<'a, E>(v: &ndarray::ArrayView3<'a, E>, i: usize, t: bool) -> ArrayView2<'a, E> {
-        let m = v.clone().index_axis_move(Axis(0), i);
+        let m = (*v).index_axis_move(Axis(0), i);
         if t { m.reversed_axes() } else { m }
     }
     let (av, bv) = (
