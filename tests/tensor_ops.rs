@@ -367,6 +367,11 @@ fn layout_ops_masks_and_their_errors() -> Result<(), Error> {
         vec![3.0, 7.0, 11.0, 15.0, 19.0, 23.0]
     );
     assert_eq!(x.swapaxes(0, -1)?.shape(), &[4, 3, 2]);
+    // The last axis kept in place (whole rows move): element (i, j, k) lands at (j, i, k).
+    let y = x.permute(&[1, 0, 2])?.to_vec();
+    for (i, j, k) in (0..2).flat_map(|i| (0..3).flat_map(move |j| (0..4).map(move |k| (i, j, k)))) {
+        assert_eq!(y[(j * 2 + i) * 4 + k], (i * 12 + j * 4 + k) as f64);
+    }
     assert_eq!(x.unsqueeze(-1)?.shape(), &[2, 3, 4, 1]);
     assert_eq!(x.unsqueeze(0)?.squeeze(0)?.shape(), &[2, 3, 4]);
     assert_eq!(x.squeeze(1)?.shape(), &[2, 3, 4], "only a size-1 axis goes");

@@ -448,6 +448,34 @@ impl Backend for Cpu {
     }
 
     unsafe fn permute_unchecked<E: Element>(s: &ArrayD<E>, axes: &[usize]) -> ArrayD<E> {
+        let n = axes.len();
+        let src = standard(s);
+        let shape = s.shape();
+        let out_shape: Vec<usize> = axes.iter().map(|&a| shape[a]).collect();
+        // The last axis stays last (attention's heads moving past the sequence): whole rows move,
+        // each one copy; else element by element.
+        if n >= 2 && axes[n - 1] == n - 1 && !src.is_empty() {
+            let row = shape[n - 1];
+            let mut strides = vec![1usize; n];
+            for d in (0..n - 1).rev() {
+                strides[d] = strides[d + 1] * shape[d + 1];
+            }
+            let from: Vec<usize> = axes.iter().map(|&a| strides[a]).collect();
+            let mut out = Vec::with_capacity(src.len());
+            let mut index = vec![0usize; n - 1];
+            for _ in 0..src.len() / row.max(1) {
+                let at: usize = index.iter().zip(&from).map(|(i, s)| i * s).sum();
+                out.extend_from_slice(&src[at..at + row]);
+                for d in (0..n - 1).rev() {
+                    index[d] += 1;
+                    if index[d] < out_shape[d] {
+                        break;
+                    }
+                    index[d] = 0;
+                }
+            }
+            return from_vec(&out_shape, out);
+        }
         s.view()
             .permuted_axes(IxDyn(axes))
             .as_standard_layout()
@@ -779,25 +807,33 @@ impl Backend for Cpu {
         let data = standard(x);
         let w = weight.map(|w| standard(w).iter().map(|v| v.as_f64()).collect::<Vec<_>>());
         let b = bias.map(|b| standard(b).iter().map(|v| v.as_f64()).collect::<Vec<_>>());
-        let mut out = Vec::with_capacity(data.len());
-        let mut stats = Vec::new();
-        for row in data.chunks(cols.max(1)) {
-            let n = row.len() as f64;
-            let mean = row.iter().map(|v| v.as_f64()).sum::<f64>() / n;
-            let var = row.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / n;
-            let rstd = 1.0 / (var + eps).sqrt();
-            stats.extend([mean, rstd]);
-            out.extend(row.iter().enumerate().map(|(j, v)| {
-                let mut h = (v.as_f64() - mean) * rstd;
-                if let Some(w) = &w {
-                    h *= w[j];
+        let cols = cols.max(1);
+        let mut out = vec![E::zero(); data.len()];
+        let mut stats = vec![0.0f64; 2 * rows];
+        let shared = Disjoint::new(&mut stats);
+        // Rows split across threads, each row as before (f64 statistics).
+        par_parts(&mut out, PARALLEL_MIN_ELEMENTS, cols, |lo, part| {
+            // SAFETY: the row ranges of `par_parts` are disjoint, so are their statistics.
+            let st = unsafe { shared.range(2 * lo / cols, 2 * (lo + part.len()) / cols) };
+            let rows_here = data[lo..lo + part.len()].chunks(cols).zip(part.chunks_mut(cols));
+            for ((row, o), st) in rows_here.zip(st.chunks_mut(2)) {
+                let n = row.len() as f64;
+                let mean = row.iter().map(|v| v.as_f64()).sum::<f64>() / n;
+                let var = row.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / n;
+                let rstd = 1.0 / (var + eps).sqrt();
+                st.copy_from_slice(&[mean, rstd]);
+                for (j, (o, v)) in o.iter_mut().zip(row).enumerate() {
+                    let mut h = (v.as_f64() - mean) * rstd;
+                    if let Some(w) = &w {
+                        h *= w[j];
+                    }
+                    if let Some(b) = &b {
+                        h += b[j];
+                    }
+                    *o = E::from_f64(h);
                 }
-                if let Some(b) = &b {
-                    h += b[j];
-                }
-                E::from_f64(h)
-            }));
-        }
+            }
+        });
         (from_vec(x.shape(), out), from_vec(&[rows, 2], stats))
     }
 
@@ -917,9 +953,16 @@ impl Backend for Cpu {
     fn dropout_mask<E: Float>(shape: &[usize], p: f64, seed: u64) -> ArrayD<E> {
         let n: usize = shape.iter().product();
         let keep = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p) };
-        let v = (0..n as u64)
-            .map(|i| E::from_f64(if uniform(seed, i) >= p { keep } else { 0.0 }))
-            .collect();
+        // Counter-based draws: each element's from its index alone, so threads split freely.
+        let v = par_new(n, PARALLEL_MIN_ELEMENTS, |lo, part| {
+            for (i, o) in part.iter_mut().enumerate() {
+                *o = E::from_f64(if uniform(seed, (lo + i) as u64) >= p {
+                    keep
+                } else {
+                    0.0
+                });
+            }
+        });
         from_vec(shape, v)
     }
 
