@@ -378,3 +378,78 @@ fn the_demo_transformers_language_model_reads_no_token_after_the_one_it_predicts
         .to_vec();
     assert_ne!(a[..7], b[..7]);
 }
+
+#[test]
+fn lightnings_demo_model_matches_lightning_in_f64() {
+    use nbit::demos::{Transformer as Demo, TransformerConfig};
+    use nbit::nn::PositionalEncoding;
+    let r = reference();
+    let d = &r["demo"];
+    let size = |k: &str| usize_of(&d[k]);
+    let config = TransformerConfig {
+        vocab_size: size("vocab_size"),
+        ninp: size("ninp"),
+        nhead: size("nhead"),
+        nhid: size("nhid"),
+        nlayers: size("nlayers"),
+        dropout: 0.0,
+    };
+    let mut model = Demo::<True<F64>>::new(&mut InitCtx::new(1), config).unwrap();
+    // The demo adds the encoding of position t to every position; reproduce it for parity.
+    model.pos_encoder = PositionalEncoding::lightning_demo(config.ninp, 0.0).unwrap();
+    let shapes = d["shapes"].as_object().unwrap();
+    let mut names = Vec::new();
+    for p in nbit::Model::parameters_mut(&mut model) {
+        let shape: Vec<usize> = shapes[p.name()]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(usize_of)
+            .collect();
+        p.set(Tensor::from_vec(&shape, f64s(&d["state_dict"][p.name()])).unwrap())
+            .unwrap();
+        names.push(p.name().to_string());
+    }
+    assert_eq!(
+        names.len(),
+        shapes.len(),
+        "every state_dict entry is an nbit parameter"
+    );
+    let (b, t) = (size("batch"), size("length"));
+    let ids = |k: &str| {
+        let v: Vec<i64> = d[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect();
+        Tensor::<i64>::from_vec(&[b, t], v).unwrap()
+    };
+    let (inputs, target) = (ids("inputs"), ids("target"));
+    let ac = Autocast::<True<F64>>::training(0);
+    let out = model.forward(&ac, &inputs, &target, None).unwrap();
+    let loss = out.nll_loss(&target.reshape(&[b * t]).unwrap()).unwrap();
+    let g = loss.backward().unwrap();
+    // Both compute the positional encoding in f32, step by step alike; the rest is f64.
+    let e = error(&out.to_vec(), &f64s(&d["out64"]));
+    let le = (loss.item().unwrap() - f64::from_bits(d["loss64"].as_u64().unwrap())).abs();
+    let mut worst = (0.0f64, String::new());
+    for p in nbit::Model::parameters_mut(&mut model) {
+        let got = g.get(p.value()).unwrap().to_vec();
+        let ge = error(&got, &f64s(&d["grads64"][p.name()]));
+        if ge > worst.0 {
+            worst = (ge, p.name().to_string());
+        }
+    }
+    println!(
+        "Lightning's demo: output {e:.1e}, loss {le:.1e}, gradients {:.1e} ({})",
+        worst.0, worst.1
+    );
+    assert!(e < 1e-13 && le < 1e-13, "output {e:e}, loss {le:e}");
+    assert!(
+        worst.0 < 1e-12,
+        "gradient of {} differs by {:e}",
+        worst.1,
+        worst.0
+    );
+}

@@ -16,6 +16,11 @@ its float64 (or float32) value:
 - `out32`: the output in float32 (`model.float()`, inputs rounded to float32);
 - `out_bf16`, `grads_bf16`: under `torch.autocast("cpu", torch.bfloat16)` with float32 master
   weights: the output (bfloat16, stored as float32 bits) and the float32 parameter gradients.
+
+And `demo`: Lightning's demo language model (`lightning.pytorch.demos.Transformer`, vocabulary
+11, ninp 8, 2 heads, nhid 16, 2 + 2 layers, dropout 0) in float64: its state_dict, token inputs
+and targets, its forward output (log-probabilities) and the gradient of every parameter of its
+training_step's loss (needs `pip install lightning`).
 """
 import json, os
 import torch
@@ -79,11 +84,35 @@ def case(name, norm_first, activation, batch_first):
                 grads_bf16={k: bits32(g) for k, g in grads16.items() if k not in ('src', 'tgt')})
 
 
+def demo():
+    """Lightning's demo model itself (`lightning.pytorch.demos.Transformer`, dropout 0), in
+    float64: its forward(inputs, target) and the loss of its training_step, nll_loss against the
+    targets."""
+    from lightning.pytorch.demos import Transformer
+    import lightning
+    torch.manual_seed(0)
+    vocab, b, t = 11, 2, 5
+    model = Transformer(vocab_size=vocab, ninp=8, nhead=2, nhid=16, nlayers=2, dropout=0.0).double()
+    model.train()
+    inputs = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(2))
+    state = {k: bits64(v) for k, v in model.state_dict().items()}
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    out = model(inputs, target)
+    loss = torch.nn.functional.nll_loss(out, target.view(-1))
+    loss.backward()
+    grads = {k: bits64(p.grad) for k, p in model.named_parameters()}
+    return dict(lightning_version=lightning.__version__, vocab_size=vocab, ninp=8, nhead=2, nhid=16,
+                nlayers=2, inputs=inputs.flatten().tolist(), target=target.flatten().tolist(),
+                batch=b, length=t, shapes=shapes, state_dict=state, out64=bits64(out),
+                loss64=bits64(loss.reshape(1))[0], grads64=grads)
+
+
 def main():
     cases = [case('post-norm relu, batch_first', False, 'relu', True),
              case('pre-norm gelu, sequence first', True, 'gelu', False)]
     with open(OUT, 'w') as f:
-        json.dump(dict(torch_version=torch.__version__, cases=cases), f, separators=(',', ':'))
+        json.dump(dict(torch_version=torch.__version__, cases=cases, demo=demo()), f, separators=(',', ':'))
     print('wrote', OUT, os.path.getsize(OUT), 'bytes')
 
 

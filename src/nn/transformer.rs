@@ -904,8 +904,8 @@ fn decoder_layer_params<P: Precision, D: Backend>(
 
 /// The sinusoidal positional encoding of PyTorch's word-language-model example (and Lightning's
 /// demo): `x + pe[:t]` for `x` `[batch, t, d_model]` (`batch_first`), then dropout, where
-/// `pe[pos, 2i] = sin(pos / 10000^(2i/d))` and `pe[pos, 2i+1] = cos(..)`, computed in f64 and
-/// rounded once to the compute dtype. It has no parameters.
+/// `pe[pos, 2i] = sin(pos / 10000^(2i/d))` and `pe[pos, 2i+1] = cos(..)`, computed in f32 as
+/// PyTorch computes it, then rounded to the compute dtype. It has no parameters.
 ///
 /// Lightning's `demos.transformer.PositionalEncoding` adds `pe[:, t]` (the single row at the
 /// sequence length) to every position, not `pe[:, :t]`: [`PositionalEncoding::lightning_demo`]
@@ -951,10 +951,13 @@ impl PositionalEncoding {
         let mut n = 0;
         for pos in rows {
             n += 1;
+            // In f32, step by step as PyTorch's example computes it (`torch.zeros` is float32):
+            // `div = exp(2i * (-ln(10000) / d))`, `angle = pos * div`, then sin or cos.
+            let scale = (-(10000f64.ln()) / d as f64) as f32;
             v.extend((0..d).map(|j| {
-                let i2 = (j - j % 2) as f64;
-                let angle = pos as f64 * (-(10000f64.ln()) * i2 / d as f64).exp();
-                E::from_f64(if j % 2 == 0 { angle.sin() } else { angle.cos() })
+                let div = ((j - j % 2) as f32 * scale).exp();
+                let angle = pos as f32 * div;
+                E::from_f32(if j % 2 == 0 { angle.sin() } else { angle.cos() })
             }));
         }
         Tensor::from_vec(&[n, d], v).expect("n rows of d values")
