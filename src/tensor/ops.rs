@@ -151,31 +151,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
                 "the bias must have one value per output column",
             ));
         }
-        let data = D::matmul(self.storage(), other.storage(), ta, tb, bias.map(Tensor::storage));
-        let (a, b, c) = (self.clone(), other.clone(), bias.cloned());
-        let inputs = [self.node(), other.node(), bias.and_then(Tensor::node)];
-        Ok(Self::from_op(data, &inputs, move |dy, g| {
-            if a.is_tracked() {
-                let da = if ta {
-                    D::matmul(b.storage(), dy, tb, true, None)
-                } else {
-                    D::matmul(dy, b.storage(), false, !tb, None)
-                };
-                g.accumulate::<E, D>(a.id(), da);
-            }
-            if b.is_tracked() {
-                // Summed over every row of a stack: the backend reads `dy` and `a` as matrices.
-                let db = if tb {
-                    D::matmul(dy, a.storage(), true, ta, None)
-                } else {
-                    D::matmul(a.storage(), dy, !ta, false, None)
-                };
-                g.accumulate::<E, D>(b.id(), db);
-            }
-            if let Some(c) = c.as_ref().filter(|c| c.is_tracked()) {
-                g.accumulate::<E, D>(c.id(), D::sum_to_shape(dy, c.shape()));
-            }
-        }))
+        Ok(self.product(other, ta, tb, bias, false))
     }
 
     /// `op(self) @ op(other)` for two tensors of three axes or more with the same leading axes:
@@ -193,26 +169,46 @@ impl<E: Float, D: Backend> Tensor<E, D> {
                 "the left's columns must equal the right's rows",
             ));
         }
-        let data = D::bmm(self.storage(), other.storage(), ta, tb);
-        let (a, b) = (self.clone(), other.clone());
-        Ok(Self::from_op(data, &[self.node(), other.node()], move |dy, g| {
+        Ok(self.product(other, ta, tb, None, true))
+    }
+
+    /// The product of checked operands and its backward, on the backend's `bmm` (a batch of
+    /// matrices) or `matmul` (rows of a stack times a matrix); the gradients are the same
+    /// products either way.
+    fn product(&self, other: &Self, ta: bool, tb: bool, bias: Option<&Self>, batched: bool) -> Self {
+        let mm =
+            move |a: &D::Storage<E>, b: &D::Storage<E>, ta: bool, tb: bool, bias: Option<&D::Storage<E>>| {
+                if batched {
+                    D::bmm(a, b, ta, tb)
+                } else {
+                    D::matmul(a, b, ta, tb, bias)
+                }
+            };
+        let data = mm(self.storage(), other.storage(), ta, tb, bias.map(Tensor::storage));
+        let (a, b, c) = (self.clone(), other.clone(), bias.cloned());
+        let inputs = [self.node(), other.node(), bias.and_then(Tensor::node)];
+        Self::from_op(data, &inputs, move |dy, g| {
             if a.is_tracked() {
                 let da = if ta {
-                    D::bmm(b.storage(), dy, tb, true)
+                    mm(b.storage(), dy, tb, true, None)
                 } else {
-                    D::bmm(dy, b.storage(), false, !tb)
+                    mm(dy, b.storage(), false, !tb, None)
                 };
                 g.accumulate::<E, D>(a.id(), da);
             }
             if b.is_tracked() {
+                // Over a stack, summed over every row: the backend reads `dy` and `a` as matrices.
                 let db = if tb {
-                    D::bmm(dy, a.storage(), true, ta)
+                    mm(dy, a.storage(), true, ta, None)
                 } else {
-                    D::bmm(a.storage(), dy, !ta, false)
+                    mm(a.storage(), dy, !ta, false, None)
                 };
                 g.accumulate::<E, D>(b.id(), db);
             }
-        }))
+            if let Some(c) = c.as_ref().filter(|c| c.is_tracked()) {
+                g.accumulate::<E, D>(c.id(), D::sum_to_shape(dy, c.shape()));
+            }
+        })
     }
 
     /// Matrix product with `torch.matmul`'s rules for operands of two or more axes: the last two
