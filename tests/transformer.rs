@@ -148,7 +148,7 @@ pub(crate) fn run<P: Precision, D: Backend>(case: &Value) -> Run {
     let g = loss.backward().unwrap();
     let to64 = |v: Vec<P::Param>| v.iter().map(|x| x.as_f64()).collect::<Vec<f64>>();
     let mut grads: HashMap<String, Vec<f64>> = model
-        .parameters()
+        .parameters_mut()
         .iter()
         .map(|p| {
             let grad = g

@@ -24,15 +24,15 @@
 //! let mut ctx = InitCtx::<True<F64>>::new(0);
 //! let options = TransformerOptions { d_model: 8, nhead: 2, num_encoder_layers: 1, num_decoder_layers: 1,
 //!     dim_feedforward: 16, batch_first: true, ..TransformerOptions::default() };
-//! let model = Transformer::new(&mut ctx, "", &options)?;
+//! let mut model = Transformer::new(&mut ctx, "", &options)?;
 //! let src = Tensor::<f64>::zeros(&[2, 5, 8]);
 //! let tgt = Tensor::<f64>::zeros(&[2, 3, 8]);
 //! let mask = Tensor::causal_mask(3);
 //! let ac = Autocast::new();
 //! let out = model.forward(&ac, &src, &tgt, &Masks::none(), &Masks::attn(&mask), &Masks::none())?;
 //! assert_eq!(out.shape(), &[2, 3, 8]);
-//! assert_eq!(model.parameters().len(), 34); // PyTorch's state_dict has 34 entries too
-//! assert!(model.parameters().iter().any(|p| p.name() == "decoder.layers.0.multihead_attn.in_proj_weight"));
+//! assert_eq!(model.parameters_mut().len(), 34); // PyTorch's state_dict has 34 entries too
+//! assert!(model.parameters_mut().iter().any(|p| p.name() == "decoder.layers.0.multihead_attn.in_proj_weight"));
 //! # Ok::<(), nbit::Error>(())
 //! ```
 
@@ -851,55 +851,6 @@ impl<P: Precision, D: Backend> Transformer<P, D> {
         v.extend(self.decoder.parameters_mut());
         v
     }
-
-    /// Every parameter, in PyTorch's `state_dict` order (as [`Transformer::parameters_mut`]).
-    pub fn parameters(&self) -> Vec<&Parameter<P::Param, D>> {
-        fn norms<P: Precision, D: Backend>(n: &Option<LayerNorm<P, D>>) -> Vec<&Parameter<P::Param, D>> {
-            n.iter().flat_map(|n| [&n.weight, &n.bias]).collect()
-        }
-        let mut all: Vec<&Parameter<P::Param, D>> = self
-            .encoder
-            .layers
-            .iter()
-            .flat_map(encoder_layer_params)
-            .collect();
-        all.extend(norms(&self.encoder.norm));
-        all.extend(self.decoder.layers.iter().flat_map(decoder_layer_params));
-        all.extend(norms(&self.decoder.norm));
-        all
-    }
-}
-
-fn attn_params<P: Precision, D: Backend>(a: &MultiheadAttention<P, D>) -> [&Parameter<P::Param, D>; 4] {
-    [
-        &a.in_proj_weight,
-        &a.in_proj_bias,
-        &a.out_proj.weight,
-        &a.out_proj.bias,
-    ]
-}
-
-fn encoder_layer_params<P: Precision, D: Backend>(
-    l: &TransformerEncoderLayer<P, D>,
-) -> Vec<&Parameter<P::Param, D>> {
-    let mut v = attn_params(&l.self_attn).to_vec();
-    v.extend(l.ff.linear1.parameters());
-    v.extend(l.ff.linear2.parameters());
-    v.extend([&l.norm1.weight, &l.norm1.bias, &l.norm2.weight, &l.norm2.bias]);
-    v
-}
-
-fn decoder_layer_params<P: Precision, D: Backend>(
-    l: &TransformerDecoderLayer<P, D>,
-) -> Vec<&Parameter<P::Param, D>> {
-    let mut v = attn_params(&l.self_attn).to_vec();
-    v.extend(attn_params(&l.multihead_attn));
-    v.extend(l.ff.linear1.parameters());
-    v.extend(l.ff.linear2.parameters());
-    for n in [&l.norm1, &l.norm2, &l.norm3] {
-        v.extend([&n.weight, &n.bias]);
-    }
-    v
 }
 
 /// The sinusoidal positional encoding of PyTorch's word-language-model example (and Lightning's
