@@ -23,7 +23,7 @@ use crate::nn::{
 use crate::optim::{Optimization, Sgd};
 use crate::precision::Precision;
 use crate::tensor::Tensor;
-use crate::trainer::{Metrics, Model};
+use crate::trainer::{Metrics, Model, StepInfo};
 
 type FullT<P, D> = Tensor<<P as Precision>::Full, D>;
 /// Token ids.
@@ -188,6 +188,17 @@ impl<P: Precision, D: Backend> Model<P, D> for Transformer<P, D> {
         batch: &Batch,
     ) -> Result<FullT<P, D>, Error> {
         ac.nll_loss(outputs, &Self::split(batch)?.1)
+    }
+
+    /// The mean next-token loss, the batch split into inputs and targets once.
+    fn training_step(
+        &mut self,
+        ac: &Autocast<P, D>,
+        batch: &Batch,
+        _step: &StepInfo,
+    ) -> Result<FullT<P, D>, Error> {
+        let (inputs, targets) = Self::split(batch)?;
+        ac.nll_loss(&self.forward_causal(ac, &inputs)?, &targets)
     }
 
     /// Loss summed over every predicted token, and next-token accuracy.
