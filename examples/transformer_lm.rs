@@ -4,8 +4,10 @@
 //!
 //! `cargo run --release --example transformer_lm -- bf16-mixed` (the default; any precision
 //! string Lightning accepts, and optionally an accelerator after it: `-- 32-true cpu`).
-//! Options: `--steps N` (300), `--batch-size N` (32), `--seq-len N` (64), `--json` (one JSON
-//! object instead of the table line, for other programs to run the same configuration).
+//! Options: `--steps N` (300), `--batch-size N` (32), `--seq-len N` (64), `--update-rounding
+//! nearest|compensated|stochastic` (how bf16-true and 16-true round updated weights; nearest, as
+//! PyTorch), `--json` (one JSON object instead of the table line, for other programs to run the
+//! same configuration).
 //!
 //! The model has the demo's sizes (`ninp` 200, `nhead` 2, `nhid` 200, `nlayers` 2, dropout 0.2)
 //! and trains with AdamW (lr 1e-3) as a causal language model (see `nbit::demos` for how that
@@ -15,7 +17,7 @@ use std::time::Instant;
 
 use nbit::data::{DataLoader, Dataset, Vocabulary};
 use nbit::demos::{Transformer, TransformerConfig};
-use nbit::optim::{AdamW, Optimization};
+use nbit::optim::{AdamW, Optimization, UpdateRounding};
 use nbit::prelude::*;
 
 /// The text: see examples/data/README.md for its source and licence.
@@ -25,6 +27,7 @@ struct Settings {
     steps: u64,
     batch_size: usize,
     seq_len: usize,
+    rounding: UpdateRounding,
     json: bool,
 }
 
@@ -33,6 +36,7 @@ struct Fit {
     val: DataLoader,
     config: TransformerConfig,
     steps: u64,
+    rounding: UpdateRounding,
 }
 
 struct Outcome {
@@ -51,10 +55,10 @@ impl RunJob for Fit {
             .seed(0)
             .log_every_n_steps(10)
             .build()?;
-        let config = self.config;
-        let mut model = trainer.init_module(|ctx| {
-            Ok(Transformer::new(ctx, config)?.optimizer(Optimization::new(AdamW::new(1e-3))))
-        })?;
+        let (config, rounding) = (self.config, self.rounding);
+        let optimization = Optimization::new(AdamW::new(1e-3)).update_rounding(rounding);
+        let mut model =
+            trainer.init_module(|ctx| Ok(Transformer::new(ctx, config)?.optimizer(optimization)))?;
         let start = Instant::now();
         let report = trainer.fit(&mut model, &self.train, None)?;
         let secs = start.elapsed().as_secs_f64();
@@ -93,6 +97,7 @@ fn parse(args: &[String]) -> Result<(String, String, Settings), Error> {
         steps: 300,
         batch_size: 32,
         seq_len: 64,
+        rounding: UpdateRounding::Nearest,
         json: false,
     };
     let mut positional = Vec::new();
@@ -114,11 +119,12 @@ fn parse(args: &[String]) -> Result<(String, String, Settings), Error> {
             "--steps" => s.steps = number("--steps")? as u64,
             "--batch-size" => s.batch_size = number("--batch-size")?,
             "--seq-len" => s.seq_len = number("--seq-len")?,
+            "--update-rounding" => s.rounding = it.next().map(String::as_str).unwrap_or("").parse()?,
             other if other.starts_with("--") => {
                 return Err(Error::InvalidArgument {
                     name: "option",
                     value: other.into(),
-                    expected: "--steps N, --batch-size N, --seq-len N or --json",
+                    expected: "--steps N, --batch-size N, --seq-len N, --update-rounding R or --json",
                 });
             }
             other => positional.push(other.to_string()),
@@ -155,6 +161,7 @@ fn run(args: &[String]) -> Result<(), Error> {
         val: DataLoader::new(val, 64)?,
         config,
         steps: s.steps,
+        rounding: s.rounding,
     };
     let out = nbit::launch(&precision, &accelerator, job)?;
     let perplexity = out.val_loss.exp();
@@ -170,6 +177,7 @@ fn run(args: &[String]) -> Result<(), Error> {
             "seq_len": s.seq_len,
             "batch_size": s.batch_size,
             "steps": out.steps,
+            "update_rounding": s.rounding.name(),
             "val_loss": out.val_loss,
             "val_perplexity": perplexity,
             "tokens_per_sec": out.tokens_per_sec,
