@@ -92,6 +92,11 @@
 //! Complex tensors ([`tensor::ComplexOps`]) differentiate by PyTorch's convention, and with the
 //! `lapack` feature `linalg` adds differentiable `solve`, `inverse`, `cholesky` and `lstsq`.
 //!
+//! Transformers: batched [`tensor::Tensor::matmul`], `permute`, masks and `i64` token ids under
+//! PyTorch's [`nn::MultiheadAttention`] and [`nn::Transformer`] (their names, defaults and
+//! `state_dict` keys), [`autocast::Autocast::scaled_dot_product_attention`], and Lightning's demo
+//! language model, [`demos::Transformer`], which `examples/transformer_lm.rs` trains on a text.
+//!
 //! Numerics follow PyTorch's kernels: element-wise ops widen 16-bit inputs to f32 and round once;
 //! sums, means, softmax denominators, losses and norms accumulate in f64; 16-bit GEMMs accumulate
 //! in f32 and round each output once.
