@@ -6,8 +6,9 @@
 //! string Lightning accepts, and optionally an accelerator after it: `-- 32-true cpu`).
 //! Options: `--steps N` (300), `--batch-size N` (32), `--seq-len N` (64), `--update-rounding
 //! nearest|compensated|stochastic` (how bf16-true and 16-true round updated weights; nearest, as
-//! PyTorch), `--json` (one JSON object instead of the table line, for other programs to run the
-//! same configuration).
+//! PyTorch), `--sample N` (after training, continue "The " by N characters drawn from the model),
+//! `--json` (one JSON object instead of the table line, for other programs to run the same
+//! configuration).
 //!
 //! The model has the demo's sizes (`ninp` 200, `nhead` 2, `nhid` 200, `nlayers` 2, dropout 0.2)
 //! and trains with AdamW (lr 1e-3) as a causal language model (see `nbit::demos` for how that
@@ -28,6 +29,7 @@ struct Settings {
     batch_size: usize,
     seq_len: usize,
     rounding: UpdateRounding,
+    sample: usize,
     json: bool,
 }
 
@@ -37,12 +39,16 @@ struct Fit {
     config: TransformerConfig,
     steps: u64,
     rounding: UpdateRounding,
+    /// Ids to continue, and how many to add after training (0: none).
+    prompt: Vec<i64>,
+    sample: usize,
 }
 
 struct Outcome {
     val_loss: f64,
     tokens_per_sec: f64,
     steps: u64,
+    sample: Vec<i64>,
 }
 
 impl RunJob for Fit {
@@ -64,12 +70,51 @@ impl RunJob for Fit {
         let secs = start.elapsed().as_secs_f64();
         let tokens = report.samples as f64 * (self.train.dataset().num_features() - 1) as f64;
         let metrics = trainer.validate(&mut model, &self.val)?;
+        let window = self.train.dataset().num_features() - 1;
+        let sample = continue_text(&model, self.prompt, self.sample, window)?;
         Ok(Outcome {
             val_loss: metrics.loss(),
             tokens_per_sec: tokens / secs,
             steps: report.history.len() as u64,
+            sample,
         })
     }
+}
+
+/// `ids` continued by `count` ids drawn one at a time from the model's next-token distribution at
+/// temperature 0.8 (seeded, so a run repeats), reading at most the last `window` ids.
+fn continue_text<P: Precision, D: Runs<P>>(
+    model: &Transformer<P, D>,
+    mut ids: Vec<i64>,
+    count: usize,
+    window: usize,
+) -> Result<Vec<i64>, Error> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let ac = nbit::autocast::Autocast::<P, D>::new();
+    for _ in 0..count {
+        let context = &ids[ids.len().saturating_sub(window)..];
+        let input = Tensor::<i64, D>::from_vec(&[1, context.len()], context.to_vec())?;
+        let logp = nbit::autograd::no_grad(|| model.forward_causal(&ac, &input))?.to_vec();
+        let vocab = model.config.vocab_size;
+        let last: Vec<f64> = logp[logp.len() - vocab..]
+            .iter()
+            .map(|v| v.as_f64() / 0.8)
+            .collect();
+        let top = last.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = last.iter().map(|l| (l - top).exp()).collect();
+        // xorshift64*: a uniform draw in [0, 1).
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let u = (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+        let mut left = u * weights.iter().sum::<f64>();
+        let next = weights.iter().position(|w| {
+            left -= w;
+            left < 0.0
+        });
+        ids.push(next.unwrap_or(vocab - 1) as i64);
+    }
+    Ok(ids)
 }
 
 /// The process's peak resident set (VmHWM) in bytes, where Linux reports it.
@@ -98,6 +143,7 @@ fn parse(args: &[String]) -> Result<(String, String, Settings), Error> {
         batch_size: 32,
         seq_len: 64,
         rounding: UpdateRounding::Nearest,
+        sample: 0,
         json: false,
     };
     let mut positional = Vec::new();
@@ -119,12 +165,13 @@ fn parse(args: &[String]) -> Result<(String, String, Settings), Error> {
             "--steps" => s.steps = number("--steps")? as u64,
             "--batch-size" => s.batch_size = number("--batch-size")?,
             "--seq-len" => s.seq_len = number("--seq-len")?,
+            "--sample" => s.sample = number("--sample")?,
             "--update-rounding" => s.rounding = it.next().map(String::as_str).unwrap_or("").parse()?,
             other if other.starts_with("--") => {
                 return Err(Error::InvalidArgument {
                     name: "option",
                     value: other.into(),
-                    expected: "--steps N, --batch-size N, --seq-len N, --update-rounding R or --json",
+                    expected: "--steps N, --batch-size N, --seq-len N, --update-rounding R, --sample N or --json",
                 });
             }
             other => positional.push(other.to_string()),
@@ -162,6 +209,8 @@ fn run(args: &[String]) -> Result<(), Error> {
         config,
         steps: s.steps,
         rounding: s.rounding,
+        prompt: vocab.encode("The ")?,
+        sample: s.sample,
     };
     let out = nbit::launch(&precision, &accelerator, job)?;
     let perplexity = out.val_loss.exp();
@@ -194,6 +243,9 @@ fn run(args: &[String]) -> Result<(), Error> {
             out.tokens_per_sec,
             rss.map_or("unknown".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
         );
+        if s.sample > 0 {
+            println!("sample: {:?}", vocab.decode(&out.sample)?);
+        }
     }
     Ok(())
 }
