@@ -19,8 +19,9 @@ pub use layers::{
     Sequential, Sigmoid, Tanh,
 };
 pub use transformer::{
-    Activation, LayerOptions, Masks, MultiheadAttention, PositionalEncoding, Transformer, TransformerDecoder,
-    TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer, TransformerOptions,
+    Activation, LayerOptions, LayerStack, Masks, MultiheadAttention, PositionalEncoding, StackedLayer,
+    Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer,
+    TransformerOptions,
 };
 
 use crate::autocast::Autocast;

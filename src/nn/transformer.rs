@@ -590,17 +590,67 @@ impl<P: Precision, D: Backend> TransformerDecoderLayer<P, D> {
     }
 }
 
-/// `torch.nn.TransformerEncoder`: `layers.0` .. `layers.{n-1}` applied in turn, then `norm` when
-/// present.
+/// A layer of a [`LayerStack`]: built from the stack's arguments, its parameters listed in
+/// PyTorch's order.
+pub trait StackedLayer<P: Precision, D: Backend>: Sized {
+    /// The layer named `prefix` of width `d_model` with `nhead` heads.
+    fn build(
+        ctx: &mut InitCtx<P, D>,
+        prefix: &str,
+        d_model: usize,
+        nhead: usize,
+        o: &LayerOptions,
+    ) -> Result<Self, Error>;
+    /// Every parameter, in PyTorch's `state_dict` order.
+    fn params_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>>;
+}
+
+impl<P: Precision, D: Backend> StackedLayer<P, D> for TransformerEncoderLayer<P, D> {
+    fn build(
+        ctx: &mut InitCtx<P, D>,
+        prefix: &str,
+        d_model: usize,
+        nhead: usize,
+        o: &LayerOptions,
+    ) -> Result<Self, Error> {
+        Self::new(ctx, prefix, d_model, nhead, o)
+    }
+    fn params_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
+        self.parameters_mut()
+    }
+}
+
+impl<P: Precision, D: Backend> StackedLayer<P, D> for TransformerDecoderLayer<P, D> {
+    fn build(
+        ctx: &mut InitCtx<P, D>,
+        prefix: &str,
+        d_model: usize,
+        nhead: usize,
+        o: &LayerOptions,
+    ) -> Result<Self, Error> {
+        Self::new(ctx, prefix, d_model, nhead, o)
+    }
+    fn params_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
+        self.parameters_mut()
+    }
+}
+
+/// `layers.0` .. `layers.{n-1}` applied in turn, then `norm` when present: PyTorch's
+/// [`TransformerEncoder`] and [`TransformerDecoder`], which differ only in their layers.
 #[derive(Clone, Debug)]
-pub struct TransformerEncoder<P: Precision, D: Backend = Cpu> {
+pub struct LayerStack<L, P: Precision, D: Backend = Cpu> {
     /// The layers.
-    pub layers: Vec<TransformerEncoderLayer<P, D>>,
+    pub layers: Vec<L>,
     /// The final layer norm.
     pub norm: Option<LayerNorm<P, D>>,
 }
 
-impl<P: Precision, D: Backend> TransformerEncoder<P, D> {
+/// `torch.nn.TransformerEncoder`.
+pub type TransformerEncoder<P, D = Cpu> = LayerStack<TransformerEncoderLayer<P, D>, P, D>;
+/// `torch.nn.TransformerDecoder`.
+pub type TransformerDecoder<P, D = Cpu> = LayerStack<TransformerDecoderLayer<P, D>, P, D>;
+
+impl<L: StackedLayer<P, D>, P: Precision, D: Backend> LayerStack<L, P, D> {
     /// `num_layers` layers named `prefix.layers.i`, each initialised on its own (PyTorch deep-copies
     /// one layer, then `nn.Transformer` re-initialises every matrix), and a final norm named
     /// `prefix.norm` when `final_norm`.
@@ -614,27 +664,24 @@ impl<P: Precision, D: Backend> TransformerEncoder<P, D> {
         final_norm: bool,
     ) -> Result<Self, Error> {
         let layers = (0..num_layers)
-            .map(|i| {
-                TransformerEncoderLayer::new(ctx, &join(prefix, &format!("layers.{i}")), d_model, nhead, o)
-            })
+            .map(|i| L::build(ctx, &join(prefix, &format!("layers.{i}")), d_model, nhead, o))
             .collect::<Result<_, _>>()?;
-        Ok(TransformerEncoder {
+        Ok(LayerStack {
             layers,
             norm: final_norm.then(|| layer_norm(prefix, "norm", d_model, o.layer_norm_eps)),
         })
     }
 
-    /// The encoder applied to `src` under `masks` (the same for every layer); in and out in
-    /// `P::Full` (see [`TransformerEncoderLayer::forward`]).
-    pub fn forward(
+    /// `x` through every layer (`f` applies one), then the final norm; in and out in `P::Full`.
+    fn run(
         &self,
         ac: &Autocast<P, D>,
-        src: &FullT<P, D>,
-        masks: &Masks<'_, P, D>,
+        x: &FullT<P, D>,
+        f: impl Fn(&L, &FullT<P, D>) -> Result<FullT<P, D>, Error>,
     ) -> Result<FullT<P, D>, Error> {
-        let mut x = src.clone();
+        let mut x = x.clone();
         for layer in &self.layers {
-            x = layer.forward(ac, &x, masks)?;
+            x = f(layer, &x)?;
         }
         match &self.norm {
             Some(n) => norm(ac, n, &x),
@@ -644,11 +691,24 @@ impl<P: Precision, D: Backend> TransformerEncoder<P, D> {
 
     /// Every parameter, in PyTorch's `state_dict` order.
     pub fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
-        let mut v: Vec<_> = self.layers.iter_mut().flat_map(|l| l.parameters_mut()).collect();
+        let mut v: Vec<_> = self.layers.iter_mut().flat_map(|l| l.params_mut()).collect();
         if let Some(n) = &mut self.norm {
             v.extend([&mut n.weight, &mut n.bias]);
         }
         v
+    }
+}
+
+impl<P: Precision, D: Backend> TransformerEncoder<P, D> {
+    /// The encoder applied to `src` under `masks` (the same for every layer); in and out in
+    /// `P::Full` (see [`TransformerEncoderLayer::forward`]).
+    pub fn forward(
+        &self,
+        ac: &Autocast<P, D>,
+        src: &FullT<P, D>,
+        masks: &Masks<'_, P, D>,
+    ) -> Result<FullT<P, D>, Error> {
+        self.run(ac, src, |layer, x| layer.forward(ac, x, masks))
     }
 }
 
@@ -657,43 +717,11 @@ impl<P: Precision, D: Backend> Module<P, D> for TransformerEncoder<P, D> {
         Ok(TransformerEncoder::forward(self, ac, &x.cast(), &Masks::none())?.cast())
     }
     fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
-        TransformerEncoder::parameters_mut(self)
+        LayerStack::parameters_mut(self)
     }
-}
-
-/// `torch.nn.TransformerDecoder`: `layers.0` .. `layers.{n-1}` applied in turn, then `norm` when
-/// present.
-#[derive(Clone, Debug)]
-pub struct TransformerDecoder<P: Precision, D: Backend = Cpu> {
-    /// The layers.
-    pub layers: Vec<TransformerDecoderLayer<P, D>>,
-    /// The final layer norm.
-    pub norm: Option<LayerNorm<P, D>>,
 }
 
 impl<P: Precision, D: Backend> TransformerDecoder<P, D> {
-    /// `num_layers` layers named `prefix.layers.i` and a final norm `prefix.norm` when
-    /// `final_norm`.
-    pub fn new(
-        ctx: &mut InitCtx<P, D>,
-        prefix: &str,
-        d_model: usize,
-        nhead: usize,
-        num_layers: usize,
-        o: &LayerOptions,
-        final_norm: bool,
-    ) -> Result<Self, Error> {
-        let layers = (0..num_layers)
-            .map(|i| {
-                TransformerDecoderLayer::new(ctx, &join(prefix, &format!("layers.{i}")), d_model, nhead, o)
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(TransformerDecoder {
-            layers,
-            norm: final_norm.then(|| layer_norm(prefix, "norm", d_model, o.layer_norm_eps)),
-        })
-    }
-
     /// The decoder applied to `tgt` attending to `memory`, in and out in `P::Full`.
     pub fn forward(
         &self,
@@ -703,23 +731,9 @@ impl<P: Precision, D: Backend> TransformerDecoder<P, D> {
         tgt_masks: &Masks<'_, P, D>,
         memory_masks: &Masks<'_, P, D>,
     ) -> Result<FullT<P, D>, Error> {
-        let mut x = tgt.clone();
-        for layer in &self.layers {
-            x = layer.forward(ac, &x, memory, tgt_masks, memory_masks)?;
-        }
-        match &self.norm {
-            Some(n) => norm(ac, n, &x),
-            None => Ok(x),
-        }
-    }
-
-    /// Every parameter, in PyTorch's `state_dict` order.
-    pub fn parameters_mut(&mut self) -> Vec<&mut Parameter<P::Param, D>> {
-        let mut v: Vec<_> = self.layers.iter_mut().flat_map(|l| l.parameters_mut()).collect();
-        if let Some(n) = &mut self.norm {
-            v.extend([&mut n.weight, &mut n.bias]);
-        }
-        v
+        self.run(ac, tgt, |layer, x| {
+            layer.forward(ac, x, memory, tgt_masks, memory_masks)
+        })
     }
 }
 
