@@ -281,8 +281,6 @@ fn a_vocabulary_round_trips_through_its_file_and_rejects_others() {
 #[test]
 fn the_demo_transformer_learns_a_pattern_as_a_causal_language_model() {
     use nbit::data::{DataLoader, Dataset, Vocabulary};
-    use nbit::demos::{Transformer, TransformerConfig};
-    use nbit::optim::{AdamW, Optimization};
     // A text whose every character follows from the two before it; chance is ln(5) = 1.61.
     let text: String = "abcde edcba ".repeat(60);
     let vocab = Vocabulary::from_text(&text);
@@ -294,48 +292,56 @@ fn the_demo_transformer_learns_a_pattern_as_a_causal_language_model() {
     assert_eq!((tokens.shape(), tokens.dtype()), (&[1usize, 13][..], DType::I64));
     assert_eq!(tokens.to_vec(), ids[12..25].to_vec());
 
-    fn fit<P: Precision>(data: &Dataset, vocab: usize) -> (f64, f64)
-    where
-        Cpu: Runs<P>,
-    {
-        let trainer = Trainer::<P, Cpu>::builder()
-            .max_epochs(12)
-            .seed(0)
-            .enable_progress_bar(false)
-            .build()
-            .unwrap();
-        let config = TransformerConfig {
-            vocab_size: vocab,
-            ninp: 16,
-            nhead: 2,
-            nhid: 32,
-            nlayers: 1,
-            dropout: 0.0,
-        };
-        let mut model = trainer
-            .init_module(|ctx| {
-                Ok::<_, Error>(Transformer::new(ctx, config)?.optimizer(Optimization::new(AdamW::new(1e-2))))
-            })
-            .unwrap();
-        let loader = DataLoader::new(data.clone(), 8).unwrap().shuffle(true).seed(0);
-        let before = trainer.validate(&mut model, &loader).unwrap();
-        trainer.fit(&mut model, &loader, None).unwrap();
-        let after = trainer.validate(&mut model, &loader).unwrap();
-        println!(
-            "{}: loss {:.3} -> {:.3}, next-token accuracy {:.3}",
-            P::NAME,
-            before.loss(),
-            after.loss(),
-            after.accuracy()
-        );
-        (after.loss(), after.accuracy())
-    }
-    for (loss, accuracy) in [
-        fit::<True<F32>>(&data, vocab.len()),
-        fit::<Mixed<BF16>>(&data, vocab.len()),
+    let loader = DataLoader::new(data, 8).unwrap().shuffle(true).seed(0);
+    for (before, after) in [
+        fit_small_lm::<True<F32>, Cpu>(&loader, vocab.len(), 12),
+        fit_small_lm::<Mixed<BF16>, Cpu>(&loader, vocab.len(), 12),
     ] {
+        assert!(before.loss() > 1.6, "untrained: loss {}", before.loss());
+        let (loss, accuracy) = (after.loss(), after.accuracy());
         assert!(loss < 0.5 && accuracy > 0.8, "loss {loss}, accuracy {accuracy}");
     }
+}
+
+/// A small demo model (ninp 16, 2 heads, nhid 32, one layer each way, no dropout, AdamW lr 1e-2)
+/// trained on `loader` for `epochs` under `P` on `D`: its validation metrics before and after.
+pub(crate) fn fit_small_lm<P: Precision, D: nbit::Runs<P>>(
+    loader: &nbit::data::DataLoader,
+    vocab: usize,
+    epochs: u64,
+) -> (nbit::Metrics, nbit::Metrics) {
+    use nbit::demos::{Transformer, TransformerConfig};
+    use nbit::optim::{AdamW, Optimization};
+    let trainer = Trainer::<P, D>::builder()
+        .max_epochs(epochs)
+        .seed(0)
+        .enable_progress_bar(false)
+        .build()
+        .unwrap();
+    let config = TransformerConfig {
+        vocab_size: vocab,
+        ninp: 16,
+        nhead: 2,
+        nhid: 32,
+        nlayers: 1,
+        dropout: 0.0,
+    };
+    let mut model = trainer
+        .init_module(|ctx| {
+            Ok::<_, Error>(Transformer::new(ctx, config)?.optimizer(Optimization::new(AdamW::new(1e-2))))
+        })
+        .unwrap();
+    let before = trainer.validate(&mut model, loader).unwrap();
+    trainer.fit(&mut model, loader, None).unwrap();
+    let after = trainer.validate(&mut model, loader).unwrap();
+    println!(
+        "{}: loss {:.3} -> {:.3}, next-token accuracy {:.3}",
+        P::NAME,
+        before.loss(),
+        after.loss(),
+        after.accuracy()
+    );
+    (before, after)
 }
 
 #[test]
