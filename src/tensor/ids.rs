@@ -3,7 +3,7 @@
 
 use ndarray::ArrayD;
 
-use super::{Tensor, mismatch};
+use super::Tensor;
 use crate::backend::Backend;
 use crate::error::Error;
 
@@ -102,14 +102,7 @@ impl<D: Backend> Indices<D> for ArrayD<usize> {
 impl<D: Backend> Tensor<i64, D> {
     /// The same ids under a new shape with the same count (ids carry no gradient).
     pub fn reshape(&self, shape: &[usize]) -> Result<Self, Error> {
-        if shape.iter().product::<usize>() != self.numel() {
-            return Err(mismatch(
-                "reshape",
-                self.shape(),
-                shape,
-                "the element counts must be equal",
-            ));
-        }
+        super::same_count(self.shape(), shape)?;
         Ok(Self::from_storage(D::reshape(self.storage(), shape)))
     }
 

@@ -49,6 +49,15 @@ pub(crate) fn mismatch(op: &'static str, left: &[usize], right: &[usize], rule: 
     }
 }
 
+/// `to` holds as many elements as `from` (a reshape's one rule).
+fn same_count(from: &[usize], to: &[usize]) -> Result<(), Error> {
+    if to.iter().product::<usize>() == from.iter().product::<usize>() {
+        Ok(())
+    } else {
+        Err(mismatch("reshape", from, to, "the element counts must be equal"))
+    }
+}
+
 pub(crate) struct Inner<E: Element, D: Backend> {
     id: u64,
     data: Arc<D::Storage<E>>,

@@ -9,6 +9,24 @@ use crate::backend::{Backend, Binary, Unary, broadcast_shapes};
 use crate::dtype::Float;
 use crate::error::Error;
 
+/// The inner sizes of `op(a) @ op(b)` agree: the columns of `a`'s last two axes (its rows when
+/// transposed) and the rows of `b`'s.
+fn inner_sizes_agree(sa: &[usize], sb: &[usize], ta: bool, tb: bool) -> Result<(), Error> {
+    let (ra, rb) = (sa.len() - 2, sb.len() - 2);
+    let k_a = if ta { sa[ra] } else { sa[ra + 1] };
+    let k_b = if tb { sb[rb + 1] } else { sb[rb] };
+    if k_a == k_b {
+        Ok(())
+    } else {
+        Err(mismatch(
+            "matmul",
+            sa,
+            sb,
+            "the left's columns must equal the right's rows",
+        ))
+    }
+}
+
 impl<E: Float, D: Backend> Tensor<E, D> {
     pub(super) fn unary_op(&self, op: Unary) -> Self {
         let y = Arc::new(D::unary(op, self.storage()));
@@ -129,17 +147,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
         if sb.len() != 2 || sa.len() < 2 || (ta && sa.len() != 2) {
             return Err(mismatch("matmul", sa, sb, "both operands must be 2-D"));
         }
-        let r = sa.len() - 2;
-        let k_a = if ta { sa[r] } else { sa[r + 1] };
-        let k_b = if tb { sb[1] } else { sb[0] };
-        if k_a != k_b {
-            return Err(mismatch(
-                "matmul",
-                sa,
-                sb,
-                "the left's columns must equal the right's rows",
-            ));
-        }
+        inner_sizes_agree(sa, sb, ta, tb)?;
         let n = if tb { sb[0] } else { sb[1] };
         if let Some(bias) = bias
             && bias.shape() != [n]
@@ -157,18 +165,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
     /// `op(self) @ op(other)` for two tensors of three axes or more with the same leading axes:
     /// one product per matrix.
     fn bmm_t(&self, other: &Self, ta: bool, tb: bool) -> Result<Self, Error> {
-        let (sa, sb) = (self.shape(), other.shape());
-        let r = sa.len() - 2;
-        let k_a = if ta { sa[r] } else { sa[r + 1] };
-        let k_b = if tb { sb[r + 1] } else { sb[r] };
-        if k_a != k_b {
-            return Err(mismatch(
-                "matmul",
-                sa,
-                sb,
-                "the left's columns must equal the right's rows",
-            ));
-        }
+        inner_sizes_agree(self.shape(), other.shape(), ta, tb)?;
         Ok(self.product(other, ta, tb, None, true))
     }
 
@@ -342,14 +339,7 @@ impl<E: Float, D: Backend> Tensor<E, D> {
 
     /// The same elements under a new shape with the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Self, Error> {
-        if shape.iter().product::<usize>() != self.numel() {
-            return Err(mismatch(
-                "reshape",
-                self.shape(),
-                shape,
-                "the element counts must be equal",
-            ));
-        }
+        super::same_count(self.shape(), shape)?;
         let old = self.shape().to_vec();
         let x = self.clone();
         Ok(Self::from_op(
