@@ -725,10 +725,15 @@ impl Backend for Cpu {
         let mut out = vec![E::zero(); data.len()];
         // Rows split across threads (attention's scores are many rows); each row as before.
         par_parts(&mut out, PARALLEL_MIN_ELEMENTS, cols, |lo, part| {
+            // Each row's exponentials, computed once for the sum and the outputs.
+            let mut exps = vec![0.0f64; cols];
             for (row, o) in data[lo..lo + part.len()].chunks(cols).zip(part.chunks_mut(cols)) {
                 let max = row.iter().map(|v| v.as_f64()).fold(f64::NEG_INFINITY, f64::max);
                 let max = if max.is_finite() { max } else { 0.0 };
-                let denom: f64 = row.iter().map(|v| (v.as_f64() - max).exp()).sum();
+                for (e, v) in exps.iter_mut().zip(row) {
+                    *e = (v.as_f64() - max).exp();
+                }
+                let denom: f64 = exps[..row.len()].iter().sum();
                 if log {
                     // PyTorch's CPU kernel keeps the row's sum of exponentials, then its log, in
                     // the element type (`tmp_sum_scalar` in LogSoftmaxKernelImpl.h) before
@@ -740,8 +745,8 @@ impl Backend for Cpu {
                         *o = E::from_f64(v.as_f64() - max - lse);
                     }
                 } else {
-                    for (o, v) in o.iter_mut().zip(row) {
-                        *o = E::from_f64((v.as_f64() - max).exp() / denom);
+                    for (o, e) in o.iter_mut().zip(&exps) {
+                        *o = E::from_f64(e / denom);
                     }
                 }
             }
