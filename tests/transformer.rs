@@ -51,6 +51,31 @@ pub(crate) fn error(got: &[f64], want: &[f64]) -> f64 {
         / scale
 }
 
+/// Sets every parameter to PyTorch's value of its name (`reference["state_dict"]`, shapes in
+/// `reference["shapes"]`), cast to the parameter's dtype, and checks that every PyTorch entry
+/// has an nbit parameter of its name and shape.
+fn load_state_dict<E: Float, D: Backend>(params: Vec<&mut nbit::nn::Parameter<E, D>>, reference: &Value) {
+    let shapes = reference["shapes"].as_object().unwrap();
+    let mut loaded = 0;
+    for p in params {
+        let shape: Vec<usize> = shapes[p.name()]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(usize_of)
+            .collect();
+        let values = f64s(&reference["state_dict"][p.name()]);
+        p.set(Tensor::<f64, D>::from_vec(&shape, values).unwrap().cast())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.name()));
+        loaded += 1;
+    }
+    assert_eq!(
+        loaded,
+        shapes.len(),
+        "every PyTorch parameter has an nbit one of its name and shape"
+    );
+}
+
 pub(crate) struct Run {
     pub(crate) out: Vec<f64>,
     pub(crate) grads: HashMap<String, Vec<f64>>,
@@ -82,25 +107,7 @@ pub(crate) fn run<P: Precision, D: Backend>(case: &Value) -> Run {
         ..TransformerOptions::default()
     };
     let mut model = Transformer::<P, D>::new(&mut InitCtx::new(1), "", &options).unwrap();
-    let shapes = case["shapes"].as_object().unwrap();
-    let mut loaded = 0;
-    for p in model.parameters_mut() {
-        let values = f64s(&case["state_dict"][p.name()]);
-        let shape: Vec<usize> = shapes[p.name()]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(usize_of)
-            .collect();
-        p.set(Tensor::<f64, D>::from_vec(&shape, values).unwrap().cast())
-            .unwrap_or_else(|e| panic!("{}: {e}", p.name()));
-        loaded += 1;
-    }
-    assert_eq!(
-        loaded,
-        shapes.len(),
-        "every PyTorch parameter has an nbit one of its name and shape"
-    );
+    load_state_dict(model.parameters_mut(), case);
 
     let input = |key: &str, len: usize| {
         Tensor::<f64, D>::from_vec(&[b, len, d], f64s(&case[key]))
@@ -403,24 +410,7 @@ fn lightnings_demo_model_matches_lightning_in_f64() {
     let mut model = Demo::<True<F64>>::new(&mut InitCtx::new(1), config).unwrap();
     // The demo adds the encoding of position t to every position; reproduce it for parity.
     model.pos_encoder = PositionalEncoding::lightning_demo(config.ninp, 0.0).unwrap();
-    let shapes = d["shapes"].as_object().unwrap();
-    let mut names = Vec::new();
-    for p in nbit::Model::parameters_mut(&mut model) {
-        let shape: Vec<usize> = shapes[p.name()]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(usize_of)
-            .collect();
-        p.set(Tensor::from_vec(&shape, f64s(&d["state_dict"][p.name()])).unwrap())
-            .unwrap();
-        names.push(p.name().to_string());
-    }
-    assert_eq!(
-        names.len(),
-        shapes.len(),
-        "every state_dict entry is an nbit parameter"
-    );
+    load_state_dict(nbit::Model::parameters_mut(&mut model), d);
     let (b, t) = (size("batch"), size("length"));
     let ids = |k: &str| {
         let v: Vec<i64> = d[k]
