@@ -172,6 +172,23 @@
 //! (A test reads this table and checks it against the trait impls.) It lives in one file,
 //! `src/matrix.rs`, documented at [`matrix`].
 //!
+//! ## Data parallel
+//!
+//! A third type parameter, the [`Strategy`], defaults to one process: `Trainer<P, D>` is
+//! `Trainer<P, D, SingleDevice>`. `Trainer<P, Cpu, Ddp<Mpi>>` (feature `mpi`) trains one model in
+//! several processes started by `mpirun`, each on its share of every epoch's batches, with the
+//! gradients summed over the processes before each step; two processes take exactly the steps of
+//! one process accumulating two batches per step. `Ddp<Nccl>` runs only on `Gpu`, so it is a
+//! compile error on `Cpu` that points to `Ddp<Mpi>`. The semantics are in [`strategy`].
+//!
+//! ```no_run
+//! use nbit::prelude::*;
+//! // Run as `mpirun -np 2 my-program`: every rank builds the same trainer.
+//! let trainer = Trainer::<Mixed<BF16>, Cpu, Ddp<Mpi>>::builder().max_epochs(10).build()?;
+//! println!("rank {} of {}", trainer.global_rank(), trainer.world_size());
+//! # Ok::<(), nbit::Error>(())
+//! ```
+//!
 //! ## Where nbit differs from Lightning, on purpose
 //!
 //! - **16-mixed on the CPU is refused.** Lightning silently switches it to bf16-mixed with a
@@ -254,6 +271,7 @@ pub mod optim;
 pub mod plot;
 pub mod precision;
 pub mod scaler;
+pub mod strategy;
 pub mod tensor;
 mod trainer;
 
@@ -267,6 +285,7 @@ pub use precision::{
     ComplexOf, ComputeOf, Mixed, NoComplex, ParamOf, Parsed, Precision, PrecisionInput, PrecisionKind, True,
     parse_precision,
 };
+pub use strategy::{Ddp, Hosts, Mpi, Nccl, SingleDevice, Strategy};
 pub use trainer::{
     ClipAlgorithm, EarlyStopping, FitReport, LayerSummary, Metrics, MlpModel, Mode, Model, ModelCheckpoint,
     Monitor, StepInfo, StepLog, Summary, Trainer, TrainerBuilder, TrainerConfig, mlp_sizes, saved_precision,
@@ -294,6 +313,7 @@ pub mod prelude {
         BF16, ComplexOf, ComputeOf, Cpu, DType, Device, Element, Error, F16, F32, F64, Float, Gpu, Job,
         Mixed, MlpModel, Model, ParamOf, Precision, RunJob, Runs, Supports, Tpu, Trainer, True,
     };
+    pub use crate::{Ddp, Hosts, Mpi, Nccl, SingleDevice, Strategy};
 }
 
 /// The `ndarray` nbit's API takes and returns (`Array2`, `ArrayD`): use `nbit::ndarray` rather than

@@ -12,6 +12,8 @@ mod complex;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 mod custom_model;
+#[cfg(feature = "cli")]
+mod ddp;
 #[cfg(feature = "cuda")]
 mod gpu_backend;
 mod gradcheck;

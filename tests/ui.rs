@@ -1,4 +1,5 @@
-//! Compile-time proofs of the support matrix and the precision rules.
+//! Compile-time proofs of the support matrix (precision and strategy by device) and the precision
+//! rules.
 //!
 //! `ui-tests/*/fail` holds one program per refused cell or rule, with the compiler's message in
 //! the `.stderr` beside it; trybuild checks each fails with exactly that message. Regenerate them
@@ -18,8 +19,15 @@ fn refused_cells_and_rules_fail_with_their_messages() {
 
 #[path = "../ui-tests/matrix/pass/every_allowed_cell.rs"]
 mod every_allowed_cell;
+#[path = "../ui-tests/strategy/pass/every_allowed_strategy_cell.rs"]
+mod every_allowed_strategy_cell;
 #[path = "../ui-tests/precision/pass/users_can_define_a_precision.rs"]
 mod users_can_define_a_precision;
+
+#[test]
+fn every_allowed_strategy_cell_compiles() {
+    every_allowed_strategy_cell::main();
+}
 
 #[test]
 fn every_allowed_cell_compiles_and_runs() {

@@ -34,6 +34,7 @@ use crate::nn::{InitCtx, Parameter};
 use crate::optim::{Interval, Optimization, OptimizerState, meta_value};
 use crate::precision::Precision;
 use crate::scaler::{GradScaler, ScalerState};
+use crate::strategy::{CommHook, Group, Hosts, SingleDevice, Strategy, shard};
 use crate::tensor::Tensor;
 use crate::{Device, Runs};
 
@@ -106,6 +107,12 @@ pub struct TrainerConfig {
     /// Write epoch metrics to `<dir>/version_<n>/metrics.csv`, `n` the first unused, as
     /// Lightning's `CSVLogger(save_dir=dir)` does.
     pub csv_logger: Option<PathBuf>,
+    /// Under data parallel: how gradients travel between ranks (default: in the optimizer's
+    /// dtype; PyTorch's bf16/fp16 compression hooks).
+    pub ddp_comm_hook: CommHook,
+    /// Under data parallel: drop an epoch's last `batches % world_size` batches rather than deal
+    /// its first batches again (default false, as PyTorch's `DistributedSampler`).
+    pub ddp_drop_last: bool,
 }
 
 impl Default for TrainerConfig {
@@ -127,16 +134,22 @@ impl Default for TrainerConfig {
             early_stopping: None,
             model_checkpoint: None,
             csv_logger: None,
+            ddp_comm_hook: CommHook::None,
+            ddp_drop_last: false,
         }
     }
 }
 
+/// The type parameters a trainer and its builder carry (no values; `Send` and `Sync` whatever
+/// they are).
+type Types<P, D, S> = PhantomData<fn() -> (P, D, S)>;
+
 /// Builds a [`Trainer`]; every setting defaults to Lightning's.
 #[derive(Debug)]
-pub struct TrainerBuilder<P: Precision, D: Device> {
+pub struct TrainerBuilder<P: Precision, D: Device, S: Strategy = SingleDevice> {
     cfg: TrainerConfig,
     scaler: Option<P::Scaler>,
-    _types: PhantomData<fn() -> (P, D)>,
+    _types: Types<P, D, S>,
 }
 
 macro_rules! setters {
@@ -151,7 +164,7 @@ macro_rules! setters {
     (@wrap $v:ident Some) => { Some($v) };
 }
 
-impl<P: Precision, D: Runs<P>> TrainerBuilder<P, D> {
+impl<P: Precision, D: Runs<P> + Hosts<S>, S: Strategy> TrainerBuilder<P, D, S> {
     setters! {
         /// Stop after this many epochs.
         max_epochs: u64 => max_epochs wrap Some;
@@ -189,6 +202,12 @@ impl<P: Precision, D: Runs<P>> TrainerBuilder<P, D> {
         /// Write epoch metrics (epoch, step, train_loss, val_loss, val_acc) to
         /// `<dir>/version_<n>/metrics.csv`, as Lightning's `CSVLogger`.
         csv_logger: PathBuf => csv_logger wrap Some;
+        /// Under data parallel, how gradients travel: [`CommHook::None`] (default), or PyTorch's
+        /// bf16/fp16 compression hooks.
+        ddp_comm_hook: CommHook => ddp_comm_hook;
+        /// Under data parallel, drop an epoch's last `batches % world_size` batches rather than
+        /// deal its first batches again (see [`crate::strategy`]).
+        ddp_drop_last: bool => ddp_drop_last;
     }
 
     /// Uses `scaler` instead of `P::Scaler::default()` (e.g. a `DynamicScaler` with other
@@ -200,7 +219,7 @@ impl<P: Precision, D: Runs<P>> TrainerBuilder<P, D> {
 
     /// Checks the settings and the device: an error names a bad value, or says why the device is
     /// not usable here.
-    pub fn build(self) -> Result<Trainer<P, D>, Error> {
+    pub fn build(self) -> Result<Trainer<P, D, S>, Error> {
         let c = &self.cfg;
         let bad = |name, value: String, expected| {
             Err(Error::InvalidArgument {
@@ -226,10 +245,12 @@ impl<P: Precision, D: Runs<P>> TrainerBuilder<P, D> {
         crate::backend::threads_from_env()?;
         crate::backend::gemm_kernel_from_env()?;
         D::probe()?;
+        let group = S::connect()?;
         Ok(Trainer {
             cfg: self.cfg,
             scaler: self.scaler.unwrap_or_default(),
             should_stop: Arc::default(),
+            group,
             _types: PhantomData,
         })
     }
@@ -265,11 +286,13 @@ impl<P: Precision, D: Runs<P>> TrainerBuilder<P, D> {
 /// # Ok::<(), nbit::Error>(())
 /// ```
 #[derive(Debug)]
-pub struct Trainer<P: Precision, D: Device> {
+pub struct Trainer<P: Precision, D: Device, S: Strategy = SingleDevice> {
     cfg: TrainerConfig,
     scaler: P::Scaler,
     should_stop: Arc<AtomicBool>,
-    _types: PhantomData<fn() -> (P, D)>,
+    /// The data-parallel process group (`None` for one process).
+    group: Option<Group>,
+    _types: Types<P, D, S>,
 }
 
 /// One optimizer step in [`FitReport::history`].
@@ -320,6 +343,9 @@ pub struct FitReport {
     pub best_model: Option<(PathBuf, f64)>,
     /// The `metrics.csv` the CSV logger wrote, if one was set.
     pub metrics_csv: Option<PathBuf>,
+    /// Under data parallel: seconds this rank spent summing gradients (and the step's loss)
+    /// over ranks, waits for slower ranks included; 0 in one process.
+    pub communication_seconds: f64,
 }
 
 impl FitReport {
@@ -373,22 +399,26 @@ struct LoopState<P: Precision, D: Backend> {
     scaler: P::Scaler,
     optimizer: OptimizerState<P::Param, D>,
     callbacks: record::CallbackState,
+    /// Whether any rank was asked to stop (Ctrl-C) by the last optimizer step.
+    stop: bool,
+    /// Time spent in collectives (summing gradients and figures over ranks) by this run.
+    communication: std::time::Duration,
 }
 
-impl<P: Precision, D: Device> Trainer<P, D> {
+impl<P: Precision, D: Device, S: Strategy> Trainer<P, D, S> {
     /// A trainer with Lightning's defaults, or [`Error::DeviceUnavailable`] when the device is not
     /// usable in this process (no CUDA driver or device for `Gpu`).
     pub fn new() -> Result<Self, Error>
     where
-        D: Runs<P>,
+        D: Runs<P> + Hosts<S>,
     {
         Self::builder().build()
     }
 
     /// A builder with Lightning's defaults.
-    pub fn builder() -> TrainerBuilder<P, D>
+    pub fn builder() -> TrainerBuilder<P, D, S>
     where
-        D: Runs<P>,
+        D: Runs<P> + Hosts<S>,
     {
         TrainerBuilder {
             cfg: TrainerConfig::default(),
@@ -398,7 +428,7 @@ impl<P: Precision, D: Device> Trainer<P, D> {
     }
 }
 
-impl<P: Precision, D: Runs<P>> Trainer<P, D> {
+impl<P: Precision, D: Runs<P>, S: Strategy> Trainer<P, D, S> {
     /// The settings.
     pub fn config(&self) -> &TrainerConfig {
         &self.cfg
@@ -412,6 +442,43 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
     /// The device this trainer runs on.
     pub fn device(&self) -> DeviceKind {
         D::KIND
+    }
+
+    /// Lightning's name of the strategy: `"single_device"` or `"ddp"`.
+    pub fn strategy_name(&self) -> &'static str {
+        S::NAME
+    }
+
+    /// This process's rank in a data-parallel job (Lightning's `trainer.global_rank`); 0 in one
+    /// process.
+    pub fn global_rank(&self) -> usize {
+        self.group.as_ref().map_or(0, Group::rank)
+    }
+
+    /// The number of processes training together (Lightning's `trainer.world_size`); 1 in one
+    /// process.
+    pub fn world_size(&self) -> usize {
+        self.group.as_ref().map_or(1, Group::size)
+    }
+
+    /// Whether this process is rank 0, the one that shows progress and writes files (Lightning's
+    /// `trainer.is_global_zero`).
+    pub fn is_global_zero(&self) -> bool {
+        self.global_rank() == 0
+    }
+
+    /// The process group when more than one process trains.
+    fn ranks(&self) -> Option<&Group> {
+        self.group.as_ref().filter(|g| g.size() > 1)
+    }
+
+    /// Under data parallel, an error on one rank ends the job (the others would wait for it);
+    /// in one process it is returned.
+    fn settle<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        match (result, self.ranks()) {
+            (Err(e), Some(g)) => g.abort(&e),
+            (r, _) => r,
+        }
     }
 
     /// A flag that, once set (from a Ctrl-C handler or another thread), makes `fit` stop after the
@@ -442,7 +509,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         train: &DataLoader,
         val: Option<&DataLoader>,
     ) -> Result<FitReport, Error> {
-        D::catch_device_failures(|| self.run(model, train, val, None))
+        self.settle(D::catch_device_failures(|| self.run(model, train, val, None)))
     }
 
     /// Resumes training from a checkpoint written by this trainer's `checkpoint_path` (Lightning's
@@ -455,7 +522,9 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         val: Option<&DataLoader>,
         checkpoint: &Path,
     ) -> Result<FitReport, Error> {
-        D::catch_device_failures(|| self.run(model, train, val, Some(checkpoint)))
+        self.settle(D::catch_device_failures(|| {
+            self.run(model, train, val, Some(checkpoint))
+        }))
     }
 
     fn run<M: Model<P, D>>(
@@ -489,11 +558,15 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         }
         let mut ctx = InitCtx::new(self.cfg.seed);
         model.configure_model(&mut ctx)?;
+        if let Some(g) = self.ranks() {
+            // Every rank starts from rank 0's parameters, whatever its seed.
+            g.broadcast_parameters(&mut model.parameters_mut())?;
+        }
         let optimizer =
             OptimizerState::new(model.configure_optimizers(), &params(model))?.with_seed(self.cfg.seed);
         let mut st = LoopState::<P, D> {
             batch_size: train.batch_size(),
-            batches_per_epoch: train.len(),
+            batches_per_epoch: self.my_batches(train.len()).len(),
             epoch: 0,
             batch_in_epoch: 0,
             global_step: 0,
@@ -501,6 +574,8 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             scaler: self.scaler.clone(),
             optimizer,
             callbacks: record::CallbackState::default(),
+            stop: false,
+            communication: std::time::Duration::ZERO,
         };
         let mut report = FitReport::default();
         if let Some(path) = resume {
@@ -523,8 +598,8 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         }
         // A resumed run's step log starts with the steps before the checkpoint.
         let mut log = match &self.cfg.log_csv {
-            Some(path) => Some(StepCsv::create::<P>(path, &report.history)?),
-            None => None,
+            Some(path) if self.is_global_zero() => Some(StepCsv::create::<P>(path, &report.history)?),
+            _ => None,
         };
         let result = self.epochs(model, train, val, &mut st, &mut report, log.as_mut());
         // The rows logged so far reach the disk whether training finished, failed or stopped.
@@ -536,6 +611,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         report.skipped_steps = st.skipped;
         report.parameter_bytes = crate::nn::parameter_bytes(&params(model));
         report.optimizer_state_bytes = st.optimizer.state_bytes();
+        report.communication_seconds = st.communication.as_secs_f64();
         Ok(report)
     }
 
@@ -555,22 +631,33 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             (None, None) => 1000,
         };
         let accumulate = self.cfg.accumulate_grad_batches;
+        // Each rank's loss is divided by the ranks too: their summed gradients are the mean.
+        let divisor = (accumulate * self.world_size()) as f64;
         let mut done = self.cfg.max_steps.is_some_and(|m| st.global_step >= m);
         while !done && st.epoch < max_epochs {
-            let batches = train.epoch_indices(st.epoch);
-            let mut bar = progress::Bar::new(self.cfg.enable_progress_bar, st.epoch, batches.len() as u64);
+            let epoch = train.epoch_indices(st.epoch);
+            // This rank's batches, with their indices in the epoch (all of them in one process).
+            let batches: Vec<(usize, &Vec<usize>)> = self
+                .my_batches(epoch.len())
+                .into_iter()
+                .map(|i| (i, &epoch[i]))
+                .collect();
+            let show = self.cfg.enable_progress_bar && self.is_global_zero();
+            let mut bar = progress::Bar::new(show, st.epoch, batches.len() as u64);
             // Gradients are None until the loss reaches a parameter (PyTorch's `.grad is None`).
             let mut bufs: Vec<Option<Tensor<P::Param, D>>> = vec![None; model.parameters_mut().len()];
             let mut micro = 0usize;
             let mut losses: Vec<Tensor<P::Full, D>> = Vec::new();
             let start = st.batch_in_epoch;
             bar.advance(start.min(batches.len()) as u64);
-            for (bi, idx) in batches.iter().enumerate().skip(start) {
+            let mut rows = 0;
+            for (bi, &(in_epoch, idx)) in batches.iter().enumerate().skip(start) {
                 let batch = train.batch(idx);
-                report.samples += batch.len();
+                rows += batch.len();
                 let info = StepInfo {
                     epoch: st.epoch,
-                    batch_idx: bi,
+                    // The batch's place in the epoch, so dropout masks do not depend on the ranks.
+                    batch_idx: in_epoch,
                     global_step: st.global_step,
                     seed: self.cfg.seed,
                 };
@@ -580,7 +667,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
                 // Its value is read at the optimizer step, after the backward pass is queued: on
                 // a GPU, reading it here would make the host wait between forward and backward.
                 losses.push(loss.detach());
-                let factor = st.scaler.scale() as f64 / accumulate as f64;
+                let factor = st.scaler.scale() as f64 / divisor;
                 let scaled = if factor == 1.0 {
                     loss
                 } else {
@@ -619,7 +706,9 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
                     continue;
                 }
                 let grads: Vec<Option<Tensor<P::Param, D>>> = bufs.iter_mut().map(Option::take).collect();
-                let step = self.optimizer_step(model, st, grads, &std::mem::take(&mut losses))?;
+                let local = (std::mem::take(&mut losses), std::mem::take(&mut rows));
+                let (step, samples) = self.optimizer_step(model, st, grads, local)?;
+                report.samples += samples;
                 if let Some(log) = log.as_deref_mut() {
                     log.row::<P>(&step)?;
                 }
@@ -631,7 +720,7 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
                     done = true;
                     break;
                 }
-                if self.should_stop.load(Ordering::Relaxed) {
+                if st.stop {
                     report.interrupted = true;
                     done = true;
                     break;
@@ -663,7 +752,9 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             if let Some(log) = log.as_deref_mut() {
                 log.flush()?;
             }
-            if let Some(path) = &self.cfg.checkpoint_path {
+            if let Some(path) = &self.cfg.checkpoint_path
+                && self.is_global_zero()
+            {
                 self.save_checkpoint(model, st, report, path)?;
             }
         }
@@ -687,7 +778,11 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
                 Monitor::TrainLoss => train_loss,
             }
         };
-        if let Some(dir) = &self.cfg.csv_logger {
+        // Rank 0 writes; every rank keeps the same callback state.
+        let writes = self.is_global_zero();
+        if let Some(dir) = &self.cfg.csv_logger
+            && writes
+        {
             let path = match &report.metrics_csv {
                 Some(p) => p.clone(),
                 None => {
@@ -708,20 +803,24 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             append(&path, row.as_bytes())?;
         }
         if let Some(mc) = &self.cfg.model_checkpoint {
-            std::fs::create_dir_all(&mc.dirpath).map_err(|e| Error::Io {
-                path: mc.dirpath.display().to_string(),
-                action: "create",
-                reason: format!("{e}; ModelCheckpoint needs a folder it can write"),
-            })?;
+            if writes {
+                std::fs::create_dir_all(&mc.dirpath).map_err(|e| Error::Io {
+                    path: mc.dirpath.display().to_string(),
+                    action: "create",
+                    reason: format!("{e}; ModelCheckpoint needs a folder it can write"),
+                })?;
+            }
             if let Some(m) = mc.monitor {
                 let v = value(m);
                 if st.callbacks.best.improves(mc.mode, v) {
                     let path = mc.dirpath.join("best.safetensors");
                     report.best_model = Some((path.clone(), v));
-                    self.save_checkpoint(model, st, report, &path)?;
+                    if writes {
+                        self.save_checkpoint(model, st, report, &path)?;
+                    }
                 }
             }
-            if mc.save_last {
+            if mc.save_last && writes {
                 self.save_checkpoint(model, st, report, &mc.dirpath.join("last.safetensors"))?;
             }
         }
@@ -747,13 +846,40 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
     /// Unscale and check, read the losses, hook, clip, step (unless non-finite), scaler update.
     /// On a GPU the host waits for the device once here, for the skip decision (or, without a
     /// scaler, for the losses' values), and once more when clipping by norm.
+    /// Under data parallel, the gradients are first summed over ranks, with the losses, the
+    /// rows and the stop requests. Returns the step and the rows it trained on (all ranks').
     fn optimizer_step<M: Model<P, D>>(
         &self,
         model: &mut M,
         st: &mut LoopState<P, D>,
         mut grads: Vec<Option<Tensor<P::Param, D>>>,
-        losses: &[Tensor<P::Full, D>],
-    ) -> Result<StepLog, Error> {
+        (losses, rows): (Vec<Tensor<P::Full, D>>, usize),
+    ) -> Result<(StepLog, usize), Error> {
+        let read_losses = |losses: &[Tensor<P::Full, D>]| -> Result<f64, Error> {
+            let mut sum = 0.0;
+            for l in losses {
+                sum += l.item()?.as_f64();
+            }
+            Ok(sum)
+        };
+        let count = losses.len() as f64;
+        let mut stop = self.should_stop.load(Ordering::Relaxed);
+        let (mut loss_sum, mut count, mut rows) = (None, count, rows as f64);
+        if let Some(g) = self.ranks() {
+            let start = std::time::Instant::now();
+            // [reached per parameter..., loss sum, losses, rows, stop requests], summed.
+            let mut figures: Vec<f64> = grads.iter().map(|g| f64::from(u8::from(g.is_some()))).collect();
+            figures.extend([read_losses(&losses)?, count, rows, f64::from(u8::from(stop))]);
+            g.sum(&mut figures);
+            let n = grads.len();
+            let reached: Vec<bool> = figures[..n].iter().map(|&r| r > 0.0).collect();
+            let shapes: Vec<Vec<usize>> = params(model).iter().map(|p| p.value().shape().to_vec()).collect();
+            g.sum_gradients(&mut grads, &shapes, &reached, self.cfg.ddp_comm_hook)?;
+            loss_sum = Some(figures[n]);
+            (count, rows, stop) = (figures[n + 1], figures[n + 2], figures[n + 3] > 0.0);
+            st.communication += start.elapsed();
+        }
+        st.stop = stop;
         let scale = st.scaler.scale();
         let mut found_inf = false;
         if <P::Scaler as GradScaler>::ENABLED {
@@ -762,15 +888,14 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             let mut storages: Vec<_> = grads.iter_mut().flatten().map(|g| g.storage_mut()).collect();
             found_inf = D::unscale_check_all(&mut storages, inv);
         }
-        let mut loss_sum = 0.0;
-        for l in losses {
-            let value = l.item()?.as_f64();
-            if !<P::Scaler as GradScaler>::ENABLED && !value.is_finite() {
-                return Err(self.non_finite("training loss", value, st));
-            }
-            loss_sum += value;
+        // In one process the losses are read after the skip decision: one wait for a GPU.
+        let loss = match loss_sum {
+            Some(sum) => sum,
+            None => read_losses(&losses)?,
+        } / count.max(1.0);
+        if !<P::Scaler as GradScaler>::ENABLED && !loss.is_finite() {
+            return Err(self.non_finite("training loss", loss, st));
         }
-        let loss = loss_sum / losses.len().max(1) as f64;
         {
             let names: Vec<String> = params(model).iter().map(|p| p.name().to_owned()).collect();
             let named: Vec<(&str, &Tensor<P::Param, D>)> = names
@@ -799,32 +924,58 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
         }
         st.scaler.update(found_inf);
         st.global_step += 1;
-        Ok(StepLog {
+        let log = StepLog {
             step: st.global_step,
             epoch: st.epoch,
             loss,
             scale,
             skipped: found_inf,
             lr,
-        })
+        };
+        Ok((log, rows as usize))
     }
 
     /// Mean loss and accuracy of `model` on `data`.
     pub fn validate<M: Model<P, D>>(&self, model: &mut M, data: &DataLoader) -> Result<Metrics, Error> {
         data.dataset().check_representable::<P>()?;
-        D::catch_device_failures(|| self.evaluate(model, data))
+        self.settle(D::catch_device_failures(|| self.evaluate(model, data)))
     }
 
     /// [`Trainer::validate`] on data already checked (by `fit`, once, not every epoch).
+    /// Under data parallel each rank evaluates its share of the batches and the sums are
+    /// reduced, so every rank returns the metrics of the whole data.
     fn evaluate<M: Model<P, D>>(&self, model: &mut M, data: &DataLoader) -> Result<Metrics, Error> {
         let mut m = Metrics::default();
-        for idx in data.epoch_indices(0) {
-            let batch = data.batch(&idx);
+        let batches = data.epoch_indices(0);
+        let mine = match self.ranks() {
+            Some(g) => shard::shard_evaluation(batches.len(), g.rank(), g.size()),
+            None => (0..batches.len()).collect(),
+        };
+        for i in mine {
+            let batch = data.batch(&batches[i]);
             m.merge(crate::autograd::no_grad(|| {
                 model.validation_step(&Autocast::new(), &batch)
             })?);
         }
+        if let Some(g) = self.ranks() {
+            // Counts below 2^53 are exact in f64.
+            let mut sums = [m.loss_sum, m.correct as f64, m.count as f64];
+            g.sum(&mut sums);
+            m = Metrics {
+                loss_sum: sums[0],
+                correct: sums[1] as usize,
+                count: sums[2] as usize,
+            };
+        }
         Ok(m)
+    }
+
+    /// The indices in an epoch of `batches` batches that this rank trains on.
+    fn my_batches(&self, batches: usize) -> Vec<usize> {
+        match self.ranks() {
+            Some(g) => shard::shard(batches, g.rank(), g.size(), self.cfg.ddp_drop_last),
+            None => (0..batches).collect(),
+        }
     }
 
     /// The model's outputs on every row of `data`, in order, as `[rows, outputs]` (f64 copies of
@@ -859,8 +1010,12 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
     }
 
     /// Writes the parameters as a safetensors file with PyTorch's `state_dict` names, in their
-    /// stored dtype (atomically).
+    /// stored dtype (atomically). Under data parallel, rank 0 writes and the others do nothing
+    /// (their parameters are the same), as Lightning's `trainer.save_checkpoint`.
     pub fn save_weights<M: Model<P, D>>(&self, model: &mut M, path: &Path) -> Result<(), Error> {
+        if !self.is_global_zero() {
+            return Ok(());
+        }
         let tensors: Vec<checkpoint::Encoded> = params(model)
             .iter()
             .map(|p| checkpoint::encode(p.name(), p.value()))
@@ -1082,6 +1237,8 @@ impl<P: Precision, D: Runs<P>> Trainer<P, D> {
             scaler,
             optimizer,
             callbacks: rec.callbacks,
+            stop: false,
+            communication: st.communication,
         };
         report.history = rec.history;
         report.validation = rec.validation;

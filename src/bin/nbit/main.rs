@@ -8,6 +8,7 @@
 //! `plan.rs` (options checked and data read, before the precision is known) and `run.rs` (the
 //! command run with the selected types, and its report).
 
+mod launch;
 mod options;
 mod plan;
 mod run;
@@ -66,6 +67,9 @@ fn main() -> ExitCode {
     let (command, opts) = Cli::parse().command.into_opts();
     let result = (|| {
         let plan = plan::plan(command, opts)?;
+        if let Some(l) = &plan.launch {
+            return Ok(Err(launch::launch(l)?));
+        }
         // validate and predict run the weights under the precision they were saved under (so
         // validate reproduces fit's metrics); fit, or a file without one, under Lightning's default.
         let saved = match (&plan.opts.precision, &plan.opts.init, command) {
@@ -89,10 +93,17 @@ fn main() -> ExitCode {
             plan.opts.checkpoint.clone(),
         );
         let report = sel.launch(run::Run(plan))?;
-        Ok::<_, Error>((report, outputs))
+        Ok::<_, Error>(Ok((report, outputs)))
     })();
     match result {
-        Ok((report, (json, log, checkpoint))) => {
+        // A launcher of data-parallel ranks ends as they do.
+        Ok(Err(code)) => code,
+        // Under data parallel, rank 0 speaks for the job.
+        Ok(Ok((report, _))) if report.rank != 0 => match report.interrupted_at_step {
+            Some(_) => ExitCode::from(130),
+            None => ExitCode::SUCCESS,
+        },
+        Ok(Ok((report, (json, log, checkpoint)))) => {
             if let Err(e) = run::print_report(&report, json) {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);

@@ -171,6 +171,25 @@ option_groups! {
         /// Hide the progress bar
         #[arg(long)]
         no_progress: bool,
+        /// auto (one process) or ddp (data parallel over MPI: start under `mpirun -np N`, or give
+        /// --devices) [default: auto]
+        #[arg(long)]
+        strategy: Option<String>,
+        /// With --strategy ddp: start this many processes per node through `mpirun` (outside
+        /// `mpirun` only)
+        #[arg(long)]
+        devices: Option<usize>,
+        /// With --strategy ddp and --devices: the number of machines, listed in --hostfile
+        /// [default: 1]
+        #[arg(long)]
+        num_nodes: Option<usize>,
+        /// With --num-nodes: the MPI hostfile naming the machines (one `host slots=N` per line)
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
+        /// With --strategy ddp: how gradients travel, none, bf16_compress or fp16_compress
+        /// (PyTorch's compression hooks) [default: none]
+        #[arg(long)]
+        ddp_comm_hook: Option<String>,
     }
 }
 

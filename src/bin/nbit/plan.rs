@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use nbit::Error;
 use nbit::data::{Dataset, Task};
 use nbit::optim::{AdamW, Optimization, Sgd};
+use nbit::strategy::{StrategyKind, parse_strategy};
 
 use crate::options::Opts;
 
@@ -113,6 +114,93 @@ pub(crate) struct Plan {
     pub(crate) sizes: Vec<usize>,
     pub(crate) optimization: Optimization,
     pub(crate) batch_size: usize,
+    /// One process, or data parallel.
+    pub(crate) strategy: StrategyKind,
+    /// Processes to start through `mpirun` (--devices x --num-nodes), when this process launches
+    /// the job rather than being one of its ranks.
+    pub(crate) launch: Option<Launch>,
+}
+
+/// What `nbit fit --strategy ddp --devices N` asks `mpirun` for.
+#[derive(Debug, Clone)]
+pub(crate) struct Launch {
+    pub(crate) per_node: usize,
+    pub(crate) nodes: usize,
+    pub(crate) hostfile: Option<PathBuf>,
+}
+
+/// Set in the ranks a `--devices` launch starts, so they train rather than launch again.
+pub(crate) const LAUNCHED: &str = "NBIT_DDP_LAUNCHED";
+
+/// The strategy options checked: the strategy, and the launch `--devices` asks for.
+fn strategy(opts: &Opts) -> Result<(StrategyKind, Option<Launch>), Error> {
+    let kind = parse_strategy(opts.strategy.as_deref().unwrap_or("auto"))?;
+    if let Some(h) = &opts.ddp_comm_hook {
+        h.parse::<nbit::strategy::CommHook>()?;
+    }
+    let ddp_only = [
+        ("--devices", opts.devices.is_some()),
+        ("--num-nodes", opts.num_nodes.is_some()),
+        ("--hostfile", opts.hostfile.is_some()),
+        ("--ddp-comm-hook", opts.ddp_comm_hook.is_some()),
+    ];
+    if kind == StrategyKind::SingleDevice {
+        if let Some((flag, _)) = ddp_only.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                flag,
+                "(set)",
+                "--strategy ddp as well (it sets data-parallel training)",
+            ));
+        }
+        return Ok((kind, None));
+    }
+    if !cfg!(feature = "mpi") {
+        return Err(invalid(
+            "--strategy",
+            "'ddp'",
+            "a build of nbit with its `mpi` feature (`cargo install nbit --features mpi`, which needs \
+             an MPI library: apt-get install libopenmpi-dev openmpi-bin libclang-dev); or leave \
+             --strategy out to train in one process",
+        ));
+    }
+    let nodes = match opts.num_nodes {
+        Some(0) => return Err(invalid("--num-nodes", 0, "at least 1")),
+        Some(n) => n,
+        None => 1,
+    };
+    if nodes > 1 && opts.hostfile.is_none() {
+        return Err(invalid(
+            "--num-nodes",
+            nodes,
+            "a --hostfile naming the machines (lines such as `node1 slots=2`)",
+        ));
+    }
+    let launch = match opts.devices {
+        Some(0) => return Err(invalid("--devices", 0, "at least 1")),
+        // A rank started by a launch: train.
+        Some(_) if std::env::var_os(LAUNCHED).is_some() => None,
+        Some(_) if nbit::strategy::launched_by_mpi() => {
+            return Err(invalid(
+                "--devices",
+                "(set under mpirun)",
+                "no --devices under mpirun, whose -np sets the number of processes",
+            ));
+        }
+        Some(n) => Some(Launch {
+            per_node: n,
+            nodes,
+            hostfile: opts.hostfile.clone(),
+        }),
+        None if nodes > 1 => {
+            return Err(invalid(
+                "--num-nodes",
+                nodes,
+                "--devices as well (processes per machine)",
+            ));
+        }
+        None => None,
+    };
+    Ok((kind, launch))
 }
 
 /// The CSV column of the labels (--label-column).
@@ -189,6 +277,7 @@ pub(crate) fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
         b => return Err(invalid("--batch-size", b, "at least 1")),
     };
     let hidden = opts.hidden.as_deref().map(parse_hidden).transpose()?;
+    let (strategy, launch) = strategy(&opts)?;
     check_paths(&opts)?;
     for (flag, p) in [
         ("--save", &opts.save),
@@ -295,5 +384,7 @@ pub(crate) fn plan(command: &'static str, opts: Opts) -> Result<Plan, Error> {
         sizes,
         optimization,
         batch_size,
+        strategy,
+        launch,
     })
 }

@@ -1,0 +1,375 @@
+//! The process group of a data-parallel run: rank, world size and the few collectives training
+//! needs (broadcast the initial parameters, sum gradients, sum a few f64 figures), over MPI.
+
+use std::any::Any;
+use std::sync::Mutex;
+
+use ndarray::ArrayD;
+
+use crate::backend::Backend;
+use crate::dtype::{DType, Float};
+use crate::error::Error;
+use crate::tensor::{Parameter, Tensor};
+
+/// How gradients travel between ranks (PyTorch DDP's communication hooks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CommHook {
+    /// In the dtype the optimizer reads (f32 under mixed precision; 16-bit gradients summed in
+    /// f32): the default, and what makes `W = 2` ranks equal one process bit for bit.
+    #[default]
+    None,
+    /// PyTorch's `bf16_compress_hook`: each rank's (already divided) gradient is rounded to bf16,
+    /// the ranks' values are summed in bf16 (half the bytes on the wire), and the sum is cast back.
+    Bf16Compress,
+    /// PyTorch's `fp16_compress_hook`: the same through f16.
+    Fp16Compress,
+}
+
+impl core::str::FromStr for CommHook {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "none" => Ok(CommHook::None),
+            "bf16" | "bf16_compress" => Ok(CommHook::Bf16Compress),
+            "fp16" | "fp16_compress" => Ok(CommHook::Fp16Compress),
+            _ => Err(Error::InvalidArgument {
+                name: "ddp_comm_hook",
+                value: format!("'{s}'"),
+                expected: "'none', 'bf16_compress' or 'fp16_compress'",
+            }),
+        }
+    }
+}
+
+/// The collectives, on host buffers. Every rank calls each in the same order.
+trait Collective: Send + Sync {
+    /// The sum over ranks of `send` into `sum` (of the same length).
+    fn sum_f32(&self, send: &[f32], sum: &mut [f32]);
+    fn sum_f64(&self, send: &[f64], sum: &mut [f64]);
+    /// Sums 16-bit floats given as bits (`bf16` or f16), each addition rounded to that format.
+    fn sum_16(&self, send: &[u16], sum: &mut [u16], bf16: bool);
+    /// Rank 0's values into every rank's `buf`.
+    fn broadcast_f64(&self, buf: &mut [f64]);
+    fn broadcast_f32(&self, buf: &mut [f32]);
+    /// Ends every process of the job with `code`.
+    fn abort(&self, code: i32) -> !;
+}
+
+/// This process's place in a data-parallel job.
+pub struct Group {
+    rank: usize,
+    size: usize,
+    comm: Box<dyn Collective>,
+    /// One buffer per gradient that the next sum lands in, so steps reuse memory rather than
+    /// zero and fault in fresh pages (swapped with the gradient's own buffer after each sum).
+    spare: Mutex<Spare>,
+}
+
+#[derive(Default)]
+struct Spare {
+    f32: Vec<Vec<f32>>,
+    f64: Vec<Vec<f64>>,
+}
+
+impl core::fmt::Debug for Group {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Group {{ rank: {}, size: {} }}", self.rank, self.size)
+    }
+}
+
+impl Group {
+    /// This process's rank, 0-based.
+    pub(crate) fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Sums `values` over ranks in place (losses, counts, flags).
+    pub(crate) fn sum(&self, values: &mut [f64]) {
+        let send = values.to_vec();
+        self.comm.sum_f64(&send, values);
+    }
+
+    /// Prints `error` as this rank's and ends the whole job with exit code 2 (MPI_Abort), so no
+    /// rank waits for a partner that will not come.
+    pub(crate) fn abort(&self, error: &Error) -> ! {
+        // One write, so that the launcher does not interleave it with another process's lines.
+        let line = format!("error: rank {} of {}: {error}\n", self.rank, self.size);
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+        self.comm.abort(2)
+    }
+
+    /// Rank 0's parameter values into every rank's parameters (exact in every dtype: widened to
+    /// f32 or f64 for the wire and narrowed back).
+    pub(crate) fn broadcast_parameters<E: Float, D: Backend>(
+        &self,
+        params: &mut [&mut Parameter<E, D>],
+    ) -> Result<(), Error> {
+        for p in params.iter_mut() {
+            let shape = p.value().shape().to_vec();
+            let values = p.value().to_vec();
+            let values = if E::DTYPE == DType::F64 {
+                let mut wide: Vec<f64> = values.iter().map(|v| v.as_f64()).collect();
+                self.comm.broadcast_f64(&mut wide);
+                wide.into_iter().map(E::from_f64).collect()
+            } else {
+                let mut wide: Vec<f32> = values.iter().map(|v| v.as_f32()).collect();
+                self.comm.broadcast_f32(&mut wide);
+                wide.into_iter().map(E::from_f32).collect()
+            };
+            p.set(Tensor::from_vec(&shape, values)?)?;
+        }
+        Ok(())
+    }
+
+    /// Sums each gradient over ranks, one parameter at a time (an MLP's layer is a weight and a
+    /// bias: bucketing them would save little). `reached_anywhere[i]` says whether some rank has a
+    /// gradient for parameter `i`: one no rank reached stays `None`, one that only some ranks
+    /// reached counts as zeros on the others. `shapes` are the parameters' shapes.
+    ///
+    /// f32 and f64 gradients in host memory are summed straight from their storage, with one copy
+    /// back; others (16-bit, a GPU's, a compression hook) go through a host copy in f32 or f64.
+    pub(crate) fn sum_gradients<E: Float, D: Backend>(
+        &self,
+        grads: &mut [Option<Tensor<E, D>>],
+        shapes: &[Vec<usize>],
+        reached_anywhere: &[bool],
+        hook: CommHook,
+    ) -> Result<(), Error> {
+        for (i, ((g, shape), &any)) in grads.iter_mut().zip(shapes).zip(reached_anywhere).enumerate() {
+            if !any {
+                *g = None;
+                continue;
+            }
+            let t = g.get_or_insert_with(|| Tensor::zeros(shape));
+            if hook == CommHook::None && self.sum_host_storage(t.storage_mut(), i) {
+                continue;
+            }
+            let values = t.to_vec();
+            let summed: Vec<E> = match hook {
+                CommHook::Bf16Compress => {
+                    let bits: Vec<u16> = values
+                        .iter()
+                        .map(|v| half::bf16::from_f64(v.as_f64()).to_bits())
+                        .collect();
+                    let mut sum = vec![0; bits.len()];
+                    self.comm.sum_16(&bits, &mut sum, true);
+                    sum.iter()
+                        .map(|&b| E::from_f32(half::bf16::from_bits(b).to_f32()))
+                        .collect()
+                }
+                CommHook::Fp16Compress => {
+                    let bits: Vec<u16> = values
+                        .iter()
+                        .map(|v| half::f16::from_f64(v.as_f64()).to_bits())
+                        .collect();
+                    let mut sum = vec![0; bits.len()];
+                    self.comm.sum_16(&bits, &mut sum, false);
+                    sum.iter()
+                        .map(|&b| E::from_f32(half::f16::from_bits(b).to_f32()))
+                        .collect()
+                }
+                CommHook::None if E::DTYPE == DType::F64 => {
+                    let wide: Vec<f64> = values.iter().map(|v| v.as_f64()).collect();
+                    let mut sum = vec![0.0; wide.len()];
+                    self.comm.sum_f64(&wide, &mut sum);
+                    sum.into_iter().map(E::from_f64).collect()
+                }
+                // 16-bit gradients are summed in f32 and rounded once.
+                CommHook::None => {
+                    let wide: Vec<f32> = values.iter().map(|v| v.as_f32()).collect();
+                    let mut sum = vec![0.0; wide.len()];
+                    self.comm.sum_f32(&wide, &mut sum);
+                    sum.into_iter().map(E::from_f32).collect()
+                }
+            };
+            *g = Some(Tensor::from_vec(shape, summed)?);
+        }
+        Ok(())
+    }
+
+    /// Sums `storage` over ranks where it is an f32 or f64 array in host memory (the CPU
+    /// backend's storage), from the array itself into gradient `slot`'s spare buffer, which then
+    /// becomes the array's (no copy). `false` otherwise.
+    fn sum_host_storage<S: 'static>(&self, storage: &mut S, slot: usize) -> bool {
+        let any = storage as &mut dyn Any;
+        let Ok(mut spare) = self.spare.lock() else {
+            return false;
+        };
+        if let Some(a) = any.downcast_mut::<ArrayD<f32>>() {
+            return sum_swapping(a, spare_slot(&mut spare.f32, slot), |s, d| {
+                self.comm.sum_f32(s, d)
+            });
+        }
+        if let Some(a) = any.downcast_mut::<ArrayD<f64>>() {
+            return sum_swapping(a, spare_slot(&mut spare.f64, slot), |s, d| {
+                self.comm.sum_f64(s, d)
+            });
+        }
+        false
+    }
+}
+
+fn spare_slot<T>(spares: &mut Vec<Vec<T>>, slot: usize) -> &mut Vec<T> {
+    if spares.len() <= slot {
+        spares.resize_with(slot + 1, Vec::new);
+    }
+    &mut spares[slot]
+}
+
+/// `sum(a's values, spare)`, then `spare` becomes `a`'s buffer and `a`'s old buffer the spare.
+/// `false` (nothing done) unless `a` is contiguous in row-major order.
+fn sum_swapping<T: Copy + Default>(
+    a: &mut ArrayD<T>,
+    spare: &mut Vec<T>,
+    sum: impl FnOnce(&[T], &mut [T]),
+) -> bool {
+    let Some(values) = a.as_slice() else {
+        return false;
+    };
+    spare.resize(values.len(), T::default());
+    sum(values, spare);
+    let Ok(summed) = ArrayD::from_shape_vec(a.raw_dim(), std::mem::take(spare)) else {
+        return false;
+    };
+    let old = std::mem::replace(a, summed);
+    let (vec, offset) = old.into_raw_vec_and_offset();
+    // A buffer that starts past an offset cannot be reused as is.
+    if offset.unwrap_or(0) == 0 {
+        *spare = vec;
+    }
+    true
+}
+
+/// Joins the MPI job this process was started in (initialising MPI once per process, finalised
+/// at exit); a process started without `mpirun` is a job of one rank.
+#[cfg(feature = "mpi")]
+pub(crate) fn mpi_group() -> Result<Group, Error> {
+    mpi_impl::group()
+}
+
+#[cfg(not(feature = "mpi"))]
+pub(crate) fn mpi_group() -> Result<Group, Error> {
+    Err(Error::InvalidArgument {
+        name: "strategy",
+        value: "'ddp' (`Ddp<Mpi>`)".into(),
+        expected: "a build of nbit with its `mpi` feature (`cargo build --features mpi`, which needs \
+                   an MPI library: `apt-get install libopenmpi-dev openmpi-bin libclang-dev`); \
+                   without it, train in one process (strategy 'auto')",
+    })
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_impl {
+    use std::sync::{Mutex, OnceLock};
+
+    use mpi::collective::{CommunicatorCollectives, Root, SystemOperation, UserOperation};
+    use mpi::datatype::{DynBuffer, DynBufferMut};
+    use mpi::environment::{Threading, Universe};
+    use mpi::topology::{Communicator, SimpleCommunicator};
+
+    use super::{Collective, Group};
+    use crate::error::Error;
+
+    /// The universe nbit initialised, finalised by an `atexit` handler: MPI can be initialised
+    /// once per process, and a process that exits without finalising fails its job.
+    static UNIVERSE: OnceLock<Mutex<Option<Universe>>> = OnceLock::new();
+
+    unsafe extern "C" {
+        fn atexit(callback: extern "C" fn()) -> core::ffi::c_int;
+    }
+
+    extern "C" fn finalize() {
+        if let Some(u) = UNIVERSE.get()
+            && let Ok(mut u) = u.lock()
+        {
+            drop(u.take());
+        }
+    }
+
+    pub(super) fn group() -> Result<Group, Error> {
+        let mut failed = None;
+        UNIVERSE.get_or_init(|| {
+            if mpi::environment::is_initialized() {
+                // The program initialised MPI itself and finalises it.
+                return Mutex::new(None);
+            }
+            match mpi::initialize_with_threading(Threading::Serialized) {
+                Some((u, _)) => {
+                    // SAFETY: registers a function with no arguments, as `atexit` requires.
+                    unsafe { atexit(finalize) };
+                    Mutex::new(Some(u))
+                }
+                None => {
+                    failed = Some(());
+                    Mutex::new(None)
+                }
+            }
+        });
+        if failed.is_some() || mpi::environment::is_finalized() {
+            return Err(Error::DeviceUnavailable {
+                device: "mpi",
+                reason: "MPI could not be initialised in this process (or was already finalised); \
+                         start the program with `mpirun -np N`"
+                    .into(),
+            });
+        }
+        let world = SimpleCommunicator::world();
+        Ok(Group {
+            rank: world.rank() as usize,
+            size: world.size() as usize,
+            comm: Box::new(MpiWorld),
+            spare: Mutex::default(),
+        })
+    }
+
+    /// `MPI_COMM_WORLD`, looked up at each call (its handle is not `Send`).
+    struct MpiWorld;
+
+    fn world() -> SimpleCommunicator {
+        SimpleCommunicator::world()
+    }
+
+    fn add16(bf16: bool) -> impl Fn(DynBuffer, DynBufferMut) + Sync {
+        move |a: DynBuffer, b: DynBufferMut| {
+            let (Some(a), Some(b)) = (a.downcast::<u16>(), b.downcast::<u16>()) else {
+                return;
+            };
+            for (x, y) in a.iter().zip(b.iter_mut()) {
+                *y = if bf16 {
+                    let s = half::bf16::from_bits(*x).to_f32() + half::bf16::from_bits(*y).to_f32();
+                    half::bf16::from_f32(s).to_bits()
+                } else {
+                    let s = half::f16::from_bits(*x).to_f32() + half::f16::from_bits(*y).to_f32();
+                    half::f16::from_f32(s).to_bits()
+                };
+            }
+        }
+    }
+
+    impl Collective for MpiWorld {
+        fn sum_f32(&self, send: &[f32], sum: &mut [f32]) {
+            world().all_reduce_into(send, sum, SystemOperation::sum());
+        }
+        fn sum_f64(&self, send: &[f64], sum: &mut [f64]) {
+            world().all_reduce_into(send, sum, SystemOperation::sum());
+        }
+        fn sum_16(&self, send: &[u16], sum: &mut [u16], bf16: bool) {
+            let op = UserOperation::commutative(add16(bf16));
+            world().all_reduce_into(send, sum, &op);
+        }
+        fn broadcast_f64(&self, buf: &mut [f64]) {
+            world().process_at_rank(0).broadcast_into(buf);
+        }
+        fn broadcast_f32(&self, buf: &mut [f32]) {
+            world().process_at_rank(0).broadcast_into(buf);
+        }
+        fn abort(&self, code: i32) -> ! {
+            world().abort(code)
+        }
+    }
+}
