@@ -13,7 +13,8 @@
 //!
 //! Two more modes serve the tests (`tests/ddp.rs`): `check DIR PRECISION [ACCUMULATE]` trains the
 //! digits MLP and writes, per rank, a digest of the parameters and gradients at every step and the
-//! final parameters (`DIR/rank<r>.txt`); `fail` makes rank 1 fail at its third step.
+//! final parameters (`DIR/rank<r>.txt`); `fail` makes rank 1 return an error at its third step,
+//! and `die` makes it abort there.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ struct Probe<P: Precision, D: Backend> {
     mlp: MlpModel<P, D>,
     digests: Vec<u64>,
     fail_on_rank: Option<usize>,
+    /// Whether the failing rank dies (aborts) rather than returning an error.
+    dies: bool,
     rank: usize,
 }
 
@@ -55,6 +58,10 @@ impl<P: Precision, D: Backend> Model<P, D> for Probe<P, D> {
         step: &StepInfo,
     ) -> Result<Tensor<P::Full, D>, Error> {
         if self.fail_on_rank == Some(self.rank) && step.global_step == 2 {
+            if self.dies {
+                eprintln!("rank {} dies (the ddp example's die mode)", self.rank);
+                std::process::abort();
+            }
             return Err(Error::InvalidData(format!(
                 "rank {} cannot read its batch {} (a failure the ddp example makes on purpose)",
                 self.rank, step.batch_idx
@@ -92,6 +99,7 @@ struct Check {
     dir: Option<PathBuf>,
     accumulate: usize,
     fail: bool,
+    dies: bool,
 }
 
 impl RunJob for Check {
@@ -119,6 +127,7 @@ impl RunJob for Check {
                 mlp,
                 digests: Vec::new(),
                 fail_on_rank: self.fail.then_some(1),
+                dies: self.dies,
                 rank,
             })
         })?;
@@ -231,14 +240,16 @@ fn main() -> Result<(), Error> {
                 dir: Some(dir),
                 accumulate,
                 fail: false,
+                dies: false,
             };
             return launch(precision, "cpu", check);
         }
-        Some("fail") => {
+        Some(mode @ ("fail" | "die")) => {
             let check = Check {
                 dir: None,
                 accumulate: 1,
                 fail: true,
+                dies: mode == "die",
             };
             return launch("32-true", "cpu", check);
         }

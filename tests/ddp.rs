@@ -203,6 +203,18 @@ fn a_rank_that_fails_ends_the_whole_job_with_its_message() {
     assert!(secs < 30.0, "the job took {secs:.1} s to end");
 }
 
+#[cfg(feature = "mpi")]
+#[test]
+fn a_rank_that_dies_ends_the_whole_job() {
+    let start = std::time::Instant::now();
+    let o = mpirun(2).arg(example()).arg("die").output().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    let msg = stderr(&o);
+    assert!(!o.status.success(), "{msg}");
+    assert!(msg.contains("rank 1 dies"), "{msg}");
+    assert!(secs < 30.0, "the job took {secs:.1} s to end");
+}
+
 /// `nbit fit` on the digits with a validation split, as JSON, with extra arguments.
 #[cfg(feature = "mpi")]
 fn fit_args(dir: &std::path::Path, save: &str, extra: &[&str]) -> Vec<String> {
@@ -211,14 +223,18 @@ fn fit_args(dir: &std::path::Path, save: &str, extra: &[&str]) -> Vec<String> {
     } else {
         "--precision=bf16-mixed"
     };
+    let epochs = if extra.contains(&"--epochs") {
+        ""
+    } else {
+        "--epochs=2"
+    };
     let mut a: Vec<String> = [
         "fit",
         "--data",
         DIGITS,
         "--batch-size",
         "30",
-        "--epochs",
-        "2",
+        epochs,
         "--hidden",
         "32",
         "--val-split",
@@ -333,5 +349,85 @@ fn the_bf16_compression_hook_sends_bf16_and_still_trains() {
         std::fs::read(dir.join("hooked.safetensors")).unwrap()
     );
     assert!((p - h).abs() < 0.02 * p, "val loss {h} with the hook against {p}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(all(unix, feature = "mpi"))]
+#[test]
+fn ctrl_c_stops_every_rank_after_the_same_step_keeps_the_log_and_exits_130() {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch("ctrl-c");
+    let log = dir.join("loss.csv");
+    let ckpt = dir.join("run.ckpt");
+    let (log_arg, ckpt_arg) = (log.display().to_string(), ckpt.display().to_string());
+    let run = ["--strategy", "ddp", "--devices", "2", "--epochs", "100000"];
+    let args = fit_args(
+        &dir,
+        "never.safetensors",
+        &[&run[..], &["--log-csv", &log_arg, "--checkpoint", &ckpt_arg]].concat(),
+    );
+    // In its own process group, as a terminal's foreground job is, so that Ctrl-C reaches the
+    // launcher and mpirun alike (mpirun passes it on to the ranks as SIGTERM).
+    let child = nbit()
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = child;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 10 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the job ended before Ctrl-C ({status}): {}",
+                stderr(&child.wait_with_output().unwrap())
+            );
+        }
+        assert!(std::time::Instant::now() < deadline, "no log rows within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let group = format!("-{}", child.id());
+    assert!(
+        Command::new("kill")
+            .args(["-INT", "--", &group])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let steps: usize = err
+        .split("after step ")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    let text = read(log);
+    assert_eq!(text.lines().count(), steps + 1, "every step logged, header first");
+    assert!(
+        !dir.join("never.safetensors").exists(),
+        "--save is not written for an interrupted run"
+    );
+    // The checkpoint is at the step the ranks stopped after, and resumes.
+    let resumed = ok(mpirun(2).arg(env!("CARGO_BIN_EXE_nbit")).args(fit_args(
+        &dir,
+        "resumed.safetensors",
+        &[
+            "--strategy",
+            "ddp",
+            "--epochs",
+            "100000",
+            "--resume",
+            &ckpt_arg,
+            "--max-steps",
+            &(steps + 2).to_string(),
+        ],
+    )));
+    assert_eq!(json(&resumed)["global_step"].as_u64(), Some(steps as u64 + 2));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -36,9 +36,12 @@ pub(crate) fn launch(l: &Launch) -> Result<ExitCode, Error> {
         .arg(me)
         .args(std::env::args_os().skip(1))
         .env(LAUNCHED, "1");
-    // Ctrl-C reaches mpirun and the ranks, which stop after their step; this process waits for
-    // them rather than dying first.
-    let _ = ctrlc::set_handler(|| {});
+    // Ctrl-C reaches mpirun, which passes it on to the ranks as SIGTERM: they stop after their
+    // step, as on Ctrl-C in one process. This process waits for them and ends as an interrupted
+    // run does (130), whatever mpirun's own exit code.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
     let status = mpirun.status().map_err(|e| Error::Io {
         path: "mpirun".into(),
         action: "run",
@@ -47,6 +50,9 @@ pub(crate) fn launch(l: &Launch) -> Result<ExitCode, Error> {
              openmpi-bin), or start them yourself: mpirun -np {ranks} nbit fit --strategy ddp ..."
         ),
     })?;
+    if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(ExitCode::from(130));
+    }
     Ok(match status.code() {
         Some(0) => ExitCode::SUCCESS,
         Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),

@@ -236,6 +236,12 @@ pub(crate) fn print_report(r: &Report, json: bool) -> Result<(), Error> {
     let mut lines = Vec::new();
     lines.push(format!("precision      {}", r.precision));
     lines.push(format!("accelerator    {} ({})", r.accelerator, r.device));
+    if r.world_size > 1 {
+        lines.push(format!(
+            "strategy       {} ({} processes)",
+            r.strategy, r.world_size
+        ));
+    }
     lines.push(format!("layers         {}", layers.join("-")));
     if r.command == "fit" {
         lines.push(format!("epochs         {}", r.epochs));
