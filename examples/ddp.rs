@@ -14,7 +14,8 @@
 //! Two more modes serve the tests (`tests/ddp.rs`): `check DIR PRECISION [ACCUMULATE]` trains the
 //! digits MLP and writes, per rank, a digest of the parameters and gradients at every step and the
 //! final parameters (`DIR/rank<r>.txt`); `fail` makes rank 1 return an error at its third step,
-//! and `die` makes it abort there.
+//! and `die` makes it abort there. With the `cuda` feature, `check-nccl DIR [ACCUMULATE]` is
+//! `check` under bf16-mixed on GPUs under `Ddp<Nccl>` (`tools/gpu-check.sh`, two GPUs).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -105,6 +106,13 @@ struct Check {
 impl RunJob for Check {
     type Output = ();
     fn run<P: Precision, D: Runs<P>>(self) -> Result<(), Error> {
+        self.train::<P, D, Ddp<Mpi>>()
+    }
+}
+
+impl Check {
+    /// Trains under `P` on `D` with the strategy `S` and writes this rank's file.
+    fn train<P: Precision, D: Runs<P> + Hosts<S>, S: Strategy>(self) -> Result<(), Error> {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/digits.csv");
         let data = Dataset::read_csv_labelled(path.as_ref(), Task::Classification, "label")?;
         let (train, val) = data.split(0.2, 0)?;
@@ -113,7 +121,7 @@ impl RunJob for Check {
             .shuffle(true)
             .seed(3);
         let val = DataLoader::new(val.for_precision::<P>()?, 64)?;
-        let trainer = Trainer::<P, D, Ddp<Mpi>>::builder()
+        let trainer = Trainer::<P, D, S>::builder()
             .max_epochs(2)
             .accumulate_grad_batches(self.accumulate)
             .enable_progress_bar(false)
@@ -243,6 +251,19 @@ fn main() -> Result<(), Error> {
                 dies: false,
             };
             return launch(precision, "cpu", check);
+        }
+        // The same on GPUs, gradients summed by NCCL (tools/gpu-check.sh, two GPUs).
+        #[cfg(feature = "cuda")]
+        Some("check-nccl") => {
+            let dir = PathBuf::from(args.get(1).expect("check-nccl DIR [ACCUMULATE]"));
+            let accumulate = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1);
+            let check = Check {
+                dir: Some(dir),
+                accumulate,
+                fail: false,
+                dies: false,
+            };
+            return check.train::<Mixed<BF16>, Gpu, Ddp<Nccl>>();
         }
         Some(mode @ ("fail" | "die")) => {
             let check = Check {

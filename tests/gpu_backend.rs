@@ -1176,3 +1176,13 @@ fn lightnings_demo_model_trains_under_16_mixed_on_the_gpu() {
     println!("demo LM under 16-mixed on the Gpu: validation loss {mixed:.4}");
     assert!(mixed < 0.5, "16-mixed on the GPU: loss {mixed}");
 }
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn nccl_data_parallel_needs_the_mpi_feature_too() {
+    gpu();
+    let msg = nbit::Trainer::<nbit::True<nbit::F32>, Gpu, nbit::Ddp<nbit::Nccl>>::new()
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("`cuda` and `mpi` features"), "{msg}");
+}

@@ -9,7 +9,10 @@
 #      every precision of the GPU column against the CPU, a device failure returned as an Err;
 #   3. prints GEMM TFLOP/s per dtype at n = 4096 and 8192 (f32 without, then with, TF32);
 #   4. prints samples/s per precision for the big MLP of benches/bench_mlp.rs, with the ratio to
-#      the GPU's own 32-true and the CPU's 32-true measured in the same run.
+#      the GPU's own 32-true and the CPU's 32-true measured in the same run;
+#   5. on a machine with two GPUs: data parallel under Ddp<Nccl> (the `ddp` example's check-nccl
+#      mode) and Ddp<Mpi> (`nbit fit --strategy ddp`), each against one GPU accumulating 2 batches
+#      (installs OpenMPI with apt-get and NCCL from pip).
 #
 # Needs the NVIDIA driver. NVRTC and cuBLAS come from the CUDA toolkit when the loader finds them,
 # else from NVIDIA's pip packages, installed here into target/cuda-tools.
@@ -66,3 +69,39 @@ done
 
 echo "== quickstart (its last row is 16-mixed on the GPU)"
 cargo run -q --release --features cuda --example quickstart | tail -6
+
+echo "== two GPUs: data parallel, gradients summed by NCCL (Ddp<Nccl>) and through host memory (Ddp<Mpi>)"
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
+if [ "$gpus" -lt 2 ]; then
+    echo "skipped: this machine has $gpus GPU(s); Ddp<Nccl> needs two (NCCL refuses two ranks on one GPU)"
+    exit 0
+fi
+# OpenMPI starts the ranks and hands them NCCL's id; NCCL itself from NVIDIA's pip package.
+if ! command -v mpirun >/dev/null; then
+    apt-get install -y -q libopenmpi-dev openmpi-bin libclang-dev >/dev/null
+fi
+python3 -m venv target/cuda-tools
+target/cuda-tools/bin/pip install -q nvidia-nccl-cu12
+NVIDIA="$(target/cuda-tools/bin/python -c 'import nvidia; print(list(nvidia.__path__)[0])')"
+export LD_LIBRARY_PATH="$NVIDIA/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+cargo build -q --release --features cuda,mpi --example ddp --bin nbit
+out=target/ddp-gpu-check
+rm -rf "$out" && mkdir -p "$out/nccl" "$out/one"
+# Each rank takes the GPU of its local rank (NBIT_CUDA_DEVICE unset): rank 0 GPU 0, rank 1 GPU 1.
+mpirun -np 2 -x LD_LIBRARY_PATH target/release/examples/ddp check-nccl "$out/nccl"
+target/release/examples/ddp check-nccl "$out/one" 2
+cmp -s "$out/nccl/rank0.txt" "$out/nccl/rank1.txt" && echo "NCCL: the two ranks are identical at every step" \
+    || echo "NCCL: THE RANKS DIFFER"
+cmp -s "$out/nccl/rank0.txt" "$out/one/rank0.txt" \
+    && echo "NCCL: 2 GPUs equal 1 GPU accumulating 2 batches, bit for bit" \
+    || echo "NCCL: 2 GPUs differ from 1 GPU accumulating 2 (first differing line below)"
+diff "$out/nccl/rank0.txt" "$out/one/rank0.txt" | head -2 | cut -c1-120 || true
+mpirun -np 2 -x LD_LIBRARY_PATH target/release/nbit fit --data examples/data/digits.csv --accelerator gpu \
+    --precision bf16-mixed --strategy ddp --batch-size 30 --epochs 2 --val-split 0.2 --json --no-progress \
+    --save "$out/ddp.safetensors" | grep -E '"(strategy|world_size|final_loss|val_loss)"'
+target/release/nbit fit --data examples/data/digits.csv --accelerator gpu --precision bf16-mixed \
+    --accumulate-grad-batches 2 --batch-size 30 --epochs 2 --val-split 0.2 --json \
+    --save "$out/one.safetensors" | grep -E '"(final_loss|val_loss)"'
+cmp -s "$out/ddp.safetensors" "$out/one.safetensors" && echo "Ddp<Mpi> on GPUs: equal to one GPU accumulating 2, bit for bit" \
+    || echo "Ddp<Mpi> on GPUs: DIFFERS from one GPU accumulating 2"

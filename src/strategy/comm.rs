@@ -48,9 +48,8 @@ trait Collective: Send + Sync {
     fn sum_f64(&self, send: &[f64], sum: &mut [f64]);
     /// Sums 16-bit floats given as bits (`bf16` or f16), each addition rounded to that format.
     fn sum_16(&self, send: &[u16], sum: &mut [u16], bf16: bool);
-    /// Rank 0's values into every rank's `buf`.
-    fn broadcast_f64(&self, buf: &mut [f64]);
-    fn broadcast_f32(&self, buf: &mut [f32]);
+    /// Rank 0's bytes into every rank's `buf` (parameters, NCCL's id).
+    fn broadcast_bytes(&self, buf: &mut [u8]);
     /// Ends every process of the job with `code`.
     fn abort(&self, code: i32) -> !;
 }
@@ -63,6 +62,16 @@ pub struct Group {
     /// One buffer per gradient that the next sum lands in, so steps reuse memory rather than
     /// zero and fault in fresh pages (swapped with the gradient's own buffer after each sum).
     spare: Mutex<Spare>,
+    /// Sums gradients where they live, on the GPU (NCCL), when the strategy has one.
+    #[cfg(feature = "cuda")]
+    device: Option<Box<dyn DeviceSum>>,
+}
+
+/// Sums device memory over ranks in place (NCCL's all-reduce).
+#[cfg(feature = "cuda")]
+pub(crate) trait DeviceSum: Send + Sync {
+    /// Sums `count` elements of `dtype` at the device address `ptr` over ranks.
+    fn sum(&self, ptr: u64, count: usize, dtype: DType) -> Result<(), String>;
 }
 
 #[derive(Default)]
@@ -103,24 +112,38 @@ impl Group {
         self.comm.abort(2)
     }
 
-    /// Rank 0's parameter values into every rank's parameters (exact in every dtype: widened to
-    /// f32 or f64 for the wire and narrowed back).
+    /// Joins a GPU collective (NCCL) over this group's ranks, `connect` given this rank, the
+    /// world size and a broadcast from rank 0 over the group.
+    #[cfg(all(feature = "cuda", feature = "mpi"))]
+    pub(crate) fn with_device<S: DeviceSum + 'static>(
+        mut self,
+        connect: impl FnOnce(usize, usize, &mut dyn FnMut(&mut [u8])) -> Result<S, Error>,
+    ) -> Result<Self, Error> {
+        let comm = &self.comm;
+        let device = connect(self.rank, self.size, &mut |bytes| comm.broadcast_bytes(bytes))?;
+        self.device = Some(Box::new(device));
+        Ok(self)
+    }
+
+    /// Rank 0's parameter values into every rank's parameters, exactly: as f64 bytes (every
+    /// element type widens to f64 without rounding, and narrows back to itself).
     pub(crate) fn broadcast_parameters<E: Float, D: Backend>(
         &self,
         params: &mut [&mut Parameter<E, D>],
     ) -> Result<(), Error> {
         for p in params.iter_mut() {
             let shape = p.value().shape().to_vec();
-            let values = p.value().to_vec();
-            let values = if E::DTYPE == DType::F64 {
-                let mut wide: Vec<f64> = values.iter().map(|v| v.as_f64()).collect();
-                self.comm.broadcast_f64(&mut wide);
-                wide.into_iter().map(E::from_f64).collect()
-            } else {
-                let mut wide: Vec<f32> = values.iter().map(|v| v.as_f32()).collect();
-                self.comm.broadcast_f32(&mut wide);
-                wide.into_iter().map(E::from_f32).collect()
-            };
+            let mut bytes: Vec<u8> = p
+                .value()
+                .to_vec()
+                .iter()
+                .flat_map(|v| v.as_f64().to_le_bytes())
+                .collect();
+            self.comm.broadcast_bytes(&mut bytes);
+            let values = bytes
+                .chunks_exact(8)
+                .map(|b| E::from_f64(f64::from_le_bytes(b.try_into().unwrap_or_default())))
+                .collect();
             p.set(Tensor::from_vec(&shape, values)?)?;
         }
         Ok(())
@@ -146,7 +169,9 @@ impl Group {
                 continue;
             }
             let t = g.get_or_insert_with(|| Tensor::zeros(shape));
-            if hook == CommHook::None && self.sum_host_storage(t.storage_mut(), i) {
+            if hook == CommHook::None
+                && (self.sum_on_device::<E, D>(t.storage_mut())? || self.sum_host_storage(t.storage_mut(), i))
+            {
                 continue;
             }
             let values = t.to_vec();
@@ -190,6 +215,26 @@ impl Group {
             *g = Some(Tensor::from_vec(shape, summed)?);
         }
         Ok(())
+    }
+
+    /// Sums `storage` on the GPU where the group has a device collective and `storage` is the
+    /// GPU backend's; `Ok(false)` otherwise.
+    #[allow(unused_variables)]
+    fn sum_on_device<E: Float, D: Backend>(&self, storage: &mut D::Storage<E>) -> Result<bool, Error> {
+        #[cfg(feature = "cuda")]
+        if let Some(device) = &self.device
+            && let Some(s) = (storage as &mut dyn Any).downcast_mut::<crate::backend::cuda::GpuStorage<E>>()
+        {
+            let (ptr, count) = s.device_slice();
+            device
+                .sum(ptr, count, E::DTYPE)
+                .map_err(|reason| Error::DeviceUnavailable {
+                    device: "gpu",
+                    reason,
+                })?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Sums `storage` over ranks where it is an f32 or f64 array in host memory (the CPU
@@ -324,6 +369,8 @@ mod mpi_impl {
             size: world.size() as usize,
             comm: Box::new(MpiWorld),
             spare: Mutex::default(),
+            #[cfg(feature = "cuda")]
+            device: None,
         })
     }
 
@@ -362,10 +409,7 @@ mod mpi_impl {
             let op = UserOperation::commutative(add16(bf16));
             world().all_reduce_into(send, sum, &op);
         }
-        fn broadcast_f64(&self, buf: &mut [f64]) {
-            world().process_at_rank(0).broadcast_into(buf);
-        }
-        fn broadcast_f32(&self, buf: &mut [f32]) {
+        fn broadcast_bytes(&self, buf: &mut [u8]) {
             world().process_at_rank(0).broadcast_into(buf);
         }
         fn abort(&self, code: i32) -> ! {

@@ -10,7 +10,7 @@
 //! |---|---|---|---|
 //! | [`SingleDevice`] (default) | yes | yes | yes |
 //! | [`Ddp<Mpi>`] (feature `mpi`) | yes | yes, gradients staged through host memory | yes (no TPU runtime yet) |
-//! | [`Ddp<Nccl>`] | no | not built yet | no |
+//! | [`Ddp<Nccl>`] (features `cuda` and `mpi`) | no | yes, not yet run on two GPUs | no |
 //!
 //! A refused cell does not compile, with the reason and what to use instead:
 //!
@@ -46,6 +46,8 @@
 //!   ...`) and aborts MPI with exit code 2, so no rank waits for a partner that will not come.
 
 mod comm;
+#[cfg(all(feature = "cuda", feature = "mpi"))]
+mod nccl;
 pub mod shard;
 
 use core::fmt::Debug;
@@ -85,7 +87,11 @@ pub struct Ddp<C>(PhantomData<C>);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Mpi;
 
-/// NVIDIA's NCCL: GPUs only. Not built yet; see [`Ddp<Mpi>`] for GPUs meanwhile.
+/// NVIDIA's NCCL: GPUs only (features `cuda` and `mpi`: MPI starts the ranks and hands them
+/// NCCL's id; `libnccl.so.2` is loaded at run time). Each rank uses the GPU of its rank on its
+/// machine unless `NBIT_CUDA_DEVICE` says otherwise. Written against NCCL's API but not yet run
+/// on two GPUs (`tools/gpu-check.sh` has the check); [`Ddp<Mpi>`] sums GPU gradients through host
+/// memory, and is tested on the emulated GPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Nccl;
 
@@ -109,12 +115,24 @@ impl Strategy for Ddp<Mpi> {
 
 impl Strategy for Ddp<Nccl> {
     const NAME: &'static str = "ddp";
+    #[cfg(all(feature = "cuda", feature = "mpi"))]
     fn connect() -> Result<Option<Group>, Error> {
-        Err(Error::DeviceUnavailable {
-            device: "gpu",
-            reason: "data parallel over NCCL (`Ddp<Nccl>`) is not built yet; use `Ddp<Mpi>`, which \
-                     sums GPU gradients through host memory (feature `mpi`)"
-                .into(),
+        let group = comm::mpi_group()?;
+        if group.size() == 1 {
+            // One rank sums nothing.
+            return Ok(Some(group));
+        }
+        group
+            .with_device(|rank, size, broadcast| nccl::connect(rank, size, broadcast))
+            .map(Some)
+    }
+    #[cfg(not(all(feature = "cuda", feature = "mpi")))]
+    fn connect() -> Result<Option<Group>, Error> {
+        Err(Error::InvalidArgument {
+            name: "strategy",
+            value: "`Ddp<Nccl>`".into(),
+            expected: "a build of nbit with its `cuda` and `mpi` features (NCCL sums the gradients \
+                       on the GPUs; MPI starts the ranks and hands them NCCL's id)",
         })
     }
 }
@@ -161,6 +179,14 @@ pub fn parse_strategy(value: &str) -> Result<StrategyKind, Error> {
             expected: "'auto', 'single_device' or 'ddp' (nbit has no fsdp, deepspeed or ddp_spawn)",
         }),
     }
+}
+
+/// This process's rank among the ranks on its machine, as OpenMPI, MPICH or Slurm give it
+/// (`None` outside a launcher): the GPU backend's default device under data parallel.
+pub fn local_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
 }
 
 /// Whether this process was started by an MPI launcher (`mpirun`, `mpiexec`, `srun`), read from

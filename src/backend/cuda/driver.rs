@@ -131,6 +131,10 @@ pub(crate) trait Driver: Send + Sync {
     /// # Safety
     /// The pointers hold the operands of the sizes `g` gives.
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String>;
+    /// Runs `f` with this driver's CUDA context current, for another CUDA library (NCCL) working
+    /// on nbit's memory and stream; the emulation, which has no GPU, returns an error instead.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    fn with_context(&self, f: &mut dyn FnMut() -> Result<(), String>) -> Result<(), String>;
 }
 
 /// Counts the host's waits for the device, the cost a training step should pay once. What counts:
@@ -167,10 +171,11 @@ pub(super) mod waits {
 /// `CUDA_VISIBLE_DEVICES` numbers them). One GPU per process for now.
 pub const DEVICE_ENV: &str = "NBIT_CUDA_DEVICE";
 
-/// The device index [`DEVICE_ENV`] asks for: 0 when unset.
+/// The device index [`DEVICE_ENV`] asks for; when unset, the process's rank on its machine under
+/// an MPI launcher (so that data-parallel ranks take a GPU each), else 0.
 fn device_ordinal(value: Option<&str>) -> Result<usize, Error> {
     match value.map(str::trim) {
-        None | Some("") => Ok(0),
+        None | Some("") => Ok(crate::strategy::local_rank().unwrap_or(0)),
         Some(v) => v.parse().map_err(|_| Error::InvalidArgument {
             name: DEVICE_ENV,
             value: format!("'{v}'"),

@@ -89,6 +89,12 @@ impl<E: Element> GpuStorage<E> {
         }
     }
 
+    /// The device address and the element count, for another CUDA library (NCCL) to work on
+    /// this memory in place.
+    pub(crate) fn device_slice(&mut self) -> (u64, usize) {
+        (self.ptr, self.len())
+    }
+
     fn len(&self) -> usize {
         self.shape.iter().product()
     }

@@ -137,6 +137,12 @@ impl Driver for Host {
         waits::waited();
         Ok(())
     }
+    fn with_context(&self, _f: &mut dyn FnMut() -> Result<(), String>) -> Result<(), String> {
+        Err(format!(
+            "{} has no GPU for another CUDA library (NCCL) to work on",
+            self.describe()
+        ))
+    }
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
         waits::queued();
         // An empty k writes nothing, as the weakest reading of cuBLAS allows (C is left as the

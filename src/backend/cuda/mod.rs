@@ -19,7 +19,7 @@
 //! f32 products do not use TF32 unless `NBIT_TF32=1` ([`TF32_ENV`], PyTorch's
 //! `torch.set_float32_matmul_precision("high")`), so 32-true means f32.
 
-mod driver;
+pub(crate) mod driver;
 pub mod emulator;
 mod gpu;
 mod host;

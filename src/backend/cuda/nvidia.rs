@@ -422,6 +422,10 @@ impl Driver for Cuda {
         st.emptied();
         Ok(())
     }
+    fn with_context(&self, f: &mut dyn FnMut() -> Result<(), String>) -> Result<(), String> {
+        let _current = self.current()?;
+        f()
+    }
     unsafe fn gemm(&self, g: &Gemm) -> Result<(), String> {
         use cublas_sys::cublasComputeType_t::*;
         use cublas_sys::cudaDataType_t::*;
