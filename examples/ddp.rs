@@ -11,7 +11,7 @@
 //! same steps: a global batch of `B` rows per step, as one batch of `B` on 2 threads or as 2 ranks
 //! with `B / 2` rows each on 1 thread.
 //!
-//! Two more modes serve the tests (`tests/ddp.rs`): `check DIR PRECISION [ACCUMULATE]` trains the
+//! Two more modes serve the tests (`tests/ddp.rs`): `check DIR PRECISION [ACCUMULATE [HOOK]]` trains the
 //! digits MLP and writes, per rank, a digest of the parameters and gradients at every step and the
 //! final parameters (`DIR/rank<r>.txt`); `fail` makes rank 1 return an error at its third step,
 //! and `die` makes it abort there. With the `cuda` feature, `check-nccl DIR [ACCUMULATE]` is
@@ -33,6 +33,9 @@ use nbit::{LayerSummary, Metrics, StepInfo, launch};
 struct Probe<P: Precision, D: Backend> {
     mlp: MlpModel<P, D>,
     digests: Vec<u64>,
+    /// Whether every gradient the optimizer has seen was a bf16 value (what the bf16
+    /// compression hook delivers).
+    grads_bf16: bool,
     fail_on_rank: Option<usize>,
     /// Whether the failing rank dies (aborts) rather than returning an error.
     dies: bool,
@@ -82,7 +85,11 @@ impl<P: Precision, D: Backend> Model<P, D> for Probe<P, D> {
             digest(&mut h, p.value().to_vec().into_iter().map(|v| v.as_f64()));
         }
         for (_, g) in grads {
-            digest(&mut h, g.to_vec().into_iter().map(|v| v.as_f64()));
+            let values: Vec<f64> = g.to_vec().into_iter().map(|v| v.as_f64()).collect();
+            self.grads_bf16 &= values
+                .iter()
+                .all(|&v| nbit::half::bf16::from_f64(v).to_f64() == v);
+            digest(&mut h, values.into_iter());
         }
         self.digests.push(h);
     }
@@ -101,12 +108,18 @@ struct Check {
     accumulate: usize,
     fail: bool,
     dies: bool,
+    hook: nbit::strategy::CommHook,
 }
 
 impl RunJob for Check {
     type Output = ();
     fn run<P: Precision, D: Runs<P>>(self) -> Result<(), Error> {
-        self.train::<P, D, Ddp<Mpi>>()
+        // The reference (one process accumulating) is a plain single-device run.
+        if self.accumulate > 1 {
+            self.train::<P, D, SingleDevice>()
+        } else {
+            self.train::<P, D, Ddp<Mpi>>()
+        }
     }
 }
 
@@ -124,6 +137,7 @@ impl Check {
         let trainer = Trainer::<P, D, S>::builder()
             .max_epochs(2)
             .accumulate_grad_batches(self.accumulate)
+            .ddp_comm_hook(self.hook)
             .enable_progress_bar(false)
             .build()?;
         // Each rank draws other initial weights from its own seed: the broadcast must fix that.
@@ -134,6 +148,7 @@ impl Check {
             Ok(Probe {
                 mlp,
                 digests: Vec::new(),
+                grads_bf16: true,
                 fail_on_rank: self.fail.then_some(1),
                 dies: self.dies,
                 rank,
@@ -159,6 +174,7 @@ impl Check {
             m.correct,
             m.count
         );
+        let _ = writeln!(text, "grads_bf16 {}", model.grads_bf16);
         let params: Vec<String> = model
             .parameters_mut()
             .iter()
@@ -241,14 +257,16 @@ fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("check") => {
-            let dir = PathBuf::from(args.get(1).expect("check DIR PRECISION [ACCUMULATE]"));
+            let dir = PathBuf::from(args.get(1).expect("check DIR PRECISION [ACCUMULATE [HOOK]]"));
             let precision = args.get(2).map_or("32-true", String::as_str);
             let accumulate = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(1);
+            let hook = args.get(4).map_or(Ok(Default::default()), |h| h.parse())?;
             let check = Check {
                 dir: Some(dir),
                 accumulate,
                 fail: false,
                 dies: false,
+                hook,
             };
             return launch(precision, "cpu", check);
         }
@@ -262,7 +280,11 @@ fn main() -> Result<(), Error> {
                 accumulate,
                 fail: false,
                 dies: false,
+                hook: Default::default(),
             };
+            if accumulate > 1 {
+                return check.train::<Mixed<BF16>, Gpu, SingleDevice>();
+            }
             return check.train::<Mixed<BF16>, Gpu, Ddp<Nccl>>();
         }
         Some(mode @ ("fail" | "die")) => {
@@ -271,6 +293,7 @@ fn main() -> Result<(), Error> {
                 accumulate: 1,
                 fail: true,
                 dies: mode == "die",
+                hook: Default::default(),
             };
             return launch("32-true", "cpu", check);
         }

@@ -215,6 +215,117 @@ fn a_rank_that_dies_ends_the_whole_job() {
     assert!(secs < 30.0, "the job took {secs:.1} s to end");
 }
 
+#[cfg(feature = "mpi")]
+#[test]
+fn a_checkpoint_resumes_on_another_number_of_ranks() {
+    let dir = scratch("reshape");
+    let ckpt = dir.join("one.ckpt").display().to_string();
+    // One process accumulating 2 stops mid-epoch (20 of 48 batches), 2 ranks finish: the
+    // weights of 2 ranks all along.
+    ok(nbit().args(fit_args(
+        &dir,
+        "part.safetensors",
+        &[
+            "--accumulate-grad-batches",
+            "2",
+            "--max-steps",
+            "10",
+            "--checkpoint",
+            &ckpt,
+        ],
+    )));
+    let resumed = ok(mpirun(2).arg(env!("CARGO_BIN_EXE_nbit")).args(fit_args(
+        &dir,
+        "resumed.safetensors",
+        &["--strategy", "ddp", "--resume", &ckpt],
+    )));
+    assert_eq!(json(&resumed)["global_step"].as_u64(), Some(48));
+    ok(mpirun(2).arg(env!("CARGO_BIN_EXE_nbit")).args(fit_args(
+        &dir,
+        "whole.safetensors",
+        &["--strategy", "ddp"],
+    )));
+    let bytes = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    assert_eq!(bytes("resumed.safetensors"), bytes("whole.safetensors"));
+    // 21 batches per rank cannot continue on 4 ranks (42 of the epoch's batches done).
+    let ddp_ckpt = dir.join("ddp.ckpt").display().to_string();
+    ok(mpirun(2).arg(env!("CARGO_BIN_EXE_nbit")).args(fit_args(
+        &dir,
+        "x.safetensors",
+        &[
+            "--strategy",
+            "ddp",
+            "--max-steps",
+            "21",
+            "--checkpoint",
+            &ddp_ckpt,
+        ],
+    )));
+    let o = mpirun(4)
+        .arg(env!("CARGO_BIN_EXE_nbit"))
+        .args(fit_args(
+            &dir,
+            "y.safetensors",
+            &["--strategy", "ddp", "--resume", &ddp_ckpt],
+        ))
+        .output()
+        .unwrap();
+    let msg = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        msg.contains("21 batches per rank on 2 ranks") && msg.contains("resume it on 2 ranks"),
+        "{msg}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn drop_last_with_fewer_batches_than_ranks_is_an_error_not_an_endless_fit() {
+    let dir = scratch("drop-last");
+    let o = mpirun(2)
+        .arg(env!("CARGO_BIN_EXE_nbit"))
+        .args([
+            "fit",
+            "--data",
+            DIGITS,
+            "--strategy",
+            "ddp",
+            "--ddp-drop-last",
+            "--batch-size",
+            "2000",
+            "--max-steps",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    let msg = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{msg}");
+    assert!(
+        msg.contains("ddp_drop_last") && msg.contains("1 batches per epoch on 2 ranks"),
+        "{msg}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn the_bf16_compression_hook_sums_bf16_values() {
+    // Under 32-true the gradients the optimizer sees are f32: summed in f32, almost none is a
+    // bf16 value; through the hook, every one is (a sum of bf16 values rounded to bf16).
+    for (hook, expected) in [("none", "grads_bf16 false"), ("bf16_compress", "grads_bf16 true")] {
+        let dir = scratch(&format!("hook-{hook}"));
+        ok(mpirun(2)
+            .arg(example())
+            .arg("check")
+            .arg(&dir)
+            .args(["32-true", "1", hook]));
+        let text = read(dir.join("rank0.txt"));
+        assert!(text.lines().any(|l| l == expected), "{hook}: {text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// `nbit fit` on the digits with a validation split, as JSON, with extra arguments.
 #[cfg(feature = "mpi")]
 fn fit_args(dir: &std::path::Path, save: &str, extra: &[&str]) -> Vec<String> {
@@ -398,6 +509,15 @@ fn ctrl_c_stops_every_rank_after_the_same_step_keeps_the_log_and_exits_130() {
             .unwrap()
             .success()
     );
+    // Ranks that stopped at different steps would wait for each other: fail, not hang.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            panic!("the job did not end within 60 s of Ctrl-C");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let out = child.wait_with_output().unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{err}");
@@ -406,7 +526,7 @@ fn ctrl_c_stops_every_rank_after_the_same_step_keeps_the_log_and_exits_130() {
         .nth(1)
         .and_then(|t| t.split(',').next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{err}"));
+        .unwrap_or_else(|| panic!("stderr: {err}\nstdout: {}", String::from_utf8_lossy(&out.stdout)));
     let text = read(log);
     assert_eq!(text.lines().count(), steps + 1, "every step logged, header first");
     assert!(

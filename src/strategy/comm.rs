@@ -71,13 +71,17 @@ pub struct Group {
 #[cfg(feature = "cuda")]
 pub(crate) trait DeviceSum: Send + Sync {
     /// Sums `count` elements of `dtype` at the device address `ptr` over ranks.
-    fn sum(&self, ptr: u64, count: usize, dtype: DType) -> Result<(), String>;
+    ///
+    /// # Safety
+    /// `ptr` is the GPU backend's memory, on this process's device, of at least `count` elements
+    /// of `dtype`.
+    unsafe fn sum(&self, ptr: u64, count: usize, dtype: DType) -> Result<(), String>;
 }
 
 #[derive(Default)]
 struct Spare {
-    f32: Vec<Vec<f32>>,
-    f64: Vec<Vec<f64>>,
+    f32: Vec<ArrayD<f32>>,
+    f64: Vec<ArrayD<f64>>,
 }
 
 impl core::fmt::Debug for Group {
@@ -112,17 +116,22 @@ impl Group {
         self.comm.abort(2)
     }
 
-    /// Joins a GPU collective (NCCL) over this group's ranks, `connect` given this rank, the
-    /// world size and a broadcast from rank 0 over the group.
+    /// Joins a GPU collective (NCCL) over this group's ranks; `connect` may use the group's
+    /// collectives (every rank calls it).
     #[cfg(all(feature = "cuda", feature = "mpi"))]
     pub(crate) fn with_device<S: DeviceSum + 'static>(
         mut self,
-        connect: impl FnOnce(usize, usize, &mut dyn FnMut(&mut [u8])) -> Result<S, Error>,
+        connect: impl FnOnce(&Self) -> Result<S, Error>,
     ) -> Result<Self, Error> {
-        let comm = &self.comm;
-        let device = connect(self.rank, self.size, &mut |bytes| comm.broadcast_bytes(bytes))?;
+        let device = connect(&self)?;
         self.device = Some(Box::new(device));
         Ok(self)
+    }
+
+    /// Rank 0's bytes into every rank's `buf`.
+    #[cfg(all(feature = "cuda", feature = "mpi"))]
+    pub(crate) fn broadcast(&self, buf: &mut [u8]) {
+        self.comm.broadcast_bytes(buf);
     }
 
     /// Rank 0's parameter values into every rank's parameters, exactly: as f64 bytes (every
@@ -226,12 +235,11 @@ impl Group {
             && let Some(s) = (storage as &mut dyn Any).downcast_mut::<crate::backend::cuda::GpuStorage<E>>()
         {
             let (ptr, count) = s.device_slice();
-            device
-                .sum(ptr, count, E::DTYPE)
-                .map_err(|reason| Error::DeviceUnavailable {
-                    device: "gpu",
-                    reason,
-                })?;
+            // SAFETY: the storage's own allocation: `count` elements of `E` on this device.
+            unsafe { device.sum(ptr, count, E::DTYPE) }.map_err(|reason| Error::DeviceUnavailable {
+                device: "gpu",
+                reason,
+            })?;
             return Ok(true);
         }
         Ok(false)
@@ -259,34 +267,31 @@ impl Group {
     }
 }
 
-fn spare_slot<T>(spares: &mut Vec<Vec<T>>, slot: usize) -> &mut Vec<T> {
+fn spare_slot<T: Clone + num_traits::Zero>(spares: &mut Vec<ArrayD<T>>, slot: usize) -> &mut ArrayD<T> {
     if spares.len() <= slot {
-        spares.resize_with(slot + 1, Vec::new);
+        spares.resize_with(slot + 1, || ArrayD::zeros(ndarray::IxDyn(&[0])));
     }
     &mut spares[slot]
 }
 
-/// `sum(a's values, spare)`, then `spare` becomes `a`'s buffer and `a`'s old buffer the spare.
-/// `false` (nothing done) unless `a` is contiguous in row-major order.
-fn sum_swapping<T: Copy + Default>(
+/// `sum(a's values, spare's)`, then `spare` and `a` trade places (no copy). `false` (nothing
+/// done) unless `a` is contiguous in row-major order.
+fn sum_swapping<T: Copy + num_traits::Zero>(
     a: &mut ArrayD<T>,
-    spare: &mut Vec<T>,
+    spare: &mut ArrayD<T>,
     sum: impl FnOnce(&[T], &mut [T]),
 ) -> bool {
     let Some(values) = a.as_slice() else {
         return false;
     };
-    spare.resize(values.len(), T::default());
-    sum(values, spare);
-    let Ok(summed) = ArrayD::from_shape_vec(a.raw_dim(), std::mem::take(spare)) else {
+    if spare.shape() != a.shape() || !spare.is_standard_layout() {
+        *spare = ArrayD::zeros(a.raw_dim());
+    }
+    let Some(out) = spare.as_slice_mut() else {
         return false;
     };
-    let old = std::mem::replace(a, summed);
-    let (vec, offset) = old.into_raw_vec_and_offset();
-    // A buffer that starts past an offset cannot be reused as is.
-    if offset.unwrap_or(0) == 0 {
-        *spare = vec;
-    }
+    sum(values, out);
+    std::mem::swap(a, spare);
     true
 }
 
@@ -295,6 +300,15 @@ fn sum_swapping<T: Copy + Default>(
 #[cfg(feature = "mpi")]
 pub(crate) fn mpi_group() -> Result<Group, Error> {
     mpi_impl::group()
+}
+
+/// Where this process is a rank of a data-parallel job of more than one rank: prints `error` as
+/// this rank's and ends the whole job with exit code 2. Otherwise returns.
+pub(crate) fn abort_if_distributed(error: &Error) {
+    #[cfg(feature = "mpi")]
+    mpi_impl::abort_if_distributed(error);
+    #[cfg(not(feature = "mpi"))]
+    let _ = error;
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -347,6 +361,7 @@ mod mpi_impl {
                 Some((u, _)) => {
                     // SAFETY: registers a function with no arguments, as `atexit` requires.
                     unsafe { atexit(finalize) };
+                    abort_on_panic();
                     Mutex::new(Some(u))
                 }
                 None => {
@@ -372,6 +387,30 @@ mod mpi_impl {
             #[cfg(feature = "cuda")]
             device: None,
         })
+    }
+
+    /// A panic on one rank would leave the others waiting in a collective, and its exit would
+    /// wait in `MPI_Finalize` for them: after the panic's message, end the whole job.
+    fn abort_on_panic() {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            if mpi::environment::is_initialized() && !mpi::environment::is_finalized() && world().size() > 1 {
+                world().abort(101);
+            }
+        }));
+    }
+
+    pub(super) fn abort_if_distributed(error: &Error) {
+        if UNIVERSE.get().is_some()
+            && mpi::environment::is_initialized()
+            && !mpi::environment::is_finalized()
+            && world().size() > 1
+        {
+            let line = format!("error: rank {} of {}: {error}\n", world().rank(), world().size());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            world().abort(2);
+        }
     }
 
     /// `MPI_COMM_WORLD`, looked up at each call (its handle is not `Send`).

@@ -122,9 +122,7 @@ impl Strategy for Ddp<Nccl> {
             // One rank sums nothing.
             return Ok(Some(group));
         }
-        group
-            .with_device(|rank, size, broadcast| nccl::connect(rank, size, broadcast))
-            .map(Some)
+        group.with_device(nccl::connect).map(Some)
     }
     #[cfg(not(all(feature = "cuda", feature = "mpi")))]
     fn connect() -> Result<Option<Group>, Error> {
@@ -179,6 +177,15 @@ pub fn parse_strategy(value: &str) -> Result<StrategyKind, Error> {
             expected: "'auto', 'single_device' or 'ddp' (nbit has no fsdp, deepspeed or ddp_spawn)",
         }),
     }
+}
+
+/// For a program's last error: where this process is a rank of a data-parallel job of more than
+/// one rank (MPI started by nbit), prints the error as this rank's (`error: rank r of W: ...`) and
+/// ends the whole job with exit code 2, since the other ranks would wait for this one in their
+/// next collective, and this one for them when MPI finalises at exit. Otherwise returns, and the
+/// caller reports the error as usual. `nbit`'s command line calls it.
+pub fn abort_if_distributed(error: &Error) {
+    comm::abort_if_distributed(error);
 }
 
 /// This process's rank among the ranks on its machine, as OpenMPI, MPICH or Slurm give it

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use cudarc::nccl::{result, sys};
 
-use super::comm::DeviceSum;
+use super::comm::{DeviceSum, Group};
 use crate::backend::cuda::driver::driver;
 use crate::dtype::DType;
 use crate::error::Error;
@@ -32,36 +32,67 @@ fn unavailable(reason: String) -> Error {
     }
 }
 
-/// Rank 0 asks NCCL for an id, `broadcast` gives it to every rank (over MPI), and each rank joins
+/// Every rank checks that it can run NCCL and the ranks agree (one that cannot would leave the
+/// others waiting); then rank 0 asks NCCL for an id, broadcasts it over MPI, and each rank joins
 /// the communicator with it.
-pub(super) fn connect(rank: usize, size: usize, broadcast: impl FnOnce(&mut [u8])) -> Result<Nccl, Error> {
+pub(super) fn connect(group: &Group) -> Result<Nccl, Error> {
+    let (rank, size) = (group.rank(), group.size());
     let gpu = driver()?;
-    // An emulated GPU has no device memory for NCCL: say so before loading anything.
-    gpu.with_context(&mut || Ok(())).map_err(unavailable)?;
-    // SAFETY: only looks for the library.
-    if !unsafe { sys::is_culib_present() } {
-        return Err(unavailable(
-            "NCCL (libnccl.so.2) was not found: install it (`pip install nvidia-nccl-cu12`, then put \
-             its nvidia/nccl/lib on LD_LIBRARY_PATH), or use `Ddp<Mpi>`, which sums gradients \
-             through host memory"
-                .into(),
-        ));
+    // An emulated GPU has no device memory for NCCL; a missing library would panic in cudarc.
+    let ready = gpu.with_context(&mut || Ok(())).and_then(|()| {
+        // SAFETY: only looks for the library.
+        if unsafe { sys::is_culib_present() } {
+            Ok(())
+        } else {
+            Err(
+                "NCCL (libnccl.so.2) was not found: install it (`pip install nvidia-nccl-cu12`, then \
+                 put its nvidia/nccl/lib on LD_LIBRARY_PATH), or use `Ddp<Mpi>`, which sums \
+                 gradients through host memory"
+                    .to_string(),
+            )
+        }
+    });
+    let mut not_ready = [f64::from(u8::from(ready.is_err()))];
+    group.sum(&mut not_ready);
+    if let Err(reason) = ready {
+        return Err(unavailable(reason));
     }
-    let mut id = [0u8; 128];
+    if not_ready[0] > 0.0 {
+        return Err(unavailable(format!(
+            "{} of the {size} ranks cannot run NCCL (their errors say why)",
+            not_ready[0]
+        )));
+    }
+    // [status, id...]: rank 0 says whether NCCL gave it an id.
+    let mut message = [0u8; 129];
+    let mut failed = None;
     if rank == 0 {
-        let unique = result::get_uniqueid().map_err(|e| unavailable(format!("ncclGetUniqueId: {e:?}")))?;
-        for (b, c) in id.iter_mut().zip(unique.internal) {
-            *b = c as u8;
+        match result::get_uniqueid() {
+            Ok(unique) => {
+                for (b, c) in message[1..].iter_mut().zip(unique.internal) {
+                    *b = c as u8;
+                }
+            }
+            Err(e) => {
+                message[0] = 1;
+                failed = Some(format!("ncclGetUniqueId: {e:?}"));
+            }
         }
     }
-    broadcast(&mut id);
-    let unique = sys::ncclUniqueId {
-        internal: id.map(|b| b as core::ffi::c_char),
-    };
-    let (nranks, me) = (
-        i32::try_from(size).map_err(|_| unavailable(format!("{size} ranks are more than NCCL takes")))?,
-        rank as i32,
-    );
+    group.broadcast(&mut message);
+    if message[0] != 0 {
+        return Err(unavailable(failed.unwrap_or_else(|| {
+            "rank 0 could not get an id from NCCL (its error says why)".into()
+        })));
+    }
+    let mut internal = [0 as core::ffi::c_char; 128];
+    for (c, b) in internal.iter_mut().zip(&message[1..]) {
+        *c = *b as core::ffi::c_char;
+    }
+    let unique = sys::ncclUniqueId { internal };
+    let nranks =
+        i32::try_from(size).map_err(|_| unavailable(format!("{size} ranks are more than NCCL takes")))?;
+    let me = rank as i32;
     let mut comm: sys::ncclComm_t = core::ptr::null_mut();
     gpu.with_context(&mut || {
         // SAFETY: `comm` is written by NCCL; the id is every rank's same 128 bytes.
@@ -76,7 +107,7 @@ pub(super) fn connect(rank: usize, size: usize, broadcast: impl FnOnce(&mut [u8]
 }
 
 impl DeviceSum for Nccl {
-    fn sum(&self, ptr: u64, count: usize, dtype: DType) -> Result<(), String> {
+    unsafe fn sum(&self, ptr: u64, count: usize, dtype: DType) -> Result<(), String> {
         let ty = match dtype {
             DType::F32 => sys::ncclDataType_t::ncclFloat32,
             DType::F64 => sys::ncclDataType_t::ncclFloat64,

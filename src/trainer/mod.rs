@@ -577,6 +577,19 @@ impl<P: Precision, D: Runs<P>, S: Strategy> Trainer<P, D, S> {
             stop: false,
             communication: std::time::Duration::ZERO,
         };
+        if st.batches_per_epoch == 0
+            && let Some(g) = self.ranks()
+        {
+            return Err(Error::InvalidArgument {
+                name: "ddp_drop_last",
+                value: format!(
+                    "true with {} batches per epoch on {} ranks",
+                    train.len(),
+                    g.size()
+                ),
+                expected: "at least one batch per rank: fewer ranks, a smaller batch size, or ddp_drop_last(false)",
+            });
+        }
         let mut report = FitReport::default();
         if let Some(path) = resume {
             report.notes = self.restore(model, &mut st, &mut report, path)?;
@@ -720,7 +733,9 @@ impl<P: Precision, D: Runs<P>, S: Strategy> Trainer<P, D, S> {
                     done = true;
                     break;
                 }
-                if st.stop {
+                // In one process the request is read after the step, as Lightning reads
+                // `should_stop`; under data parallel all ranks agreed on it during the step.
+                if st.stop || (self.ranks().is_none() && self.should_stop.load(Ordering::Relaxed)) {
                     report.interrupted = true;
                     done = true;
                     break;
@@ -855,17 +870,29 @@ impl<P: Precision, D: Runs<P>, S: Strategy> Trainer<P, D, S> {
         mut grads: Vec<Option<Tensor<P::Param, D>>>,
         (losses, rows): (Vec<Tensor<P::Full, D>>, usize),
     ) -> Result<(StepLog, usize), Error> {
+        // The losses' sum, or without a scaler the first non-finite loss as an error.
+        let (step, epoch) = (st.global_step + 1, st.epoch);
         let read_losses = |losses: &[Tensor<P::Full, D>]| -> Result<f64, Error> {
             let mut sum = 0.0;
             for l in losses {
-                sum += l.item()?.as_f64();
+                let value = l.item()?.as_f64();
+                if !<P::Scaler as GradScaler>::ENABLED && !value.is_finite() {
+                    return Err(Error::NonFinite {
+                        what: "training loss",
+                        value,
+                        step,
+                        epoch,
+                        precision: P::NAME,
+                    });
+                }
+                sum += value;
             }
             Ok(sum)
         };
         let count = losses.len() as f64;
-        let mut stop = self.should_stop.load(Ordering::Relaxed);
         let (mut loss_sum, mut count, mut rows) = (None, count, rows as f64);
         if let Some(g) = self.ranks() {
+            let stop = self.should_stop.load(Ordering::Relaxed);
             let start = std::time::Instant::now();
             // [reached per parameter..., loss sum, losses, rows, stop requests], summed.
             let mut figures: Vec<f64> = grads.iter().map(|g| f64::from(u8::from(g.is_some()))).collect();
@@ -876,10 +903,11 @@ impl<P: Precision, D: Runs<P>, S: Strategy> Trainer<P, D, S> {
             let shapes: Vec<Vec<usize>> = params(model).iter().map(|p| p.value().shape().to_vec()).collect();
             g.sum_gradients(&mut grads, &shapes, &reached, self.cfg.ddp_comm_hook)?;
             loss_sum = Some(figures[n]);
-            (count, rows, stop) = (figures[n + 1], figures[n + 2], figures[n + 3] > 0.0);
+            (count, rows) = (figures[n + 1], figures[n + 2]);
+            // Every rank stops after the same step when any was asked to.
+            st.stop = figures[n + 3] > 0.0;
             st.communication += start.elapsed();
         }
-        st.stop = stop;
         let scale = st.scaler.scale();
         let mut found_inf = false;
         if <P::Scaler as GradScaler>::ENABLED {
@@ -942,32 +970,67 @@ impl<P: Precision, D: Runs<P>, S: Strategy> Trainer<P, D, S> {
     }
 
     /// [`Trainer::validate`] on data already checked (by `fit`, once, not every epoch).
-    /// Under data parallel each rank evaluates its share of the batches and the sums are
-    /// reduced, so every rank returns the metrics of the whole data.
+    /// Under data parallel each rank evaluates its share of the batches; the batches' metrics
+    /// are gathered (a sum over ranks of vectors that are zero but for each rank's own batches,
+    /// exact) and merged in batch order, so every rank returns the single-process metrics, bit
+    /// for bit.
     fn evaluate<M: Model<P, D>>(&self, model: &mut M, data: &DataLoader) -> Result<Metrics, Error> {
-        let mut m = Metrics::default();
         let batches = data.epoch_indices(0);
-        let mine = match self.ranks() {
-            Some(g) => shard::shard_evaluation(batches.len(), g.rank(), g.size()),
-            None => (0..batches.len()).collect(),
+        let Some(g) = self.ranks() else {
+            let mut m = Metrics::default();
+            for idx in &batches {
+                m.merge(self.evaluate_batch(model, data, idx)?);
+            }
+            return Ok(m);
         };
-        for i in mine {
-            let batch = data.batch(&batches[i]);
-            m.merge(crate::autograd::no_grad(|| {
-                model.validation_step(&Autocast::new(), &batch)
-            })?);
+        // [loss_sum, correct, count] per batch; counts below 2^53 are exact in f64.
+        let mut per_batch = vec![0.0; 3 * batches.len()];
+        for i in shard::shard_evaluation(batches.len(), g.rank(), g.size()) {
+            let b = self.evaluate_batch(model, data, &batches[i])?;
+            per_batch[3 * i..3 * i + 3].copy_from_slice(&[b.loss_sum, b.correct as f64, b.count as f64]);
         }
-        if let Some(g) = self.ranks() {
-            // Counts below 2^53 are exact in f64.
-            let mut sums = [m.loss_sum, m.correct as f64, m.count as f64];
-            g.sum(&mut sums);
-            m = Metrics {
-                loss_sum: sums[0],
-                correct: sums[1] as usize,
-                count: sums[2] as usize,
-            };
+        g.sum(&mut per_batch);
+        let mut m = Metrics::default();
+        for b in per_batch.chunks_exact(3) {
+            m.merge(Metrics {
+                loss_sum: b[0],
+                correct: b[1] as usize,
+                count: b[2] as usize,
+            });
         }
         Ok(m)
+    }
+
+    fn evaluate_batch<M: Model<P, D>>(
+        &self,
+        model: &mut M,
+        data: &DataLoader,
+        indices: &[usize],
+    ) -> Result<Metrics, Error> {
+        let batch = data.batch(indices);
+        crate::autograd::no_grad(|| model.validation_step(&Autocast::new(), &batch))
+    }
+
+    /// A checkpoint's batches done in its epoch, counted per rank of the job that wrote it, as
+    /// this job's ranks count them; an error where the epoch's batches done do not deal evenly.
+    fn rank_batches_done(&self, meta: &HashMap<String, String>, done: usize) -> Result<usize, Error> {
+        let theirs = match meta.get("world_size") {
+            Some(_) => meta_value::<usize>(meta, "world_size")?.max(1),
+            None => 1,
+        };
+        let ours = self.world_size();
+        if theirs == ours || done == 0 {
+            return Ok(done);
+        }
+        let in_epoch = done * theirs;
+        if !in_epoch.is_multiple_of(ours) {
+            return Err(Error::InvalidData(format!(
+                "it stopped after {done} batches per rank on {theirs} ranks ({in_epoch} batches of its \
+                 epoch), which {ours} ranks cannot continue evenly; resume it on {theirs} ranks, or from \
+                 a checkpoint written at the end of an epoch"
+            )));
+        }
+        Ok(in_epoch / ours)
     }
 
     /// The indices in an epoch of `batches` batches that this rank trains on.
@@ -1052,6 +1115,9 @@ impl<P: Precision, D: Runs<P>, S: Strategy> Trainer<P, D, S> {
         meta.insert("precision".into(), P::NAME.into());
         meta.insert("epoch".into(), st.epoch.to_string());
         meta.insert("batch_in_epoch".into(), st.batch_in_epoch.to_string());
+        // Under data parallel `batch_in_epoch` counts each rank's batches: a resume with another
+        // number of ranks converts it.
+        meta.insert("world_size".into(), self.world_size().to_string());
         meta.insert("global_step".into(), st.global_step.to_string());
         meta.insert("skipped_steps".into(), st.skipped.to_string());
         meta.insert("batch_size".into(), st.batch_size.to_string());
@@ -1181,6 +1247,7 @@ impl<P: Precision, D: Runs<P>, S: Strategy> Trainer<P, D, S> {
             counter("skipped_steps")?,
         );
         let batch_in_epoch = meta_value::<usize>(&meta, "batch_in_epoch").map_err(bad)?;
+        let batch_in_epoch = self.rank_batches_done(&meta, batch_in_epoch).map_err(bad)?;
         notes.extend(
             self.changed_since(&meta, st, epoch, batch_in_epoch)
                 .map_err(bad)?,

@@ -130,6 +130,8 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
+            // A rank of a data-parallel job ends the job (the others would wait for it).
+            nbit::strategy::abort_if_distributed(&e);
             eprintln!("error: {e}");
             ExitCode::from(2)
         }

@@ -190,6 +190,10 @@ option_groups! {
         /// (PyTorch's compression hooks) [default: none]
         #[arg(long)]
         ddp_comm_hook: Option<String>,
+        /// With --strategy ddp: drop an epoch's last batches that do not deal evenly to the
+        /// processes, rather than deal its first batches again
+        #[arg(long)]
+        ddp_drop_last: bool,
     }
 }
 

@@ -143,6 +143,7 @@ fn strategy(opts: &Opts) -> Result<(StrategyKind, Option<Launch>), Error> {
         ("--num-nodes", opts.num_nodes.is_some()),
         ("--hostfile", opts.hostfile.is_some()),
         ("--ddp-comm-hook", opts.ddp_comm_hook.is_some()),
+        ("--ddp-drop-last", opts.ddp_drop_last),
     ];
     if kind == StrategyKind::SingleDevice {
         if let Some((flag, _)) = ddp_only.iter().find(|(_, set)| *set) {

@@ -89,6 +89,7 @@ fn run<P: Precision, D: Runs<P> + Hosts<S>, S: Strategy>(plan: Plan) -> Result<R
             })?;
         b = b.num_threads(n);
     }
+    b = b.ddp_drop_last(o.ddp_drop_last);
     if let Some(h) = &o.ddp_comm_hook {
         b = b.ddp_comm_hook(h.parse()?);
     }
@@ -96,11 +97,18 @@ fn run<P: Precision, D: Runs<P> + Hosts<S>, S: Strategy>(plan: Plan) -> Result<R
     if plan.command == "fit" {
         let batch = plan.batch_size.min(plan.train.as_ref().map_or(0, Dataset::len));
         nbit::nn::check_mlp_fits::<P>(&plan.sizes, &plan.optimization, batch)?;
-        // Ctrl-C stops after the step in progress (the log and checkpoint written so far stay);
-        // a second Ctrl-C quits at once. Without a handler (one already set), Ctrl-C kills.
+        // Ctrl-C (or SIGTERM) stops after the step in progress (the log and checkpoint written so
+        // far stay); a second one quits at once. Without a handler (one already set), Ctrl-C
+        // kills. A rank of a data-parallel job stops with the others after the step whatever it
+        // gets: SIGUSR1 from `nbit --devices` through mpirun, or SIGTERM from mpirun itself
+        // (which kills it if it must).
         let stop = trainer.stop_handle();
+        let patient = trainer.world_size() > 1;
+        if patient {
+            crate::launch::stop_on_request(stop.clone());
+        }
         let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            if stop.swap(true, std::sync::atomic::Ordering::SeqCst) && !patient {
                 std::process::exit(130);
             }
         });
