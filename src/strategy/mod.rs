@@ -39,11 +39,18 @@
 //! - So `W` ranks with batch size `b` take the steps of one process with batch size `b` and
 //!   `accumulate_grad_batches = W` over the same batches: for `W = 2` bit for bit (the tests
 //!   assert it), for more ranks within the reduction order's rounding.
-//! - The step loss is the mean over ranks; validation is sharded (without repeats) and its sums
-//!   reduced, so every rank sees the single-process metrics. Rank 0 alone shows progress and
-//!   writes files (checkpoints, logs, weights); every rank reads a checkpoint to resume.
-//! - An error on any rank during `fit` ends the whole job: the rank prints it (`error: rank r:
-//!   ...`) and aborts MPI with exit code 2, so no rank waits for a partner that will not come.
+//! - The step loss is the mean over ranks; validation is sharded (without repeats) and each
+//!   batch's metrics gathered and merged in batch order, so every rank sees the single-process
+//!   metrics bit for bit. [`Trainer::validate`](crate::Trainer::validate) does the same, so every
+//!   rank must call it. Rank 0 alone shows progress and writes files (checkpoints, logs,
+//!   weights); every rank reads a checkpoint to resume, on any number of ranks that can deal the
+//!   rest of its epoch evenly.
+//! - An error on any rank during `fit` or `validate` ends the whole job: the rank prints it
+//!   (`error: rank r of W: ...`) and aborts MPI with exit code 2, so no rank waits for a partner
+//!   that will not come; so does a panic. A program's own errors after MPI has started should go
+//!   through [`abort_if_distributed`] (the command line's do).
+//! - A stop request ([`Trainer::stop_handle`](crate::Trainer::stop_handle), Ctrl-C) on any rank
+//!   stops every rank after the same step.
 
 mod comm;
 #[cfg(all(feature = "cuda", feature = "mpi"))]
