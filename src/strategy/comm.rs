@@ -110,9 +110,7 @@ impl Group {
     /// Prints `error` as this rank's and ends the whole job with exit code 2 (MPI_Abort), so no
     /// rank waits for a partner that will not come.
     pub(crate) fn abort(&self, error: &Error) -> ! {
-        // One write, so that the launcher does not interleave it with another process's lines.
-        let line = format!("error: rank {} of {}: {error}\n", self.rank, self.size);
-        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+        print_rank_error(self.rank, self.size, error);
         self.comm.abort(2)
     }
 
@@ -185,27 +183,13 @@ impl Group {
             }
             let values = t.to_vec();
             let summed: Vec<E> = match hook {
-                CommHook::Bf16Compress => {
-                    let bits: Vec<u16> = values
-                        .iter()
-                        .map(|v| half::bf16::from_f64(v.as_f64()).to_bits())
-                        .collect();
+                CommHook::Bf16Compress | CommHook::Fp16Compress => {
+                    let bf16 = hook == CommHook::Bf16Compress;
+                    let (encode, decode) = wire16(bf16);
+                    let bits: Vec<u16> = values.iter().map(|v| encode(v.as_f64())).collect();
                     let mut sum = vec![0; bits.len()];
-                    self.comm.sum_16(&bits, &mut sum, true);
-                    sum.iter()
-                        .map(|&b| E::from_f32(half::bf16::from_bits(b).to_f32()))
-                        .collect()
-                }
-                CommHook::Fp16Compress => {
-                    let bits: Vec<u16> = values
-                        .iter()
-                        .map(|v| half::f16::from_f64(v.as_f64()).to_bits())
-                        .collect();
-                    let mut sum = vec![0; bits.len()];
-                    self.comm.sum_16(&bits, &mut sum, false);
-                    sum.iter()
-                        .map(|&b| E::from_f32(half::f16::from_bits(b).to_f32()))
-                        .collect()
+                    self.comm.sum_16(&bits, &mut sum, bf16);
+                    sum.iter().map(|&b| E::from_f32(decode(b))).collect()
                 }
                 CommHook::None if E::DTYPE == DType::F64 => {
                     let wide: Vec<f64> = values.iter().map(|v| v.as_f64()).collect();
@@ -264,6 +248,31 @@ impl Group {
             });
         }
         false
+    }
+}
+
+/// `error: rank r of W: ...` on stderr, in one write, so that the launcher does not interleave
+/// it with another process's lines.
+fn print_rank_error(rank: usize, size: usize, error: &Error) {
+    let line = format!("error: rank {rank} of {size}: {error}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+}
+
+/// A 16-bit format as bits: from f64 (rounded once), and to f32 (exact).
+type Wire16 = (fn(f64) -> u16, fn(u16) -> f32);
+
+/// The compression hooks' formats: bf16 or f16.
+fn wire16(bf16: bool) -> Wire16 {
+    if bf16 {
+        (
+            |v| half::bf16::from_f64(v).to_bits(),
+            |b| half::bf16::from_bits(b).to_f32(),
+        )
+    } else {
+        (
+            |v| half::f16::from_f64(v).to_bits(),
+            |b| half::f16::from_bits(b).to_f32(),
+        )
     }
 }
 
@@ -407,8 +416,7 @@ mod mpi_impl {
             && !mpi::environment::is_finalized()
             && world().size() > 1
         {
-            let line = format!("error: rank {} of {}: {error}\n", world().rank(), world().size());
-            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            super::print_rank_error(world().rank() as usize, world().size() as usize, error);
             world().abort(2);
         }
     }
@@ -420,19 +428,15 @@ mod mpi_impl {
         SimpleCommunicator::world()
     }
 
+    /// A sum of two 16-bit values, in f32 (exact for two of them) and rounded once.
     fn add16(bf16: bool) -> impl Fn(DynBuffer, DynBufferMut) + Sync {
+        let (encode, decode) = super::wire16(bf16);
         move |a: DynBuffer, b: DynBufferMut| {
             let (Some(a), Some(b)) = (a.downcast::<u16>(), b.downcast::<u16>()) else {
                 return;
             };
             for (x, y) in a.iter().zip(b.iter_mut()) {
-                *y = if bf16 {
-                    let s = half::bf16::from_bits(*x).to_f32() + half::bf16::from_bits(*y).to_f32();
-                    half::bf16::from_f32(s).to_bits()
-                } else {
-                    let s = half::f16::from_bits(*x).to_f32() + half::f16::from_bits(*y).to_f32();
-                    half::f16::from_f32(s).to_bits()
-                };
+                *y = encode(f64::from(decode(*x) + decode(*y)));
             }
         }
     }
